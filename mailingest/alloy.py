@@ -1,0 +1,219 @@
+"""The four document calls of Alloy's API, over one pooled httpx client.
+
+    describe  POST /entities/{entity}/documents             -> Document (uploaded false)
+    upload    PUT  /entities/{entity}/documents/{document}  -> Document (uploaded true)
+    download  GET  /entities/{entity}/documents/{document}  -> bytes
+    list      GET  /entities/{entity}/documents             -> [Document]
+
+Errors come back as :class:`~mailingest.errors.AlloyRejected` (final) or
+:class:`~mailingest.errors.AlloyUnavailable` (429, 5xx, timeouts, dropped
+connections: retry later, honouring ``retry_after``). The client itself does
+not sleep or retry: the caller (a Celery task, or ``poll-once``) owns the
+schedule, so a worker never blocks on a backoff.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from . import __version__
+from .errors import AlloyError, AlloyRejected, AlloyUnavailable
+from .settings import Secret
+
+
+@dataclass(frozen=True)
+class Document:
+    """Alloy's document object, as far as ingestion needs it."""
+
+    token: str
+    name: str
+    extension: str
+    type: str
+    uploaded: bool
+    timestamp: int | None
+    notes: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_json(cls, body: Any) -> Document:
+        if not isinstance(body, dict) or not isinstance(body.get("document_token"), str):
+            raise AlloyRejected("answer is not a document object", operation="parse")
+        return cls(
+            token=body["document_token"],
+            name=str(body.get("name", "")),
+            extension=str(body.get("extension", "")),
+            type=str(body.get("type", "")),
+            uploaded=bool(body.get("uploaded")),
+            timestamp=body.get("timestamp") if isinstance(body.get("timestamp"), int) else None,
+            notes=tuple(n for n in body.get("notes") or () if isinstance(n, dict)),
+        )
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from datetime import UTC, datetime
+
+        when = parsedate_to_datetime(value)
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def error_from_response(response: httpx.Response, operation: str) -> AlloyError:
+    """Turn an error answer into a typed exception carrying Alloy's own words."""
+    status = response.status_code
+    minor = error_type = token = None
+    details: object = None
+    message = response.reason_phrase or "error"
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        err = body["error"]
+        minor = err.get("minor_code") if isinstance(err.get("minor_code"), int) else None
+        error_type = err.get("type") if isinstance(err.get("type"), str) else None
+        message = str(err.get("message") or error_type or message)[:500]
+        token = err.get("error_token") if isinstance(err.get("error_token"), str) else None
+        details = err.get("details")
+    cls = AlloyUnavailable if status == 429 or status >= 500 else AlloyRejected
+    return cls(
+        message,
+        status=status,
+        minor_code=minor,
+        error_type=error_type,
+        error_token=token,
+        details=details,
+        retry_after=_retry_after(response.headers.get("retry-after")),
+        operation=operation,
+    )
+
+
+class AlloyClient:
+    """One per process: a pooled, keep-alive HTTP client with explicit timeouts."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: Secret | None,
+        secret: Secret | None,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        max_connections: int = 20,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        auth = None
+        if token is not None and secret is not None:
+            auth = httpx.BasicAuth(token.reveal(), secret.reveal())
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/",
+            auth=auth,
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            headers={"User-Agent": f"mailingest/{__version__}"},
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AlloyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the four calls ----------------------------------------------------
+    def describe(
+        self,
+        entity: str,
+        *,
+        name: str,
+        extension: str,
+        type: str,
+        note: str | None,
+        note_author_agent_email: str | None,
+    ) -> Document:
+        body: dict[str, str] = {"name": name, "extension": extension, "type": type}
+        if note:
+            body["note"] = note
+        if note_author_agent_email:
+            body["note_author_agent_email"] = note_author_agent_email
+        with self._call("describe") as call:
+            response = call("POST", self._path(entity), json=body)
+        return Document.from_json(self._json(response, "describe"))
+
+    def upload(self, entity: str, document: str, data: bytes) -> Document:
+        with self._call("upload") as call:
+            response = call(
+                "PUT",
+                self._path(entity, document),
+                content=data,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        return Document.from_json(self._json(response, "upload"))
+
+    def download(self, entity: str, document: str) -> bytes:
+        with self._call("download") as call:
+            response = call("GET", self._path(entity, document))
+        return response.content
+
+    def list(self, entity: str) -> list[Document]:
+        with self._call("list") as call:
+            response = call("GET", self._path(entity))
+        body = self._json(response, "list")
+        if not isinstance(body, list):
+            raise AlloyRejected("answer is not a list of documents", operation="list")
+        return [Document.from_json(item) for item in body]
+
+    # -- plumbing ----------------------------------------------------------
+    @staticmethod
+    def _path(entity: str, document: str | None = None) -> str:
+        path = f"entities/{quote(entity, safe='')}/documents"
+        if document is not None:
+            path += "/" + quote(document, safe="")
+        return path
+
+    @staticmethod
+    def _json(response: httpx.Response, operation: str) -> Any:
+        try:
+            return response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise AlloyUnavailable(
+                f"answered {response.status_code} with a body that is not JSON", operation=operation
+            ) from None
+
+    @contextmanager
+    def _call(self, operation: str) -> Iterator[Any]:
+        def call(method: str, url: str, **kw: Any) -> httpx.Response:
+            response = self._http.request(method, url, **kw)
+            if response.status_code >= 400:
+                raise error_from_response(response, operation)
+            return response
+
+        try:
+            yield call
+        except httpx.TimeoutException as exc:
+            raise AlloyUnavailable(
+                f"timed out ({type(exc).__name__})", operation=operation
+            ) from None
+        except httpx.TransportError as exc:
+            raise AlloyUnavailable(
+                f"connection failed ({type(exc).__name__})", operation=operation
+            ) from None

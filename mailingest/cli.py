@@ -1,0 +1,288 @@
+"""The ``mailingest`` command.
+
+    mailingest worker [celery options]   run a Celery worker (same as celery -A mailingest worker)
+    mailingest beat [celery options]     run the scheduler that polls each inbox
+    mailingest poll-once [--json]        one complete cycle in this process, no broker needed
+    mailingest sandbox [--port 8080]     serve the Alloy document API emulator
+    mailingest senders add|remove|list|import   edit the sender directory in Redis
+    mailingest status [--json]           ledger counts, quarantined and failed mails with reasons
+    mailingest replay MAIL_ID...         send a quarantined or failed mail through again
+    mailingest demo                      the whole flow on private servers, then a report
+
+Configuration comes from MAILINGEST_* environment variables (see the README).
+A bad setting stops the command with one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, MailingestError
+from .settings import Settings, load_settings
+
+log = logging.getLogger("mailingest")
+
+
+def _settings(*groups: str) -> Settings:
+    return load_settings().require(*groups)
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- commands --------------------------------------------------------------------
+
+
+def cmd_celery(args: argparse.Namespace, extra: list[str]) -> int:
+    _settings("redis", "imap", "alloy")
+    argv = [sys.executable, "-m", "celery", "-A", "mailingest", args.command]
+    if args.command == "worker" and not any(a.startswith(("-l", "--loglevel")) for a in extra):
+        argv += ["--loglevel", "INFO"]
+    if args.command == "beat" and not any(a.startswith(("-s", "--schedule")) for a in extra):
+        state = Path(os.environ.get("MAILINGEST_STATE_DIR", "/tmp")) / "mailingest-beat-schedule"
+        argv += ["--schedule", str(state)]
+    os.execv(sys.executable, argv + extra)
+    return 0  # pragma: no cover
+
+
+def cmd_poll_once(args: argparse.Namespace) -> int:
+    from .runner import poll_once
+    from .runtime import build_context
+
+    settings = _settings("redis", "imap", "alloy")
+    setup_logging("warning" if args.json else settings.log_level)
+    ctx = build_context(settings)
+    try:
+        summary = poll_once(ctx, args.inbox or None)
+    finally:
+        ctx.close()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(
+            f"found {summary.found}, processed {summary.processed}, quarantined "
+            f"{summary.quarantined}, failed {summary.failed}, pending {summary.pending}, "
+            f"documents uploaded {summary.documents_uploaded}"
+        )
+        for mail in summary.mails:
+            if mail.reason:
+                print(f"  {mail.mail_id}: {mail.state}: {mail.reason}")
+    return 0 if summary.ok else 1
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from .sandbox import run_from_args
+
+    return run_from_args(args)
+
+
+def _redis():  # type: ignore[no-untyped-def]
+    from .runtime import connect_redis
+
+    settings = _settings("redis")
+    assert settings.redis_url
+    return connect_redis(settings.redis_url)
+
+
+def cmd_senders(args: argparse.Namespace) -> int:
+    from .senders import RedisDirectory, parse_directory
+
+    directory = RedisDirectory(_redis())
+    if args.action == "add":
+        try:
+            directory.add(args.email, args.entity)
+        except ValueError as exc:
+            raise SystemExit(f"mailingest: {exc}") from None
+        print(f"{args.email.strip().lower()} -> {args.entity}")
+    elif args.action == "remove":
+        if not directory.remove(args.email):
+            print(f"{args.email}: not in the directory", file=sys.stderr)
+            return 1
+    elif args.action == "import":
+        try:
+            mapping = parse_directory(Path(args.file).read_text(encoding="utf-8-sig"), args.file)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"mailingest: {exc}") from None
+        print(f"imported {directory.update(mapping)} sender(s)")
+    else:
+        for email, entity in directory.items():
+            print(f"{email},{entity}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import ledger as L
+    from .ledger import Ledger
+
+    ledger = Ledger(_redis())
+    counts = ledger.counts()
+    attention = ledger.mails((L.QUARANTINED, L.FAILED))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "counts": counts,
+                    "attention": [
+                        {
+                            "mail_id": r.id,
+                            "state": r.state,
+                            "sender": r.sender,
+                            "reason": r.reason,
+                            "filed_to": r.filed_to,
+                        }
+                        for r in attention
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print("  ".join(f"{state} {n}" for state, n in counts.items()))
+    for record in attention:
+        print(f"{record.state:12} {record.id}  {record.sender or '-'}  {record.reason}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from . import ledger as L
+    from .pipeline import replay
+    from .runner import run_steps
+    from .runtime import build_context
+
+    ctx = build_context(_settings("redis", "imap", "alloy"))
+    ids = list(args.mail_id) or (ctx.ledger.mail_ids(L.FAILED) if args.failed else [])
+    if not ids:
+        raise SystemExit("mailingest: name a mail id (see `mailingest status`) or pass --failed")
+    status = 0
+    for mail_id in ids:
+        try:
+            steps = replay(ctx, mail_id)
+        except KeyError:
+            print(f"{mail_id}: not in the ledger", file=sys.stderr)
+            status = 1
+            continue
+        except MailingestError as exc:
+            print(f"{mail_id}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        if steps:
+            run_steps(ctx, steps)
+        record = ctx.ledger.mail(mail_id)
+        print(f"{mail_id}: {record.state if record else '?'}")
+    ctx.close()
+    return status
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(keep_running=args.keep_running, flower=args.flower, workdir=args.workdir)
+
+
+# -- parser ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailingest",
+        description="Ingest identity documents customers e-mail to a support inbox into Alloy.",
+        epilog="Configuration: MAILINGEST_* environment variables (see README.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"mailingest {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser(
+        "worker", help="run a Celery worker (extra options go to celery)", add_help=False
+    )
+    sub.add_parser(
+        "beat",
+        help="run the scheduler that polls each inbox (extra options go to celery)",
+        add_help=False,
+    )
+
+    p = sub.add_parser(
+        "poll-once", help="one complete cycle in this process: fetch, ingest, upload, move"
+    )
+    p.add_argument("--inbox", action="append", help="only this inbox (repeatable; default: all)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("sandbox", help="serve the Alloy document API emulator")
+    from .sandbox import add_arguments
+
+    add_arguments(p)
+
+    p = sub.add_parser("senders", help="edit the sender directory kept in Redis")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("add", help="map an e-mail address to an entity token or external id")
+    a.add_argument("email")
+    a.add_argument("entity")
+    a = actions.add_parser("remove", help="remove an e-mail address")
+    a.add_argument("email")
+    actions.add_parser("list", help="print the directory as CSV")
+    a = actions.add_parser(
+        "import", help="add every row of a CSV file with header email,entity_token"
+    )
+    a.add_argument("file")
+
+    p = sub.add_parser(
+        "status", help="ledger counts, and quarantined and failed mails with reasons"
+    )
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = sub.add_parser("replay", help="send quarantined or failed mails through again")
+    p.add_argument("mail_id", nargs="*", help="mail ids as shown by `mailingest status`")
+    p.add_argument("--failed", action="store_true", help="replay every failed mail")
+
+    p = sub.add_parser("demo", help="run the whole flow on private servers and print what happened")
+    p.add_argument("--keep-running", action="store_true", help="keep the servers up until Ctrl-C")
+    p.add_argument(
+        "--flower", action="store_true", help="also start Flower (if installed) on a free port"
+    )
+    p.add_argument(
+        "--workdir", type=Path, help="keep the demo's files here instead of a temp folder"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in ("worker", "beat"):
+        args, extra = parser.parse_args(argv[:1]), argv[1:]
+        runner = lambda: cmd_celery(args, extra)  # noqa: E731
+    else:
+        args = parser.parse_args(argv)
+        commands = {
+            "poll-once": cmd_poll_once,
+            "sandbox": cmd_sandbox,
+            "senders": cmd_senders,
+            "status": cmd_status,
+            "replay": cmd_replay,
+            "demo": cmd_demo,
+        }
+        runner = lambda: commands[args.command](args)  # noqa: E731
+    try:
+        return runner()
+    except ConfigError as exc:
+        print(f"mailingest: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

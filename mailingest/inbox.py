@@ -1,0 +1,180 @@
+"""The one place that talks IMAP (imapclient): connect, list new UIDs, fetch, move.
+
+Fetches use ``BODY.PEEK[]`` so a mail is never marked ``\\Seen`` by us; new
+mail is found with ``UID SEARCH UID <watermark+1>:*`` and filtered (servers
+answer the highest UID even when it is below the range); a move uses MOVE when
+the server has it and otherwise COPY + ``\\Deleted`` + ``UID EXPUNGE`` of that
+UID only (never a plain EXPUNGE, which would remove other people's deletions).
+Every socket has a timeout; every failure surfaces as
+:class:`~mailingest.errors.MailboxError` without the password.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import socket
+import ssl
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError
+from imapclient.imapclient import SocketTimeout
+
+from .errors import MailboxError
+from .settings import InboxSettings
+
+_IMAP_ERRORS = (IMAPClientError, imaplib.IMAP4.error, OSError, ssl.SSLError, socket.timeout)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    uid: int
+    size: int
+    raw: bytes
+
+
+class Mailbox:
+    """A logged-in IMAP connection to one inbox; use as a context manager."""
+
+    def __init__(self, inbox: InboxSettings, *, timeout: float = 30.0) -> None:
+        self.inbox = inbox
+        self.timeout = timeout
+        self._client: IMAPClient | None = None
+        self._selected: str | None = None
+
+    # -- connection ------------------------------------------------------------
+    def __enter__(self) -> Mailbox:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def client(self) -> IMAPClient:
+        if self._client is None:
+            raise MailboxError(f"inbox {self.inbox.name}: not connected")
+        return self._client
+
+    def connect(self) -> None:
+        inbox = self.inbox
+        where = f"inbox {inbox.name} ({inbox.host}:{inbox.port})"
+        try:
+            client = IMAPClient(
+                inbox.host or "",
+                port=inbox.port,
+                ssl=inbox.security == "ssl",
+                timeout=SocketTimeout(connect=self.timeout, read=self.timeout),
+            )
+            if inbox.security == "starttls":
+                client.starttls()
+            client.login(inbox.user or "", inbox.password.reveal() if inbox.password else "")
+        except IMAPClientError as exc:
+            raise MailboxError(f"{where}: login refused ({_safe(exc)})") from None
+        except _IMAP_ERRORS as exc:
+            raise MailboxError(
+                f"{where}: cannot connect ({type(exc).__name__}: {_safe(exc)})"
+            ) from None
+        self._client = client
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            client.logout()
+        except Exception:  # noqa: BLE001 - the connection is going away either way
+            try:
+                client.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except MailboxError:
+            raise
+        except _IMAP_ERRORS as exc:
+            raise MailboxError(
+                f"inbox {self.inbox.name}: {what} failed ({type(exc).__name__}: {_safe(exc)})"
+            ) from None
+
+    # -- folders ---------------------------------------------------------------
+    def select(self, folder: str) -> int:
+        """Select ``folder`` read-write; return its UIDVALIDITY."""
+        with self._errors(f"SELECT {folder!r}"):
+            info = self.client.select_folder(folder)
+        self._selected = folder
+        return int(info[b"UIDVALIDITY"])
+
+    def ensure_folders(self, *folders: str) -> None:
+        with self._errors("CREATE"):
+            for folder in folders:
+                if not self.client.folder_exists(folder):
+                    self.client.create_folder(folder)
+
+    # -- mail ------------------------------------------------------------------
+    def uids_after(self, watermark: int) -> list[int]:
+        """UIDs above the watermark in the selected folder, ascending."""
+        with self._errors("UID SEARCH"):
+            uids = self.client.search(["UID", f"{watermark + 1}:*"])
+        return sorted(int(u) for u in uids if int(u) > watermark)
+
+    def sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        if not uids:
+            return {}
+        with self._errors("FETCH RFC822.SIZE"):
+            data = self.client.fetch(list(uids), ["RFC822.SIZE"])
+        return {int(uid): int(item[b"RFC822.SIZE"]) for uid, item in data.items()}
+
+    def fetch(self, uids: Sequence[int]) -> list[Fetched]:
+        """The full bytes of each mail, without setting ``\\Seen``; vanished UIDs are left out."""
+        if not uids:
+            return []
+        with self._errors("FETCH BODY.PEEK[]"):
+            data = self.client.fetch(list(uids), ["BODY.PEEK[]", "RFC822.SIZE"])
+        out = []
+        for uid, item in sorted(data.items()):
+            raw = item.get(b"BODY[]")
+            if raw is None:
+                continue
+            out.append(Fetched(int(uid), int(item.get(b"RFC822.SIZE", len(raw))), bytes(raw)))
+        return out
+
+    def move(self, uid: int, destination: str) -> None:
+        """Move one mail of the selected folder; a UID that is already gone is not an error."""
+        with self._errors(f"MOVE to {destination!r}"):
+            if not self.client.folder_exists(destination):
+                self.client.create_folder(destination)
+            if self.client.has_capability("MOVE"):
+                self.client.move([uid], destination)
+                return
+            self.client.copy([uid], destination)
+            self.client.add_flags([uid], [b"\\Deleted"], silent=True)
+            if self.client.has_capability("UIDPLUS"):
+                self.client.uid_expunge([uid])
+            # without UIDPLUS the mail stays flagged \Deleted in the inbox for a person
+            # to expunge: a plain EXPUNGE could remove other people's deleted mail.
+
+    def append(self, folder: str, raw: bytes) -> None:
+        with self._errors(f"APPEND to {folder!r}"):
+            self.client.append(folder, raw)
+
+    def find_message_id(self, message_id: str) -> list[int]:
+        """UIDs in the selected folder whose Message-ID header is ``message_id``."""
+        with self._errors("UID SEARCH HEADER"):
+            uids = self.client.search(["HEADER", "Message-ID", f"<{message_id}>"])
+        return sorted(int(u) for u in uids)
+
+    def exists(self, uid: int) -> bool:
+        with self._errors("UID SEARCH"):
+            return uid in self.client.search(["UID", str(uid)])
+
+
+def _safe(exc: BaseException) -> str:
+    """An exception's text, bounded, for a message that may be logged."""
+    text = str(exc).replace("\r", " ").replace("\n", " ")
+    return text[:200]

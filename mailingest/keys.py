@@ -1,0 +1,59 @@
+"""Every Redis key mailingest uses, named in one place.
+
+    mailingest:mail:<mail id>            hash   the ledger record of one mail
+    mailingest:doc:<mail id>:<index>     hash   one document of that mail
+    mailingest:done:<mail id>            set    indexes of its documents Alloy confirmed
+    mailingest:raw:<mail id>             string the mail's bytes, staged with a TTL
+    mailingest:blob:<mail id>:<index>    string one document's bytes, staged with a TTL
+    mailingest:state:<state>             set    mail ids in that state (for status)
+    mailingest:watermark:<inbox>:<folder>:<uidvalidity>   highest UID recorded
+    mailingest:uploaded:<entity>:<fingerprint>             document token (no second upload)
+    mailingest:lock:poll:<inbox>         lock   single flight of one inbox's poll
+    mailingest:senders                   hash   e-mail -> entity (the CLI's directory)
+
+A mail id is ``<inbox>/<folder, %-quoted>/<uidvalidity>/<uid>``: readable in
+Flower and in ``mailingest status``, and free of anything sensitive.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+NS = "mailingest"
+SENDERS = f"{NS}:senders"
+
+
+def mail(mail_id: str) -> str:
+    return f"{NS}:mail:{mail_id}"
+
+
+def document(mail_id: str, index: int) -> str:
+    return f"{NS}:doc:{mail_id}:{index}"
+
+
+def done(mail_id: str) -> str:
+    return f"{NS}:done:{mail_id}"
+
+
+def raw(mail_id: str) -> str:
+    return f"{NS}:raw:{mail_id}"
+
+
+def blob(mail_id: str, index: int) -> str:
+    return f"{NS}:blob:{mail_id}:{index}"
+
+
+def state(name: str) -> str:
+    return f"{NS}:state:{name}"
+
+
+def watermark(inbox: str, folder: str, uidvalidity: int) -> str:
+    return f"{NS}:watermark:{inbox}:{quote(folder, safe='')}:{uidvalidity}"
+
+
+def uploaded(entity: str, fingerprint: str) -> str:
+    return f"{NS}:uploaded:{quote(entity, safe='')}:{fingerprint}"
+
+
+def poll_lock(inbox: str) -> str:
+    return f"{NS}:lock:poll:{inbox}"

@@ -1,0 +1,364 @@
+"""The ledger: what happened to every mail and every document, kept in Redis.
+
+Mail states (a mail id lives in exactly one ``mailingest:state:<state>`` set)::
+
+    queued ──> parsing ──> documents_pending ──> done ─────────> (moved to Processed)
+       │          │               │
+       │          └──────> quarantined <──┘  ───────────────────> (moved to Quarantine)
+       └──────────────────────────┴────> failed   (retries exhausted; `mailingest replay`)
+
+    quarantined ──(mailingest replay)──> replayed   (moved back to the inbox: a new mail)
+
+Document states: ``planned`` -> ``described`` (has a ``document_token``) ->
+``uploaded`` (Alloy answered ``uploaded: true``).
+
+Every transition is a compare-and-set in one Lua script, so a step that runs
+twice (late acks, a redelivered task) finds the mail already moved on and
+does nothing. Mail and document bytes are staged here under a TTL and passed
+between tasks by key; they never travel through the broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+import redis
+import redis.lock
+
+from . import keys
+
+QUEUED = "queued"
+PARSING = "parsing"
+DOCUMENTS_PENDING = "documents_pending"
+DONE = "done"
+QUARANTINED = "quarantined"
+FAILED = "failed"
+REPLAYED = "replayed"
+MAIL_STATES = (QUEUED, PARSING, DOCUMENTS_PENDING, DONE, QUARANTINED, FAILED, REPLAYED)
+DECIDED = (DONE, QUARANTINED)
+
+PLANNED = "planned"
+DESCRIBED = "described"
+UPLOADED = "uploaded"
+DOCUMENT_STATES = (PLANNED, DESCRIBED, UPLOADED)
+
+# KEYS[1] mail hash; ARGV[1] new state; ARGV[2] state-set prefix; ARGV[3] mail id;
+# ARGV[4] number of allowed from-states, then those states, then field/value pairs.
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'state')
+if not current then return 0 end
+local n = tonumber(ARGV[4])
+local allowed = (n == 0)
+for i = 1, n do
+  if ARGV[4 + i] == current then allowed = true end
+end
+if not allowed then return 0 end
+local i = 5 + n
+while i <= #ARGV do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+if current ~= ARGV[1] then
+  redis.call('SREM', ARGV[2] .. current, ARGV[3])
+  redis.call('SADD', ARGV[2] .. ARGV[1], ARGV[3])
+end
+return 1
+"""
+
+
+# KEYS: mail hash, raw key, queued set, watermark; ARGV: raw, ttl, size, now, mail id, uid
+_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'size', ARGV[3],
+           'created_at', ARGV[4], 'updated_at', ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[5])
+local mark = tonumber(redis.call('GET', KEYS[4]) or '0')
+if tonumber(ARGV[6]) > mark then redis.call('SET', KEYS[4], ARGV[6]) end
+return 1
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class MailRef:
+    """Where a mail lives: (inbox, folder, UIDVALIDITY, UID)."""
+
+    inbox: str
+    folder: str
+    uidvalidity: int
+    uid: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.inbox}/{quote(self.folder, safe='')}/{self.uidvalidity}/{self.uid}"
+
+    @classmethod
+    def parse(cls, mail_id: str) -> MailRef:
+        inbox, folder, validity, uid = mail_id.split("/")
+        return cls(inbox, unquote(folder), int(validity), int(uid))
+
+
+@dataclass(frozen=True)
+class MailRecord:
+    ref: MailRef
+    state: str
+    size: int
+    message_id: str
+    sender: str
+    entity: str
+    subject: str
+    reason: str
+    documents: int
+    skipped: int
+    filed_to: str
+    created_at: int
+    updated_at: int
+
+    @property
+    def id(self) -> str:
+        return self.ref.id
+
+    @classmethod
+    def from_hash(cls, mail_id: str, h: dict[str, str]) -> MailRecord:
+        return cls(
+            ref=MailRef.parse(mail_id),
+            state=h.get("state", ""),
+            size=int(h.get("size") or 0),
+            message_id=h.get("message_id", ""),
+            sender=h.get("sender", ""),
+            entity=h.get("entity", ""),
+            subject=h.get("subject", ""),
+            reason=h.get("reason", ""),
+            documents=int(h.get("documents") or 0),
+            skipped=int(h.get("skipped") or 0),
+            filed_to=h.get("filed_to", ""),
+            created_at=int(h.get("created_at") or 0),
+            updated_at=int(h.get("updated_at") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    mail_id: str
+    index: int
+    state: str
+    name: str
+    extension: str
+    type: str
+    content_type: str
+    size: int
+    sha256: str
+    token: str
+    fingerprint: str
+
+    @classmethod
+    def from_hash(cls, mail_id: str, index: int, h: dict[str, str]) -> DocumentRecord:
+        return cls(
+            mail_id=mail_id,
+            index=index,
+            state=h.get("state", ""),
+            name=h.get("name", ""),
+            extension=h.get("extension", ""),
+            type=h.get("type", ""),
+            content_type=h.get("content_type", ""),
+            size=int(h.get("size") or 0),
+            sha256=h.get("sha256", ""),
+            token=h.get("token", ""),
+            fingerprint=h.get("fingerprint", ""),
+        )
+
+
+@dataclass(frozen=True)
+class PlannedDocument:
+    """What ingestion hands the ledger for one document."""
+
+    index: int
+    name: str
+    extension: str
+    type: str
+    content_type: str
+    payload: bytes
+
+
+def fingerprint(message_key: str, doc: PlannedDocument) -> str:
+    """Same mail (Message-ID), same bytes, same name: the same Alloy document."""
+    digest = hashlib.sha256()
+    for part in (message_key, hashlib.sha256(doc.payload).hexdigest(), doc.name, doc.extension):
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()[:40]
+
+
+def _decode(h: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode("utf-8", "replace") for k, v in h.items()}
+
+
+class Ledger:
+    def __init__(self, client: redis.Redis, *, staging_ttl: int = 7 * 86400) -> None:
+        self.redis = client
+        self.staging_ttl = staging_ttl
+        self._transition = client.register_script(_TRANSITION)
+        self._record = client.register_script(_RECORD)
+
+    # -- polling -------------------------------------------------------------
+    def poll_lock(self, inbox: str, *, timeout: float) -> redis.lock.Lock:
+        """Single flight for one inbox's poll; expires by itself if its holder dies."""
+        return self.redis.lock(keys.poll_lock(inbox), timeout=timeout)
+
+    def watermark(self, inbox: str, folder: str, uidvalidity: int) -> int:
+        value = self.redis.get(keys.watermark(inbox, folder, uidvalidity))
+        return int(value) if value else 0
+
+    def record_new(self, ref: MailRef, raw: bytes) -> bool:
+        """Stage a newly fetched mail, record it ``queued`` and advance the inbox's
+        watermark, atomically, before anything is queued. Returns False when the
+        mail was already recorded (nothing is changed)."""
+        stamp = now_ms()
+        return bool(
+            self._record(
+                keys=[
+                    keys.mail(ref.id),
+                    keys.raw(ref.id),
+                    keys.state(QUEUED),
+                    keys.watermark(ref.inbox, ref.folder, ref.uidvalidity),
+                ],
+                args=[raw, self.staging_ttl, len(raw), stamp, ref.id, ref.uid],
+            )
+        )
+
+    def advance_watermark(self, inbox: str, folder: str, uidvalidity: int, uid: int) -> None:
+        key = keys.watermark(inbox, folder, uidvalidity)
+        current = self.redis.get(key)
+        if current is None or int(current) < uid:
+            self.redis.set(key, uid)
+
+    def raw(self, mail_id: str) -> bytes | None:
+        value = self.redis.get(keys.raw(mail_id))
+        return value if isinstance(value, bytes) else None
+
+    def drop_raw(self, mail_id: str) -> None:
+        self.redis.delete(keys.raw(mail_id))
+
+    # -- mail state ----------------------------------------------------------
+    def mail(self, mail_id: str) -> MailRecord | None:
+        h = self.redis.hgetall(keys.mail(mail_id))
+        return MailRecord.from_hash(mail_id, _decode(h)) if h else None
+
+    def transition(
+        self, mail_id: str, to: str, *, allowed: Sequence[str] = (), **fields: object
+    ) -> bool:
+        """Move a mail to ``to`` if its state is one of ``allowed`` (any if empty)."""
+        assert to in MAIL_STATES, to
+        fields.setdefault("updated_at", now_ms())
+        argv: list[object] = [to, keys.state(""), mail_id, len(allowed), *allowed]
+        for name, value in fields.items():
+            argv += [name, "" if value is None else str(value)]
+        return bool(self._transition(keys=[keys.mail(mail_id)], args=argv))
+
+    def update(self, mail_id: str, **fields: object) -> None:
+        fields.setdefault("updated_at", now_ms())
+        self.redis.hset(
+            keys.mail(mail_id), mapping={k: "" if v is None else str(v) for k, v in fields.items()}
+        )
+
+    # -- documents -----------------------------------------------------------
+    def plan_documents(
+        self, mail_id: str, message_key: str, entity: str, documents: Sequence[PlannedDocument]
+    ) -> bool:
+        """Stage each document's bytes and record it ``planned`` (or ``uploaded`` when an
+        earlier run of the same mail already uploaded it). Moves the mail
+        ``parsing`` -> ``documents_pending``; returns False if it was not parsing."""
+        pipe = self.redis.pipeline(transaction=True)
+        for doc in documents:
+            fp = fingerprint(message_key, doc)
+            pipe.set(keys.blob(mail_id, doc.index), doc.payload, ex=self.staging_ttl)
+            pipe.hset(
+                keys.document(mail_id, doc.index),
+                mapping={
+                    "state": PLANNED,
+                    "name": doc.name,
+                    "extension": doc.extension,
+                    "type": doc.type,
+                    "content_type": doc.content_type,
+                    "size": len(doc.payload),
+                    "sha256": hashlib.sha256(doc.payload).hexdigest(),
+                    "fingerprint": fp,
+                },
+            )
+            pipe.expire(keys.document(mail_id, doc.index), self.staging_ttl * 4)
+        pipe.execute()
+        # adopt what an earlier run of the same mail already uploaded
+        for doc in documents:
+            token = self.redis.get(keys.uploaded(entity, fingerprint(message_key, doc)))
+            if token:
+                self.mark_uploaded(mail_id, doc.index, entity, token.decode())
+        return self.transition(
+            mail_id,
+            DOCUMENTS_PENDING,
+            allowed=(PARSING,),
+            entity=entity,
+            documents=len(documents),
+        )
+
+    def document(self, mail_id: str, index: int) -> DocumentRecord | None:
+        h = self.redis.hgetall(keys.document(mail_id, index))
+        return DocumentRecord.from_hash(mail_id, index, _decode(h)) if h else None
+
+    def documents(self, mail_id: str, count: int) -> list[DocumentRecord]:
+        pipe = self.redis.pipeline(transaction=False)
+        for index in range(count):
+            pipe.hgetall(keys.document(mail_id, index))
+        return [
+            DocumentRecord.from_hash(mail_id, i, _decode(h))
+            for i, h in enumerate(pipe.execute())
+            if h
+        ]
+
+    def blob(self, mail_id: str, index: int) -> bytes | None:
+        value = self.redis.get(keys.blob(mail_id, index))
+        return value if isinstance(value, bytes) else None
+
+    def mark_described(self, mail_id: str, index: int, token: str) -> None:
+        self.redis.hset(keys.document(mail_id, index), mapping={"state": DESCRIBED, "token": token})
+
+    def mark_uploaded(self, mail_id: str, index: int, entity: str, token: str) -> int:
+        """Record Alloy's ``uploaded: true``; drop the staged bytes; return how many
+        documents of the mail are confirmed so far."""
+        doc = self.document(mail_id, index)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.document(mail_id, index), mapping={"state": UPLOADED, "token": token})
+        if doc is not None and doc.fingerprint:
+            pipe.set(keys.uploaded(entity, doc.fingerprint), token)
+        pipe.delete(keys.blob(mail_id, index))
+        pipe.sadd(keys.done(mail_id), index)
+        pipe.scard(keys.done(mail_id))
+        return int(pipe.execute()[-1])
+
+    def confirmed(self, mail_id: str) -> int:
+        return int(self.redis.scard(keys.done(mail_id)))
+
+    def drop_blobs(self, mail_id: str, count: int) -> None:
+        if count:
+            self.redis.delete(*(keys.blob(mail_id, i) for i in range(count)))
+
+    # -- reporting -----------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for state in MAIL_STATES:
+            pipe.scard(keys.state(state))
+        return dict(zip(MAIL_STATES, (int(n) for n in pipe.execute()), strict=True))
+
+    def mail_ids(self, state: str) -> list[str]:
+        return sorted(m.decode() for m in self.redis.smembers(keys.state(state)))
+
+    def mails(self, states: Iterable[str]) -> list[MailRecord]:
+        records = [self.mail(mail_id) for state in states for mail_id in self.mail_ids(state)]
+        return sorted((r for r in records if r), key=lambda r: r.created_at)

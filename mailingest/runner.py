@@ -1,0 +1,131 @@
+"""``mailingest poll-once``: one complete cycle in this process, no broker needed.
+
+The same pipeline steps the Celery tasks run, executed from a local queue;
+retryable failures wait their backoff (honouring Retry-After) in a heap of
+timers, bounded by the same retry policy the workers use.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+from . import ledger as L
+from . import pipeline
+from .errors import AlloyUnavailable, MailboxError, MailingestError, ResolverError
+from .pipeline import Step
+from .runtime import Context
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (AlloyUnavailable, ResolverError, MailboxError)
+
+
+@dataclass
+class MailSummary:
+    mail_id: str
+    state: str
+    sender: str
+    entity: str
+    documents: int
+    uploaded: int
+    filed_to: str
+    reason: str
+
+
+@dataclass
+class Summary:
+    found: int = 0
+    processed: int = 0
+    quarantined: int = 0
+    failed: int = 0
+    pending: int = 0
+    documents_uploaded: int = 0
+    mails: list[MailSummary] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every mail found was processed or quarantined (and filed)."""
+        return self.failed == 0 and self.pending == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"ok": self.ok}
+
+
+def run_steps(
+    ctx: Context,
+    steps: Iterable[Step],
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Run steps and the steps they return until none are left."""
+    ready: deque[Step] = deque(steps)
+    waiting: list[tuple[float, int, Step]] = []
+    attempts: dict[Step, int] = {}
+    order = itertools.count()
+    while ready or waiting:
+        if not ready:
+            due, _, step = heapq.heappop(waiting)
+            pause = due - clock()
+            if pause > 0:
+                sleep(pause)
+            ready.append(step)
+            continue
+        step = ready.popleft()
+        try:
+            ready.extend(pipeline.run_step(ctx, step))
+        except RETRYABLE as exc:
+            tries = attempts.get(step, 0)
+            if ctx.policy.exhausted(tries):
+                ready.extend(pipeline.give_up(ctx, step, exc))
+                continue
+            attempts[step] = tries + 1
+            delay = ctx.policy.delay(tries, getattr(exc, "retry_after", None))
+            log.info("%s %s: %s; retry %d in %.1fs", step.task, step.mail_id, exc, tries + 1, delay)
+            heapq.heappush(waiting, (clock() + delay, next(order), step))
+        except MailingestError as exc:
+            ready.extend(pipeline.quarantine(ctx, step.mail_id, str(exc)))
+
+
+def poll_once(ctx: Context, inboxes: Iterable[str] | None = None, **kw: object) -> Summary:
+    names = list(inboxes) if inboxes is not None else [i.name for i in ctx.settings.inboxes]
+    summary = Summary()
+    touched: list[str] = []
+    for name in names:
+        result = pipeline.poll(ctx, name)
+        summary.found += result.found
+        touched += [s.mail_id for s in result.steps if s.mail_id not in touched]
+        run_steps(ctx, result.steps, **kw)  # type: ignore[arg-type]
+    for mail_id in touched:
+        record = ctx.ledger.mail(mail_id)
+        if record is None:
+            continue
+        uploaded = ctx.ledger.confirmed(mail_id)
+        summary.documents_uploaded += uploaded if record.state == L.DONE else 0
+        if record.state == L.DONE and record.filed_to:
+            summary.processed += 1
+        elif record.state == L.QUARANTINED and record.filed_to:
+            summary.quarantined += 1
+        elif record.state == L.FAILED:
+            summary.failed += 1
+        else:
+            summary.pending += 1
+        summary.mails.append(
+            MailSummary(
+                mail_id,
+                record.state,
+                record.sender,
+                record.entity,
+                record.documents,
+                uploaded,
+                record.filed_to,
+                record.reason,
+            )
+        )
+    return summary

@@ -1,0 +1,74 @@
+"""The services one process needs, built once from the settings: the context every step gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import redis
+
+from .alloy import AlloyClient
+from .inbox import Mailbox
+from .ledger import Ledger
+from .retry import RetryPolicy
+from .senders import CsvDirectory, HttpLookup, RedisDirectory, Resolver, SenderResolver
+from .settings import Settings
+
+
+@dataclass
+class Context:
+    settings: Settings
+    redis: redis.Redis
+    ledger: Ledger
+    alloy: AlloyClient
+    senders: SenderResolver
+    policy: RetryPolicy
+    closers: list = field(default_factory=list, repr=False)
+
+    def mailbox(self, inbox_name: str) -> Mailbox:
+        """A new IMAP connection (unopened) to the named inbox."""
+        return Mailbox(self.settings.inbox(inbox_name), timeout=self.settings.imap_timeout)
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            close()
+        self.closers.clear()
+
+
+def connect_redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30
+    )
+
+
+def build_resolver(settings: Settings, client: redis.Redis) -> SenderResolver:
+    resolvers: list[Resolver] = []
+    if settings.senders_file is not None:
+        resolvers.append(CsvDirectory(settings.senders_file))
+    resolvers.append(RedisDirectory(client))
+    if settings.crm_url:
+        resolvers.append(HttpLookup(settings.crm_url))
+    return SenderResolver(resolvers)
+
+
+def build_context(settings: Settings) -> Context:
+    """Everything a worker process needs; call after fork, once per process."""
+    settings.require("redis", "imap", "alloy")
+    assert settings.redis_url is not None
+    client = connect_redis(settings.redis_url)
+    alloy = AlloyClient(
+        settings.alloy_url,
+        settings.alloy_token,
+        settings.alloy_secret,
+        connect_timeout=settings.alloy_connect_timeout,
+        read_timeout=settings.alloy_read_timeout,
+    )
+    ctx = Context(
+        settings=settings,
+        redis=client,
+        ledger=Ledger(client, staging_ttl=settings.staging_ttl),
+        alloy=alloy,
+        senders=build_resolver(settings, client),
+        policy=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_cap),
+    )
+    ctx.closers += [client.close, alloy.close]
+    return ctx
