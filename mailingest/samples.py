@@ -195,3 +195,51 @@ def demo_scenario(seed: int | None = None) -> Scenario:
     )
 
     return Scenario(senders, mails)
+
+
+def bulk_scenario(count: int, seed: int = 7) -> Scenario:
+    """``count`` mails from three known senders with one to three assorted documents
+    each, plus one mail from a stranger (quarantined)."""
+    rng = random.Random(seed)
+    senders = {f"customer{i}@example.com": entity_token(rng) for i in range(1, 4)}
+    kinds = [
+        ("driver_license", "pdf", "license"),
+        ("passport", "jpg", "passport"),
+        ("utility_bill", "pdf", "utility"),
+        ("rental_agreement", "pdf", "contract"),
+        ("selfie", "png", "other"),
+    ]
+    makers = {"pdf": ("application", "pdf"), "jpg": ("image", "jpeg"), "png": ("image", "png")}
+    mails: list[SampleMail] = []
+    emails = list(senders)
+    for n in range(count):
+        sender = emails[n % 3]
+        msg = _base(sender, f"Documents {n}", f"Mail {n}: my documents.")
+        expected = []
+        for k in range(1 + n % 3):
+            stem, ext, kind = kinds[(n + k) % len(kinds)]
+            name = f"{stem}_{n}_{k}"
+            size = rng.randint(5000, 40000)
+            data = {
+                "pdf": pdf_bytes(name, size, rng),
+                "jpg": jpeg_bytes(size, rng),
+                "png": png_bytes(size, rng),
+            }[ext]
+            maintype, subtype = makers[ext]
+            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=f"{name}.{ext}")
+            expected.append(ExpectedDocument(senders[sender], name, ext, kind, data))
+        mails.append(SampleMail(sender, msg["Subject"], msg.as_bytes(), expected))
+    stranger = _base("stranger@elsewhere.example", "my passport", "Please verify me.")
+    stranger.add_attachment(
+        jpeg_bytes(6000, rng), maintype="image", subtype="jpeg", filename="passport.jpg"
+    )
+    mails.append(
+        SampleMail(
+            "stranger@elsewhere.example",
+            stranger["Subject"],
+            stranger.as_bytes(),
+            [],
+            quarantine_reason="unknown sender",
+        )
+    )
+    return Scenario(senders, mails)

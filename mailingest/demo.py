@@ -1,0 +1,240 @@
+"""``mailingest demo``: the whole flow on private servers, then a report.
+
+It starts a private redis-server, an in-process IMAP server (pymap), and the
+Alloy sandbox, each on a free loopback port; delivers a handful of realistic
+customer mails by IMAP APPEND; runs a real Celery worker and beat with the same
+code and settings as production; waits until every mail is decided; and prints
+what reached which entity and what was quarantined. It checks its own outcome:
+the exit status is 0 only when every document arrived byte for byte at the
+right entity and the stranger's mail is in quarantine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from . import ledger as L
+from .alloy import AlloyClient
+from .embedded import CeleryProcess, PymapServer, RedisServer, free_port
+from .inbox import Mailbox
+from .ledger import Ledger
+from .runtime import connect_redis
+from .samples import AGENT_EMAIL, Scenario, demo_scenario
+from .sandbox import SandboxServer
+from .settings import Secret, load_settings
+
+ALLOY_TOKEN, ALLOY_SECRET = "demo-workflow-token", "demo-workflow-secret"
+
+
+def demo_environment(
+    redis_url: str,
+    imap_host: str,
+    imap_port: int,
+    user: str,
+    password: str,
+    alloy_url: str,
+    senders_file: Path,
+) -> dict[str, str]:
+    return {
+        "MAILINGEST_REDIS_URL": redis_url,
+        "MAILINGEST_IMAP_HOST": imap_host,
+        "MAILINGEST_IMAP_PORT": str(imap_port),
+        "MAILINGEST_IMAP_USER": user,
+        "MAILINGEST_IMAP_PASSWORD": password,
+        "MAILINGEST_IMAP_SECURITY": "plain",
+        "MAILINGEST_ALLOY_URL": alloy_url,
+        "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
+        "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
+        "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
+        "MAILINGEST_SENDERS_FILE": str(senders_file),
+        "MAILINGEST_POLL_INTERVAL": "2",
+        "MAILINGEST_RETRY_BASE": "0.5",
+        "MAILINGEST_RETRY_CAP": "5",
+    }
+
+
+def deliver(env: Mapping[str, str], scenario: Scenario) -> None:
+    inbox = load_settings(env).inboxes[0]
+    with Mailbox(inbox) as box:
+        for mail in scenario.mails:
+            box.append(inbox.folder, mail.raw)
+
+
+def wait_until_decided(ledger: Ledger, expected: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = ledger.mails(L.MAIL_STATES)
+        filed = [r for r in records if r.state in L.DECIDED and r.filed_to]
+        if len(filed) >= expected:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def check_outcome(scenario: Scenario, alloy: AlloyClient, ledger: Ledger) -> list[str]:
+    """What differs from the scenario's expectations (empty when all is well)."""
+    problems: list[str] = []
+    for entity in sorted(set(scenario.senders.values())):
+        wanted = [d for d in scenario.expected_documents if d.entity == entity]
+        got = alloy.list(entity)
+        if len(got) != len(wanted):
+            problems.append(f"{entity}: {len(got)} document(s) in Alloy, expected {len(wanted)}")
+        for doc in wanted:
+            match = [g for g in got if (g.name, g.extension) == (doc.name, doc.extension)]
+            if len(match) != 1:
+                problems.append(f"{entity}: {doc.name}.{doc.extension} found {len(match)} times")
+                continue
+            found = match[0]
+            if found.type != doc.type:
+                problems.append(
+                    f"{doc.name}.{doc.extension}: type {found.type}, expected {doc.type}"
+                )
+            if not found.uploaded:
+                problems.append(f"{doc.name}.{doc.extension}: not uploaded")
+            note = found.notes[0] if found.notes else {}
+            if note.get("note_author_agent_email") != AGENT_EMAIL:
+                problems.append(f"{doc.name}.{doc.extension}: note author {note!r}")
+            if doc.extension != "eml" and alloy.download(entity, found.token) != doc.payload:
+                problems.append(f"{doc.name}.{doc.extension}: bytes differ")
+    quarantined = {r.sender: r for r in ledger.mails([L.QUARANTINED])}
+    for mail in scenario.mails:
+        if mail.quarantine_reason:
+            record = quarantined.get(mail.sender)
+            if record is None or mail.quarantine_reason not in record.reason:
+                problems.append(f"{mail.sender}: not quarantined for {mail.quarantine_reason!r}")
+    return problems
+
+
+def report(scenario: Scenario, alloy: AlloyClient, ledger: Ledger, out=sys.stdout) -> None:
+    owners = {entity: email for email, entity in scenario.senders.items()}
+    print("\nWhat reached Alloy", file=out)
+    print(
+        f"  {'entity':24} {'sender':26} {'document':34} {'type':9} {'bytes':>6}  note author",
+        file=out,
+    )
+    for entity in sorted(owners):
+        for doc in alloy.list(entity):
+            size = len(alloy.download(entity, doc.token)) if doc.uploaded else 0
+            author = doc.notes[0].get("note_author_agent_email", "") if doc.notes else ""
+            print(
+                f"  {entity:24} {owners[entity]:26} {doc.name + '.' + doc.extension:34} "
+                f"{doc.type:9} {size:>6}  {author}",
+                file=out,
+            )
+    print("\nQuarantined", file=out)
+    for record in ledger.mails([L.QUARANTINED]):
+        print(f"  {record.sender:26} {record.subject[:30]!r:34} {record.reason}", file=out)
+    counts = ledger.counts()
+    print("\nLedger: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v), file=out)
+
+
+def run_demo(
+    *, keep_running: bool = False, flower: bool = False, workdir: Path | None = None
+) -> int:
+    own_dir = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="mailingest-demo-")) if workdir is None else workdir
+    root.mkdir(parents=True, exist_ok=True)
+    scenario = demo_scenario()
+    senders_file = root / "senders.csv"
+    senders_file.write_text(scenario.senders_csv(), encoding="utf-8")
+    processes: list[CeleryProcess] = []
+    print(f"mailingest demo in {root}")
+    with (
+        RedisServer(root / "redis") as redis_server,
+        PymapServer(root / "imap") as imap,
+        SandboxServer(token=ALLOY_TOKEN, secret=ALLOY_SECRET, agents=[AGENT_EMAIL]) as sandbox,
+    ):
+        account = imap.account
+        env = demo_environment(
+            redis_server.url,
+            account.host,
+            account.port,
+            account.user,
+            account.password,
+            sandbox.url,
+            senders_file,
+        )
+        print(f"  private Redis     {redis_server.url}")
+        print(f"  IMAP server       {account.host}:{account.port} (pymap, user {account.user})")
+        print(f"  Alloy sandbox     {sandbox.url}")
+        deliver(env, scenario)
+        print(
+            f"  delivered {len(scenario.mails)} mails from "
+            f"{len({m.sender for m in scenario.mails})} senders to INBOX"
+        )
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | env
+        try:
+            processes.append(
+                CeleryProcess(
+                    "worker", child_env, root / "worker.log", ["--concurrency", "2"]
+                ).start()
+            )
+            processes.append(
+                CeleryProcess(
+                    "beat",
+                    child_env,
+                    root / "beat.log",
+                    ["--schedule", str(root / "beat-schedule")],
+                ).start()
+            )
+            if flower and shutil.which("celery") and _has_flower():
+                port = free_port()
+                processes.append(
+                    CeleryProcess(
+                        "flower",
+                        child_env,
+                        root / "flower.log",
+                        [f"--port={port}", "--address=127.0.0.1"],
+                    ).start()
+                )
+                print(f"  Flower            http://127.0.0.1:{port}")
+            print("  worker and beat running; waiting for every mail to be decided ...")
+            redis_client = connect_redis(redis_server.url)
+            ledger = Ledger(redis_client)
+            decided = wait_until_decided(ledger, len(scenario.mails), timeout=180)
+            with AlloyClient(sandbox.url, Secret(ALLOY_TOKEN), Secret(ALLOY_SECRET)) as alloy:
+                report(scenario, alloy, ledger)
+                problems = [] if decided else ["timed out waiting for the mails to be decided"]
+                problems += check_outcome(scenario, alloy, ledger)
+            if keep_running:
+                print("\nServers keep running; Ctrl-C to stop. Environment for other shells:")
+                for key, value in env.items():
+                    print(f"  export {key}={value}")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+        finally:
+            for process in reversed(processes):
+                process.stop()
+    if problems:
+        print("\nDemo FAILED:")
+        for problem in problems:
+            print(f"  - {problem}")
+        print(f"  logs: {root}")
+        return 1
+    n_docs = len(scenario.expected_documents)
+    n_quarantined = sum(1 for m in scenario.mails if m.quarantine_reason)
+    print(
+        f"\nAll {n_docs} demo documents reached the right entity byte for byte; "
+        f"{n_quarantined} mail quarantined."
+    )
+    if own_dir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _has_flower() -> bool:
+    try:
+        import flower  # noqa: F401
+    except ImportError:
+        print("  (Flower is not installed: pip install 'mailingest[flower]')")
+        return False
+    return True

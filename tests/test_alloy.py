@@ -1,0 +1,80 @@
+"""The Alloy client over real HTTP against the sandbox, and its error mapping."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from mailingest.alloy import AlloyClient, error_from_response
+from mailingest.errors import AlloyRejected, AlloyUnavailable
+from mailingest.sandbox import SandboxServer
+from mailingest.settings import Secret
+
+from .conftest import ALLOY_SECRET, ALLOY_TOKEN
+
+ENTITY = "P-x4vtIdFD20vv6jWshIYD"
+AGENT = "kyc.agent@support.example"
+
+
+def client(sandbox: SandboxServer, **kw: object) -> AlloyClient:
+    return AlloyClient(sandbox.url, Secret(ALLOY_TOKEN), Secret(ALLOY_SECRET), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.servers
+def test_describe_upload_list_download(sandbox: SandboxServer) -> None:
+    with client(sandbox) as alloy:
+        doc = alloy.describe(ENTITY, name="driver_license", extension="pdf", type="license",
+                             note="Uploaded from email customer sent", note_author_agent_email=AGENT)
+        assert doc.token.startswith("D-") and len(doc.token) == 22 and not doc.uploaded
+        assert doc.notes[0]["note_author_agent_email"] == AGENT
+        data = bytes(range(256)) * 100
+        assert alloy.upload(ENTITY, doc.token, data).uploaded
+        assert alloy.download(ENTITY, doc.token) == data
+        assert [d.token for d in alloy.list(ENTITY)] == [doc.token]
+
+
+@pytest.mark.servers
+def test_rejections_carry_what_alloy_said(sandbox: SandboxServer) -> None:
+    with client(sandbox) as alloy:
+        with pytest.raises(AlloyRejected) as err:
+            alloy.describe(ENTITY, name="x", extension="pdf", type="selfie", note=None,
+                           note_author_agent_email=None)
+        e = err.value
+        assert (e.status, e.minor_code, e.retryable) == (400, 4002, False)
+        assert e.error_token and e.error_token in str(e)
+        with pytest.raises(AlloyRejected) as err:
+            alloy.upload(ENTITY, "D-00000000000000000000", b"x")
+        assert (err.value.status, err.value.minor_code) == (404, 4041)
+    bad = AlloyClient(sandbox.url, Secret("wrong"), Secret("creds"))
+    with pytest.raises(AlloyRejected) as err:
+        bad.list(ENTITY)
+    assert (err.value.status, err.value.minor_code) == (401, 4011)
+    assert "creds" not in str(err.value) and "wrong" not in str(err.value)
+
+
+@pytest.mark.servers
+def test_outages_are_retryable(sandbox: SandboxServer) -> None:
+    with client(sandbox, read_timeout=0.3) as alloy:
+        sandbox.set_faults(rate_429=1.0, retry_after_fraction=1.0, retry_after_seconds=7)
+        with pytest.raises(AlloyUnavailable) as err:
+            alloy.list(ENTITY)
+        assert (err.value.status, err.value.minor_code, err.value.retry_after) == (429, 4033, 7.0)
+        sandbox.set_faults(rate_429=0.0, error_500=1.0)
+        with pytest.raises(AlloyUnavailable) as err:
+            alloy.list(ENTITY)
+        assert err.value.status == 500 and err.value.retryable
+        sandbox.set_faults(error_500=0.0, slow_fraction=1.0, slow_ms=1500)
+        with pytest.raises(AlloyUnavailable, match="timed out"):
+            alloy.list(ENTITY)
+        sandbox.set_faults(slow_fraction=0.0, drop_fraction=1.0)
+        with pytest.raises(AlloyUnavailable, match="connection failed"):
+            alloy.list(ENTITY)
+
+
+def test_error_mapping_without_a_json_body() -> None:
+    response = httpx.Response(502, text="<html>bad gateway</html>", headers={"Retry-After": "12"})
+    error = error_from_response(response, "upload")
+    assert isinstance(error, AlloyUnavailable) and error.retry_after == 12.0
+    assert str(error) == "Alloy upload answered 502: Bad Gateway"
+    error = error_from_response(httpx.Response(413, text=""), "upload")
+    assert isinstance(error, AlloyRejected) and not error.retryable

@@ -1,0 +1,133 @@
+"""Settings: every public variable, defaults, *_FILE secrets, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailingest.errors import ConfigError
+from mailingest.settings import DEFAULT_NOTE, Secret, load_settings
+
+BASE = {
+    "MAILINGEST_IMAP_HOST": "imap.example.com",
+    "MAILINGEST_IMAP_USER": "support@example.com",
+    "MAILINGEST_IMAP_PASSWORD": "pässwörd with spaces",
+    "MAILINGEST_ALLOY_TOKEN": "tok",
+    "MAILINGEST_ALLOY_SECRET": "sec",
+    "MAILINGEST_AGENT_EMAIL": "Agent@Example.com",
+    "MAILINGEST_REDIS_URL": "redis://127.0.0.1:6380/0",
+}
+
+
+def test_defaults_follow_the_public_contract() -> None:
+    s = load_settings(BASE).require("redis", "imap", "alloy")
+    inbox = s.inboxes[0]
+    assert (inbox.security, inbox.port, inbox.folder) == ("ssl", 993, "INBOX")
+    assert (inbox.processed_folder, inbox.quarantine_folder) == ("Processed", "Quarantine")
+    assert inbox.note == DEFAULT_NOTE == "Uploaded from email customer sent"
+    assert inbox.poll_interval == 60
+    assert inbox.agent_email == "agent@example.com"
+    assert s.alloy_url == "https://sandbox.alloy.co/v1"
+    assert s.broker_url == s.redis_url
+    assert inbox.password == Secret("pässwörd with spaces")
+
+
+def test_starttls_defaults_to_port_143_and_broker_may_differ() -> None:
+    s = load_settings(
+        BASE | {"MAILINGEST_IMAP_SECURITY": "STARTTLS", "MAILINGEST_BROKER_URL": "redis://b:1/2"}
+    )
+    assert s.inboxes[0].port == 143 and s.inboxes[0].security == "starttls"
+    assert s.broker_url == "redis://b:1/2"
+
+
+def test_secrets_never_show_in_repr() -> None:
+    s = load_settings(BASE)
+    text = repr(s)
+    for secret in ("pässwörd", "sec'", "tok'"):
+        assert secret not in text
+    assert "********" in text
+
+
+def test_secret_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "pw"
+    path.write_text("from-a-file\n", encoding="utf-8")
+    env = {k: v for k, v in BASE.items() if k != "MAILINGEST_IMAP_PASSWORD"}
+    s = load_settings(env | {"MAILINGEST_IMAP_PASSWORD_FILE": str(path)})
+    assert s.inboxes[0].password and s.inboxes[0].password.reveal() == "from-a-file"
+
+
+@pytest.mark.parametrize(
+    ("change", "variable", "words"),
+    [
+        ({"MAILINGEST_IMAP_PORT": "99999"}, "MAILINGEST_IMAP_PORT", "between 1 and 65535"),
+        ({"MAILINGEST_IMAP_PORT": "imap"}, "MAILINGEST_IMAP_PORT", "integer"),
+        ({"MAILINGEST_IMAP_SECURITY": "tls"}, "MAILINGEST_IMAP_SECURITY", "one of ssl"),
+        ({"MAILINGEST_POLL_INTERVAL": "0"}, "MAILINGEST_POLL_INTERVAL", "between"),
+        ({"MAILINGEST_POLL_INTERVAL": "soon"}, "MAILINGEST_POLL_INTERVAL", "number"),
+        ({"MAILINGEST_AGENT_EMAIL": "john"}, "MAILINGEST_AGENT_EMAIL", "e-mail"),
+        ({"MAILINGEST_REDIS_URL": "http://x"}, "MAILINGEST_REDIS_URL", "redis"),
+        ({"MAILINGEST_BROKER_URL": "amqp://x"}, "MAILINGEST_BROKER_URL", "redis"),
+        ({"MAILINGEST_ALLOY_URL": "http://api.alloy.co/v1"}, "MAILINGEST_ALLOY_URL", "https"),
+        ({"MAILINGEST_ALLOY_URL": "ftp://x"}, "MAILINGEST_ALLOY_URL", "URL"),
+        ({"MAILINGEST_SENDERS_FILE": "/nonexistent.csv"}, "MAILINGEST_SENDERS_FILE", "readable"),
+        ({"MAILINGEST_PROCESSED_FOLDER": "INBOX"}, "MAILINGEST_PROCESSED_FOLDER", "different"),
+        ({"MAILINGEST_IMAP_PASSWORD_FILE": "/nonexistent"}, "MAILINGEST_IMAP_PASSWORD", "both"),
+    ],
+)
+def test_bad_values_name_the_variable(change: dict, variable: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(BASE | change)
+    assert err.value.variable.startswith(variable)
+    assert words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("missing", ["MAILINGEST_IMAP_HOST", "MAILINGEST_ALLOY_SECRET",
+                                     "MAILINGEST_AGENT_EMAIL", "MAILINGEST_REDIS_URL"])
+def test_missing_required_setting(missing: str) -> None:
+    env = {k: v for k, v in BASE.items() if k != missing}
+    with pytest.raises(ConfigError, match=f"^{missing} is required"):
+        load_settings(env).require("redis", "imap", "alloy")
+
+
+def test_plain_http_allowed_to_loopback_only() -> None:
+    assert load_settings(BASE | {"MAILINGEST_ALLOY_URL": "http://127.0.0.1:8080/v1/"}).alloy_url == (
+        "http://127.0.0.1:8080/v1"
+    )
+    assert load_settings(BASE | {"MAILINGEST_ALLOY_URL": "http://localhost:1/v1"})
+
+
+def test_redis_password_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(BASE | {"MAILINGEST_REDIS_URL": "http://user:hunter2@host:1/0"})
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", [["worker"], ["poll-once"], ["beat"]])
+def test_cli_stops_with_one_line_and_no_traceback(command: list[str]) -> None:
+    env = {"PATH": "/usr/bin:/bin"} | {k: v for k, v in BASE.items()} | {
+        "MAILINGEST_IMAP_PORT": "not-a-port"
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailingest", *command], env=env, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["mailingest: configuration error: MAILINGEST_IMAP_PORT must be an integer, "
+                     "got 'not-a-port'"]
+    assert "pässwörd" not in proc.stderr
+
+
+def test_celery_app_import_stops_with_one_line() -> None:
+    env = {"PATH": "/usr/bin:/bin", "MAILINGEST_IMAP_HOST": "x"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "mailingest", "inspect", "ping"], env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr == "mailingest: configuration error: MAILINGEST_REDIS_URL is required but not set\n"
