@@ -24,6 +24,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote
 
 import redis
@@ -197,8 +198,12 @@ def fingerprint(message_key: str, doc: PlannedDocument) -> str:
     return digest.hexdigest()[:40]
 
 
-def _decode(h: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode("utf-8", "replace") for k, v in h.items()}
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _decode(h: Any) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in h.items()}
 
 
 class Ledger:
@@ -258,7 +263,7 @@ class Ledger:
         """Move a mail to ``to`` if its state is one of ``allowed`` (any if empty)."""
         assert to in MAIL_STATES, to
         fields.setdefault("updated_at", now_ms())
-        argv: list[object] = [to, keys.state(""), mail_id, len(allowed), *allowed]
+        argv: list[Any] = [to, keys.state(""), mail_id, len(allowed), *allowed]
         for name, value in fields.items():
             argv += [name, "" if value is None else str(value)]
         return bool(self._transition(keys=[keys.mail(mail_id)], args=argv))
@@ -299,7 +304,7 @@ class Ledger:
         for doc in documents:
             token = self.redis.get(keys.uploaded(entity, fingerprint(message_key, doc)))
             if token:
-                self.mark_uploaded(mail_id, doc.index, entity, token.decode())
+                self.mark_uploaded(mail_id, doc.index, entity, _text(token))
         return self.transition(
             mail_id,
             DOCUMENTS_PENDING,
@@ -357,7 +362,7 @@ class Ledger:
         return dict(zip(MAIL_STATES, (int(n) for n in pipe.execute()), strict=True))
 
     def mail_ids(self, state: str) -> list[str]:
-        return sorted(m.decode() for m in self.redis.smembers(keys.state(state)))
+        return sorted(_text(m) for m in self.redis.smembers(keys.state(state)))
 
     def mails(self, states: Iterable[str]) -> list[MailRecord]:
         records = [self.mail(mail_id) for state in states for mail_id in self.mail_ids(state)]

@@ -155,7 +155,7 @@ def demo_scenario(seed: int | None = None) -> Scenario:
     )
     msg = _base(carol, "Fwd: Signed agreement", "Forwarding the contract as requested.")
     msg.add_attachment(inner, filename="signed_agreement.eml")
-    attached = msg.get_payload()[1].get_payload()[0].as_bytes()
+    attached = inner.as_bytes()  # for the report; the .eml keeps the mail's own bytes
     mails.append(
         SampleMail(
             carol,

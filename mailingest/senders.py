@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import httpx
 import redis
@@ -29,6 +29,10 @@ from .keys import SENDERS
 
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+$")
 _ENTITY = re.compile(r"^[^\s/?#]{1,128}$")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def normalise_email(address: str) -> str:
@@ -131,7 +135,7 @@ class RedisDirectory:
             raise ResolverError(
                 f"sender directory in Redis unavailable: {type(exc).__name__}"
             ) from None
-        return value.decode() if isinstance(value, bytes) else value
+        return None if value is None else _text(value)
 
     def add(self, email: str, entity: str) -> None:
         email = normalise_email(email)
@@ -144,12 +148,12 @@ class RedisDirectory:
 
     def update(self, mapping: dict[str, str]) -> int:
         if mapping:
-            self.redis.hset(SENDERS, mapping=mapping)
+            self.redis.hset(SENDERS, mapping=cast(Any, mapping))
         return len(mapping)
 
     def items(self) -> list[tuple[str, str]]:
         raw = self.redis.hgetall(SENDERS)
-        return sorted((k.decode(), v.decode()) for k, v in raw.items())
+        return sorted((_text(k), _text(v)) for k, v in raw.items())
 
 
 class HttpLookup:

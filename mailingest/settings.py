@@ -152,7 +152,7 @@ class _Env:
             return None
         return direct.strip()
 
-    def str(self, name: str, default: str | None = None) -> str | None:
+    def text(self, name: str, default: str | None = None) -> str | None:
         value = self.raw(name)
         return default if value is None else value
 
@@ -193,7 +193,7 @@ class _Env:
         return value.lower() if value else None
 
     def folder(self, name: str, default: str) -> str:
-        value = self.str(name, default) or default
+        value = self.text(name, default) or default
         if any(ch in value for ch in "\r\n\0"):
             raise ConfigError(PREFIX + name, "must not contain line breaks or NUL")
         return value
@@ -236,7 +236,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build and validate the settings; raise ConfigError on the first bad value."""
     env = _Env(os.environ if environ is None else environ)
 
-    alloy_url = env.str("ALLOY_URL", DEFAULT_ALLOY_URL) or DEFAULT_ALLOY_URL
+    alloy_url = env.text("ALLOY_URL", DEFAULT_ALLOY_URL) or DEFAULT_ALLOY_URL
     _check_url(PREFIX + "ALLOY_URL", alloy_url, ("https", "http"))
     parts = urlsplit(alloy_url)
     if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
@@ -245,24 +245,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "must use https (plain http is allowed only to a loopback address)",
         )
 
-    redis_url = env.str("REDIS_URL")
+    redis_url = env.text("REDIS_URL")
     if redis_url:
         _check_url(PREFIX + "REDIS_URL", redis_url, ("redis", "rediss", "unix"))
-    broker_env = env.str("BROKER_URL")
+    broker_env = env.text("BROKER_URL")
     if broker_env:
         _check_url(PREFIX + "BROKER_URL", broker_env, ("redis", "rediss", "unix"))
     broker_url = broker_env or redis_url
 
-    senders_file = env.str("SENDERS_FILE")
+    senders_file = env.text("SENDERS_FILE")
     senders_path = Path(senders_file) if senders_file else None
     if senders_path is not None and not senders_path.is_file():
         raise ConfigError(PREFIX + "SENDERS_FILE", f"{senders_file} is not a readable file")
 
-    crm_url = env.str("CRM_URL")
+    crm_url = env.text("CRM_URL")
     if crm_url:
         _check_url(PREFIX + "CRM_URL", crm_url, ("https", "http"))
 
-    name = env.str("INBOX_NAME", "default") or "default"
+    name = env.text("INBOX_NAME", "default") or "default"
     if not _INBOX_NAME.match(name):
         raise ConfigError(PREFIX + "INBOX_NAME", "must be 1-64 letters, digits, '-' or '_'")
 
@@ -270,16 +270,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     default_port = {"ssl": 993, "starttls": 143, "plain": 143}[security]
     inbox = InboxSettings(
         name=name,
-        host=env.str("IMAP_HOST"),
+        host=env.text("IMAP_HOST"),
         port=env.integer("IMAP_PORT", default_port, minimum=1, maximum=65535),
-        user=env.str("IMAP_USER"),
+        user=env.text("IMAP_USER"),
         password=env.secret("IMAP_PASSWORD"),
         security=security,
         folder=env.folder("IMAP_FOLDER", "INBOX"),
         processed_folder=env.folder("PROCESSED_FOLDER", "Processed"),
         quarantine_folder=env.folder("QUARANTINE_FOLDER", "Quarantine"),
         agent_email=env.email("AGENT_EMAIL"),
-        note=env.str("NOTE", DEFAULT_NOTE) or DEFAULT_NOTE,
+        note=env.text("NOTE", DEFAULT_NOTE) or DEFAULT_NOTE,
         poll_interval=env.number("POLL_INTERVAL", 60.0, minimum=1, maximum=86400),
     )
     folders = {inbox.folder, inbox.processed_folder, inbox.quarantine_folder}

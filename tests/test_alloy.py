@@ -23,8 +23,14 @@ def client(sandbox: SandboxServer, **kw: object) -> AlloyClient:
 @pytest.mark.servers
 def test_describe_upload_list_download(sandbox: SandboxServer) -> None:
     with client(sandbox) as alloy:
-        doc = alloy.describe(ENTITY, name="driver_license", extension="pdf", type="license",
-                             note="Uploaded from email customer sent", note_author_agent_email=AGENT)
+        doc = alloy.describe(
+            ENTITY,
+            name="driver_license",
+            extension="pdf",
+            type="license",
+            note="Uploaded from email customer sent",
+            note_author_agent_email=AGENT,
+        )
         assert doc.token.startswith("D-") and len(doc.token) == 22 and not doc.uploaded
         assert doc.notes[0]["note_author_agent_email"] == AGENT
         data = bytes(range(256)) * 100
@@ -37,8 +43,14 @@ def test_describe_upload_list_download(sandbox: SandboxServer) -> None:
 def test_rejections_carry_what_alloy_said(sandbox: SandboxServer) -> None:
     with client(sandbox) as alloy:
         with pytest.raises(AlloyRejected) as err:
-            alloy.describe(ENTITY, name="x", extension="pdf", type="selfie", note=None,
-                           note_author_agent_email=None)
+            alloy.describe(
+                ENTITY,
+                name="x",
+                extension="pdf",
+                type="selfie",
+                note=None,
+                note_author_agent_email=None,
+            )
         e = err.value
         assert (e.status, e.minor_code, e.retryable) == (400, 4002, False)
         assert e.error_token and e.error_token in str(e)

@@ -26,7 +26,9 @@ ALICE = "P-aaaaaaaaaaaaaaaaaaaa"
 
 
 def test_parse_directory_normalises_and_names_bad_lines() -> None:
-    text = "email,entity_token\n  Alice@Example.COM , P-aaaaaaaaaaaaaaaaaaaa \n\nbob@x.org,crm-4711\n"
+    text = (
+        "email,entity_token\n  Alice@Example.COM , P-aaaaaaaaaaaaaaaaaaaa \n\nbob@x.org,crm-4711\n"
+    )
     assert parse_directory(text, "f.csv") == {"alice@example.com": ALICE, "bob@x.org": "crm-4711"}
     with pytest.raises(ValueError, match="f.csv:3: not an e-mail address"):
         parse_directory("email,entity_token\na@b.c,P-1\nnot-an-address,P-2\n", "f.csv")
@@ -65,8 +67,10 @@ def test_redis_directory_and_resolution_order(tmp_path: Path, redis_client: redi
     assert resolver.resolve("bob@example.org") == ("crm-42", "redis")
     assert resolver.resolve("nobody@example.org") is None
     assert resolver.resolve(None) is None
-    assert directory.items() == [("alice@example.com", "P-fromredisfromredis00"),
-                                 ("bob@example.org", "crm-42")]
+    assert directory.items() == [
+        ("alice@example.com", "P-fromredisfromredis00"),
+        ("bob@example.org", "crm-42"),
+    ]
     assert directory.remove("BOB@example.org") and not directory.remove("bob@example.org")
 
 

@@ -85,8 +85,15 @@ def test_bad_values_name_the_variable(change: dict, variable: str, words: str) -
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("missing", ["MAILINGEST_IMAP_HOST", "MAILINGEST_ALLOY_SECRET",
-                                     "MAILINGEST_AGENT_EMAIL", "MAILINGEST_REDIS_URL"])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "MAILINGEST_IMAP_HOST",
+        "MAILINGEST_ALLOY_SECRET",
+        "MAILINGEST_AGENT_EMAIL",
+        "MAILINGEST_REDIS_URL",
+    ],
+)
 def test_missing_required_setting(missing: str) -> None:
     env = {k: v for k, v in BASE.items() if k != missing}
     with pytest.raises(ConfigError, match=f"^{missing} is required"):
@@ -94,9 +101,9 @@ def test_missing_required_setting(missing: str) -> None:
 
 
 def test_plain_http_allowed_to_loopback_only() -> None:
-    assert load_settings(BASE | {"MAILINGEST_ALLOY_URL": "http://127.0.0.1:8080/v1/"}).alloy_url == (
-        "http://127.0.0.1:8080/v1"
-    )
+    assert load_settings(
+        BASE | {"MAILINGEST_ALLOY_URL": "http://127.0.0.1:8080/v1/"}
+    ).alloy_url == ("http://127.0.0.1:8080/v1")
     assert load_settings(BASE | {"MAILINGEST_ALLOY_URL": "http://localhost:1/v1"})
 
 
@@ -108,26 +115,38 @@ def test_redis_password_is_not_echoed() -> None:
 
 @pytest.mark.parametrize("command", [["worker"], ["poll-once"], ["beat"]])
 def test_cli_stops_with_one_line_and_no_traceback(command: list[str]) -> None:
-    env = {"PATH": "/usr/bin:/bin"} | {k: v for k, v in BASE.items()} | {
-        "MAILINGEST_IMAP_PORT": "not-a-port"
-    }
+    env = (
+        {"PATH": "/usr/bin:/bin"}
+        | {k: v for k, v in BASE.items()}
+        | {"MAILINGEST_IMAP_PORT": "not-a-port"}
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "mailingest", *command], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "mailingest", *command],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["mailingest: configuration error: MAILINGEST_IMAP_PORT must be an integer, "
-                     "got 'not-a-port'"]
+    assert lines == [
+        "mailingest: configuration error: MAILINGEST_IMAP_PORT must be an integer, got 'not-a-port'"
+    ]
     assert "pässwörd" not in proc.stderr
 
 
 def test_celery_app_import_stops_with_one_line() -> None:
     env = {"PATH": "/usr/bin:/bin", "MAILINGEST_IMAP_HOST": "x"}
     proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "mailingest", "inspect", "ping"], env=env,
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "celery", "-A", "mailingest", "inspect", "ping"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    assert proc.stderr == "mailingest: configuration error: MAILINGEST_REDIS_URL is required but not set\n"
+    assert (
+        proc.stderr
+        == "mailingest: configuration error: MAILINGEST_REDIS_URL is required but not set\n"
+    )

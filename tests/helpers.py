@@ -1,0 +1,63 @@
+"""Shared test helpers: deliver mail, read a folder, check a scenario's outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from imapclient import IMAPClient
+
+from mailingest.alloy import AlloyClient
+from mailingest.demo import check_outcome
+from mailingest.embedded import ImapServer
+from mailingest.ledger import Ledger
+from mailingest.runtime import connect_redis
+from mailingest.samples import Scenario
+from mailingest.settings import Secret
+
+from .conftest import ALLOY_SECRET, ALLOY_TOKEN
+
+
+def deliver(imap: ImapServer, raws: list[bytes], folder: str = "INBOX") -> None:
+    account = imap.account
+    client = IMAPClient(account.host, port=account.port, ssl=False, timeout=10)
+    client.login(account.user, account.password)
+    for raw in raws:
+        client.append(folder, raw)
+    client.logout()
+
+
+def folder_counts(imap: ImapServer, *folders: str) -> dict[str, int]:
+    account = imap.account
+    client = IMAPClient(account.host, port=account.port, ssl=False, timeout=10)
+    client.login(account.user, account.password)
+    counts = {}
+    for folder in folders:
+        if client.folder_exists(folder):
+            counts[folder] = client.select_folder(folder, readonly=True)[b"EXISTS"]
+        else:
+            counts[folder] = 0
+    client.logout()
+    return counts
+
+
+def seen_flags(imap: ImapServer, folder: str) -> list[bool]:
+    account = imap.account
+    client = IMAPClient(account.host, port=account.port, ssl=False, timeout=10)
+    client.login(account.user, account.password)
+    client.select_folder(folder, readonly=True)
+    data = client.fetch(client.search(["ALL"]), ["FLAGS"])
+    client.logout()
+    return [b"\\Seen" in item[b"FLAGS"] for item in data.values()]
+
+
+def write_senders(path: Path, scenario: Scenario) -> None:
+    path.write_text(scenario.senders_csv(), encoding="utf-8")
+
+
+def outcome_problems(env: Mapping[str, str], scenario: Scenario) -> list[str]:
+    redis_client = connect_redis(env["MAILINGEST_REDIS_URL"])
+    with AlloyClient(env["MAILINGEST_ALLOY_URL"], Secret(ALLOY_TOKEN), Secret(ALLOY_SECRET)) as a:
+        problems = check_outcome(scenario, a, Ledger(redis_client))
+    redis_client.close()
+    return problems
