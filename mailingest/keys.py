@@ -6,6 +6,7 @@
     mailingest:raw:<mail id>             string the mail's bytes, staged with a TTL
     mailingest:blob:<mail id>:<index>    string one document's bytes, staged with a TTL
     mailingest:state:<state>             set    mail ids in that state (for status)
+    mailingest:unfiled                   set    decided mails not yet moved out of the inbox
     mailingest:watermark:<inbox>:<folder>:<uidvalidity>   highest UID recorded
     mailingest:uploaded:<entity>:<fingerprint>             document token (no second upload)
     mailingest:lock:poll:<inbox>         lock   single flight of one inbox's poll
@@ -21,6 +22,7 @@ from urllib.parse import quote
 
 NS = "mailingest"
 SENDERS = f"{NS}:senders"
+UNFILED = f"{NS}:unfiled"
 
 
 def mail(mail_id: str) -> str:

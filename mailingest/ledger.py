@@ -47,8 +47,9 @@ DESCRIBED = "described"
 UPLOADED = "uploaded"
 DOCUMENT_STATES = (PLANNED, DESCRIBED, UPLOADED)
 
-# KEYS[1] mail hash; ARGV[1] new state; ARGV[2] state-set prefix; ARGV[3] mail id;
-# ARGV[4] number of allowed from-states, then those states, then field/value pairs.
+# KEYS[1] mail hash, KEYS[2] the unfiled set; ARGV[1] new state, ARGV[2] state-set prefix,
+# ARGV[3] mail id, ARGV[4] number of allowed from-states, then those states, then
+# field/value pairs. A decided mail not yet filed joins the unfiled set.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return 0 end
@@ -64,6 +65,12 @@ while i <= #ARGV do
   i = i + 2
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
+local filed = redis.call('HGET', KEYS[1], 'filed_to')
+if (ARGV[1] == 'done' or ARGV[1] == 'quarantined') and not (filed and filed ~= '') then
+  redis.call('SADD', KEYS[2], ARGV[3])
+else
+  redis.call('SREM', KEYS[2], ARGV[3])
+end
 if current ~= ARGV[1] then
   redis.call('SREM', ARGV[2] .. current, ARGV[3])
   redis.call('SADD', ARGV[2] .. ARGV[1], ARGV[3])
@@ -266,13 +273,37 @@ class Ledger:
         argv: list[Any] = [to, keys.state(""), mail_id, len(allowed), *allowed]
         for name, value in fields.items():
             argv += [name, "" if value is None else str(value)]
-        return bool(self._transition(keys=[keys.mail(mail_id)], args=argv))
+        return bool(self._transition(keys=[keys.mail(mail_id), keys.UNFILED], args=argv))
 
     def update(self, mail_id: str, **fields: object) -> None:
         fields.setdefault("updated_at", now_ms())
         self.redis.hset(
             keys.mail(mail_id), mapping={k: "" if v is None else str(v) for k, v in fields.items()}
         )
+
+    def filed(self, mail_id: str, folder: str, **fields: object) -> None:
+        """The decided mail left the inbox (``folder`` is where it went, ``-`` if it could not)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            keys.mail(mail_id),
+            mapping={"filed_to": folder, "updated_at": str(now_ms())}
+            | {k: str(v) for k, v in fields.items()},
+        )
+        pipe.srem(keys.UNFILED, mail_id)
+        pipe.execute()
+
+    def unfiled(self, inbox: str, *, idle_ms: int = 0) -> list[str]:
+        """Decided mails of ``inbox`` still waiting to be moved, untouched for ``idle_ms``."""
+        cutoff = now_ms() - idle_ms
+        ids = [_text(m) for m in self.redis.smembers(keys.UNFILED)]
+        out = []
+        for mail_id in sorted(ids):
+            if not mail_id.startswith(inbox + "/"):
+                continue
+            record = self.mail(mail_id)
+            if record is not None and record.updated_at <= cutoff and not record.filed_to:
+                out.append(mail_id)
+        return out
 
     # -- documents -----------------------------------------------------------
     def plan_documents(

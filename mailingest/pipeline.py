@@ -29,6 +29,7 @@ from .settings import InboxSettings
 log = logging.getLogger(__name__)
 
 POLL_LOCK_SECONDS = 600  # longer than a poll may take (its task time limit)
+FINISH_GRACE_MS = 60_000  # a decided mail not moved after this long gets another finish
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ def poll(ctx: Context, inbox_name: str) -> PollResult:
             lock.release()
         except Exception:  # noqa: BLE001 - expired: the next poll may already hold it
             log.warning("inbox %s: poll lock expired before the poll ended", inbox.name)
-    for record in ctx.ledger.mails(L.DECIDED):
-        if record.ref.inbox == inbox.name and not record.filed_to:
-            steps.append(Step("finish", record.id))
+    # a move that failed (or whose task was lost) after the mail was decided: try again,
+    # leaving alone the ones decided moments ago whose finish_message is still queued
+    steps += [Step("finish", m) for m in ctx.ledger.unfiled(inbox.name, idle_ms=FINISH_GRACE_MS)]
     log.info("polled inbox %s: %d new mail(s)", inbox.name, found)
     return PollResult(inbox.name, validity, found, tuple(steps))
 
@@ -323,15 +324,15 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
     with ctx.mailbox(inbox.name) as box:
         validity = box.select(record.ref.folder)
         if validity != record.ref.uidvalidity:
-            ctx.ledger.update(
+            ctx.ledger.filed(
                 mail_id,
-                filed_to="-",
+                "-",
                 reason=(record.reason + "; " if record.reason else "")
                 + f"not moved: UIDVALIDITY of {record.ref.folder} changed",
             )
             return []
         box.move(record.ref.uid, destination)
-    ctx.ledger.update(mail_id, filed_to=destination)
+    ctx.ledger.filed(mail_id, destination)
     log.info("mail %s moved to %s", mail_id, destination)
     return []
 

@@ -96,11 +96,11 @@ def run_steps(
 def poll_once(ctx: Context, inboxes: Iterable[str] | None = None, **kw: object) -> Summary:
     names = list(inboxes) if inboxes is not None else [i.name for i in ctx.settings.inboxes]
     summary = Summary()
-    touched: list[str] = []
+    touched: dict[str, None] = {}
     for name in names:
         result = pipeline.poll(ctx, name)
         summary.found += result.found
-        touched += [s.mail_id for s in result.steps if s.mail_id not in touched]
+        touched.update((s.mail_id, None) for s in result.steps)
         run_steps(ctx, result.steps, **kw)  # type: ignore[arg-type]
     for mail_id in touched:
         record = ctx.ledger.mail(mail_id)
