@@ -283,12 +283,10 @@ class Ledger:
 
     def filed(self, mail_id: str, folder: str, **fields: object) -> None:
         """The decided mail left the inbox (``folder`` is where it went, ``-`` if it could not)."""
+        mapping: dict[Any, Any] = {"filed_to": folder, "updated_at": now_ms()}
+        mapping |= {k: str(v) for k, v in fields.items()}
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            keys.mail(mail_id),
-            mapping={"filed_to": folder, "updated_at": str(now_ms())}
-            | {k: str(v) for k, v in fields.items()},
-        )
+        pipe.hset(keys.mail(mail_id), mapping=mapping)
         pipe.srem(keys.UNFILED, mail_id)
         pipe.execute()
 
