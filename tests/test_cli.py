@@ -1,0 +1,92 @@
+"""The operator's commands, run as processes against real servers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailingest.embedded import ImapServer
+from mailingest.samples import demo_scenario
+from mailingest.sandbox import SandboxServer
+
+from .helpers import deliver, folder_counts, write_senders
+
+pytestmark = pytest.mark.servers
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailingest", *args],
+        env={"PATH": "/usr/bin:/bin"} | env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_unknown_sender_added_then_replayed(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
+) -> None:
+    scenario = demo_scenario(seed=8)
+    stranger = scenario.mails[-1]
+    write_senders(senders_file, scenario)
+    deliver(imap, [stranger.raw])
+
+    first = run(env, "poll-once", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["quarantined"] == 1
+    status = json.loads(run(env, "status", "--json").stdout)
+    (held,) = status["attention"]
+    assert held["state"] == "quarantined" and held["filed_to"] == "Quarantine"
+    assert held["reason"].startswith("unknown sender mallory@unknown.example")
+    text = run(env, "status").stdout
+    assert "quarantined 1" in text and held["mail_id"] in text
+
+    entity = "P-ma11oryMa11oryMa11o"
+    added = run(env, "senders", "add", "Mallory@Unknown.example", entity)
+    assert added.returncode == 0 and "mallory@unknown.example" in added.stdout
+    assert run(env, "senders", "list").stdout == f"mallory@unknown.example,{entity}\n"
+
+    replayed = run(env, "replay", held["mail_id"])
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed" in replayed.stdout
+    assert folder_counts(imap, "INBOX", "Quarantine") == {"INBOX": 1, "Quarantine": 0}
+
+    second = run(env, "poll-once", "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["processed"] == 1
+    (doc,) = sandbox.state.list(entity)
+    assert (doc["name"], doc["extension"], doc["type"], doc["uploaded"]) == (
+        "passport", "jpg", "passport", True)
+    counts = json.loads(run(env, "status", "--json").stdout)["counts"]
+    assert (counts["done"], counts["replayed"], counts["quarantined"]) == (1, 1, 0)
+
+
+def test_senders_import_and_remove(env: dict[str, str], tmp_path: Path) -> None:
+    csv = tmp_path / "more.csv"
+    csv.write_text("email,entity_token\na@example.com,P-aaaaaaaaaaaaaaaaaaaa\nb@example.com,ext-7\n")
+    assert run(env, "senders", "import", str(csv)).stdout == "imported 2 sender(s)\n"
+    assert run(env, "senders", "remove", "a@example.com").returncode == 0
+    assert run(env, "senders", "list").stdout == "b@example.com,ext-7\n"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("email,entity_token\nnot-an-address,P-1\n")
+    failed = run(env, "senders", "import", str(bad))
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == f"mailingest: {bad}:2: not an e-mail address: 'not-an-address'"
+
+
+def test_same_mail_delivered_twice_is_uploaded_once(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
+) -> None:
+    scenario = demo_scenario(seed=10)
+    write_senders(senders_file, scenario)
+    first = scenario.mails[0]  # two documents
+    deliver(imap, [first.raw])
+    assert json.loads(run(env, "poll-once", "--json").stdout)["processed"] == 1
+    deliver(imap, [first.raw])  # the server delivers the very same mail again
+    summary = json.loads(run(env, "poll-once", "--json").stdout)
+    assert summary["processed"] == 1
+    entity = scenario.senders["alice.martin@example.com"]
+    assert len(sandbox.state.list(entity)) == 2  # adopted, not uploaded again
+    assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 0, "Processed": 2}
