@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -137,6 +138,8 @@ def report(scenario: Scenario, alloy: AlloyClient, ledger: Ledger, out=sys.stdou
 def run_demo(
     *, keep_running: bool = False, flower: bool = False, workdir: Path | None = None
 ) -> int:
+    # SIGTERM (docker stop, timeout) unwinds like Ctrl-C, so every server is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     own_dir = workdir is None
     root = Path(tempfile.mkdtemp(prefix="mailingest-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
@@ -183,12 +186,12 @@ def run_demo(
                     ["--schedule", str(root / "beat-schedule")],
                 ).start()
             )
-            if flower and shutil.which("celery") and _has_flower():
+            if flower and _has_flower():
                 port = free_port()
                 processes.append(
                     CeleryProcess(
                         "flower",
-                        child_env,
+                        child_env | {"FLOWER_UNAUTHENTICATED_API": "true"},  # loopback only
                         root / "flower.log",
                         [f"--port={port}", "--address=127.0.0.1"],
                     ).start()

@@ -21,7 +21,10 @@ pytestmark = pytest.mark.servers
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mailingest", *args],
-        env={"PATH": "/usr/bin:/bin"} | env, capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin"} | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -58,14 +61,20 @@ def test_unknown_sender_added_then_replayed(
     assert json.loads(second.stdout)["processed"] == 1
     (doc,) = sandbox.state.list(entity)
     assert (doc["name"], doc["extension"], doc["type"], doc["uploaded"]) == (
-        "passport", "jpg", "passport", True)
+        "passport",
+        "jpg",
+        "passport",
+        True,
+    )
     counts = json.loads(run(env, "status", "--json").stdout)["counts"]
     assert (counts["done"], counts["replayed"], counts["quarantined"]) == (1, 1, 0)
 
 
 def test_senders_import_and_remove(env: dict[str, str], tmp_path: Path) -> None:
     csv = tmp_path / "more.csv"
-    csv.write_text("email,entity_token\na@example.com,P-aaaaaaaaaaaaaaaaaaaa\nb@example.com,ext-7\n")
+    csv.write_text(
+        "email,entity_token\na@example.com,P-aaaaaaaaaaaaaaaaaaaa\nb@example.com,ext-7\n"
+    )
     assert run(env, "senders", "import", str(csv)).stdout == "imported 2 sender(s)\n"
     assert run(env, "senders", "remove", "a@example.com").returncode == 0
     assert run(env, "senders", "list").stdout == "b@example.com,ext-7\n"
