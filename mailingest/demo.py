@@ -175,7 +175,7 @@ def run_demo(
         try:
             processes.append(
                 CeleryProcess(
-                    "worker", child_env, root / "worker.log", ["--concurrency", "2"]
+                    "worker", child_env, root / "worker.log", ["--concurrency", "2"], via_cli=True
                 ).start()
             )
             processes.append(
@@ -184,6 +184,7 @@ def run_demo(
                     child_env,
                     root / "beat.log",
                     ["--schedule", str(root / "beat-schedule")],
+                    via_cli=True,
                 ).start()
             )
             if flower and _has_flower():

@@ -901,9 +901,11 @@ class CeleryProcess:
         extra: Sequence[str] = (),
         *,
         ready_timeout: float = 60.0,
+        via_cli: bool = False,
     ) -> None:
         if kind not in ("worker", "beat", "flower"):
             raise ValueError(kind)
+        self.via_cli = via_cli and kind != "flower"  # `mailingest worker|beat` wrappers
         self.kind = kind
         self.env = env
         self.log_path = Path(log_path)
@@ -912,7 +914,10 @@ class CeleryProcess:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "celery", "-A", "mailingest", self.kind]
+        if self.via_cli:
+            argv = [sys.executable, "-m", "mailingest", self.kind]
+        else:
+            argv = [sys.executable, "-m", "celery", "-A", "mailingest", self.kind]
         if self.kind == "worker":
             argv += [
                 "--loglevel",

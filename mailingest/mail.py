@@ -47,6 +47,7 @@ import base64
 import binascii
 import email
 import email.message
+import logging
 import quopri
 import re
 from collections.abc import Callable, Iterator
@@ -56,6 +57,10 @@ from email.utils import collapse_rfc2231_value, getaddresses
 from typing import TypeVar
 
 import mailparser
+
+# mail-parser warns for every unnamed non-text part it takes for body text; we handle
+# those parts ourselves, so its warnings are noise in the worker's log.
+logging.getLogger("mailparser").setLevel(logging.ERROR)
 
 _T = TypeVar("_T")
 _D = TypeVar("_D")

@@ -91,7 +91,8 @@ def _poll_locked(ctx: Context, inbox: InboxSettings) -> tuple[int, int, list[Ste
         box.ensure_folders(inbox.processed_folder, inbox.quarantine_folder)
         validity = box.select(inbox.folder)
         watermark = ctx.ledger.watermark(inbox.name, inbox.folder, validity)
-        uids = box.uids_after(watermark)
+        # bounded per poll: a huge backlog is taken a slice per tick, oldest first
+        uids = box.uids_after(watermark)[: ctx.settings.poll_limit]
         batch = ctx.settings.fetch_batch
         for start in range(0, len(uids), batch):
             chunk = uids[start : start + batch]
@@ -300,11 +301,12 @@ def quarantine(ctx: Context, mail_id: str, reason: str) -> list[Step]:
     return [Step("finish", mail_id)]
 
 
-def give_up(ctx: Context, step: Step, error: MailingestError) -> list[Step]:
+def give_up(ctx: Context, step: Step, error: BaseException) -> list[Step]:
     """Retries of ``step`` are exhausted: the mail is ``failed`` (it stays in the inbox).
 
     It waits there for `mailingest replay`."""
-    reason = f"{step.task} gave up after retries: {error}"
+    text = str(error) if isinstance(error, MailingestError) else type(error).__name__
+    reason = f"{step.task} gave up after retries: {text}"
     if step.index is not None:
         reason = f"document {step.index}: {reason}"
     if ctx.ledger.transition(

@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
+import redis
+
 from . import ledger as L
 from . import pipeline
 from .errors import AlloyUnavailable, MailboxError, MailingestError, ResolverError
@@ -23,7 +25,14 @@ from .runtime import Context
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (AlloyUnavailable, ResolverError, MailboxError)
+# errors worth another try later; anything else final quarantines the mail
+RETRYABLE = (
+    AlloyUnavailable,
+    ResolverError,
+    MailboxError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
 
 
 @dataclass

@@ -87,6 +87,7 @@ class Settings:
     crm_url: str | None
     imap_timeout: float
     fetch_batch: int
+    poll_limit: int
     inline_image_floor: int
     staging_ttl: int
     max_attempts: int
@@ -302,6 +303,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         crm_url=crm_url,
         imap_timeout=env.number("IMAP_TIMEOUT", 30.0, minimum=1, maximum=600),
         fetch_batch=env.integer("FETCH_BATCH", 50, minimum=1, maximum=500),
+        poll_limit=env.integer("POLL_LIMIT", 500, minimum=1, maximum=100_000),
         inline_image_floor=env.integer(
             "INLINE_IMAGE_FLOOR", 4096, minimum=0, maximum=10 * 1024 * 1024
         ),

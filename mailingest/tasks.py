@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from . import pipeline
@@ -49,6 +50,14 @@ def _close_context(**_: Any) -> None:
         _context.close()
 
 
+def _as_error(exc: BaseException) -> MailingestError:
+    if isinstance(exc, MailingestError):
+        return exc
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return MailingestError("the task ran past its time limit")
+    return MailingestError(type(exc).__name__)
+
+
 def dispatch(steps: list[Step]) -> None:
     for step in steps:
         TASKS[step.task].apply_async(args=step.args)
@@ -58,10 +67,10 @@ def _run(task: Task, step: Step) -> None:
     ctx = context()
     try:
         steps = pipeline.run_step(ctx, step)
-    except RETRYABLE as exc:
+    except (*RETRYABLE, SoftTimeLimitExceeded) as exc:
         tries = task.request.retries
         if ctx.policy.exhausted(tries):
-            steps = pipeline.give_up(ctx, step, exc)
+            steps = pipeline.give_up(ctx, step, _as_error(exc))
         else:
             delay = ctx.policy.delay(tries, getattr(exc, "retry_after", None))
             log.info("%s %s: %s; retry %d in %.1fs", step.task, step.mail_id, exc, tries + 1, delay)
