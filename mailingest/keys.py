@@ -10,6 +10,9 @@
     mailingest:watermark:<inbox>:<folder>:<uidvalidity>   highest UID recorded
     mailingest:uploaded:<entity>:<fingerprint>             document token (no second upload)
     mailingest:lock:poll:<inbox>         lock   single flight of one inbox's poll
+    mailingest:lock:step:<step>:<mail id>[:<index>]   lock   single flight of one step
+    mailingest:poll:<inbox>              hash   last poll: when, found, error, last success
+    mailingest:token:<document token>    string which document record owns an Alloy token
     mailingest:senders                   hash   e-mail -> entity (the CLI's directory)
 
 A mail id is ``<inbox>/<folder, %-quoted>/<uidvalidity>/<uid>``: readable in
@@ -59,3 +62,15 @@ def uploaded(entity: str, fingerprint: str) -> str:
 
 def poll_lock(inbox: str) -> str:
     return f"{NS}:lock:poll:{inbox}"
+
+
+def step_lock(name: str) -> str:
+    return f"{NS}:lock:step:{name}"
+
+
+def poll_status(inbox: str) -> str:
+    return f"{NS}:poll:{inbox}"
+
+
+def token_claim(token: str) -> str:
+    return f"{NS}:token:{token}"

@@ -79,16 +79,23 @@ return 1
 """
 
 
-# KEYS: mail hash, raw key, queued set, watermark; ARGV: raw, ttl, size, now, mail id, uid
+# KEYS: mail hash, raw key, queued set; ARGV: raw, ttl, size, now, mail id
 _RECORD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'size', ARGV[3],
            'created_at', ARGV[4], 'updated_at', ARGV[4])
 redis.call('SADD', KEYS[3], ARGV[5])
-local mark = tonumber(redis.call('GET', KEYS[4]) or '0')
-if tonumber(ARGV[6]) > mark then redis.call('SET', KEYS[4], ARGV[6]) end
 return 1
+"""
+
+# KEYS: document hash, token claim; ARGV: token, now. The first token recorded wins.
+_DESCRIBED = """
+local current = redis.call('HGET', KEYS[1], 'token')
+if current and current ~= '' then return current end
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'state', 'described', 'described_at', ARGV[2])
+redis.call('SET', KEYS[2], KEYS[1])
+return ARGV[1]
 """
 
 
@@ -130,6 +137,8 @@ class MailRecord:
     filed_to: str
     created_at: int
     updated_at: int
+    retry_at: int
+    auto_replays: int
 
     @property
     def id(self) -> str:
@@ -151,6 +160,8 @@ class MailRecord:
             filed_to=h.get("filed_to", ""),
             created_at=int(h.get("created_at") or 0),
             updated_at=int(h.get("updated_at") or 0),
+            retry_at=int(h.get("retry_at") or 0),
+            auto_replays=int(h.get("auto_replays") or 0),
         )
 
 
@@ -167,6 +178,8 @@ class DocumentRecord:
     sha256: str
     token: str
     fingerprint: str
+    describe_started_at: int
+    describe_attempts: int
 
     @classmethod
     def from_hash(cls, mail_id: str, index: int, h: dict[str, str]) -> DocumentRecord:
@@ -182,6 +195,8 @@ class DocumentRecord:
             sha256=h.get("sha256", ""),
             token=h.get("token", ""),
             fingerprint=h.get("fingerprint", ""),
+            describe_started_at=int(h.get("describe_started_at") or 0),
+            describe_attempts=int(h.get("describe_attempts") or 0),
         )
 
 
@@ -219,6 +234,7 @@ class Ledger:
         self.staging_ttl = staging_ttl
         self._transition = client.register_script(_TRANSITION)
         self._record = client.register_script(_RECORD)
+        self._described = client.register_script(_DESCRIBED)
 
     # -- polling -------------------------------------------------------------
     def poll_lock(self, inbox: str, *, timeout: float) -> redis.lock.Lock:
@@ -230,21 +246,30 @@ class Ledger:
         return int(value) if value else 0
 
     def record_new(self, ref: MailRef, raw: bytes) -> bool:
-        """Stage a newly fetched mail, record it ``queued`` and advance the inbox's
-        watermark, atomically, before anything is queued. Returns False when the
-        mail was already recorded (nothing is changed)."""
-        stamp = now_ms()
+        """Stage a newly fetched mail and record it ``queued``, atomically, before
+        anything is queued. Returns False when it was already recorded (nothing changes)."""
         return bool(
             self._record(
-                keys=[
-                    keys.mail(ref.id),
-                    keys.raw(ref.id),
-                    keys.state(QUEUED),
-                    keys.watermark(ref.inbox, ref.folder, ref.uidvalidity),
-                ],
-                args=[raw, self.staging_ttl, len(raw), stamp, ref.id, ref.uid],
+                keys=[keys.mail(ref.id), keys.raw(ref.id), keys.state(QUEUED)],
+                args=[raw, self.staging_ttl, len(raw), now_ms(), ref.id],
             )
         )
+
+    def restage(self, mail_id: str, raw: bytes) -> None:
+        self.redis.set(keys.raw(mail_id), raw, ex=self.staging_ttl)
+
+    def step_lock(self, name: str, *, timeout: float) -> redis.lock.Lock:
+        """Single flight of one step of one mail (``ingest:<id>``, ``describe:<id>:<n>``)."""
+        return self.redis.lock(keys.step_lock(name), timeout=timeout)
+
+    def record_poll(self, inbox: str, *, found: int, error: str = "") -> None:
+        fields: dict[Any, Any] = {"at": now_ms(), "found": found, "error": error}
+        if not error:
+            fields["ok_at"] = fields["at"]
+        self.redis.hset(keys.poll_status(inbox), mapping=fields)
+
+    def poll_status(self, inbox: str) -> dict[str, str]:
+        return _decode(self.redis.hgetall(keys.poll_status(inbox)))
 
     def advance_watermark(self, inbox: str, folder: str, uidvalidity: int, uid: int) -> None:
         key = keys.watermark(inbox, folder, uidvalidity)
@@ -310,14 +335,14 @@ class Ledger:
         """Stage each document's bytes and record it ``planned`` (or ``uploaded`` when an
         earlier run of the same mail already uploaded it). Moves the mail
         ``parsing`` -> ``documents_pending``; returns False if it was not parsing."""
-        pipe = self.redis.pipeline(transaction=True)
         for doc in documents:
             fp = fingerprint(message_key, doc)
-            pipe.set(keys.blob(mail_id, doc.index), doc.payload, ex=self.staging_ttl)
-            pipe.hset(
+            self.redis.set(keys.blob(mail_id, doc.index), doc.payload, ex=self.staging_ttl, nx=True)
+            # a record from an earlier, interrupted run is kept: it may hold a token
+            self.redis.hsetnx(keys.document(mail_id, doc.index), "state", PLANNED)
+            self.redis.hset(
                 keys.document(mail_id, doc.index),
                 mapping={
-                    "state": PLANNED,
                     "name": doc.name,
                     "extension": doc.extension,
                     "type": doc.type,
@@ -327,12 +352,11 @@ class Ledger:
                     "fingerprint": fp,
                 },
             )
-            pipe.expire(keys.document(mail_id, doc.index), self.staging_ttl * 4)
-        pipe.execute()
         # adopt what an earlier run of the same mail already uploaded
         for doc in documents:
             token = self.redis.get(keys.uploaded(entity, fingerprint(message_key, doc)))
             if token:
+                self.mark_described(mail_id, doc.index, _text(token))
                 self.mark_uploaded(mail_id, doc.index, entity, _text(token))
         return self.transition(
             mail_id,
@@ -356,12 +380,30 @@ class Ledger:
             if h
         ]
 
+    def restage_blob(self, mail_id: str, index: int, payload: bytes) -> None:
+        self.redis.set(keys.blob(mail_id, index), payload, ex=self.staging_ttl)
+
     def blob(self, mail_id: str, index: int) -> bytes | None:
         value = self.redis.get(keys.blob(mail_id, index))
         return value if isinstance(value, bytes) else None
 
-    def mark_described(self, mail_id: str, index: int, token: str) -> None:
-        self.redis.hset(keys.document(mail_id, index), mapping={"state": DESCRIBED, "token": token})
+    def describe_attempt(self, mail_id: str, index: int) -> None:
+        """Recorded before the POST: from now on a token may exist at Alloy that we never saw."""
+        key = keys.document(mail_id, index)
+        self.redis.hsetnx(key, "describe_started_at", now_ms())
+        self.redis.hincrby(key, "describe_attempts", 1)
+        self.update(mail_id)
+
+    def mark_described(self, mail_id: str, index: int, token: str) -> str:
+        """Record the document's token unless one is already recorded; return the one kept."""
+        kept = self._described(
+            keys=[keys.document(mail_id, index), keys.token_claim(token)], args=[token, now_ms()]
+        )
+        self.update(mail_id)
+        return _text(kept)
+
+    def token_claimed(self, token: str) -> bool:
+        return bool(self.redis.exists(keys.token_claim(token)))
 
     def mark_uploaded(self, mail_id: str, index: int, entity: str, token: str) -> int:
         """Record Alloy's ``uploaded: true``; drop the staged bytes; return how many
@@ -373,15 +415,16 @@ class Ledger:
             pipe.set(keys.uploaded(entity, doc.fingerprint), token)
         pipe.delete(keys.blob(mail_id, index))
         pipe.sadd(keys.done(mail_id), index)
+        pipe.hset(keys.mail(mail_id), "updated_at", now_ms())
         pipe.scard(keys.done(mail_id))
         return int(pipe.execute()[-1])
 
     def confirmed(self, mail_id: str) -> int:
         return int(self.redis.scard(keys.done(mail_id)))
 
-    def drop_blobs(self, mail_id: str, count: int) -> None:
-        if count:
-            self.redis.delete(*(keys.blob(mail_id, i) for i in range(count)))
+    def drop_staged(self, mail_id: str, count: int) -> None:
+        """Forget the mail's and its documents' bytes (once it left the inbox)."""
+        self.redis.delete(keys.raw(mail_id), *(keys.blob(mail_id, i) for i in range(count)))
 
     # -- reporting -----------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -15,12 +15,25 @@ the ledger first and skips what is already done.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+
+import redis
 
 from . import ledger as L
 from .documents import describe_attachments
-from .errors import AlloyRejected, MailError, MailingestError
+from .errors import (
+    AlloyRejected,
+    AlloyUnavailable,
+    MailboxError,
+    MailError,
+    MailingestError,
+    ResolverError,
+)
 from .ledger import MailRef, PlannedDocument
 from .mail import parse_mail
 from .runtime import Context
@@ -28,8 +41,10 @@ from .settings import InboxSettings
 
 log = logging.getLogger(__name__)
 
-POLL_LOCK_SECONDS = 600  # longer than a poll may take (its task time limit)
 FINISH_GRACE_MS = 60_000  # a decided mail not moved after this long gets another finish
+RECONCILE_SKEW_MS = 300_000  # clock skew allowed between us and Alloy when adopting a document
+
+Emit = Callable[[list["Step"]], None]
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,11 @@ class Step:
     def args(self) -> tuple[str] | tuple[str, int]:
         return (self.mail_id,) if self.index is None else (self.mail_id, self.index)
 
+    @property
+    def lock_name(self) -> str:
+        suffix = "" if self.index is None else f":{self.index}"
+        return f"{self.task}:{self.mail_id}{suffix}"
+
 
 @dataclass(frozen=True)
 class PollResult:
@@ -54,55 +74,134 @@ class PollResult:
     skipped: bool = False
 
 
+@contextmanager
+def single_flight(ctx: Context, name: str) -> Iterator[bool]:
+    """Hold a lock for one step of one mail; yields False when another run holds it.
+
+    The lock outlives the task's hard time limit, so a run killed mid-step
+    (kill -9, lost worker) blocks its step until the lock expires; the sweep in
+    :func:`poll` then queues the mail again.
+    """
+    lock = ctx.ledger.step_lock(name, timeout=ctx.settings.task_time_limit + 30)
+    acquired = lock.acquire(blocking=False)
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with suppress(Exception):  # expired meanwhile: nothing of ours to release
+                lock.release()
+
+
 # -- poll ----------------------------------------------------------------------
 
 
-def poll(ctx: Context, inbox_name: str) -> PollResult:
-    """Fetch mail above the watermark, stage and record each before queuing its ingest.
+def poll(ctx: Context, inbox_name: str, emit: Emit | None = None) -> PollResult:
+    """Fetch new mail (UIDs above the watermark), record each before queuing its ingest.
 
-    Also re-queues ``finish`` for mails that were decided but not yet moved
-    (a move that failed after the uploads succeeded is not an upload again).
+    ``emit`` receives the steps as soon as each batch is recorded (the Celery
+    task queues them at once, so a poll that dies halfway loses nothing);
+    without it they are returned. The poll also sweeps the ledger of this inbox:
+    mails idle too long in a non-terminal state are queued again, decided mails
+    not yet moved get another ``finish``, and failed mails are retried after
+    ``FAILED_RETRY_AFTER`` (at most ``FAILED_AUTO_RETRIES`` times).
     """
     inbox = ctx.settings.inbox(inbox_name)
-    steps: list[Step] = []
-    found = 0
-    lock = ctx.ledger.poll_lock(inbox.name, timeout=POLL_LOCK_SECONDS)
+    collected: list[Step] = []
+
+    def out(steps: list[Step]) -> None:
+        if steps:
+            (emit or collected.extend)(steps)
+
+    lock = ctx.ledger.poll_lock(inbox.name, timeout=ctx.settings.task_time_limit + 30)
     if not lock.acquire(blocking=False):
         log.info("inbox %s: another poll is running; skipped", inbox.name)
         return PollResult(inbox.name, 0, 0, (), skipped=True)
     try:
-        validity, found, steps = _poll_locked(ctx, inbox)
+        validity, found = _fetch_new(ctx, inbox, out)
+        out(_sweep(ctx, inbox))
+    except MailingestError as exc:
+        ctx.ledger.record_poll(inbox.name, found=0, error=str(exc))
+        raise
     finally:
-        try:
+        with suppress(Exception):  # expired: the next poll may already hold it
             lock.release()
-        except Exception:  # noqa: BLE001 - expired: the next poll may already hold it
-            log.warning("inbox %s: poll lock expired before the poll ended", inbox.name)
-    # a move that failed (or whose task was lost) after the mail was decided: try again,
-    # leaving alone the ones decided moments ago whose finish_message is still queued
-    steps += [Step("finish", m) for m in ctx.ledger.unfiled(inbox.name, idle_ms=FINISH_GRACE_MS)]
+    ctx.ledger.record_poll(inbox.name, found=found)
     log.info("polled inbox %s: %d new mail(s)", inbox.name, found)
-    return PollResult(inbox.name, validity, found, tuple(steps))
+    return PollResult(inbox.name, validity, found, tuple(collected))
 
 
-def _poll_locked(ctx: Context, inbox: InboxSettings) -> tuple[int, int, list[Step]]:
-    steps: list[Step] = []
+def _batches(uids: list[int], sizes: dict[int, int], count: int, size: int) -> Iterator[list[int]]:
+    """Consecutive UIDs, at most ``count`` mails and about ``size`` bytes per batch."""
+    batch: list[int] = []
+    total = 0
+    for uid in uids:
+        if batch and (len(batch) >= count or total + sizes.get(uid, 0) > size):
+            yield batch
+            batch, total = [], 0
+        batch.append(uid)
+        total += sizes.get(uid, 0)
+    if batch:
+        yield batch
+
+
+def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]:
+    settings = ctx.settings
+    deadline = time.monotonic() + settings.task_time_limit / 2
     found = 0
     with ctx.mailbox(inbox.name) as box:
         box.ensure_folders(inbox.processed_folder, inbox.quarantine_folder)
         validity = box.select(inbox.folder)
         watermark = ctx.ledger.watermark(inbox.name, inbox.folder, validity)
         # bounded per poll: a huge backlog is taken a slice per tick, oldest first
-        uids = box.uids_after(watermark)[: ctx.settings.poll_limit]
-        batch = ctx.settings.fetch_batch
-        for start in range(0, len(uids), batch):
-            chunk = uids[start : start + batch]
-            for fetched in box.fetch(chunk):
-                ref = MailRef(inbox.name, inbox.folder, validity, fetched.uid)
+        uids = box.uids_after(watermark)[: settings.poll_limit]
+        sizes = box.sizes(uids)
+        for chunk in _batches(uids, sizes, settings.fetch_batch, settings.fetch_bytes):
+            fetched = box.fetch(chunk)
+            steps = []
+            for mail in fetched:
+                ref = MailRef(inbox.name, inbox.folder, validity, mail.uid)
                 found += 1
-                if ctx.ledger.record_new(ref, fetched.raw):
+                if ctx.ledger.record_new(ref, mail.raw):
                     steps.append(Step("ingest", ref.id))
-            ctx.ledger.advance_watermark(inbox.name, inbox.folder, validity, chunk[-1])
-    return validity, found, steps
+            out(steps)
+            # the watermark passes a UID only once it is recorded or gone from the folder
+            missing = sorted(set(chunk) - {m.uid for m in fetched})
+            still_there = [uid for uid in missing if box.exists(uid)]
+            safe = chunk[-1] if not still_there else still_there[0] - 1
+            ctx.ledger.advance_watermark(inbox.name, inbox.folder, validity, safe)
+            if still_there or time.monotonic() > deadline:
+                break
+    return validity, found
+
+
+def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
+    now = L.now_ms()
+    stale = ctx.settings.stale_after * 1000
+    steps: list[Step] = []
+    for state in (L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING):
+        for mail_id in ctx.ledger.mail_ids(state):
+            if not mail_id.startswith(inbox.name + "/"):
+                continue
+            record = ctx.ledger.mail(mail_id)
+            if record is not None and now - max(record.updated_at, record.retry_at) > stale:
+                log.warning("mail %s: idle in %s; queued again", mail_id, record.state)
+                ctx.ledger.update(mail_id)
+                steps.append(Step("ingest", mail_id))
+    for mail_id in ctx.ledger.mail_ids(L.FAILED):
+        record = ctx.ledger.mail(mail_id)
+        if (
+            record is not None
+            and mail_id.startswith(inbox.name + "/")
+            and record.auto_replays < ctx.settings.failed_auto_retries
+            and now - record.updated_at > ctx.settings.failed_retry_after * 1000
+        ):
+            log.warning("mail %s: failed %s ago; retried", mail_id, "long")
+            ctx.ledger.update(mail_id, auto_replays=record.auto_replays + 1)
+            steps += replay(ctx, mail_id)
+    # a move that failed (or whose task was lost) after the mail was decided: try again,
+    # leaving alone the ones decided moments ago whose finish_message is still queued
+    steps += [Step("finish", m) for m in ctx.ledger.unfiled(inbox.name, idle_ms=FINISH_GRACE_MS)]
+    return steps
 
 
 # -- ingest --------------------------------------------------------------------
@@ -120,22 +219,32 @@ def ingest(ctx: Context, mail_id: str) -> list[Step]:
         return [] if record.filed_to else [Step("finish", mail_id)]
     if record.state not in (L.QUEUED, L.PARSING):
         return []
-    raw = ctx.ledger.raw(mail_id)
+    with single_flight(ctx, f"ingest:{mail_id}") as mine:
+        if not mine:
+            return []  # another run parses this mail right now
+        return _ingest_locked(ctx, record)
+
+
+def _ingest_locked(ctx: Context, record: L.MailRecord) -> list[Step]:
+    mail_id = record.id
+    raw = ctx.ledger.raw(mail_id) or _refetch(ctx, record)
     if raw is None:
         ctx.ledger.transition(
-            mail_id, L.FAILED, reason="staged mail bytes expired before ingestion; replay it"
+            mail_id,
+            L.FAILED,
+            allowed=(L.QUEUED, L.PARSING),
+            reason=f"the mail is no longer in {record.ref.folder} (deleted or moved by hand?)",
         )
         return []
-    ctx.ledger.transition(mail_id, L.PARSING, allowed=(L.QUEUED, L.PARSING), reason="")
+    if not ctx.ledger.transition(mail_id, L.PARSING, allowed=(L.QUEUED, L.PARSING), reason=""):
+        return []
 
     try:
         mail = parse_mail(raw, inline_image_floor=ctx.settings.inline_image_floor)
         specs = describe_attachments(mail)
     except Exception as exc:  # noqa: BLE001 - a bad mail must never crash the worker
         log.warning("mail %s: cannot be parsed (%s)", mail_id, type(exc).__name__)
-        return quarantine(
-            ctx, mail_id, f"cannot parse the mail: {type(exc).__name__}: {str(exc)[:200]}"
-        )
+        return quarantine(ctx, mail_id, f"cannot parse the mail ({type(exc).__name__})")
 
     ctx.ledger.update(
         mail_id,
@@ -145,7 +254,7 @@ def ingest(ctx: Context, mail_id: str) -> list[Step]:
         skipped=len(mail.skipped),
     )
     if not mail.sender:
-        return quarantine(ctx, mail_id, "no sender address in From:")
+        return quarantine(ctx, mail_id, "no single sender address in From:")
     resolved = ctx.senders.resolve(mail.sender)  # ResolverError is retried by the caller
     if resolved is None:
         return quarantine(
@@ -153,7 +262,7 @@ def ingest(ctx: Context, mail_id: str) -> list[Step]:
         )
     entity, source = resolved
     if not specs:
-        skipped = f" ({len(mail.skipped)} inline image(s) skipped)" if mail.skipped else ""
+        skipped = f" ({len(mail.skipped)} inline part(s) skipped)" if mail.skipped else ""
         ctx.ledger.update(mail_id, entity=entity)
         return quarantine(ctx, mail_id, f"no documents attached{skipped}")
 
@@ -169,9 +278,9 @@ def ingest(ctx: Context, mail_id: str) -> list[Step]:
         )
         for i, spec in enumerate(specs)
     ]
-    message_key = mail.message_id or f"uid:{mail_id}"
+    # the same mail (Message-ID, else its bytes) seen again is not uploaded again
+    message_key = mail.message_id or "sha256:" + hashlib.sha256(raw).hexdigest()
     ctx.ledger.plan_documents(mail_id, message_key, entity, planned)
-    ctx.ledger.drop_raw(mail_id)
     log.info(
         "mail %s: sender resolved by %s; %d document(s), %d inline part(s) skipped",
         mail_id,
@@ -180,6 +289,19 @@ def ingest(ctx: Context, mail_id: str) -> list[Step]:
         len(mail.skipped),
     )
     return _pending_steps(ctx, mail_id, len(planned))
+
+
+def _refetch(ctx: Context, record: L.MailRecord) -> bytes | None:
+    """The mail's bytes from the server, when the staged copy expired; None if it is gone."""
+    with ctx.mailbox(record.ref.inbox) as box:
+        if box.select(record.ref.folder) != record.ref.uidvalidity:
+            return None
+        fetched = box.fetch([record.ref.uid])
+    if not fetched:
+        return None
+    ctx.ledger.restage(record.id, fetched[0].raw)
+    log.info("mail %s: staged bytes expired; fetched again from the server", record.id)
+    return fetched[0].raw
 
 
 def _pending_steps(ctx: Context, mail_id: str, count: int) -> list[Step]:
@@ -199,7 +321,13 @@ def _pending_steps(ctx: Context, mail_id: str, count: int) -> list[Step]:
 
 
 def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
-    """POST the document's description; record its ``document_token``."""
+    """POST the document's description; record its ``document_token``.
+
+    The attempt is recorded before the POST. If an earlier attempt may have
+    reached Alloy without its token being recorded (a timeout, a killed
+    worker), the entity's documents are listed first and the one that attempt
+    created is adopted instead of describing the document a second time.
+    """
     record, doc = ctx.ledger.mail(mail_id), ctx.ledger.document(mail_id, index)
     if record is None or doc is None or record.state != L.DOCUMENTS_PENDING:
         return []
@@ -207,23 +335,54 @@ def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
         return _complete(ctx, mail_id)
     if doc.token:
         return [Step("upload", mail_id, index)]
-    inbox = ctx.settings.inbox(record.ref.inbox)
-    try:
-        answer = ctx.alloy.describe(
-            record.entity,
-            name=doc.name,
-            extension=doc.extension,
-            type=doc.type,
-            note=inbox.note,
-            note_author_agent_email=inbox.agent_email,
-        )
-    except AlloyRejected as exc:
-        return quarantine(
-            ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
-        )
-    ctx.ledger.mark_described(mail_id, index, answer.token)
-    log.info("mail %s: document %d described as %s", mail_id, index, answer.token)
+    with single_flight(ctx, f"describe:{mail_id}:{index}") as mine:
+        if not mine:
+            return []
+        doc = ctx.ledger.document(mail_id, index)
+        if doc is None or doc.token:
+            return [Step("upload", mail_id, index)] if doc else []
+        inbox = ctx.settings.inbox(record.ref.inbox)
+        try:
+            if doc.describe_started_at:
+                adopted = _reconcile(ctx, record, doc, inbox)
+                if adopted:
+                    ctx.ledger.mark_described(mail_id, index, adopted)
+                    log.info("mail %s: document %d adopted as %s", mail_id, index, adopted)
+                    return [Step("upload", mail_id, index)]
+            ctx.ledger.describe_attempt(mail_id, index)
+            answer = ctx.alloy.describe(
+                record.entity,
+                name=doc.name,
+                extension=doc.extension,
+                type=doc.type,
+                note=inbox.note,
+                note_author_agent_email=inbox.agent_email,
+            )
+        except AlloyRejected as exc:
+            return quarantine(
+                ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
+            )
+        token = ctx.ledger.mark_described(mail_id, index, answer.token)
+    log.info("mail %s: document %d described as %s", mail_id, index, token)
     return [Step("upload", mail_id, index)]
+
+
+def _reconcile(
+    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, inbox: InboxSettings
+) -> str | None:
+    """The token of a document an earlier describe of ``doc`` created, if Alloy has one."""
+    since = doc.describe_started_at - RECONCILE_SKEW_MS
+    for found in sorted(ctx.alloy.list(record.entity), key=lambda d: d.timestamp or 0):
+        note = found.notes[0] if found.notes else {}
+        if (
+            not found.uploaded
+            and (found.name, found.extension, found.type) == (doc.name, doc.extension, doc.type)
+            and (found.timestamp or 0) >= since
+            and note.get("note", "") == (inbox.note or "")
+            and not ctx.ledger.token_claimed(found.token)
+        ):
+            return found.token
+    return None
 
 
 def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
@@ -235,29 +394,53 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
         return _complete(ctx, mail_id)
     if not doc.token:
         return [Step("describe", mail_id, index)]
-    data = ctx.ledger.blob(mail_id, index)
-    if data is None:
+    with single_flight(ctx, f"upload:{mail_id}:{index}") as mine:
+        if not mine:
+            return []
+        data = ctx.ledger.blob(mail_id, index)
+        if data is None:
+            return _restage_documents(ctx, record, index)
+        try:
+            answer = ctx.alloy.upload(record.entity, doc.token, data)
+        except AlloyRejected as exc:
+            if exc.status == 409:  # Alloy has bytes for it already: an earlier try got through
+                return _confirm_uploaded(ctx, record, index, doc.token)
+            return quarantine(
+                ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
+            )
+        if not answer.uploaded:
+            raise AlloyUnavailable("answered the upload with uploaded=false", operation="upload")
+        log.info(
+            "mail %s: document %d uploaded (%s, %d bytes)", mail_id, index, doc.token, len(data)
+        )
+        return _uploaded(ctx, mail_id, index, record.entity, doc.token)
+
+
+def _confirm_uploaded(ctx: Context, record: L.MailRecord, index: int, token: str) -> list[Step]:
+    for found in ctx.alloy.list(record.entity):
+        if found.token == token and found.uploaded:
+            return _uploaded(ctx, record.id, index, record.entity, token)
+    raise AlloyUnavailable(f"answered 409 but {token} is not uploaded", operation="upload")
+
+
+def _restage_documents(ctx: Context, record: L.MailRecord, index: int) -> list[Step]:
+    """The staged bytes of a document expired: stage them again from the mail on the server."""
+    raw = ctx.ledger.raw(record.id) or _refetch(ctx, record)
+    if raw is None:
         ctx.ledger.transition(
-            mail_id,
+            record.id,
             L.FAILED,
             allowed=(L.DOCUMENTS_PENDING,),
-            reason=f"document {index}: staged bytes expired before upload; replay the mail",
+            reason=f"document {index}: staged bytes expired and the mail is no longer "
+            f"in {record.ref.folder}",
         )
         return []
-    try:
-        answer = ctx.alloy.upload(record.entity, doc.token, data)
-    except AlloyRejected as exc:
-        if exc.status == 409:  # Alloy already has the bytes: an earlier try got through
-            return _uploaded(ctx, mail_id, index, record.entity, doc.token)
-        return quarantine(
-            ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
-        )
-    if not answer.uploaded:
-        return quarantine(
-            ctx, mail_id, f"document {index}: Alloy answered the upload with uploaded=false"
-        )
-    log.info("mail %s: document %d uploaded (%s, %d bytes)", mail_id, index, doc.token, len(data))
-    return _uploaded(ctx, mail_id, index, record.entity, doc.token)
+    mail = parse_mail(raw, inline_image_floor=ctx.settings.inline_image_floor)
+    specs = describe_attachments(mail)
+    payloads = {att.index: att.payload for att in mail.attachments}
+    for i, spec in enumerate(specs):
+        ctx.ledger.restage_blob(record.id, i, payloads[spec.index])
+    return [Step("upload", record.id, index)]
 
 
 def _uploaded(ctx: Context, mail_id: str, index: int, entity: str, token: str) -> list[Step]:
@@ -294,17 +477,19 @@ def quarantine(ctx: Context, mail_id: str, reason: str) -> list[Step]:
     )
     if moved:
         log.warning("mail %s quarantined: %s", mail_id, reason)
-        record = ctx.ledger.mail(mail_id)
-        if record is not None:
-            ctx.ledger.drop_raw(mail_id)
-            ctx.ledger.drop_blobs(mail_id, record.documents)
+    record = ctx.ledger.mail(mail_id)
+    if record is None or record.state != L.QUARANTINED or record.filed_to:
+        return []
     return [Step("finish", mail_id)]
 
 
 def give_up(ctx: Context, step: Step, error: BaseException) -> list[Step]:
     """Retries of ``step`` are exhausted: the mail is ``failed`` (it stays in the inbox).
 
-    It waits there for `mailingest replay`."""
+    It is retried after ``FAILED_RETRY_AFTER`` and waits for `mailingest replay`."""
+    if step.task == "finish":
+        log.error("mail %s: moving it failed after retries: %s", step.mail_id, error)
+        return []  # decided already; the next polls try the move again
     text = str(error) if isinstance(error, MailingestError) else type(error).__name__
     reason = f"{step.task} gave up after retries: {text}"
     if step.index is not None:
@@ -323,18 +508,22 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
         return []
     inbox = ctx.settings.inbox(record.ref.inbox)
     destination = inbox.processed_folder if record.state == L.DONE else inbox.quarantine_folder
-    with ctx.mailbox(inbox.name) as box:
-        validity = box.select(record.ref.folder)
-        if validity != record.ref.uidvalidity:
-            ctx.ledger.filed(
-                mail_id,
-                "-",
-                reason=(record.reason + "; " if record.reason else "")
-                + f"not moved: UIDVALIDITY of {record.ref.folder} changed",
-            )
+    with single_flight(ctx, f"finish:{mail_id}") as mine:
+        if not mine:
             return []
-        box.move(record.ref.uid, destination)
-    ctx.ledger.filed(mail_id, destination)
+        with ctx.mailbox(inbox.name) as box:
+            validity = box.select(record.ref.folder)
+            if validity != record.ref.uidvalidity:
+                ctx.ledger.filed(
+                    mail_id,
+                    "-",
+                    reason=(record.reason + "; " if record.reason else "")
+                    + f"not moved: UIDVALIDITY of {record.ref.folder} changed",
+                )
+                return []
+            box.move(record.ref.uid, destination)
+        ctx.ledger.filed(mail_id, destination)
+        ctx.ledger.drop_staged(mail_id, record.documents)
     log.info("mail %s moved to %s", mail_id, destination)
     return []
 
@@ -342,10 +531,11 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
 def replay(ctx: Context, mail_id: str) -> list[Step]:
     """Send a failed or quarantined mail through again.
 
-    A failed mail still sits in the inbox with its staged state: it is re-run
-    from where it stopped. A quarantined mail was moved to the quarantine folder:
-    it is moved back into the inbox, where the next poll picks it up as new
-    mail; documents it already uploaded are recognised and not uploaded again.
+    A failed mail still sits in the inbox: it is re-run from where it stopped
+    (documents already uploaded stay uploaded). A quarantined mail not yet moved
+    is parsed again in place. One already in the quarantine folder is moved
+    back into the inbox, where the next poll picks it up as new mail; documents
+    it already uploaded are recognised and not uploaded again.
     """
     record = ctx.ledger.mail(mail_id)
     if record is None:
@@ -359,7 +549,7 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
     if record.state == L.QUARANTINED:
         if not record.filed_to:  # not moved yet: still in the inbox, run it again in place
             ctx.ledger.transition(mail_id, L.QUEUED, allowed=(L.QUARANTINED,), reason="")
-            return [Step("ingest", mail_id)] if ctx.ledger.raw(mail_id) else []
+            return [Step("ingest", mail_id)]
         if not record.message_id:
             raise MailError(
                 f"mail {mail_id} has no Message-ID to find it by in {record.filed_to}; "
@@ -381,6 +571,54 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
         )
         log.info("mail %s moved back to %s for another run", mail_id, record.ref.folder)
     return []
+
+
+# errors worth another try later; anything else final quarantines the mail
+RETRYABLE: tuple[type[BaseException], ...] = (
+    AlloyUnavailable,
+    ResolverError,
+    MailboxError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a runner does after ``step`` raised: wait ``retry_in`` seconds and run it
+    again, or (``retry_in`` None) run ``steps`` instead."""
+
+    retry_in: float | None
+    steps: list[Step]
+
+
+def recover(
+    ctx: Context, step: Step, error: BaseException, tries: int, *, retryable: bool = False
+) -> Recovery:
+    """The one policy both runners (Celery tasks, poll-once) follow when a step fails.
+
+    ``tries`` counts the earlier tries of this step; ``retryable`` marks errors
+    the runner itself knows to be transient (a Celery soft time limit).
+    """
+    if retryable or isinstance(error, RETRYABLE):
+        if not ctx.policy.exhausted(tries):
+            delay = ctx.policy.delay(tries, getattr(error, "retry_after", None))
+            ctx.ledger.update(step.mail_id, retry_at=L.now_ms() + int(delay * 1000))
+            log.info(
+                "%s %s: %s; retry %d in %.1fs", step.task, step.mail_id, error, tries + 1, delay
+            )
+            return Recovery(delay, [])
+        return Recovery(None, give_up(ctx, step, error))
+    if step.task == "finish":  # the mail is decided: a failed move is retried by later polls
+        log.error("mail %s: move failed: %s", step.mail_id, error)
+        return Recovery(None, [])
+    if isinstance(error, MailingestError):
+        return Recovery(None, quarantine(ctx, step.mail_id, str(error)))
+    log.error("%s %s: unexpected error", step.task, step.mail_id, exc_info=error)
+    return Recovery(
+        None,
+        quarantine(ctx, step.mail_id, f"internal error in {step.task}: {type(error).__name__}"),
+    )
 
 
 STEPS = {"ingest": ingest, "describe": describe, "upload": upload, "finish": finish}

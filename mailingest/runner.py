@@ -15,24 +15,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-import redis
-
 from . import ledger as L
 from . import pipeline
-from .errors import AlloyUnavailable, MailboxError, MailingestError, ResolverError
 from .pipeline import Step
 from .runtime import Context
 
 log = logging.getLogger(__name__)
-
-# errors worth another try later; anything else final quarantines the mail
-RETRYABLE = (
-    AlloyUnavailable,
-    ResolverError,
-    MailboxError,
-    redis.ConnectionError,
-    redis.TimeoutError,
-)
 
 
 @dataclass
@@ -89,17 +77,14 @@ def run_steps(
         step = ready.popleft()
         try:
             ready.extend(pipeline.run_step(ctx, step))
-        except RETRYABLE as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure has a recorded outcome
             tries = attempts.get(step, 0)
-            if ctx.policy.exhausted(tries):
-                ready.extend(pipeline.give_up(ctx, step, exc))
-                continue
-            attempts[step] = tries + 1
-            delay = ctx.policy.delay(tries, getattr(exc, "retry_after", None))
-            log.info("%s %s: %s; retry %d in %.1fs", step.task, step.mail_id, exc, tries + 1, delay)
-            heapq.heappush(waiting, (clock() + delay, next(order), step))
-        except MailingestError as exc:
-            ready.extend(pipeline.quarantine(ctx, step.mail_id, str(exc)))
+            recovery = pipeline.recover(ctx, step, exc, tries)
+            if recovery.retry_in is None:
+                ready.extend(recovery.steps)
+            else:
+                attempts[step] = tries + 1
+                heapq.heappush(waiting, (clock() + recovery.retry_in, next(order), step))
 
 
 def poll_once(ctx: Context, inboxes: Iterable[str] | None = None, **kw: object) -> Summary:

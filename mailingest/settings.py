@@ -87,7 +87,12 @@ class Settings:
     crm_url: str | None
     imap_timeout: float
     fetch_batch: int
+    fetch_bytes: int
     poll_limit: int
+    task_time_limit: int
+    stale_after: int
+    failed_retry_after: int
+    failed_auto_retries: int
     inline_image_floor: int
     staging_ttl: int
     max_attempts: int
@@ -136,7 +141,7 @@ class _Env:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
 
-    def raw(self, name: str) -> str | None:
+    def raw(self, name: str, *, strip: bool = True) -> str | None:
         var = PREFIX + name
         direct = self.environ.get(var)
         path = self.environ.get(var + "_FILE")
@@ -151,14 +156,14 @@ class _Env:
                 raise ConfigError(var + "_FILE", f"{path} is not UTF-8 text") from None
         if direct is None or direct.strip() == "":
             return None
-        return direct.strip()
+        return direct.strip() if strip else direct
 
     def text(self, name: str, default: str | None = None) -> str | None:
         value = self.raw(name)
         return default if value is None else value
 
     def secret(self, name: str) -> Secret | None:
-        value = self.raw(name)
+        value = self.raw(name, strip=False)  # a password may begin or end with a space
         return None if value is None else Secret(value)
 
     def number(
@@ -290,6 +295,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "the inbox, processed and quarantine folders must be three different folders",
         )
 
+    task_time_limit = env.integer("TASK_TIME_LIMIT", 300, minimum=10, maximum=3600)
+    if senders_path is not None:
+        from .senders import parse_directory  # validated now, not at the first mail
+
+        try:
+            parse_directory(senders_path.read_text(encoding="utf-8-sig"), str(senders_path))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(PREFIX + "SENDERS_FILE", str(exc)) from None
+
     return Settings(
         inboxes=(inbox,),
         alloy_url=alloy_url.rstrip("/"),
@@ -303,7 +317,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         crm_url=crm_url,
         imap_timeout=env.number("IMAP_TIMEOUT", 30.0, minimum=1, maximum=600),
         fetch_batch=env.integer("FETCH_BATCH", 50, minimum=1, maximum=500),
+        fetch_bytes=env.integer(
+            "FETCH_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024, maximum=2**31
+        ),
         poll_limit=env.integer("POLL_LIMIT", 500, minimum=1, maximum=100_000),
+        task_time_limit=task_time_limit,
+        stale_after=env.integer(
+            "STALE_AFTER", 2 * task_time_limit, minimum=task_time_limit, maximum=7 * 86400
+        ),
+        failed_retry_after=env.integer("FAILED_RETRY_AFTER", 3600, minimum=1, maximum=7 * 86400),
+        failed_auto_retries=env.integer("FAILED_AUTO_RETRIES", 3, minimum=0, maximum=100),
         inline_image_floor=env.integer(
             "INLINE_IMAGE_FLOOR", 4096, minimum=0, maximum=10 * 1024 * 1024
         ),

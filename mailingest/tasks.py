@@ -23,7 +23,6 @@ from . import pipeline
 from .celery import app, settings
 from .errors import MailingestError
 from .pipeline import Step
-from .runner import RETRYABLE
 from .runtime import Context, build_context
 
 log = logging.getLogger(__name__)
@@ -50,14 +49,6 @@ def _close_context(**_: Any) -> None:
         _context.close()
 
 
-def _as_error(exc: BaseException) -> MailingestError:
-    if isinstance(exc, MailingestError):
-        return exc
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return MailingestError("the task ran past its time limit")
-    return MailingestError(type(exc).__name__)
-
-
 def dispatch(steps: list[Step]) -> None:
     for step in steps:
         TASKS[step.task].apply_async(args=step.args)
@@ -67,34 +58,26 @@ def _run(task: Task, step: Step) -> None:
     ctx = context()
     try:
         steps = pipeline.run_step(ctx, step)
-    except (*RETRYABLE, SoftTimeLimitExceeded) as exc:
-        tries = task.request.retries
-        if ctx.policy.exhausted(tries):
-            steps = pipeline.give_up(ctx, step, _as_error(exc))
-        else:
-            delay = ctx.policy.delay(tries, getattr(exc, "retry_after", None))
-            log.info("%s %s: %s; retry %d in %.1fs", step.task, step.mail_id, exc, tries + 1, delay)
-            raise task.retry(countdown=delay, max_retries=ctx.policy.max_attempts) from None
-    except MailingestError as exc:
-        steps = pipeline.quarantine(ctx, step.mail_id, str(exc))
-    except Exception as exc:  # a bug must not leave the mail in limbo: quarantine it, loudly
-        log.exception("%s %s: unexpected error", step.task, step.mail_id)
-        steps = pipeline.quarantine(
-            ctx, step.mail_id, f"internal error in {step.task}: {type(exc).__name__}"
-        )
+    except Exception as exc:  # noqa: BLE001 - every failure has a recorded outcome
+        limit = isinstance(exc, SoftTimeLimitExceeded)
+        error = MailingestError("the task ran past its time limit") if limit else exc
+        recovery = pipeline.recover(ctx, step, error, task.request.retries, retryable=limit)
+        if recovery.retry_in is not None:
+            raise task.retry(
+                countdown=recovery.retry_in, max_retries=ctx.policy.max_attempts
+            ) from None
+        steps = recovery.steps
     dispatch(steps)
 
 
-@app.task(name="mailingest.poll_inbox", bind=True, max_retries=None)
+@app.task(name="mailingest.poll_inbox", bind=True)
 def poll_inbox(self: Task, inbox: str) -> int:
     ctx = context()
     try:
-        result = pipeline.poll(ctx, inbox)
-    except RETRYABLE as exc:
-        log.warning("poll of inbox %s failed: %s (next tick retries)", inbox, exc)
+        return pipeline.poll(ctx, inbox, emit=dispatch).found
+    except pipeline.RETRYABLE as exc:
+        log.warning("poll of inbox %s failed: %s (the next tick tries again)", inbox, exc)
         return 0
-    dispatch(list(result.steps))
-    return result.found
 
 
 @app.task(name="mailingest.ingest_message", bind=True)
