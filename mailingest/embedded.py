@@ -145,7 +145,11 @@ def _imap_login_works(account: ImapAccount, timeout: float = 3.0) -> bool:
     except OSError:
         return False
     try:
-        conn.login(account.user, account.password)
+        if (account.user + account.password).isascii():
+            conn.login(account.user, account.password)
+        else:  # LOGIN is ASCII-only; AUTHENTICATE PLAIN carries UTF-8
+            plain = f"\0{account.user}\0{account.password}".encode()
+            conn.authenticate("PLAIN", lambda _: plain)
         conn.logout()
         return True
     except (imaplib.IMAP4.error, OSError):

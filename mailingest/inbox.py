@@ -25,7 +25,14 @@ from imapclient.imapclient import SocketTimeout
 from .errors import MailboxError
 from .settings import InboxSettings
 
-_IMAP_ERRORS = (IMAPClientError, imaplib.IMAP4.error, OSError, ssl.SSLError, socket.timeout)
+_IMAP_ERRORS = (
+    IMAPClientError,
+    imaplib.IMAP4.error,
+    OSError,
+    ssl.SSLError,
+    socket.timeout,
+    UnicodeError,
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,12 @@ class Mailbox:
             )
             if inbox.security == "starttls":
                 client.starttls()
-            client.login(inbox.user or "", inbox.password.reveal() if inbox.password else "")
+            user = inbox.user or ""
+            password = inbox.password.reveal() if inbox.password else ""
+            if (user + password).isascii():
+                client.login(user, password)
+            else:  # LOGIN is ASCII-only; AUTHENTICATE PLAIN carries UTF-8
+                client.plain_login(user, password)
         except IMAPClientError as exc:
             raise MailboxError(f"{where}: login refused ({_safe(exc)})") from None
         except _IMAP_ERRORS as exc:
@@ -176,5 +188,7 @@ class Mailbox:
 
 def _safe(exc: BaseException) -> str:
     """An exception's text, bounded, for a message that may be logged."""
+    if isinstance(exc, UnicodeError):  # its text would quote the offending (secret) value
+        return "a value cannot be encoded for IMAP"
     text = str(exc).replace("\r", " ").replace("\n", " ")
     return text[:200]
