@@ -89,7 +89,9 @@ def error_from_response(response: httpx.Response, operation: str) -> AlloyError:
         message = str(err.get("message") or error_type or message)[:500]
         token = err.get("error_token") if isinstance(err.get("error_token"), str) else None
         details = err.get("details")
-    cls = AlloyUnavailable if status == 429 or status >= 500 else AlloyRejected
+    # 401 is about our credentials, not this document: retried (and the mail eventually
+    # `failed`, never quarantined), so one expired secret cannot quarantine every mail
+    cls = AlloyUnavailable if status in (401, 429) or status >= 500 else AlloyRejected
     return cls(
         message,
         status=status,

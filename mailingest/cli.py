@@ -23,6 +23,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import redis
+
 from . import __version__
 from .errors import ConfigError, MailingestError
 from .settings import Settings, load_settings
@@ -128,32 +130,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     from . import ledger as L
     from .ledger import Ledger
 
+    settings = _settings("redis")
     ledger = Ledger(_redis())
     counts = ledger.counts()
+    now = L.now_ms()
+    stale_ms = settings.stale_after * 1000
     attention = ledger.mails((L.QUARANTINED, L.FAILED))
+    stuck = [
+        r
+        for r in ledger.mails((L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING))
+        if now - max(r.updated_at, r.retry_at) > stale_ms
+    ]
+    polls = {inbox.name: ledger.poll_status(inbox.name) for inbox in settings.inboxes}
+
+    def row(r: L.MailRecord) -> dict[str, object]:
+        return {
+            "mail_id": r.id,
+            "state": r.state,
+            "sender": r.sender,
+            "reason": r.reason,
+            "filed_to": r.filed_to,
+            "updated_at": r.updated_at,
+        }
+
     if args.json:
         print(
             json.dumps(
                 {
                     "counts": counts,
-                    "attention": [
-                        {
-                            "mail_id": r.id,
-                            "state": r.state,
-                            "sender": r.sender,
-                            "reason": r.reason,
-                            "filed_to": r.filed_to,
-                        }
-                        for r in attention
-                    ],
+                    "polls": polls,
+                    "attention": [row(r) for r in attention],
+                    "stuck": [row(r) for r in stuck],
                 },
                 indent=2,
             )
         )
         return 0
     print("  ".join(f"{state} {n}" for state, n in counts.items()))
+    for name, poll in polls.items():
+        if not poll:
+            print(f"inbox {name}: never polled")
+            continue
+        ago = (now - int(poll.get("ok_at") or 0)) / 1000
+        last_ok = f"last good poll {ago:.0f}s ago" if poll.get("ok_at") else "no good poll yet"
+        error = f"; last error: {poll['error']}" if poll.get("error") else ""
+        print(f"inbox {name}: {last_ok}{error}")
     for record in attention:
         print(f"{record.state:12} {record.id}  {record.sender or '-'}  {record.reason}")
+    for record in stuck:
+        print(
+            f"{'stuck':12} {record.id}  {record.state} for "
+            f"{(now - record.updated_at) / 1000:.0f}s (the next poll queues it again)"
+        )
     return 0
 
 
@@ -280,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mailingest: configuration error: {exc}", file=sys.stderr)
         return 2
+    except MailingestError as exc:
+        print(f"mailingest: {exc}", file=sys.stderr)
+        return 1
+    except redis.RedisError as exc:
+        print(f"mailingest: Redis unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

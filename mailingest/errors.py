@@ -3,8 +3,8 @@
     MailingestError
     ├── ConfigError              a setting is missing or malformed (stops start-up)
     ├── AlloyError               Alloy answered an error, or could not be reached
-    │   ├── AlloyRejected        4xx other than 429: final, the mail is quarantined
-    │   └── AlloyUnavailable     429, 5xx, timeout, connection error: retried
+    │   ├── AlloyRejected        4xx other than 401/429: final, the mail is quarantined
+    │   └── AlloyUnavailable     401, 429, 5xx, timeout, connection error: retried
     ├── ResolverError            a sender directory or CRM hook could not answer (retried)
     ├── MailboxError             the IMAP server refused or dropped us (retried)
     └── MailError                one mail cannot be handled (quarantined with the reason)
@@ -72,11 +72,11 @@ class AlloyError(MailingestError):
 
 
 class AlloyRejected(AlloyError):
-    """A 4xx answer other than 429: sending the same request again cannot help."""
+    """A 4xx answer other than 401/429: sending the same request again cannot help."""
 
 
 class AlloyUnavailable(AlloyError):
-    """429, 5xx, a timeout or a connection error: worth retrying later."""
+    """401 (our credentials), 429, 5xx, a timeout or a dropped connection: retry later."""
 
     retryable = True
 

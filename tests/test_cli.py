@@ -45,6 +45,7 @@ def test_unknown_sender_added_then_replayed(
     assert held["reason"].startswith("unknown sender mallory@unknown.example")
     text = run(env, "status").stdout
     assert "quarantined 1" in text and held["mail_id"] in text
+    assert "inbox default: last good poll" in text
 
     entity = "P-ma11oryMa11oryMa11o"
     added = run(env, "senders", "add", "Mallory@Unknown.example", entity)
@@ -99,3 +100,22 @@ def test_same_mail_delivered_twice_is_uploaded_once(
     entity = scenario.senders["alice.martin@example.com"]
     assert len(sandbox.state.list(entity)) == 2  # adopted, not uploaded again
     assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 0, "Processed": 2}
+
+
+def test_unreachable_servers_give_one_line(env: dict[str, str]) -> None:
+    from mailingest.embedded import free_port
+
+    dead_redis = env | {"MAILINGEST_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    for args in (("status",), ("senders", "list")):
+        proc = run(dead_redis, *args)
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("mailingest: Redis unavailable (ConnectionError")
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    dead_imap = env | {"MAILINGEST_IMAP_PORT": str(free_port())}
+    proc = run(dead_imap, "poll-once")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("mailingest: inbox default (127.0.0.1:")
+    assert "Traceback" not in proc.stderr
+    assert env["MAILINGEST_IMAP_PASSWORD"] not in proc.stderr
+    status = json.loads(run(dead_imap, "status", "--json").stdout)
+    assert "cannot connect" in status["polls"]["default"]["error"]

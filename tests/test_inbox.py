@@ -19,9 +19,18 @@ pytestmark = pytest.mark.servers
 
 def settings_for(host: str, port: int, user: str, password: str) -> InboxSettings:
     return InboxSettings(
-        name="test", host=host, port=port, user=user, password=Secret(password),
-        security="plain", folder="INBOX", processed_folder="Processed",
-        quarantine_folder="Quarantine", agent_email="a@b.example", note="n", poll_interval=60,
+        name="test",
+        host=host,
+        port=port,
+        user=user,
+        password=Secret(password),
+        security="plain",
+        folder="INBOX",
+        processed_folder="Processed",
+        quarantine_folder="Quarantine",
+        agent_email="a@b.example",
+        note="n",
+        poll_interval=60,
     )
 
 
