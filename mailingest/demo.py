@@ -11,6 +11,8 @@ right entity and the stranger's mail is in quarantine.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import shutil
 import signal
@@ -26,9 +28,9 @@ from .embedded import CeleryProcess, PymapServer, RedisServer, free_port
 from .inbox import Mailbox
 from .ledger import Ledger
 from .runtime import connect_redis
-from .samples import AGENT_EMAIL, Scenario, demo_scenario
+from .samples import AGENT_EMAIL, ExpectedDocument, Scenario, demo_scenario
 from .sandbox import SandboxServer
-from .settings import Secret, load_settings
+from .settings import DEFAULT_NOTE, Secret, load_settings
 
 ALLOY_TOKEN, ALLOY_SECRET = "demo-workflow-token", "demo-workflow-secret"
 
@@ -78,6 +80,33 @@ def wait_until_decided(ledger: Ledger, expected: int, timeout: float) -> bool:
     return False
 
 
+def same_content(doc: ExpectedDocument, got: bytes) -> bool:
+    """Byte for byte; a forwarded mail (.eml) by its headers and every part's bytes,
+    since MIME line endings may be re-encoded on the way in."""
+    if doc.extension != "eml":
+        return got == doc.payload
+
+    def parts(raw: bytes) -> list[tuple[str, str | None, bytes | None]]:
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        out: list[tuple[str, str | None, bytes | None]] = [(str(message["Subject"]), None, None)]
+        for part in message.walk():
+            if part.is_multipart():
+                continue
+            data = part.get_payload(decode=True)
+            if isinstance(data, bytes) and part.get_content_maintype() == "text":
+                data = data.replace(b"\r\n", b"\n")  # text travels with either line ending
+            out.append(
+                (
+                    part.get_content_type(),
+                    part.get_filename(),
+                    data if isinstance(data, bytes) else None,
+                )
+            )
+        return out
+
+    return parts(got) == parts(doc.payload)
+
+
 def check_outcome(scenario: Scenario, alloy: AlloyClient, ledger: Ledger) -> list[str]:
     """What differs from the scenario's expectations (empty when all is well)."""
     problems: list[str] = []
@@ -101,8 +130,10 @@ def check_outcome(scenario: Scenario, alloy: AlloyClient, ledger: Ledger) -> lis
             note = found.notes[0] if found.notes else {}
             if note.get("note_author_agent_email") != AGENT_EMAIL:
                 problems.append(f"{doc.name}.{doc.extension}: note author {note!r}")
-            if doc.extension != "eml" and alloy.download(entity, found.token) != doc.payload:
-                problems.append(f"{doc.name}.{doc.extension}: bytes differ")
+            if note.get("note") != DEFAULT_NOTE:
+                problems.append(f"{doc.name}.{doc.extension}: note {note.get('note')!r}")
+            if not same_content(doc, alloy.download(entity, found.token)):
+                problems.append(f"{doc.name}.{doc.extension}: content differs")
     quarantined = {r.sender: r for r in ledger.mails([L.QUARANTINED])}
     for mail in scenario.mails:
         if mail.quarantine_reason:

@@ -7,7 +7,6 @@ import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 import redis
@@ -25,12 +24,7 @@ from mailingest.embedded import (
     start_imap_server,
 )
 
-
-def require_or_skip(reason: str) -> NoReturn:
-    """Skip, unless MAILINGEST_REQUIRE_SERVERS=1 demands every server (then fail)."""
-    if os.environ.get("MAILINGEST_REQUIRE_SERVERS") == "1":
-        pytest.fail(f"{reason} (required because MAILINGEST_REQUIRE_SERVERS=1)", pytrace=False)
-    pytest.skip(reason)
+from .conftest import require_or_skip
 
 
 def _port_is_free(port: int) -> bool:
