@@ -13,14 +13,14 @@ from celery import Celery
 from .errors import ConfigError
 from .settings import Settings, load_settings
 
-# A task never runs longer than this (hard limit); the broker's visibility timeout
-# must exceed it plus the longest retry countdown, or Redis delivers tasks twice.
-TASK_SOFT_TIME_LIMIT = 240
-TASK_TIME_LIMIT = 300
-
 
 def celery_config(settings: Settings) -> dict:
-    visibility = TASK_TIME_LIMIT + settings.retry_cap + 600
+    # A task never runs longer than the hard limit (the soft one raises inside it first,
+    # and the step is retried); the broker's visibility timeout must exceed the hard
+    # limit plus the longest retry countdown, or Redis delivers tasks twice.
+    hard = settings.task_time_limit
+    soft = hard - max(5, hard // 5)
+    visibility = hard + settings.retry_cap + 600
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
@@ -29,8 +29,8 @@ def celery_config(settings: Settings) -> dict:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_ignore_result": True,
-        "task_soft_time_limit": TASK_SOFT_TIME_LIMIT,
-        "task_time_limit": TASK_TIME_LIMIT,
+        "task_soft_time_limit": soft,
+        "task_time_limit": hard,
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_send_task_events": True,

@@ -232,7 +232,20 @@ def _name_and_extension(attachment: Attachment) -> tuple[str, str]:
         # A forwarded mail is an .eml whatever its (often subject-like) name says.
         name, extension = clean, "eml"
     name = name.strip(" .")  # ".pdf" -> ("", "pdf"); "scan .pdf" -> "scan"
-    return name or f"attachment-{attachment.index + 1}", extension or extension_for(content_type)
+    fallback = f"{_stem_for(content_type)}-{attachment.index + 1}"
+    return name or fallback, extension or extension_for(content_type)
+
+
+def _stem_for(content_type: str) -> str:
+    """A name for a part that has none, from its content type."""
+    maintype, _, subtype = content_type.partition("/")
+    if maintype in ("image", "text", "audio", "video"):
+        return maintype
+    if maintype == "message":
+        return "message"
+    if subtype == "pdf" or "word" in subtype or "opendocument" in subtype:
+        return "document"
+    return "attachment"
 
 
 def _bounded(name: str, suffix: str, extension: str) -> str:
@@ -243,8 +256,9 @@ def _bounded(name: str, suffix: str, extension: str) -> str:
 def describe_attachments(mail: ParsedMail) -> tuple[DocumentSpec, ...]:
     """One :class:`DocumentSpec` per attachment, in mail order.
 
-    Name from the filename, else ``attachment-<N>`` where N is the 1-based
-    leaf number of the part in the mail (``Attachment.index + 1``); extension
+    Name from the filename, else from the content type (``image-<N>``,
+    ``document-<N>``, ``message-<N>``, ``attachment-<N>``, ...) where N is the
+    1-based leaf number of the part in the mail; extension
     from the filename, else from the content type.  ``message/rfc822`` is
     always ``eml``; TNEF is always ``winmail.dat``.  Names are unique within
     the mail (case-insensitively, name and extension together): a collision

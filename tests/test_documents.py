@@ -213,10 +213,10 @@ def test_describe_nameless_parts_named_from_index_and_type() -> None:
         )
     )
     assert [(s.name, s.extension) for s in specs] == [
-        ("attachment-2", "jpg"),
+        ("image-2", "jpg"),
         ("attachment-5", "bin"),
-        ("attachment-6", "pdf"),
-        ("attachment-7", "pdf"),
+        ("document-6", "pdf"),
+        ("image-7", "pdf"),
     ]
 
 
@@ -267,7 +267,7 @@ def test_describe_rfc822_and_tnef() -> None:
     assert [(s.name, s.extension) for s in specs] == [
         ("2024", "eml"),  # directories stripped: the mail part said "Fwd: bill 01/2024.eml"
         ("Original message", "eml"),
-        ("attachment-4", "eml"),
+        ("message-4", "eml"),
         ("winmail", "dat"),
         ("winmail-2", "dat"),
     ]
