@@ -264,8 +264,11 @@ def _wait_ready(
     while time.monotonic() < deadline:
         if child.leader_exited():
             return f"{what} exited during startup"
-        if is_ready():
-            return None
+        try:
+            if is_ready():
+                return None
+        except Exception as exc:  # noqa: BLE001 - the caller stops the child and reports
+            return f"{what}: readiness check failed ({type(exc).__name__})"
         time.sleep(0.05)
     return f"{what} not ready after {timeout:.0f}s"
 
