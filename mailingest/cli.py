@@ -54,9 +54,6 @@ def cmd_celery(args: argparse.Namespace, extra: list[str]) -> int:
     argv = [sys.executable, "-m", "celery", "-A", "mailingest", args.command]
     if args.command == "worker" and not any(a.startswith(("-l", "--loglevel")) for a in extra):
         argv += ["--loglevel", "INFO"]
-    if args.command == "beat" and not any(a.startswith(("-s", "--schedule")) for a in extra):
-        state = Path(os.environ.get("MAILINGEST_STATE_DIR", "/tmp")) / "mailingest-beat-schedule"
-        argv += ["--schedule", str(state)]
     os.execv(sys.executable, argv + extra)
     return 0  # pragma: no cover
 

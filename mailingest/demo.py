@@ -214,7 +214,7 @@ def run_demo(
                     "beat",
                     child_env,
                     root / "beat.log",
-                    ["--schedule", str(root / "beat-schedule")],
+                    [],
                     via_cli=True,
                 ).start()
             )

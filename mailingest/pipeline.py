@@ -521,6 +521,15 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                     + f"not moved: UIDVALIDITY of {record.ref.folder} changed",
                 )
                 return []
+            if not box.exists(record.ref.uid):
+                ctx.ledger.filed(
+                    mail_id,
+                    "-",
+                    reason=(record.reason + "; " if record.reason else "")
+                    + f"not moved: the mail left {record.ref.folder} before (deleted by hand?)",
+                )
+                ctx.ledger.drop_staged(mail_id, record.documents)
+                return []
             box.move(record.ref.uid, destination)
         ctx.ledger.filed(mail_id, destination)
         ctx.ledger.drop_staged(mail_id, record.documents)

@@ -90,6 +90,7 @@ class Settings:
     fetch_bytes: int
     poll_limit: int
     task_time_limit: int
+    visibility_timeout: int
     stale_after: int
     failed_retry_after: int
     failed_auto_retries: int
@@ -296,6 +297,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         )
 
     task_time_limit = env.integer("TASK_TIME_LIMIT", 300, minimum=10, maximum=3600)
+    retry_cap = env.number("RETRY_CAP", 300.0, minimum=0.01, maximum=6 * 3600)
+    # Redis hands an unacknowledged task to another worker after the visibility timeout:
+    # it must outlast the longest task plus the longest retry countdown it may wait out,
+    # or tasks run twice while the first run is still going.
+    floor = int(task_time_limit + retry_cap + 30)
+    visibility_timeout = env.integer(
+        "VISIBILITY_TIMEOUT", max(3600, floor), minimum=1, maximum=7 * 86400
+    )
+    if visibility_timeout < floor:
+        raise ConfigError(
+            PREFIX + "VISIBILITY_TIMEOUT",
+            f"must be at least {floor} s (task time limit {task_time_limit} s + retry cap "
+            f"{retry_cap:g} s + 30 s), got {visibility_timeout}",
+        )
     if senders_path is not None:
         from .senders import parse_directory  # validated now, not at the first mail
 
@@ -322,6 +337,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         poll_limit=env.integer("POLL_LIMIT", 500, minimum=1, maximum=100_000),
         task_time_limit=task_time_limit,
+        visibility_timeout=visibility_timeout,
         stale_after=env.integer(
             "STALE_AFTER", 2 * task_time_limit, minimum=task_time_limit, maximum=7 * 86400
         ),
@@ -333,6 +349,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         staging_ttl=env.integer("STAGING_TTL", 7 * 86400, minimum=60, maximum=90 * 86400),
         max_attempts=env.integer("MAX_ATTEMPTS", 8, minimum=1, maximum=100),
         retry_base=env.number("RETRY_BASE", 2.0, minimum=0.01, maximum=3600),
-        retry_cap=env.number("RETRY_CAP", 300.0, minimum=0.01, maximum=6 * 3600),
+        retry_cap=retry_cap,
         log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
     )

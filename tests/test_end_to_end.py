@@ -45,9 +45,7 @@ def test_worker_and_beat_ingest_every_document(
     deliver(imap, [m.raw for m in scenario.mails])
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | env
     worker = CeleryProcess("worker", child_env, tmp_path / "worker.log", ["--concurrency", "2"])
-    beat = CeleryProcess(
-        "beat", child_env, tmp_path / "beat.log", ["--schedule", str(tmp_path / "beat-schedule")]
-    )
+    beat = CeleryProcess("beat", child_env, tmp_path / "beat.log")
     with worker, beat:
         ledger = Ledger(connect_redis(env["MAILINGEST_REDIS_URL"]))
         records = wait_decided(ledger, len(scenario.mails))

@@ -150,3 +150,35 @@ def test_celery_app_import_stops_with_one_line() -> None:
         proc.stderr
         == "mailingest: configuration error: MAILINGEST_REDIS_URL is required but not set\n"
     )
+
+
+def test_visibility_timeout_must_outlast_a_task_and_its_retry() -> None:
+    s = load_settings(BASE)
+    assert s.visibility_timeout >= s.task_time_limit + s.retry_cap + 30
+    with pytest.raises(ConfigError, match="VISIBILITY_TIMEOUT must be at least 630 s"):
+        load_settings(BASE | {"MAILINGEST_VISIBILITY_TIMEOUT": "300"})
+    fast = {
+        "MAILINGEST_TASK_TIME_LIMIT": "20",
+        "MAILINGEST_RETRY_CAP": "2",
+        "MAILINGEST_VISIBILITY_TIMEOUT": "60",
+    }
+    assert load_settings(BASE | fast).visibility_timeout == 60
+
+
+def test_malformed_senders_file_stops_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "senders.csv"
+    path.write_text("email,entity_token\nalice@example.com\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"MAILINGEST_SENDERS_FILE .*senders.csv:2"):
+        load_settings(BASE | {"MAILINGEST_SENDERS_FILE": str(path)})
+
+
+def test_celery_config_matches_the_settings() -> None:
+    from mailingest.celeryconf import celery_config
+
+    conf = celery_config(load_settings(BASE))
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_time_limit"] == 300 and conf["task_soft_time_limit"] < 300
+    assert conf["broker_transport_options"]["visibility_timeout"] >= 300 + 300
+    assert conf["beat_scheduler"] == "redbeat.RedBeatScheduler"
+    assert conf["beat_schedule"]["poll-default"]["args"] == ("default",)

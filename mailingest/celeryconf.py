@@ -1,0 +1,48 @@
+"""The Celery settings that follow from mailingest's settings (a pure function, tested alone)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    # A task never runs longer than the hard limit (the soft one raises inside it first,
+    # and the step is retried); the broker's visibility timeout must exceed the hard
+    # limit plus the longest retry countdown, or Redis delivers tasks twice.
+    hard = settings.task_time_limit
+    soft = hard - max(5, hard // 5)
+    loop = min(5.0, min(inbox.poll_interval for inbox in settings.inboxes))
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        # RedBeat keeps the schedule in Redis under a lock: a second beat waits for
+        # the first to die (its lock to expire) instead of polling every inbox twice
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "redbeat_redis_url": settings.redis_url,
+        "redbeat_key_prefix": "mailingest:redbeat",
+        "redbeat_lock_timeout": max(30, int(loop * 6)),
+        "beat_max_loop_interval": loop,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_soft_time_limit": soft,
+        "task_time_limit": hard,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": True,
+        "beat_schedule": {
+            f"poll-{inbox.name}": {
+                "task": "mailingest.poll_inbox",
+                "schedule": inbox.poll_interval,
+                "args": (inbox.name,),
+                "options": {"expires": inbox.poll_interval},
+            }
+            for inbox in settings.inboxes
+        },
+    }
