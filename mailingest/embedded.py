@@ -492,10 +492,12 @@ class DovecotServer(ImapServer):
         user: str = DEFAULT_IMAP_USER,
         password: str = DEFAULT_IMAP_PASSWORD,
         port: int | None = None,
+        extra_config: str = "",
     ) -> None:
         super().__init__(workdir, user=user, password=password, port=port)
         self._child: _Child | None = None
         self._short_base_dir: Path | None = None
+        self.extra_config = extra_config  # appended to the generated config
 
     @property
     def log_path(self) -> Path:
@@ -632,7 +634,20 @@ service imap-login {{
     port = 0
   }}
 }}
-{services}"""
+{services}{self.extra_config}
+"""
+
+    def kick(self) -> None:
+        """Drop every IMAP session of the account now (``doveadm kick``), server still up."""
+        doveadm = _find_binary("doveadm", None, ["/usr/bin", "/usr/sbin"])
+        if doveadm is None:
+            raise ServerNotAvailable("doveadm not found (part of dovecot-core)")
+        subprocess.run(
+            [doveadm, "-c", str(self.config_path), "kick", self.account.user],
+            check=False,
+            capture_output=True,
+            timeout=15,
+        )
 
     def _prepare(self, binary: str) -> None:
         major, minor = _dovecot_version(binary)

@@ -41,7 +41,6 @@ from .settings import InboxSettings
 
 log = logging.getLogger(__name__)
 
-FINISH_GRACE_MS = 60_000  # a decided mail not moved after this long gets another finish
 RECONCILE_SKEW_MS = 300_000  # clock skew allowed between us and Alloy when adopting a document
 
 Emit = Callable[[list["Step"]], None]
@@ -200,7 +199,10 @@ def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
             steps += replay(ctx, mail_id)
     # a move that failed (or whose task was lost) after the mail was decided: try again,
     # leaving alone the ones decided moments ago whose finish_message is still queued
-    steps += [Step("finish", m) for m in ctx.ledger.unfiled(inbox.name, idle_ms=FINISH_GRACE_MS)]
+    steps += [
+        Step("finish", m)
+        for m in ctx.ledger.unfiled(inbox.name, idle_ms=ctx.settings.finish_grace * 1000)
+    ]
     return steps
 
 

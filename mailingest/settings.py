@@ -92,6 +92,7 @@ class Settings:
     task_time_limit: int
     visibility_timeout: int
     stale_after: int
+    finish_grace: int
     failed_retry_after: int
     failed_auto_retries: int
     inline_image_floor: int
@@ -341,6 +342,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         stale_after=env.integer(
             "STALE_AFTER", 2 * task_time_limit, minimum=task_time_limit, maximum=7 * 86400
         ),
+        finish_grace=env.integer("FINISH_GRACE", 60, minimum=0, maximum=86400),
         failed_retry_after=env.integer("FAILED_RETRY_AFTER", 3600, minimum=1, maximum=7 * 86400),
         failed_auto_retries=env.integer("FAILED_AUTO_RETRIES", 3, minimum=0, maximum=100),
         inline_image_floor=env.integer(
