@@ -934,6 +934,7 @@ class CeleryProcess:
         self.extra = list(extra)
         self.ready_timeout = ready_timeout
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
 
     def argv(self) -> list[str]:
         if self.via_cli:
@@ -961,6 +962,7 @@ class CeleryProcess:
 
     def start(self) -> CeleryProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self._proc = subprocess.Popen(
             self.argv(),
@@ -985,8 +987,10 @@ class CeleryProcess:
             assert self._proc is not None
             if self._proc.poll() is not None:
                 raise RuntimeError(f"celery {self.kind} exited: {_log_tail(self.log_path)}")
-            if marker in self.log_path.read_bytes():
-                return
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                if marker in log.read():
+                    return
             time.sleep(0.1)
         raise RuntimeError(
             f"celery {self.kind} not ready in {timeout}s: {_log_tail(self.log_path)}"

@@ -648,6 +648,13 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 512
     sandbox: SandboxServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up (a timeout, a killed worker) is routine, not an error.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup; skip it.
         socketserver.TCPServer.server_bind(self)

@@ -1,0 +1,300 @@
+"""The fault-injection suite: a few hundred mails through real servers and real worker
+processes while things break, then the invariants.
+
+While the mail is processed: workers are killed with SIGKILL at random moments and
+restarted (at least 10 times), Redis is restarted once (AOF, as docker-compose.yml
+configures it), the sandbox answers 20% 500s, 10% 429s (half with Retry-After), 5%
+slow answers past the client timeout and a few dropped connections, the IMAP
+sessions are kicked and the IMAP server restarted once, and two beats and two
+workers run at once. Then: every document exactly once at its entity, uploaded and
+byte-identical; no stray `uploaded: false` document; every mail in Processed,
+Quarantine, or `failed` with a reason; none lost, none in two places.
+
+Run alone with ``pytest -m faults -s`` (it prints the table of faults and
+outcomes, and writes it to ``build/reliability-latest.md``).
+"""
+
+from __future__ import annotations
+
+import email
+import os
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from imapclient import IMAPClient
+
+from mailingest import ledger as L
+from mailingest.embedded import CeleryProcess, DovecotServer, RedisServer, ServerNotAvailable
+from mailingest.ledger import Ledger
+from mailingest.runtime import connect_redis
+from mailingest.samples import AGENT_EMAIL, bulk_scenario
+from mailingest.sandbox import Faults, SandboxServer
+
+from .conftest import ALLOY_SECRET, ALLOY_TOKEN, require_or_skip
+from .helpers import deliver
+
+pytestmark = [pytest.mark.servers, pytest.mark.faults]
+
+MAILS = int(os.environ.get("MAILINGEST_FAULT_MAILS", "240"))
+KILLS = int(os.environ.get("MAILINGEST_FAULT_KILLS", "12"))
+SANDBOX_FAULTS = Faults(
+    error_500=0.20,
+    rate_429=0.10,
+    retry_after_fraction=0.5,
+    retry_after_seconds=1,
+    slow_fraction=0.05,
+    slow_ms=1500,  # past the client's 1 s read timeout; the request itself is applied
+    drop_fraction=0.01,
+    seed=20261129,
+)
+
+
+def message_ids(account_host: str, port: int, user: str, password: str) -> dict[str, list[str]]:
+    """Message-ID -> the folders it is in."""
+    client = IMAPClient(account_host, port=port, ssl=False, timeout=30)
+    client.login(user, password)
+    where: dict[str, list[str]] = {}
+    for folder in ("INBOX", "Processed", "Quarantine"):
+        if not client.folder_exists(folder):
+            continue
+        client.select_folder(folder, readonly=True)
+        uids = client.search(["ALL"])
+        for _uid, item in client.fetch(uids, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]).items():
+            header = item[b"BODY[HEADER.FIELDS (MESSAGE-ID)]"]
+            mid = email.message_from_bytes(header)["Message-ID"].strip().strip("<>")
+            where.setdefault(mid, []).append(folder)
+    client.logout()
+    return where
+
+
+class Chaos:
+    """Breaks things on a schedule while the mail is processed; counts what it did."""
+
+    def __init__(
+        self,
+        workers: list[CeleryProcess],
+        beats: list[CeleryProcess],
+        redis_server: RedisServer,
+        imap: DovecotServer,
+        seed: int = 7,
+    ) -> None:
+        self.workers, self.beats = workers, beats
+        self.redis, self.imap = redis_server, imap
+        self.rng = random.Random(seed)
+        self.counts: Counter[str] = Counter()
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        self.stop.set()
+        self.thread.join(120)
+
+    def _sleep(self, seconds: float) -> bool:
+        return not self.stop.wait(seconds)
+
+    def _supervise(self) -> None:
+        """What docker's restart policy does: a beat or worker that exited is started again."""
+        for process in self.workers + self.beats:
+            if not process.running():
+                process.stop()
+                process.start()
+                self.counts[f"{process.kind} restarted after exiting"] += 1
+
+    def _run(self) -> None:
+        try:
+            events = ["redis", "kick", "imap"]
+            kills = 0
+            while kills < KILLS and not self.stop.is_set():
+                if not self._sleep(self.rng.uniform(2.0, 5.0)):
+                    return
+                victim = self.rng.choice(self.workers)
+                victim.kill()  # SIGKILL to the worker and its pool, mid-task
+                kills += 1
+                self.counts["worker killed (SIGKILL)"] += 1
+                if events and kills in (3, 6, 9):
+                    event = events.pop(0)
+                    if event == "redis":
+                        self.redis.restart()
+                        self.counts["Redis restarted"] += 1
+                    elif event == "kick":
+                        self.imap.kick()
+                        self.counts["IMAP sessions kicked"] += 1
+                    else:
+                        self.imap.restart()
+                        self.counts["IMAP server restarted"] += 1
+                victim.start()
+                self._supervise()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.errors.append(exc)
+
+
+def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
+    started = time.monotonic()
+    try:
+        imap = DovecotServer(tmp_path / "imap").start()
+    except ServerNotAvailable as exc:
+        require_or_skip(f"the fault suite restarts IMAP and needs Dovecot: {exc}")
+    redis_server = RedisServer(tmp_path / "redis", persist=True).start()
+    sandbox = SandboxServer(
+        token=ALLOY_TOKEN, secret=ALLOY_SECRET, agents=[AGENT_EMAIL], faults=SANDBOX_FAULTS
+    ).start()
+    scenario = bulk_scenario(MAILS, seed=99)
+    senders_file = tmp_path / "senders.csv"
+    senders_file.write_text(scenario.senders_csv(), encoding="utf-8")
+    account = imap.account
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | {
+        "MAILINGEST_REDIS_URL": redis_server.url,
+        "MAILINGEST_IMAP_HOST": account.host,
+        "MAILINGEST_IMAP_PORT": str(account.port),
+        "MAILINGEST_IMAP_USER": account.user,
+        "MAILINGEST_IMAP_PASSWORD": account.password,
+        "MAILINGEST_IMAP_SECURITY": "plain",
+        "MAILINGEST_ALLOY_URL": sandbox.url,
+        "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
+        "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
+        "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
+        "MAILINGEST_SENDERS_FILE": str(senders_file),
+        "MAILINGEST_POLL_INTERVAL": "1",
+        "MAILINGEST_ALLOY_READ_TIMEOUT": "1",
+        "MAILINGEST_RETRY_BASE": "0.2",
+        "MAILINGEST_RETRY_CAP": "3",
+        "MAILINGEST_MAX_ATTEMPTS": "12",
+        "MAILINGEST_TASK_TIME_LIMIT": "20",
+        "MAILINGEST_VISIBILITY_TIMEOUT": "60",
+        "MAILINGEST_STALE_AFTER": "30",
+        "MAILINGEST_FINISH_GRACE": "5",
+        "MAILINGEST_FAILED_RETRY_AFTER": "10",
+        "MAILINGEST_FAILED_AUTO_RETRIES": "10",
+        "MAILINGEST_FETCH_BATCH": "20",
+        "MAILINGEST_LOG_LEVEL": "warning",
+    }
+    deliver(imap, [m.raw for m in scenario.mails])
+    workers = [
+        CeleryProcess("worker", env, tmp_path / f"worker{i}.log", ["--concurrency", "2"])
+        for i in range(2)
+    ]
+    beats = [CeleryProcess("beat", env, tmp_path / f"beat{i}.log") for i in range(2)]
+    chaos = Chaos(workers, beats, redis_server, imap)
+    ledger_client = connect_redis(redis_server.url)
+    ledger = Ledger(ledger_client)
+    outcome: dict[str, int] = {}
+    try:
+        for process in workers + beats:
+            process.start()
+        chaos.start()
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            try:
+                records = ledger.mails(L.MAIL_STATES)
+            except Exception:  # noqa: BLE001 - Redis is being restarted
+                continue
+            settled = [
+                r for r in records if (r.state in L.DECIDED and r.filed_to) or r.state == L.FAILED
+            ]
+            if len(settled) >= len(scenario.mails) and not chaos.thread.is_alive():
+                break
+            if not chaos.thread.is_alive():
+                chaos._supervise()
+        chaos.join()
+        processing = time.monotonic() - started
+        outcome = dict(Counter(r.state for r in ledger.mails(L.MAIL_STATES)))
+    finally:
+        for process in workers + beats:
+            process.stop(timeout=10)
+        ledger_client.close()
+    stats = sandbox.state.stats()
+    sandbox.set_faults(error_500=0, rate_429=0, slow_fraction=0, drop_fraction=0)
+
+    # -- invariants ---------------------------------------------------------------
+    problems: list[str] = []
+    assert chaos.errors == [], chaos.errors
+    expected = scenario.expected_documents
+    for entity in set(scenario.senders.values()):
+        docs = sandbox.state.list(entity)
+        stray = [d for d in docs if not d["uploaded"]]
+        if stray:
+            problems.append(f"{entity}: {len(stray)} stray uploaded:false document(s)")
+        wanted = [d for d in expected if d.entity == entity]
+        if len(docs) != len(wanted):
+            problems.append(f"{entity}: {len(docs)} documents, expected {len(wanted)}")
+        for doc in wanted:
+            match = [d for d in docs if (d["name"], d["extension"]) == (doc.name, doc.extension)]
+            if len(match) != 1:
+                problems.append(f"{doc.name}.{doc.extension}: {len(match)} at Alloy")
+            elif sandbox.state.download(entity, match[0]["document_token"]) != doc.payload:
+                problems.append(f"{doc.name}.{doc.extension}: bytes differ")
+    where = message_ids(account.host, account.port, account.user, account.password)
+    ledger_client = connect_redis(redis_server.url)
+    records = {r.message_id: r for r in Ledger(ledger_client).mails(L.MAIL_STATES)}
+    ledger_client.close()
+    for mail in scenario.mails:
+        mid = email.message_from_bytes(mail.raw)["Message-ID"].strip("<>")
+        folders = where.get(mid, [])
+        record = records.get(mid)
+        if len(folders) != 1:
+            problems.append(f"{mid}: in {folders or 'no folder'}")
+        elif folders == ["INBOX"] and not (record and record.state == L.FAILED and record.reason):
+            problems.append(f"{mid}: still in INBOX without a failed reason")
+        elif folders == ["Processed"] and mail.quarantine_reason:
+            problems.append(f"{mid}: processed, expected quarantine")
+        elif folders == ["Quarantine"] and not mail.quarantine_reason:
+            problems.append(f"{mid}: quarantined: {record.reason if record else '?'}")
+
+    polls_sent = [
+        beat.log_path.read_text().count("Sending due task poll-default") for beat in beats
+    ]
+    chaos.counts[f"polls sent by beat 1 / beat 2 (one holds the lock): {polls_sent}"] = 1
+    report = _report(chaos.counts, stats, outcome, scenario, processing, problems)
+    print("\n" + report)
+    build = Path(__file__).resolve().parent.parent / "build"
+    build.mkdir(exist_ok=True)
+    (build / "reliability-latest.md").write_text(report, encoding="utf-8")
+    imap.stop()
+    redis_server.stop()
+    sandbox.stop()
+    assert chaos.counts["worker killed (SIGKILL)"] >= 10
+    assert chaos.counts["Redis restarted"] == 1 and chaos.counts["IMAP server restarted"] == 1
+    assert problems == [], "\n".join(problems[:40])
+
+
+def _report(
+    counts: Counter[str],
+    stats: dict,
+    outcome: dict[str, int],
+    scenario,  # noqa: ANN001
+    seconds: float,
+    problems: list[str],
+) -> str:
+    faults = stats["faults"]
+    lines = [
+        "| fault injected | count |",
+        "|---|---|",
+        *(f"| {name} | {n} |" for name, n in sorted(counts.items())),
+        f"| Alloy answered 500 | {faults.get('error_500', 0)} |",
+        f"| Alloy answered 429 (with Retry-After) | {faults.get('rate_429', 0)} "
+        f"({faults.get('retry_after', 0)}) |",
+        f"| Alloy answered slower than the client timeout | {faults.get('slow', 0)} |",
+        f"| Alloy dropped the connection | {faults.get('drop', 0)} |",
+        f"| Alloy requests in all | {stats['requests_total']} |",
+        "| two beats and two workers (2 processes each) at once | yes |",
+        "",
+        "| outcome | count |",
+        "|---|---|",
+        f"| mails delivered | {len(scenario.mails)} |",
+        *(f"| mails {state} | {n} |" for state, n in sorted(outcome.items())),
+        f"| documents expected | {len(scenario.expected_documents)} |",
+        f"| documents at Alloy, uploaded | {stats['uploaded']} |",
+        f"| documents at Alloy, all | {stats['documents']} |",
+        f"| invariant violations | {len(problems)} |",
+        f"| wall time, servers up to all settled | {seconds:.0f} s |",
+    ]
+    return "\n".join(lines) + "\n"
