@@ -910,9 +910,9 @@ def start_imap_server(workdir: Path, kind: str = "auto", **kw: Any) -> ImapServe
 class CeleryProcess:
     """``python -m celery -A mailingest <kind>`` (worker, beat or flower) as a child process.
 
-    Runs in its own process group: ``stop()`` sends SIGTERM (Celery's warm shutdown,
-    in-flight tasks finish) and waits, then SIGKILLs the group; ``kill()`` is a
-    SIGKILL of the group at once (a crash, for the fault tests).
+    Runs in its own process group: ``stop()`` sends SIGTERM to the main process
+    (Celery's warm shutdown: in-flight tasks finish) and waits, then SIGKILLs the
+    group; ``kill()`` is a SIGKILL of the group at once (a crash, for the fault tests).
     """
 
     def __init__(
@@ -1004,8 +1004,10 @@ class CeleryProcess:
         if proc is None:
             return
         if proc.poll() is None:
+            # SIGTERM to the main process only, as `docker stop` does: Celery's warm
+            # shutdown lets the pool finish the tasks it runs before it exits.
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

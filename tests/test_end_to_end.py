@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from mailingest import ledger as L
 from mailingest.embedded import CeleryProcess, ImapServer
 from mailingest.ledger import Ledger
+from mailingest.pipeline import Step
 from mailingest.runtime import connect_redis
 from mailingest.samples import bulk_scenario, demo_scenario
 from mailingest.sandbox import SandboxServer
@@ -77,3 +79,48 @@ def test_worker_and_beat_ingest_every_document(
     assert "mailingest.upload_document" in log_text
     for secret in ("MAILINGEST_IMAP_PASSWORD", "MAILINGEST_ALLOY_TOKEN", "MAILINGEST_ALLOY_SECRET"):
         assert env[secret] not in log_text, secret
+
+
+def test_sigterm_lets_the_upload_in_flight_finish(
+    env: dict[str, str],
+    imap: ImapServer,
+    sandbox: SandboxServer,
+    senders_file: Path,
+    tmp_path: Path,
+) -> None:
+    """Warm shutdown: SIGTERM (what `docker stop` sends) while Alloy takes its time
+    with an upload; the worker finishes that upload and records it before it exits."""
+    scenario = bulk_scenario(1, seed=51)
+    write_senders(senders_file, scenario)
+    deliver(imap, [scenario.mails[0].raw])
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | env
+    child_env["MAILINGEST_ALLOY_READ_TIMEOUT"] = "30"
+    worker = CeleryProcess("worker", child_env, tmp_path / "worker.log", ["--concurrency", "1"])
+    ledger = Ledger(connect_redis(env["MAILINGEST_REDIS_URL"]))
+    with worker:
+        sandbox.set_faults(latency_ms=3000)
+        client = Celery(broker=env["MAILINGEST_REDIS_URL"])  # a bare client, as ops would
+        client.send_task("mailingest.poll_inbox", args=["default"])
+        client.close()
+        mail_id = ""
+        deadline = time.monotonic() + 30
+        while not mail_id and time.monotonic() < deadline:
+            ids = ledger.mail_ids(L.DOCUMENTS_PENDING)
+            mail_id = ids[0] if ids else ""
+            time.sleep(0.05)
+        step = Step("ingest", mail_id)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            doc = ledger.document(step.mail_id, 0)
+            if doc is not None and doc.token:
+                break
+            time.sleep(0.05)
+        assert doc is not None and doc.token, "the describe did not happen"
+        time.sleep(1.0)  # the upload is now waiting on the slow sandbox
+        assert ledger.document(step.mail_id, 0).state == L.DESCRIBED  # type: ignore[union-attr]
+        stopped = time.monotonic()
+        worker.stop(timeout=30)  # SIGTERM to the main process, then wait
+        waited = time.monotonic() - stopped
+    assert waited > 1.0  # it did wait for the upload
+    assert ledger.document(step.mail_id, 0).state == L.UPLOADED  # type: ignore[union-attr]
+    assert sandbox.state.stats()["uploaded"] == 1
