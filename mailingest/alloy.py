@@ -15,10 +15,12 @@ schedule, so a worker never blocks on a backoff.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -117,6 +119,7 @@ class AlloyClient:
         read_timeout: float = 30.0,
         max_connections: int = 20,
         transport: httpx.BaseTransport | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         auth = None
         if token is not None and secret is not None:
@@ -130,6 +133,8 @@ class AlloyClient:
             ),
             headers={"User-Agent": f"mailingest/{__version__}"},
             transport=transport,
+            # certificates are always verified; a private CA is added, never a bypass
+            verify=ssl.create_default_context(cafile=str(ca_file)) if ca_file else True,
         )
 
     def close(self) -> None:
@@ -216,6 +221,11 @@ class AlloyClient:
                 f"timed out ({type(exc).__name__})", operation=operation
             ) from None
         except httpx.TransportError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise AlloyUnavailable(
+                    "TLS certificate not trusted (a private CA goes in MAILINGEST_ALLOY_CA_FILE)",
+                    operation=operation,
+                ) from None
             raise AlloyUnavailable(
                 f"connection failed ({type(exc).__name__})", operation=operation
             ) from None

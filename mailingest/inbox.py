@@ -69,14 +69,19 @@ class Mailbox:
         inbox = self.inbox
         where = f"inbox {inbox.name} ({inbox.host}:{inbox.port})"
         try:
+            # certificates are always verified (hostname too); a private CA may be added
+            context = ssl.create_default_context(
+                cafile=str(inbox.ca_file) if inbox.ca_file else None
+            )
             client = IMAPClient(
                 inbox.host or "",
                 port=inbox.port,
                 ssl=inbox.security == "ssl",
+                ssl_context=context,
                 timeout=SocketTimeout(connect=self.timeout, read=self.timeout),
             )
             if inbox.security == "starttls":
-                client.starttls()
+                client.starttls(context)
             user = inbox.user or ""
             password = inbox.password.reveal() if inbox.password else ""
             if (user + password).isascii():

@@ -31,6 +31,7 @@ import redis
 import redis.lock
 
 from . import keys
+from .sealing import Plain, Sealer
 
 QUEUED = "queued"
 PARSING = "parsing"
@@ -229,9 +230,16 @@ def _decode(h: Any) -> dict[str, str]:
 
 
 class Ledger:
-    def __init__(self, client: redis.Redis, *, staging_ttl: int = 7 * 86400) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        staging_ttl: int = 7 * 86400,
+        sealer: Sealer | Plain | None = None,
+    ) -> None:
         self.redis = client
         self.staging_ttl = staging_ttl
+        self.sealer = sealer or Plain()  # staged bytes encrypted at rest when a key is set
         self._transition = client.register_script(_TRANSITION)
         self._record = client.register_script(_RECORD)
         self._described = client.register_script(_DESCRIBED)
@@ -251,12 +259,12 @@ class Ledger:
         return bool(
             self._record(
                 keys=[keys.mail(ref.id), keys.raw(ref.id), keys.state(QUEUED)],
-                args=[raw, self.staging_ttl, len(raw), now_ms(), ref.id],
+                args=[self.sealer.seal(raw), self.staging_ttl, len(raw), now_ms(), ref.id],
             )
         )
 
     def restage(self, mail_id: str, raw: bytes) -> None:
-        self.redis.set(keys.raw(mail_id), raw, ex=self.staging_ttl)
+        self.redis.set(keys.raw(mail_id), self.sealer.seal(raw), ex=self.staging_ttl)
 
     def step_lock(self, name: str, *, timeout: float) -> redis.lock.Lock:
         """Single flight of one step of one mail (``ingest:<id>``, ``describe:<id>:<n>``)."""
@@ -279,7 +287,7 @@ class Ledger:
 
     def raw(self, mail_id: str) -> bytes | None:
         value = self.redis.get(keys.raw(mail_id))
-        return value if isinstance(value, bytes) else None
+        return self.sealer.open(value) if isinstance(value, bytes) else None
 
     def drop_raw(self, mail_id: str) -> None:
         self.redis.delete(keys.raw(mail_id))
@@ -337,7 +345,12 @@ class Ledger:
         ``parsing`` -> ``documents_pending``; returns False if it was not parsing."""
         for doc in documents:
             fp = fingerprint(message_key, doc)
-            self.redis.set(keys.blob(mail_id, doc.index), doc.payload, ex=self.staging_ttl, nx=True)
+            self.redis.set(
+                keys.blob(mail_id, doc.index),
+                self.sealer.seal(doc.payload),
+                ex=self.staging_ttl,
+                nx=True,
+            )
             # a record from an earlier, interrupted run is kept: it may hold a token
             self.redis.hsetnx(keys.document(mail_id, doc.index), "state", PLANNED)
             self.redis.hset(
@@ -381,11 +394,11 @@ class Ledger:
         ]
 
     def restage_blob(self, mail_id: str, index: int, payload: bytes) -> None:
-        self.redis.set(keys.blob(mail_id, index), payload, ex=self.staging_ttl)
+        self.redis.set(keys.blob(mail_id, index), self.sealer.seal(payload), ex=self.staging_ttl)
 
     def blob(self, mail_id: str, index: int) -> bytes | None:
         value = self.redis.get(keys.blob(mail_id, index))
-        return value if isinstance(value, bytes) else None
+        return self.sealer.open(value) if isinstance(value, bytes) else None
 
     def describe_attempt(self, mail_id: str, index: int) -> None:
         """Recorded before the POST: from now on a token may exist at Alloy that we never saw."""

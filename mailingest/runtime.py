@@ -10,6 +10,7 @@ from .alloy import AlloyClient
 from .inbox import Mailbox
 from .ledger import Ledger
 from .retry import RetryPolicy
+from .sealing import Sealer
 from .senders import CsvDirectory, HttpLookup, RedisDirectory, Resolver, SenderResolver
 from .settings import Settings
 
@@ -60,12 +61,17 @@ def build_context(settings: Settings) -> Context:
         settings.alloy_token,
         settings.alloy_secret,
         connect_timeout=settings.alloy_connect_timeout,
+        ca_file=settings.alloy_ca_file,
         read_timeout=settings.alloy_read_timeout,
     )
     ctx = Context(
         settings=settings,
         redis=client,
-        ledger=Ledger(client, staging_ttl=settings.staging_ttl),
+        ledger=Ledger(
+            client,
+            staging_ttl=settings.staging_ttl,
+            sealer=Sealer(settings.staging_key) if settings.staging_key else None,
+        ),
         alloy=alloy,
         senders=build_resolver(settings, client),
         policy=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_cap),

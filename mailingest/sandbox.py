@@ -104,6 +104,7 @@ import re
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -1174,6 +1175,7 @@ class SandboxServer:
         extensions: Iterable[str] | None = None,
         allow_reupload: bool = False,
         verbose: bool = False,
+        tls: tuple[str, str] | None = None,
     ) -> None:
         if (token is None) != (secret is None):
             raise ValueError("give both token and secret, or neither")
@@ -1200,6 +1202,12 @@ class SandboxServer:
         cls = _HTTPServer6 if ":" in host else _HTTPServer
         self._httpd = cls((host, port), _Handler)
         self._httpd.sandbox = self
+        self.scheme = "http"
+        if tls is not None:  # (certificate, key): serve HTTPS, for the TLS tests
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+            self.scheme = "https"
         self.host = host
         self.port: int = self._httpd.server_address[1]
 
@@ -1214,7 +1222,7 @@ class SandboxServer:
 
     @property
     def root_url(self) -> str:
-        return f"http://{self._url_host}:{self.port}"
+        return f"{self.scheme}://{self._url_host}:{self.port}"
 
     @property
     def url(self) -> str:

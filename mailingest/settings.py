@@ -71,6 +71,7 @@ class InboxSettings:
     agent_email: str | None
     note: str
     poll_interval: float
+    ca_file: Path | None = None  # trust this CA for the IMAP server's certificate
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Settings:
     alloy_url: str
     alloy_token: Secret | None
     alloy_secret: Secret | None
+    alloy_ca_file: Path | None
     alloy_connect_timeout: float
     alloy_read_timeout: float
     redis_url: str | None
@@ -97,6 +99,7 @@ class Settings:
     failed_auto_retries: int
     inline_image_floor: int
     staging_ttl: int
+    staging_key: Secret | None
     max_attempts: int
     retry_base: float
     retry_cap: float
@@ -200,6 +203,14 @@ class _Env:
             raise ConfigError(PREFIX + name, f"must be an e-mail address, got {value!r}")
         return value.lower() if value else None
 
+    def path(self, name: str) -> Path | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        if not Path(value).is_file():
+            raise ConfigError(PREFIX + name, f"{value} is not a readable file")
+        return Path(value)
+
     def folder(self, name: str, default: str) -> str:
         value = self.text(name, default) or default
         if any(ch in value for ch in "\r\n\0"):
@@ -289,6 +300,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         agent_email=env.email("AGENT_EMAIL"),
         note=env.text("NOTE", DEFAULT_NOTE) or DEFAULT_NOTE,
         poll_interval=env.number("POLL_INTERVAL", 60.0, minimum=1, maximum=86400),
+        ca_file=env.path("IMAP_CA_FILE"),
     )
     folders = {inbox.folder, inbox.processed_folder, inbox.quarantine_folder}
     if len(folders) != 3:
@@ -297,6 +309,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "the inbox, processed and quarantine folders must be three different folders",
         )
 
+    staging_key = env.secret("STAGING_KEY")
+    if staging_key is not None:
+        from .sealing import Sealer, SealingError
+
+        try:
+            Sealer(staging_key)
+        except SealingError as exc:
+            raise ConfigError(PREFIX + "STAGING_KEY", str(exc)) from None
     task_time_limit = env.integer("TASK_TIME_LIMIT", 300, minimum=10, maximum=3600)
     retry_cap = env.number("RETRY_CAP", 300.0, minimum=0.01, maximum=6 * 3600)
     # Redis hands an unacknowledged task to another worker after the visibility timeout:
@@ -325,6 +345,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         alloy_url=alloy_url.rstrip("/"),
         alloy_token=env.secret("ALLOY_TOKEN"),
         alloy_secret=env.secret("ALLOY_SECRET"),
+        alloy_ca_file=env.path("ALLOY_CA_FILE"),
         alloy_connect_timeout=env.number("ALLOY_CONNECT_TIMEOUT", 5.0, minimum=0.1, maximum=120),
         alloy_read_timeout=env.number("ALLOY_READ_TIMEOUT", 30.0, minimum=0.1, maximum=600),
         redis_url=redis_url,
@@ -349,6 +370,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "INLINE_IMAGE_FLOOR", 4096, minimum=0, maximum=10 * 1024 * 1024
         ),
         staging_ttl=env.integer("STAGING_TTL", 7 * 86400, minimum=60, maximum=90 * 86400),
+        staging_key=staging_key,
         max_attempts=env.integer("MAX_ATTEMPTS", 8, minimum=1, maximum=100),
         retry_base=env.number("RETRY_BASE", 2.0, minimum=0.01, maximum=3600),
         retry_cap=retry_cap,

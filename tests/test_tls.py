@@ -1,0 +1,67 @@
+"""Certificates are verified by default, for IMAP and for Alloy; a private CA can be added."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailingest.alloy import AlloyClient
+from mailingest.embedded import DovecotServer, ServerNotAvailable
+from mailingest.errors import AlloyUnavailable, MailboxError
+from mailingest.inbox import Mailbox
+from mailingest.sandbox import SandboxServer
+from mailingest.settings import InboxSettings, Secret
+
+from .conftest import require_or_skip
+from .tls import make_tls_files
+
+pytestmark = pytest.mark.servers
+
+
+def inbox_for(server: DovecotServer, ca_file: Path | None) -> InboxSettings:
+    account = server.account
+    return InboxSettings(
+        name="tls",
+        host=account.host,
+        port=account.port,
+        user=account.user,
+        password=Secret(account.password),
+        security="ssl",
+        folder="INBOX",
+        processed_folder="Processed",
+        quarantine_folder="Quarantine",
+        agent_email="a@b.example",
+        note="n",
+        poll_interval=60,
+        ca_file=ca_file,
+    )
+
+
+def test_imap_certificate_is_verified(tmp_path: Path) -> None:
+    ca, cert, key = make_tls_files(tmp_path / "pki")
+    try:
+        server = DovecotServer(tmp_path / "imap", tls=(cert, key)).start()
+    except ServerNotAvailable as exc:
+        require_or_skip(str(exc))
+    try:
+        with pytest.raises(MailboxError, match="CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            Mailbox(inbox_for(server, None)).connect()  # untrusted: refused, no bypass
+        with Mailbox(inbox_for(server, ca)) as box:  # the private CA added: accepted
+            assert box.select("INBOX") > 0
+    finally:
+        server.stop()
+
+
+def test_alloy_certificate_is_verified(tmp_path: Path) -> None:
+    ca, cert, key = make_tls_files(tmp_path / "pki")
+    sandbox = SandboxServer(token="t", secret="s", tls=(str(cert), str(key))).start()
+    try:
+        assert sandbox.url.startswith("https://127.0.0.1:")
+        with AlloyClient(sandbox.url, Secret("t"), Secret("s")) as alloy:
+            with pytest.raises(AlloyUnavailable, match="TLS certificate not trusted"):
+                alloy.list("P-aaaaaaaaaaaaaaaaaaaa")
+        with AlloyClient(sandbox.url, Secret("t"), Secret("s"), ca_file=ca) as alloy:
+            assert alloy.list("P-aaaaaaaaaaaaaaaaaaaa") == []
+    finally:
+        sandbox.stop()
