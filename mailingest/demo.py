@@ -5,7 +5,7 @@ Alloy sandbox, each on a free loopback port; delivers a handful of realistic
 customer mails by IMAP APPEND; runs a real Celery worker and beat with the same
 code and settings as production; waits until every mail is decided; and prints
 what reached which entity and what was quarantined. It checks its own outcome:
-the exit status is 0 only when every document arrived byte for byte at the
+the exit status is 0 only when every document arrived intact at the
 right entity and the stranger's mail is in quarantine.
 """
 
@@ -28,7 +28,7 @@ from .embedded import CeleryProcess, PymapServer, RedisServer, free_port
 from .inbox import Mailbox
 from .ledger import Ledger
 from .runtime import connect_redis
-from .samples import AGENT_EMAIL, ExpectedDocument, Scenario, demo_scenario
+from .samples import AGENT_EMAIL, AUTHSERV_ID, ExpectedDocument, Scenario, demo_scenario
 from .sandbox import SandboxServer
 from .settings import DEFAULT_NOTE, Secret, load_settings
 
@@ -55,6 +55,7 @@ def demo_environment(
         "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
         "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
         "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
+        "MAILINGEST_TRUSTED_AUTHSERV_ID": AUTHSERV_ID,
         "MAILINGEST_SENDERS_FILE": str(senders_file),
         "MAILINGEST_POLL_INTERVAL": "2",
         "MAILINGEST_RETRY_BASE": "0.5",
@@ -258,8 +259,8 @@ def run_demo(
     n_docs = len(scenario.expected_documents)
     n_quarantined = sum(1 for m in scenario.mails if m.quarantine_reason)
     print(
-        f"\nAll {n_docs} demo documents reached the right entity byte for byte; "
-        f"{n_quarantined} mail quarantined."
+        f"\nAll {n_docs} demo documents reached the right entity with the right content; "
+        f"{n_quarantined} mails quarantined."
     )
     if own_dir:
         shutil.rmtree(root, ignore_errors=True)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import redis
 
 from . import ledger as L
-from .documents import describe_attachments
 from .errors import (
     AlloyRejected,
     AlloyUnavailable,
@@ -35,8 +34,8 @@ from .errors import (
     ResolverError,
 )
 from .ledger import MailRef, PlannedDocument
-from .mail import parse_mail
 from .runtime import Context
+from .screening import Screened, screen, size_refusal
 from .settings import InboxSettings
 
 log = logging.getLogger(__name__)
@@ -154,6 +153,16 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
         # bounded per poll: a huge backlog is taken a slice per tick, oldest first
         uids = box.uids_after(watermark)[: settings.poll_limit]
         sizes = box.sizes(uids)
+        # a mail over the size limit is recorded and quarantined without fetching its body
+        too_big = [u for u in uids if sizes.get(u, 0) > settings.limits.max_message_bytes]
+        for uid in too_big:
+            ref = MailRef(inbox.name, inbox.folder, validity, uid)
+            found += 1
+            if ctx.ledger.record_new(ref, b""):
+                ctx.ledger.update(ref.id, size=sizes[uid])
+                out(quarantine(ctx, ref.id, size_refusal(sizes[uid], settings.limits)))
+        refused = set(too_big)
+        uids = [u for u in uids if u not in refused]
         for chunk in _batches(uids, sizes, settings.fetch_batch, settings.fetch_bytes):
             fetched = box.fetch(chunk)
             steps = []
@@ -241,20 +250,18 @@ def _ingest_locked(ctx: Context, record: L.MailRecord) -> list[Step]:
     if not ctx.ledger.transition(mail_id, L.PARSING, allowed=(L.QUEUED, L.PARSING), reason=""):
         return []
 
-    try:
-        mail = parse_mail(raw, inline_image_floor=ctx.settings.inline_image_floor)
-        specs = describe_attachments(mail)
-    except Exception as exc:  # noqa: BLE001 - a bad mail must never crash the worker
-        log.warning("mail %s: cannot be parsed (%s)", mail_id, type(exc).__name__)
-        return quarantine(ctx, mail_id, f"cannot parse the mail ({type(exc).__name__})")
-
-    ctx.ledger.update(
-        mail_id,
-        message_id=mail.message_id or "",
-        sender=mail.sender or "",
-        subject=(mail.subject or "")[:200],
-        skipped=len(mail.skipped),
-    )
+    screened = screen(raw, ctx.settings.limits, ctx.settings.sender_auth)
+    mail = screened.mail
+    if mail is not None:
+        ctx.ledger.update(
+            mail_id,
+            message_id=mail.message_id or "",
+            sender=mail.sender or "",
+            subject=(mail.subject or "")[:200],
+            skipped=len(mail.skipped),
+        )
+    if screened.refusal is not None or mail is None:
+        return quarantine(ctx, mail_id, screened.refusal or "cannot parse the mail")
     if not mail.sender:
         return quarantine(ctx, mail_id, "no single sender address in From:")
     resolved = ctx.senders.resolve(mail.sender)  # ResolverError is retried by the caller
@@ -263,34 +270,32 @@ def _ingest_locked(ctx: Context, record: L.MailRecord) -> list[Step]:
             ctx, mail_id, f"unknown sender {mail.sender}: no entity in the sender directory"
         )
     entity, source = resolved
-    if not specs:
-        skipped = f" ({len(mail.skipped)} inline part(s) skipped)" if mail.skipped else ""
-        ctx.ledger.update(mail_id, entity=entity)
-        return quarantine(ctx, mail_id, f"no documents attached{skipped}")
-
-    payloads = {att.index: att.payload for att in mail.attachments}
-    planned = [
-        PlannedDocument(
-            index=i,
-            name=spec.name,
-            extension=spec.extension,
-            type=spec.type,
-            content_type=spec.content_type,
-            payload=payloads[spec.index],
-        )
-        for i, spec in enumerate(specs)
-    ]
+    planned = _planned(screened)
     # the same mail (Message-ID, else its bytes) seen again is not uploaded again
     message_key = mail.message_id or "sha256:" + hashlib.sha256(raw).hexdigest()
     ctx.ledger.plan_documents(mail_id, message_key, entity, planned)
     log.info(
-        "mail %s: sender resolved by %s; %d document(s), %d inline part(s) skipped",
+        "mail %s: sender resolved by %s; %d document(s); %s",
         mail_id,
         source,
         len(planned),
-        len(mail.skipped),
+        "; ".join(screened.notes) or "nothing skipped",
     )
     return _pending_steps(ctx, mail_id, len(planned))
+
+
+def _planned(screened: Screened) -> list[PlannedDocument]:
+    return [
+        PlannedDocument(
+            index=i,
+            name=doc.spec.name,
+            extension=doc.spec.extension,
+            type=doc.spec.type,
+            content_type=doc.spec.content_type,
+            payload=doc.payload,
+        )
+        for i, doc in enumerate(screened.documents)
+    ]
 
 
 def _refetch(ctx: Context, record: L.MailRecord) -> bytes | None:
@@ -437,11 +442,8 @@ def _restage_documents(ctx: Context, record: L.MailRecord, index: int) -> list[S
             f"in {record.ref.folder}",
         )
         return []
-    mail = parse_mail(raw, inline_image_floor=ctx.settings.inline_image_floor)
-    specs = describe_attachments(mail)
-    payloads = {att.index: att.payload for att in mail.attachments}
-    for i, spec in enumerate(specs):
-        ctx.ledger.restage_blob(record.id, i, payloads[spec.index])
+    for doc in _planned(screen(raw, ctx.settings.limits, ctx.settings.sender_auth)):
+        ctx.ledger.restage_blob(record.id, doc.index, doc.payload)
     return [Step("upload", record.id, index)]
 
 

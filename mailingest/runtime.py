@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import redis
@@ -13,6 +14,8 @@ from .retry import RetryPolicy
 from .sealing import Sealer
 from .senders import CsvDirectory, HttpLookup, RedisDirectory, Resolver, SenderResolver
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,4 +80,9 @@ def build_context(settings: Settings) -> Context:
         policy=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_cap),
     )
     ctx.closers += [client.close, alloy.close]
+    if not settings.sender_auth_on:
+        log.warning(
+            "MAILINGEST_SENDER_AUTH=off: senders are NOT authenticated; anyone who forges a "
+            "customer's From: address can file documents on that customer"
+        )
     return ctx

@@ -58,8 +58,23 @@ class SampleMail:
     quarantine_reason: str | None = None  # a substring of the expected reason
 
 
-def _base(sender: str, subject: str, text: str) -> EmailMessage:
+AUTHSERV_ID = "mx.support.example"  # the support mailbox's receiving server
+
+
+def authentication_results(sender: str, dmarc: str = "pass") -> str:
+    """The header our receiving server adds: DMARC for the From domain (RFC 8601)."""
+    address = sender.rsplit("<", 1)[-1].rstrip(">").strip().lower()
+    domain = address.rsplit("@", 1)[-1]
+    dkim = "pass" if dmarc == "pass" else "fail"
+    return (
+        f"{AUTHSERV_ID}; dkim={dkim} header.d={domain}; spf={dkim} smtp.mailfrom={address}; "
+        f"dmarc={dmarc} (p=REJECT) header.from={domain}"
+    )
+
+
+def _base(sender: str, subject: str, text: str, *, dmarc: str = "pass") -> EmailMessage:
     msg = EmailMessage()
+    msg["Authentication-Results"] = authentication_results(sender, dmarc)
     msg["From"] = sender
     msg["To"] = "documents@support.example"
     msg["Subject"] = subject
@@ -184,7 +199,18 @@ def demo_scenario(seed: int | None = None) -> Scenario:
         )
     )
 
-    # 5. a stranger: no entity for this sender, so the mail goes to quarantine
+    # 5. a forgery: a stranger's "passport" with Alice's From:, and DMARC says fail
+    msg = _base(alice, "passport", "my passport", dmarc="fail")
+    msg.add_attachment(
+        jpeg_bytes(4300, rng), maintype="image", subtype="jpeg", filename="passport.jpg"
+    )
+    mails.append(
+        SampleMail(
+            alice, msg["Subject"], msg.as_bytes(), [], quarantine_reason="sender not authenticated"
+        )
+    )
+
+    # 6. a stranger: no entity for this sender, so the mail goes to quarantine
     stranger = "mallory@unknown.example"
     msg = _base(stranger, "passport", "here is my passport")
     msg.add_attachment(

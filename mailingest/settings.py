@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .authn import AuthPolicy
 from .errors import ConfigError
+from .screening import Limits
 
 PREFIX = "MAILINGEST_"
 DEFAULT_NOTE = "Uploaded from email customer sent"
@@ -98,6 +100,9 @@ class Settings:
     failed_retry_after: int
     failed_auto_retries: int
     inline_image_floor: int
+    limits: Limits
+    sender_auth: AuthPolicy | None  # None: off, or on but without a trusted server yet
+    sender_auth_on: bool
     staging_ttl: int
     staging_key: Secret | None
     max_attempts: int
@@ -115,25 +120,38 @@ class Settings:
 
     def require(self, *groups: str) -> Settings:
         """Raise ConfigError naming the first missing variable of these groups."""
-        needed: list[tuple[str, object]] = []
+        missing = "is required but not set"
+        needed: list[tuple[str, object, str]] = []
         for group in groups:
             if group == "redis":
-                needed.append(("REDIS_URL", self.redis_url))
+                needed.append(("REDIS_URL", self.redis_url, missing))
             elif group == "imap":
                 for inbox in self.inboxes:
                     needed += [
-                        ("IMAP_HOST", inbox.host),
-                        ("IMAP_USER", inbox.user),
-                        ("IMAP_PASSWORD", inbox.password),
+                        ("IMAP_HOST", inbox.host, missing),
+                        ("IMAP_USER", inbox.user, missing),
+                        ("IMAP_PASSWORD", inbox.password, missing),
                     ]
+                needed.append(
+                    (
+                        "TRUSTED_AUTHSERV_ID",
+                        self.sender_auth is not None or not self.sender_auth_on,
+                        "is required while MAILINGEST_SENDER_AUTH is on: the authserv-id your "
+                        "receiving server writes in Authentication-Results "
+                        "(or set MAILINGEST_SENDER_AUTH=off)",
+                    )
+                )
             elif group == "alloy":
-                needed += [("ALLOY_TOKEN", self.alloy_token), ("ALLOY_SECRET", self.alloy_secret)]
-                needed += [("AGENT_EMAIL", inbox.agent_email) for inbox in self.inboxes]
+                needed += [
+                    ("ALLOY_TOKEN", self.alloy_token, missing),
+                    ("ALLOY_SECRET", self.alloy_secret, missing),
+                ]
+                needed += [("AGENT_EMAIL", inbox.agent_email, missing) for inbox in self.inboxes]
             else:  # pragma: no cover - programming error
                 raise ValueError(group)
-        for name, value in needed:
+        for name, value, problem in needed:
             if not value:
-                raise ConfigError(PREFIX + name, "is required but not set")
+                raise ConfigError(PREFIX + name, problem)
         return self
 
 
@@ -317,6 +335,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             Sealer(staging_key)
         except SealingError as exc:
             raise ConfigError(PREFIX + "STAGING_KEY", str(exc)) from None
+    limits = _limits(env)
+    sender_auth = _sender_auth(env)
     task_time_limit = env.integer("TASK_TIME_LIMIT", 300, minimum=10, maximum=3600)
     retry_cap = env.number("RETRY_CAP", 300.0, minimum=0.01, maximum=6 * 3600)
     # Redis hands an unacknowledged task to another worker after the visibility timeout:
@@ -366,9 +386,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         finish_grace=env.integer("FINISH_GRACE", 60, minimum=0, maximum=86400),
         failed_retry_after=env.integer("FAILED_RETRY_AFTER", 3600, minimum=1, maximum=7 * 86400),
         failed_auto_retries=env.integer("FAILED_AUTO_RETRIES", 3, minimum=0, maximum=100),
-        inline_image_floor=env.integer(
-            "INLINE_IMAGE_FLOOR", 4096, minimum=0, maximum=10 * 1024 * 1024
-        ),
+        inline_image_floor=limits.inline_image_floor,
+        limits=limits,
+        sender_auth=sender_auth,
+        sender_auth_on=_list(env.text("SENDER_AUTH", "dmarc")) != ("off",),
         staging_ttl=env.integer("STAGING_TTL", 7 * 86400, minimum=60, maximum=90 * 86400),
         staging_key=staging_key,
         max_attempts=env.integer("MAX_ATTEMPTS", 8, minimum=1, maximum=100),
@@ -376,3 +397,55 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         retry_cap=retry_cap,
         log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
     )
+
+
+def _list(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip().lower() for v in (value or "").split(",") if v.strip())
+
+
+def _limits(env: _Env) -> Limits:
+    from .sniff import KNOWN_KINDS
+
+    default = Limits()
+    kinds = _list(env.text("ALLOWED_TYPES")) or tuple(sorted(default.allowed_kinds))
+    unknown = [k for k in kinds if k not in KNOWN_KINDS]
+    if unknown:
+        raise ConfigError(
+            PREFIX + "ALLOWED_TYPES",
+            f"names unknown type(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_KINDS))}",
+        )
+    mib = 1024 * 1024
+    return Limits(
+        max_message_bytes=env.integer("MAX_MESSAGE_BYTES", 40 * mib, minimum=1024, maximum=2**31),
+        max_parts=env.integer("MAX_PARTS", 100, minimum=1, maximum=100_000),
+        max_depth=env.integer("MAX_DEPTH", 10, minimum=1, maximum=1000),
+        max_attachment_bytes=env.integer(
+            "MAX_ATTACHMENT_BYTES", 25 * mib, minimum=1024, maximum=2**31
+        ),
+        max_documents=env.integer("MAX_DOCUMENTS", 20, minimum=1, maximum=10_000),
+        allowed_kinds=frozenset(kinds),
+        inline_image_floor=env.integer("INLINE_IMAGE_FLOOR", 4096, minimum=0, maximum=10 * mib),
+    )
+
+
+def _sender_auth(env: _Env) -> AuthPolicy | None:
+    mode = _list(env.text("SENDER_AUTH", "dmarc"))
+    if mode == ("off",):
+        return None
+    bad = [m for m in mode if m not in ("dmarc", "dkim", "spf")]
+    if bad or not mode:
+        raise ConfigError(
+            PREFIX + "SENDER_AUTH",
+            f"must be 'off' or a list of dmarc, dkim, spf; got {env.text('SENDER_AUTH')!r}",
+        )
+    ids = _list(env.text("TRUSTED_AUTHSERV_ID"))
+    if not ids:
+        return None  # required by the commands that read mail (Settings.require)
+    try:
+        return AuthPolicy(
+            trusted_authserv_ids=ids,
+            accept=mode,
+            allowed_domains=_list(env.text("SENDER_DOMAINS")),
+        )
+    except ValueError as exc:
+        raise ConfigError(PREFIX + "SENDER_DOMAINS", str(exc)) from None

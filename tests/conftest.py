@@ -26,7 +26,7 @@ from mailingest.embedded import (
     ServerNotAvailable,
     start_imap_server,
 )
-from mailingest.samples import AGENT_EMAIL
+from mailingest.samples import AGENT_EMAIL, AUTHSERV_ID
 from mailingest.sandbox import SandboxServer
 
 ALLOY_TOKEN, ALLOY_SECRET = "test-token", "test-secret-value"
@@ -130,6 +130,7 @@ def env(
         "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
         "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
         "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
+        "MAILINGEST_TRUSTED_AUTHSERV_ID": AUTHSERV_ID,
         "MAILINGEST_SENDERS_FILE": str(senders_file),
         "MAILINGEST_POLL_INTERVAL": "1",
         "MAILINGEST_RETRY_BASE": "0.05",

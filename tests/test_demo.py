@@ -28,7 +28,10 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "All 5 demo documents reached the right entity byte for byte; 1 mail quarantined." in out
+    assert (
+        "All 5 demo documents reached the right entity with the right content; 2 mails quarantined."
+        in out
+    )
     for name in (
         "driver_license.pdf",
         "passport_scan.jpg",
@@ -38,6 +41,7 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     ):
         assert name in out
     assert "unknown sender mallory@unknown.example" in out
+    assert "sender not authenticated: dmarc=fail" in out
     # the worker and beat ran through the `mailingest worker|beat` wrappers
     worker_log = (tmp_path / "demo" / "worker.log").read_text()
     assert "mailingest.upload_document" in worker_log and "ready." in worker_log

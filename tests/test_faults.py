@@ -31,7 +31,7 @@ from mailingest import ledger as L
 from mailingest.embedded import CeleryProcess, DovecotServer, RedisServer, ServerNotAvailable
 from mailingest.ledger import Ledger
 from mailingest.runtime import connect_redis
-from mailingest.samples import AGENT_EMAIL, bulk_scenario
+from mailingest.samples import AGENT_EMAIL, AUTHSERV_ID, bulk_scenario
 from mailingest.sandbox import Faults, SandboxServer
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN, require_or_skip
@@ -161,6 +161,7 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
         "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
         "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
         "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
+        "MAILINGEST_TRUSTED_AUTHSERV_ID": AUTHSERV_ID,
         "MAILINGEST_SENDERS_FILE": str(senders_file),
         "MAILINGEST_POLL_INTERVAL": "1",
         "MAILINGEST_ALLOY_READ_TIMEOUT": "1",

@@ -33,16 +33,17 @@ def test_poll_once_in_process(
     try:
         summary = poll_once(ctx)
         assert summary.ok, summary
-        assert (summary.found, summary.processed, summary.quarantined) == (5, 4, 1)
+        assert (summary.found, summary.processed, summary.quarantined) == (6, 4, 2)
         assert summary.documents_uploaded == 5
         assert outcome_problems(env, scenario) == []
         assert folder_counts(imap, "INBOX", "Processed", "Quarantine") == {
             "INBOX": 0,
             "Processed": 4,
-            "Quarantine": 1,
+            "Quarantine": 2,
         }
         assert not any(seen_flags(imap, "Processed")), "BODY.PEEK[] must not set \\Seen"
-        (stranger,) = ctx.ledger.mails([L.QUARANTINED])
+        forged, stranger = ctx.ledger.mails([L.QUARANTINED])
+        assert forged.reason.startswith("sender not authenticated: dmarc=fail")
         assert stranger.reason.startswith("unknown sender mallory@unknown.example")
         assert stranger.filed_to == "Quarantine"
         # the bytes are gone from Redis once uploaded; nothing is staged any more

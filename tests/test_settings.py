@@ -19,6 +19,7 @@ BASE = {
     "MAILINGEST_ALLOY_SECRET": "sec",
     "MAILINGEST_AGENT_EMAIL": "Agent@Example.com",
     "MAILINGEST_REDIS_URL": "redis://127.0.0.1:6380/0",
+    "MAILINGEST_TRUSTED_AUTHSERV_ID": "mx.example.com",
 }
 
 

@@ -1,0 +1,190 @@
+"""What we accept from the internet: one mail's bytes -> its documents, or why not.
+
+A pure function (no I/O), run before anything is sent anywhere, cheapest checks
+first so a hostile mail costs as little as possible:
+
+1. size of the whole message (the poll already refused it by ``RFC822.SIZE``
+   before fetching, when the server reports it);
+2. structure: number of MIME parts and nesting depth (headers only, nothing decoded);
+3. the sender: ``Authentication-Results`` of the trusted receiving server
+   (:mod:`mailingest.authn`), unless the operator turned it off;
+4. each part: zero bytes (reported, not uploaded), its size, and its real type
+   sniffed from the bytes (:mod:`mailingest.sniff`); the extension sent to Alloy
+   follows the content when the name lies;
+5. the number of documents.
+
+Every refusal names the limit or check and the value that failed it.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from dataclasses import dataclass, field, replace
+from email.message import Message
+
+from .authn import AuthPolicy, evaluate
+from .documents import DocumentSpec, describe_attachments
+from .mail import ParsedMail, parse_mail
+from .sniff import sniff
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 40 * MiB
+    max_parts: int = 100
+    max_depth: int = 10
+    max_attachment_bytes: int = 25 * MiB
+    max_documents: int = 20
+    allowed_kinds: frozenset[str] = frozenset(
+        {
+            "pdf",
+            "jpeg",
+            "png",
+            "gif",
+            "tiff",
+            "heic",
+            "avif",
+            "webp",
+            "bmp",
+            "docx",
+            "xlsx",
+            "odt",
+            "doc",
+            "txt",
+            "eml",
+        }
+    )
+    inline_image_floor: int = 4096
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document that passed every check: what Alloy is told, and the bytes."""
+
+    spec: DocumentSpec
+    payload: bytes
+    kind: str
+
+
+@dataclass(frozen=True)
+class Screened:
+    """The outcome for one mail: ``refusal`` set (quarantine), or the documents."""
+
+    mail: ParsedMail | None
+    documents: tuple[Document, ...] = ()
+    refusal: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)  # skipped parts, auth verdict
+
+    @property
+    def accepted(self) -> bool:
+        return self.refusal is None
+
+
+def structure(message: Message) -> tuple[int, int]:
+    """(number of MIME parts, deepest nesting), from the parsed headers alone."""
+    count = 0
+    deepest = 0
+    stack: list[tuple[Message, int]] = [(message, 0)]
+    while stack:
+        part, depth = stack.pop()
+        count += 1
+        deepest = max(deepest, depth)
+        if part.is_multipart():
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                stack.extend((p, depth + 1) for p in payload if isinstance(p, Message))
+    return count, deepest
+
+
+def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
+    """Decide what to do with one mail. Never raises for any input."""
+    if len(raw) > limits.max_message_bytes:
+        return Screened(None, refusal=size_refusal(len(raw), limits))
+    try:
+        headers_only = email.message_from_bytes(raw, policy=email.policy.compat32)
+    except Exception as exc:  # noqa: BLE001 - hostile input
+        return Screened(None, refusal=f"cannot parse the mail ({type(exc).__name__})")
+    parts, depth = structure(headers_only)
+    if parts > limits.max_parts:
+        return Screened(None, refusal=f"too many MIME parts: {parts} (limit {limits.max_parts})")
+    if depth > limits.max_depth:
+        return Screened(
+            None, refusal=f"MIME nesting too deep: {depth} levels (limit {limits.max_depth})"
+        )
+    try:
+        mail = parse_mail(raw, inline_image_floor=limits.inline_image_floor)
+        specs = describe_attachments(mail)
+    except Exception as exc:  # noqa: BLE001 - hostile input
+        return Screened(None, refusal=f"cannot parse the mail ({type(exc).__name__})")
+
+    notes: list[str] = [f"skipped part {s.index}: {s.reason}" for s in mail.skipped]
+    if auth is not None:
+        verdict = evaluate(
+            [str(h) for h in headers_only.get_all("Authentication-Results") or []],
+            mail.sender,
+            auth,
+        )
+        if not verdict.accepted:
+            return Screened(mail, refusal=f"sender not authenticated: {verdict.reason}")
+        notes.append(f"sender authenticated: {verdict.reason}")
+
+    payloads = {att.index: att for att in mail.attachments}
+    documents: list[Document] = []
+    for spec in specs:
+        attachment = payloads[spec.index]
+        data = attachment.payload
+        label = f"part {spec.index} ({spec.name}.{spec.extension})"
+        if not data:
+            notes.append(f"skipped {label}: zero bytes")
+            continue
+        if len(data) > limits.max_attachment_bytes:
+            return Screened(
+                mail,
+                refusal=f"attachment too large: {label} is {len(data)} bytes "
+                f"(limit {limits.max_attachment_bytes})",
+            )
+        found = sniff(data, declared_type=attachment.content_type, filename=spec.name)
+        if found.kind not in limits.allowed_kinds:
+            return Screened(
+                mail,
+                refusal=f"refused content: {label} is {found.kind} ({found.mime}), "
+                "not an allowed document type",
+            )
+        if found.extension != spec.extension:
+            notes.append(f"{label}: content is {found.kind}, sent as .{found.extension}")
+            spec = replace(spec, extension=found.extension, content_type=found.mime)
+        documents.append(Document(spec, data, found.kind))
+    if len(documents) > limits.max_documents:
+        return Screened(
+            mail,
+            refusal=f"too many documents: {len(documents)} (limit {limits.max_documents})",
+        )
+    if not documents:
+        reason = "no documents attached"
+        if notes:
+            reason += f" ({'; '.join(n for n in notes if n.startswith('skipped'))})"
+        return Screened(mail, refusal=reason.replace(" ()", ""), notes=tuple(notes))
+    return Screened(mail, tuple(_unique(documents)), notes=tuple(notes))
+
+
+def size_refusal(size: int, limits: Limits) -> str:
+    return f"message too large: {size} bytes (limit {limits.max_message_bytes})"
+
+
+def _unique(documents: list[Document]) -> list[Document]:
+    """Names stay unique within the mail after an extension was corrected."""
+    taken: set[tuple[str, str]] = set()
+    out = []
+    for doc in documents:
+        name, counter = doc.spec.name, 1
+        while (name.casefold(), doc.spec.extension) in taken:
+            counter += 1
+            name = f"{doc.spec.name}-{counter}"
+        taken.add((name.casefold(), doc.spec.extension))
+        out.append(
+            doc if name == doc.spec.name else replace(doc, spec=replace(doc.spec, name=name))
+        )
+    return out
