@@ -7,6 +7,7 @@
     │   └── AlloyUnavailable     401, 429, 5xx, timeout, connection error: retried
     ├── ResolverError            a sender directory or CRM hook could not answer (retried)
     ├── MailboxError             the IMAP server refused or dropped us (retried)
+    ├── Busy                     another copy of the same document is in flight (retried)
     └── MailError                one mail cannot be handled (quarantined with the reason)
 
 Messages never contain document bytes, mail bodies, passwords or tokens:
@@ -89,6 +90,13 @@ class ResolverError(MailingestError):
 
 class MailboxError(MailingestError):
     """The IMAP server refused a command or the connection dropped; retried."""
+
+    retryable = True
+
+
+class Busy(MailingestError):
+    """The same document (same mail, same bytes) is being uploaded by another copy of the
+    mail; wait for it and adopt its result rather than upload a second one."""
 
     retryable = True
 

@@ -161,20 +161,41 @@ class Mailbox:
             out.append(Fetched(int(uid), int(item.get(b"RFC822.SIZE", len(raw))), bytes(raw)))
         return out
 
-    def move(self, uid: int, destination: str) -> None:
-        """Move one mail of the selected folder; a UID that is already gone is not an error."""
+    def move(self, uid: int, destination: str, *, message_id: str | None = None) -> None:
+        """Move one mail of the selected folder; a UID that is already gone is not an error.
+
+        Without MOVE: COPY, ``\\Deleted``, ``UID EXPUNGE`` of that UID only. If a run died
+        between the COPY and the EXPUNGE, the copy already in ``destination`` (found by
+        ``message_id``) is not made a second time.
+        """
         with self._errors(f"MOVE to {destination!r}"):
             if not self.client.folder_exists(destination):
                 self.client.create_folder(destination)
             if self.client.has_capability("MOVE"):
                 self.client.move([uid], destination)
                 return
-            self.client.copy([uid], destination)
+            source = self._selected
+            copied = False
+            if message_id and source:
+                self.client.select_folder(destination, readonly=True)
+                copied = bool(self.client.search(["HEADER", "Message-ID", f"<{message_id}>"]))
+                self.client.select_folder(source)
+            if not copied:
+                self.client.copy([uid], destination)
             self.client.add_flags([uid], [b"\\Deleted"], silent=True)
             if self.client.has_capability("UIDPLUS"):
                 self.client.uid_expunge([uid])
             # without UIDPLUS the mail stays flagged \Deleted in the inbox for a person
             # to expunge: a plain EXPUNGE could remove other people's deleted mail.
+
+    def holds(self, folder: str, message_id: str) -> bool:
+        """Whether ``folder`` holds a mail with this Message-ID (selects it read-only)."""
+        with self._errors(f"SEARCH {folder!r}"):
+            if not self.client.folder_exists(folder):
+                return False
+            self.client.select_folder(folder, readonly=True)
+            self._selected = None
+            return bool(self.client.search(["HEADER", "Message-ID", f"<{message_id}>"]))
 
     def append(self, folder: str, raw: bytes) -> None:
         with self._errors(f"APPEND to {folder!r}"):

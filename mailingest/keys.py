@@ -9,6 +9,8 @@
     mailingest:unfiled                   set    decided mails not yet moved out of the inbox
     mailingest:watermark:<inbox>:<folder>:<uidvalidity>   highest UID recorded
     mailingest:uploaded:<entity>:<fingerprint>             document token (no second upload)
+    mailingest:fp:<entity>:<fingerprint> string the one (mail id|index) that uploads it
+    mailingest:unfetchable:<inbox>:<uidvalidity>:<uid>     polls that got no body for it
     mailingest:lock:poll:<inbox>         lock   single flight of one inbox's poll
     mailingest:lock:step:<step>:<mail id>[:<index>]   lock   single flight of one step
     mailingest:poll:<inbox>              hash   last poll: when, found, error, last success
@@ -58,6 +60,14 @@ def watermark(inbox: str, folder: str, uidvalidity: int) -> str:
 
 def uploaded(entity: str, fingerprint: str) -> str:
     return f"{NS}:uploaded:{quote(entity, safe='')}:{fingerprint}"
+
+
+def fingerprint_owner(entity: str, fingerprint: str) -> str:
+    return f"{NS}:fp:{quote(entity, safe='')}:{fingerprint}"
+
+
+def unfetchable(inbox: str, uidvalidity: int, uid: int) -> str:
+    return f"{NS}:unfetchable:{inbox}:{uidvalidity}:{uid}"
 
 
 def poll_lock(inbox: str) -> str:

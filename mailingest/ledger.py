@@ -90,12 +90,15 @@ redis.call('SADD', KEYS[3], ARGV[5])
 return 1
 """
 
-# KEYS: document hash, token claim; ARGV: token, now. The first token recorded wins.
+# KEYS: document hash, token claim; ARGV: token, now. The document's first token wins, and
+# a token belongs to one document only: '' when another document already claimed it.
 _DESCRIBED = """
 local current = redis.call('HGET', KEYS[1], 'token')
 if current and current ~= '' then return current end
-redis.call('HSET', KEYS[1], 'token', ARGV[1], 'state', 'described', 'described_at', ARGV[2])
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= KEYS[1] then return '' end
 redis.call('SET', KEYS[2], KEYS[1])
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'state', 'described', 'described_at', ARGV[2])
 return ARGV[1]
 """
 
@@ -140,6 +143,8 @@ class MailRecord:
     updated_at: int
     retry_at: int
     auto_replays: int
+    requeued_at: int
+    requeues: int
 
     @property
     def id(self) -> str:
@@ -163,6 +168,8 @@ class MailRecord:
             updated_at=int(h.get("updated_at") or 0),
             retry_at=int(h.get("retry_at") or 0),
             auto_replays=int(h.get("auto_replays") or 0),
+            requeued_at=int(h.get("requeued_at") or 0),
+            requeues=int(h.get("requeues") or 0),
         )
 
 
@@ -308,6 +315,10 @@ class Ledger:
             argv += [name, "" if value is None else str(value)]
         return bool(self._transition(keys=[keys.mail(mail_id), keys.UNFILED], args=argv))
 
+    def requeued(self, mail_id: str, count: int) -> None:
+        """The sweep queued the mail again (not progress: ``updated_at`` stays)."""
+        self.redis.hset(keys.mail(mail_id), mapping={"requeued_at": now_ms(), "requeues": count})
+
     def update(self, mail_id: str, **fields: object) -> None:
         fields.setdefault("updated_at", now_ms())
         self.redis.hset(
@@ -379,6 +390,24 @@ class Ledger:
             documents=len(documents),
         )
 
+    def fingerprint_owner(self, entity: str, fp: str, mail_id: str, index: int) -> tuple[str, int]:
+        """The (mail id, index) that uploads this document; claimed for us if nobody has."""
+        key = keys.fingerprint_owner(entity, fp)
+        self.redis.set(key, f"{mail_id}|{index}", nx=True)
+        owner = _text(self.redis.get(key) or f"{mail_id}|{index}")
+        owner_mail, _, owner_index = owner.rpartition("|")
+        return owner_mail, int(owner_index)
+
+    def take_fingerprint(self, entity: str, fp: str, mail_id: str, index: int) -> None:
+        self.redis.set(keys.fingerprint_owner(entity, fp), f"{mail_id}|{index}")
+
+    def unfetchable(self, inbox: str, uidvalidity: int, uid: int) -> int:
+        """Count one more poll that found ``uid`` but got no body for it."""
+        key = keys.unfetchable(inbox, uidvalidity, uid)
+        count = int(self.redis.incr(key))
+        self.redis.expire(key, 7 * 86400)
+        return count
+
     def document(self, mail_id: str, index: int) -> DocumentRecord | None:
         h = self.redis.hgetall(keys.document(mail_id, index))
         return DocumentRecord.from_hash(mail_id, index, _decode(h)) if h else None
@@ -408,7 +437,8 @@ class Ledger:
         self.update(mail_id)
 
     def mark_described(self, mail_id: str, index: int, token: str) -> str:
-        """Record the document's token unless one is already recorded; return the one kept."""
+        """Record the document's token unless it has one; return the one kept, or "" when
+        ``token`` already belongs to another document (then nothing is recorded)."""
         kept = self._described(
             keys=[keys.document(mail_id, index), keys.token_claim(token)], args=[token, now_ms()]
         )

@@ -28,6 +28,7 @@ from . import ledger as L
 from .errors import (
     AlloyRejected,
     AlloyUnavailable,
+    Busy,
     MailboxError,
     MailError,
     MailingestError,
@@ -40,7 +41,7 @@ from .settings import InboxSettings
 
 log = logging.getLogger(__name__)
 
-RECONCILE_SKEW_MS = 300_000  # clock skew allowed between us and Alloy when adopting a document
+RECONCILE_SKEW_MS = 30_000  # clock skew allowed between us and Alloy when adopting a document
 
 Emit = Callable[[list["Step"]], None]
 
@@ -175,6 +176,18 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
             # the watermark passes a UID only once it is recorded or gone from the folder
             missing = sorted(set(chunk) - {m.uid for m in fetched})
             still_there = [uid for uid in missing if box.exists(uid)]
+            for uid in list(still_there):
+                # a mail the server lists but never delivers must not stall the inbox
+                if ctx.ledger.unfetchable(inbox.name, validity, uid) >= 3:
+                    ref = MailRef(inbox.name, inbox.folder, validity, uid)
+                    if ctx.ledger.record_new(ref, b""):
+                        ctx.ledger.transition(
+                            ref.id,
+                            L.FAILED,
+                            allowed=(L.QUEUED,),
+                            reason=f"the server returned no body for UID {uid} in 3 polls",
+                        )
+                    still_there.remove(uid)
             safe = chunk[-1] if not still_there else still_there[0] - 1
             ctx.ledger.advance_watermark(inbox.name, inbox.folder, validity, safe)
             if still_there or time.monotonic() > deadline:
@@ -191,10 +204,24 @@ def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
             if not mail_id.startswith(inbox.name + "/"):
                 continue
             record = ctx.ledger.mail(mail_id)
-            if record is not None and now - max(record.updated_at, record.retry_at) > stale:
-                log.warning("mail %s: idle in %s; queued again", mail_id, record.state)
-                ctx.ledger.update(mail_id)
-                steps.append(Step("ingest", mail_id))
+            if record is None:
+                continue
+            if now - max(record.updated_at, record.retry_at, record.requeued_at) <= stale:
+                continue
+            if record.requeues >= ctx.settings.max_attempts:
+                # a poison mail (it kills or hangs whatever runs it): stop, and say so
+                ctx.ledger.transition(
+                    mail_id,
+                    L.FAILED,
+                    allowed=(record.state,),
+                    reason=f"stuck in {record.state}: queued again {record.requeues} times "
+                    "without progress",
+                )
+                continue
+            log.warning("mail %s: idle in %s; queued again", mail_id, record.state)
+            # requeued_at, not updated_at: `mailingest status` still sees it as stuck
+            ctx.ledger.requeued(mail_id, record.requeues + 1)
+            steps.append(Step("ingest", mail_id))
     for mail_id in ctx.ledger.mail_ids(L.FAILED):
         record = ctx.ledger.mail(mail_id)
         if (
@@ -342,6 +369,9 @@ def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
         return _complete(ctx, mail_id)
     if doc.token:
         return [Step("upload", mail_id, index)]
+    adopted = _same_document_elsewhere(ctx, record, doc)
+    if adopted is not None:
+        return adopted
     with single_flight(ctx, f"describe:{mail_id}:{index}") as mine:
         if not mine:
             return []
@@ -351,11 +381,10 @@ def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
         inbox = ctx.settings.inbox(record.ref.inbox)
         try:
             if doc.describe_started_at:
-                adopted = _reconcile(ctx, record, doc, inbox)
-                if adopted:
-                    ctx.ledger.mark_described(mail_id, index, adopted)
-                    log.info("mail %s: document %d adopted as %s", mail_id, index, adopted)
-                    return [Step("upload", mail_id, index)]
+                for candidate in _reconcile(ctx, record, doc, inbox):
+                    if ctx.ledger.mark_described(mail_id, index, candidate):
+                        log.info("mail %s: document %d adopted as %s", mail_id, index, candidate)
+                        return [Step("upload", mail_id, index)]
             ctx.ledger.describe_attempt(mail_id, index)
             answer = ctx.alloy.describe(
                 record.entity,
@@ -374,29 +403,65 @@ def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
     return [Step("upload", mail_id, index)]
 
 
+def _same_document_elsewhere(
+    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord
+) -> list[Step] | None:
+    """Another copy of this mail (delivered twice, a new UIDVALIDITY epoch) owns this very
+    document: adopt its upload when done, wait while it is in flight, take over if it died.
+    None: this copy owns it and goes on."""
+    if not doc.fingerprint:
+        return None
+    owner_mail, owner_index = ctx.ledger.fingerprint_owner(
+        record.entity, doc.fingerprint, record.id, doc.index
+    )
+    if (owner_mail, owner_index) == (record.id, doc.index):
+        return None
+    owner_doc = ctx.ledger.document(owner_mail, owner_index)
+    owner = ctx.ledger.mail(owner_mail)
+    if owner_doc is not None and owner_doc.state == L.UPLOADED:
+        log.info(
+            "mail %s: document %d is %s, uploaded by %s",
+            record.id,
+            doc.index,
+            owner_doc.token,
+            owner_mail,
+        )
+        return _uploaded(ctx, record.id, doc.index, record.entity, owner_doc.token)
+    if owner is not None and owner.state in (L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING):
+        raise Busy(f"document {doc.index} is being uploaded by {owner_mail}; waiting for it")
+    ctx.ledger.take_fingerprint(record.entity, doc.fingerprint, record.id, doc.index)
+    return None
+
+
 def _reconcile(
     ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, inbox: InboxSettings
-) -> str | None:
-    """The token of a document an earlier describe of ``doc`` created, if Alloy has one."""
+) -> list[str]:
+    """Tokens of documents an earlier describe of ``doc`` may have created, oldest first:
+    same name, extension, type and note, not uploaded, created since the first attempt
+    (less a small clock skew), not claimed by any document of ours."""
     since = doc.describe_started_at - RECONCILE_SKEW_MS
-    for found in sorted(ctx.alloy.list(record.entity), key=lambda d: d.timestamp or 0):
-        note = found.notes[0] if found.notes else {}
-        if (
-            not found.uploaded
-            and (found.name, found.extension, found.type) == (doc.name, doc.extension, doc.type)
-            and (found.timestamp or 0) >= since
-            and note.get("note", "") == (inbox.note or "")
-            and not ctx.ledger.token_claimed(found.token)
-        ):
-            return found.token
-    return None
+    return [
+        found.token
+        for found in sorted(ctx.alloy.list(record.entity), key=lambda d: d.timestamp or 0)
+        if not found.uploaded
+        and (found.name, found.extension, found.type) == (doc.name, doc.extension, doc.type)
+        and (found.timestamp or 0) >= since
+        and (found.notes[0].get("note", "") if found.notes else "") == (inbox.note or "")
+        and not ctx.ledger.token_claimed(found.token)
+    ]
 
 
 def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
     """PUT the staged bytes; once Alloy answers ``uploaded: true`` the document is done."""
     record, doc = ctx.ledger.mail(mail_id), ctx.ledger.document(mail_id, index)
-    if record is None or doc is None or record.state != L.DOCUMENTS_PENDING:
+    if record is None or doc is None:
         return []
+    if record.state != L.DOCUMENTS_PENDING:
+        # the mail was quarantined or failed meanwhile (another document refused): a
+        # document already described is still uploaded, so Alloy keeps no empty
+        # description and a replay adopts it instead of describing it again
+        if not (record.state in (L.QUARANTINED, L.FAILED) and doc.state == L.DESCRIBED):
+            return []
     if doc.state == L.UPLOADED:
         return _complete(ctx, mail_id)
     if not doc.token:
@@ -411,7 +476,7 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
             answer = ctx.alloy.upload(record.entity, doc.token, data)
         except AlloyRejected as exc:
             if exc.status == 409:  # Alloy has bytes for it already: an earlier try got through
-                return _confirm_uploaded(ctx, record, index, doc.token)
+                return _confirm_uploaded(ctx, record, doc, index)
             return quarantine(
                 ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
             )
@@ -423,11 +488,19 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
         return _uploaded(ctx, mail_id, index, record.entity, doc.token)
 
 
-def _confirm_uploaded(ctx: Context, record: L.MailRecord, index: int, token: str) -> list[Step]:
-    for found in ctx.alloy.list(record.entity):
-        if found.token == token and found.uploaded:
-            return _uploaded(ctx, record.id, index, record.entity, token)
-    raise AlloyUnavailable(f"answered 409 but {token} is not uploaded", operation="upload")
+def _confirm_uploaded(
+    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, index: int
+) -> list[Step]:
+    """A PUT answered 409: count it only if Alloy holds exactly our bytes for the token."""
+    held = ctx.alloy.download(record.entity, doc.token)
+    if hashlib.sha256(held).hexdigest() != doc.sha256:
+        return quarantine(
+            ctx,
+            record.id,
+            f"document {index} ({doc.name}.{doc.extension}): Alloy already holds other bytes "
+            f"for {doc.token}",
+        )
+    return _uploaded(ctx, record.id, index, record.entity, doc.token)
 
 
 def _restage_documents(ctx: Context, record: L.MailRecord, index: int) -> list[Step]:
@@ -526,15 +599,20 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                 )
                 return []
             if not box.exists(record.ref.uid):
-                ctx.ledger.filed(
-                    mail_id,
-                    "-",
-                    reason=(record.reason + "; " if record.reason else "")
-                    + f"not moved: the mail left {record.ref.folder} before (deleted by hand?)",
-                )
+                # moved by an earlier run that died before recording it, or by a person
+                if record.message_id and box.holds(destination, record.message_id):
+                    ctx.ledger.filed(mail_id, destination)
+                else:
+                    ctx.ledger.filed(
+                        mail_id,
+                        "-",
+                        reason=(record.reason + "; " if record.reason else "")
+                        + f"not moved: the mail left {record.ref.folder} before "
+                        "(deleted or moved by hand?)",
+                    )
                 ctx.ledger.drop_staged(mail_id, record.documents)
                 return []
-            box.move(record.ref.uid, destination)
+            box.move(record.ref.uid, destination, message_id=record.message_id or None)
         ctx.ledger.filed(mail_id, destination)
         ctx.ledger.drop_staged(mail_id, record.documents)
     log.info("mail %s moved to %s", mail_id, destination)
@@ -589,6 +667,7 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
 # errors worth another try later; anything else final quarantines the mail
 RETRYABLE: tuple[type[BaseException], ...] = (
     AlloyUnavailable,
+    Busy,
     ResolverError,
     MailboxError,
     redis.ConnectionError,

@@ -169,3 +169,103 @@ def test_a_step_for_a_mail_not_in_the_ledger_does_nothing(
     finally:
         ctx.close()
     assert sandbox.state.stats()["requests_total"] == 0
+
+
+def test_two_lost_describes_of_same_named_documents_get_their_own_tokens(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
+) -> None:
+    """Two mails from one customer, each with a `scan.pdf`; both POSTs reached Alloy but
+    neither answer was recorded. Each document adopts a different token."""
+    from email.message import EmailMessage
+
+    from mailingest.samples import authentication_results, pdf_bytes
+
+    sender, entity = "dana@example.com", "P-danadanadanadanadan"
+    senders_file.write_text(f"email,entity_token\n{sender},{entity}\n", encoding="utf-8")
+    raws = []
+    for n in range(2):
+        msg = EmailMessage()
+        msg["Authentication-Results"] = authentication_results(sender)
+        msg["From"], msg["Subject"], msg["Message-ID"] = sender, f"scan {n}", f"<scan{n}@x>"
+        msg.set_content("see attached")
+        msg.add_attachment(
+            pdf_bytes(f"scan{n}", 3000), maintype="application", subtype="pdf", filename="scan.pdf"
+        )
+        raws.append(msg.as_bytes())
+    deliver(imap, raws)
+    ctx = build_context(load_settings(env))
+    try:
+        steps = list(poll(ctx, "default").steps)
+        describes = [d for s in steps for d in ingest(ctx, s.mail_id)]
+        inbox = ctx.settings.inbox("default")
+        for step in describes:  # the POSTs whose answers were lost
+            ctx.ledger.describe_attempt(step.mail_id, 0)
+            ctx.alloy.describe(
+                entity,
+                name="scan",
+                extension="pdf",
+                type="other",
+                note=inbox.note,
+                note_author_agent_email=inbox.agent_email,
+            )
+        run_steps(ctx, describes)
+        tokens = {ctx.ledger.document(s.mail_id, 0).token for s in describes}  # type: ignore[union-attr]
+    finally:
+        ctx.close()
+    docs = sandbox.state.list(entity)
+    assert len(tokens) == 2 and len(docs) == 2
+    assert all(d["uploaded"] for d in docs)
+    assert len({sandbox.state.download(entity, t) for t in tokens}) == 2  # each its own bytes
+
+
+def test_the_same_mail_twice_at_once_is_uploaded_once(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
+) -> None:
+    scenario = demo_scenario(seed=35)
+    write_senders(senders_file, scenario)
+    deliver(imap, [scenario.mails[0].raw, scenario.mails[0].raw])  # delivered twice
+    ctx = build_context(load_settings(env))
+    try:
+        first, second = poll(ctx, "default").steps
+        steps = ingest(ctx, first.mail_id) + ingest(ctx, second.mail_id)
+        run_steps(ctx, steps)  # both copies in flight together
+        assert {ctx.ledger.mail(s.mail_id).state for s in (first, second)} == {L.DONE}  # type: ignore[union-attr]
+    finally:
+        ctx.close()
+    docs = sandbox.state.list(scenario.senders["alice.martin@example.com"])
+    assert len(docs) == 2 and all(d["uploaded"] for d in docs)
+    assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 0, "Processed": 2}
+
+
+def test_a_refusal_mid_flight_leaves_no_empty_description(
+    env: dict[str, str], imap: ImapServer, senders_file: Path
+) -> None:
+    """Alloy refuses the second document for good: the first, already described, is
+    still uploaded, so no `uploaded: false` description stays behind at Alloy."""
+    scenario = demo_scenario(seed=36)
+    write_senders(senders_file, scenario)
+    deliver(imap, [scenario.mails[0].raw])  # a licence PDF and a passport JPEG
+    picky = SandboxServer(
+        token="t", secret="s", agents=["kyc.agent@support.example"], extensions=["pdf"]
+    ).start()
+    try:
+        ctx = build_context(
+            load_settings(
+                env
+                | {
+                    "MAILINGEST_ALLOY_URL": picky.url,
+                    "MAILINGEST_ALLOY_TOKEN": "t",
+                    "MAILINGEST_ALLOY_SECRET": "s",
+                }
+            )
+        )
+        try:
+            summary = poll_once(ctx)
+            (record,) = ctx.ledger.mails([L.QUARANTINED])
+        finally:
+            ctx.close()
+        assert summary.quarantined == 1 and "document 1" in record.reason
+        docs = picky.state.list(scenario.senders["alice.martin@example.com"])
+        assert [(d["extension"], d["uploaded"]) for d in docs] == [("pdf", True)]
+    finally:
+        picky.stop()

@@ -191,3 +191,52 @@ def test_imap_server_restart_between_polls(
     finally:
         ctx.close()
     assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 0, "Processed": 3}
+
+
+def test_copy_fallback_does_not_copy_twice_after_a_crash(tmp_path: Path) -> None:
+    """A run died after COPY, before STORE/EXPUNGE: the next move finds the copy already
+    in the destination (by Message-ID) and only removes the original."""
+    probe = DovecotServer(tmp_path / "probe")
+    try:
+        probe.start()
+    except ServerNotAvailable as exc:
+        require_or_skip(str(exc))
+    client = imap_client(probe)
+    capabilities = [c.decode() for c in client.capabilities() if c != b"MOVE"]
+    client.logout()
+    probe.stop()
+    server = DovecotServer(
+        tmp_path / "nomove", extra_config=f"imap_capability = {' '.join(capabilities)}\n"
+    ).start()
+    try:
+        account = server.account
+        inbox = InboxSettings(
+            name="t",
+            host=account.host,
+            port=account.port,
+            user=account.user,
+            password=Secret(account.password),
+            security="plain",
+            folder="INBOX",
+            processed_folder="Processed",
+            quarantine_folder="Quarantine",
+            agent_email="a@b.example",
+            note="n",
+            poll_interval=60,
+        )
+        deliver(server, [b"Message-ID: <once@x>\r\nSubject: one\r\n\r\n1\r\n"])
+        client = imap_client(server)
+        client.create_folder("Processed")
+        client.select_folder("INBOX")
+        (uid,) = client.search(["ALL"])
+        client.copy([uid], "Processed")  # the first run got this far, then died
+        client.logout()
+        with Mailbox(inbox) as box:
+            box.select("INBOX")
+            box.move(uid, "Processed", message_id="once@x")
+        client = imap_client(server)
+        assert client.select_folder("Processed")[b"EXISTS"] == 1
+        assert client.select_folder("INBOX")[b"EXISTS"] == 0
+        client.logout()
+    finally:
+        server.stop()
