@@ -19,6 +19,7 @@ from __future__ import annotations
 import email
 import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -119,6 +120,19 @@ class Chaos:
                 victim.kill()  # SIGKILL to the worker and its pool, mid-task
                 kills += 1
                 self.counts["worker killed (SIGKILL)"] += 1
+                if kills == 4:  # a pool process dies alone: reject_on_worker_lost redelivers
+                    other = next((w for w in self.workers if w.running()), None)
+                    children = _children(other.pid) if other and other.pid else []
+                    if children:
+                        os.kill(self.rng.choice(children), signal.SIGKILL)
+                        self.counts["worker pool process killed alone (SIGKILL)"] += 1
+                if kills == 5:  # the beat holding the RedBeat lock dies; the other takes over
+                    for beat in self.beats:
+                        if beat.running() and "Acquired lock" in _tail(beat):
+                            beat.kill()
+                            beat.start()
+                            self.counts["active beat killed (SIGKILL) and restarted"] += 1
+                            break
                 if events and kills in (3, 6, 9):
                     event = events.pop(0)
                     if event == "redis":
@@ -132,6 +146,59 @@ class Chaos:
                         self.counts["IMAP server restarted"] += 1
                 victim.start()
                 self._supervise()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.errors.append(exc)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _tail(process: CeleryProcess) -> str:
+    try:
+        return process.log_path.read_text(errors="replace")[-20000:]
+    except OSError:
+        return ""
+
+
+class Deliverer:
+    """Customers keep writing while things break: mail arrives in small batches."""
+
+    def __init__(self, imap: DovecotServer, raws: list[bytes], per_batch: int = 8) -> None:
+        self.imap, self.raws, self.per_batch = imap, raws, per_batch
+        self.errors: list[BaseException] = []
+        self.retried = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _append(self, raw: bytes) -> None:
+        mid = email.message_from_bytes(raw)["Message-ID"].strip("<>")
+        for _ in range(60):
+            try:
+                deliver(self.imap, [raw])
+                return
+            except Exception:  # noqa: BLE001 - the IMAP server is being kicked/restarted
+                self.retried += 1
+                time.sleep(0.5)
+                try:  # an APPEND whose answer was lost may have landed: never deliver twice
+                    account = self.imap.account
+                    if mid in message_ids(
+                        account.host, account.port, account.user, account.password
+                    ):
+                        return
+                except Exception:  # noqa: BLE001
+                    continue
+        raise RuntimeError(f"could not deliver {mid}")
+
+    def _run(self) -> None:
+        try:
+            for start in range(0, len(self.raws), self.per_batch):
+                for raw in self.raws[start : start + self.per_batch]:
+                    self._append(raw)
+                time.sleep(1.5)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.errors.append(exc)
 
@@ -177,7 +244,7 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
         "MAILINGEST_FETCH_BATCH": "20",
         "MAILINGEST_LOG_LEVEL": "warning",
     }
-    deliver(imap, [m.raw for m in scenario.mails])
+    deliverer = Deliverer(imap, [m.raw for m in scenario.mails])
     workers = [
         CeleryProcess("worker", env, tmp_path / f"worker{i}.log", ["--concurrency", "2"])
         for i in range(2)
@@ -190,6 +257,7 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
     try:
         for process in workers + beats:
             process.start()
+        deliverer.thread.start()
         chaos.start()
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:
@@ -201,7 +269,11 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
             settled = [
                 r for r in records if (r.state in L.DECIDED and r.filed_to) or r.state == L.FAILED
             ]
-            if len(settled) >= len(scenario.mails) and not chaos.thread.is_alive():
+            if (
+                len(settled) >= len(scenario.mails)
+                and not chaos.thread.is_alive()
+                and not deliverer.thread.is_alive()
+            ):
                 break
             if not chaos.thread.is_alive():
                 chaos._supervise()
@@ -218,6 +290,8 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
     # -- invariants ---------------------------------------------------------------
     problems: list[str] = []
     assert chaos.errors == [], chaos.errors
+    assert deliverer.errors == [], deliverer.errors
+    chaos.counts["APPENDs retried while IMAP was down"] = deliverer.retried
     expected = scenario.expected_documents
     for entity in set(scenario.senders.values()):
         docs = sandbox.state.list(entity)
@@ -262,6 +336,10 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
     redis_server.stop()
     sandbox.stop()
     assert chaos.counts["worker killed (SIGKILL)"] >= 10
+    assert chaos.counts["worker pool process killed alone (SIGKILL)"] == 1
+    assert chaos.counts["active beat killed (SIGKILL) and restarted"] == 1
+    # one beat at a time: no more polls than one scheduler sends (1 s interval)
+    assert sum(polls_sent) <= processing * 1.2 + 10, polls_sent
     assert chaos.counts["Redis restarted"] == 1 and chaos.counts["IMAP server restarted"] == 1
     assert problems == [], "\n".join(problems[:40])
 
