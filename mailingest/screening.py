@@ -58,6 +58,7 @@ class Limits:
         }
     )
     inline_image_floor: int = 4096
+    max_header_bytes: int = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,13 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
     """Decide what to do with one mail. Never raises for any input."""
     if len(raw) > limits.max_message_bytes:
         return Screened(None, refusal=size_refusal(len(raw), limits))
+    end = _header_end(raw, limits.max_header_bytes)
+    if end is None:
+        return Screened(
+            None,
+            refusal=f"headers too large: more than {limits.max_header_bytes} bytes "
+            f"(limit {limits.max_header_bytes})",
+        )
     try:
         headers_only = email.message_from_bytes(raw, policy=email.policy.compat32)
     except Exception as exc:  # noqa: BLE001 - hostile input
@@ -120,6 +128,10 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
     except Exception as exc:  # noqa: BLE001 - hostile input
         return Screened(None, refusal=f"cannot parse the mail ({type(exc).__name__})")
 
+    for defect in mail.defects:
+        for marker, problem in _FATAL_DEFECTS.items():
+            if marker in defect:
+                return Screened(mail, refusal=f"{problem}: {defect[:160]}")
     notes: list[str] = [f"skipped part {s.index}: {s.reason}" for s in mail.skipped]
     if auth is not None:
         verdict = evaluate(
@@ -168,6 +180,24 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
             reason += f" ({'; '.join(n for n in notes if n.startswith('skipped'))})"
         return Screened(mail, refusal=reason.replace(" ()", ""), notes=tuple(notes))
     return Screened(mail, tuple(_unique(documents)), notes=tuple(notes))
+
+
+# parse defects that mean a document's bytes are not what the sender sent
+_FATAL_DEFECTS = {
+    "InvalidBase64LengthDefect": "a part could not be decoded",
+    "InvalidBase64CharactersDefect": "a part could not be decoded",
+    "CloseBoundaryNotFoundDefect": "the mail is truncated or its MIME structure broken",
+    "StartBoundaryNotFoundDefect": "the mail is truncated or its MIME structure broken",
+}
+
+
+def _header_end(raw: bytes, limit: int) -> int | None:
+    """Where the header block ends; None when it runs past ``limit`` bytes."""
+    window = raw[: limit + 4]
+    ends = [i for i in (window.find(b"\r\n\r\n"), window.find(b"\n\n")) if i >= 0]
+    if ends:
+        return min(ends)
+    return len(raw) if len(raw) <= limit else None
 
 
 def size_refusal(size: int, limits: Limits) -> str:
