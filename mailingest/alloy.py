@@ -15,6 +15,7 @@ schedule, so a worker never blocks on a backoff.
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +57,11 @@ class Document:
             timestamp=body.get("timestamp") if isinstance(body.get("timestamp"), int) else None,
             notes=tuple(n for n in body.get("notes") or () if isinstance(n, dict)),
         )
+
+
+# httpx/httpcore trace requests at DEBUG; keep the wire out of our logs
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def _retry_after(value: str | None) -> float | None:

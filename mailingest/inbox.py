@@ -12,6 +12,7 @@ Every socket has a timeout; every failure surfaces as
 from __future__ import annotations
 
 import imaplib
+import logging
 import socket
 import ssl
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,10 @@ from imapclient.imapclient import SocketTimeout
 
 from .errors import MailboxError
 from .settings import InboxSettings
+
+# imapclient logs whole protocol exchanges (mail bodies, attachments) at DEBUG:
+# never let them into our logs, whatever the log level
+logging.getLogger("imapclient").setLevel(logging.INFO)
 
 _IMAP_ERRORS = (
     IMAPClientError,

@@ -121,8 +121,9 @@ class Chaos:
                 kills += 1
                 self.counts["worker killed (SIGKILL)"] += 1
                 if kills == 4:  # a pool process dies alone: reject_on_worker_lost redelivers
-                    other = next((w for w in self.workers if w.running()), None)
-                    children = _children(other.pid) if other and other.pid else []
+                    children = [
+                        c for w in self.workers if w.running() and w.pid for c in _children(w.pid)
+                    ]
                     if children:
                         os.kill(self.rng.choice(children), signal.SIGKILL)
                         self.counts["worker pool process killed alone (SIGKILL)"] += 1
@@ -151,11 +152,16 @@ class Chaos:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
+    """Child processes of ``pid`` (the worker's pool), from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
 
 
 def _tail(process: CeleryProcess) -> str:

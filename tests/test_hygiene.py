@@ -1,0 +1,143 @@
+"""No secret and no document byte where it does not belong.
+
+An end-to-end run through a real worker and beat, with planted secrets (the IMAP
+password, the Alloy token and secret) and planted document bytes and mail body text,
+while every command sent to Redis (broker messages, task arguments, the ledger,
+staged bytes) is captured with MONITOR. With MAILINGEST_STAGING_KEY set, the scan
+of the Redis traffic, the Redis contents afterwards and the worker and beat logs
+finds none of them.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+import redis
+
+from mailingest import ledger as L
+from mailingest.embedded import CeleryProcess, RedisServer, ServerNotAvailable, start_imap_server
+from mailingest.ledger import Ledger
+from mailingest.samples import AGENT_EMAIL, AUTHSERV_ID, authentication_results, pdf_bytes
+from mailingest.sandbox import SandboxServer
+
+from .conftest import require_or_skip
+from .helpers import deliver
+
+pytestmark = pytest.mark.servers
+
+IMAP_PASSWORD = "planted-imap-password-7Q2"
+ALLOY_TOKEN = "planted-alloy-token-K9"
+ALLOY_SECRET = "planted-alloy-secret-M4"
+STAGING_KEY = base64.urlsafe_b64encode(bytes(range(32))).decode()
+DOCUMENT_MARK = b"PLANTED-DOCUMENT-BYTES-5b1f"
+BODY_MARK = "PLANTED-MAIL-BODY-9c3e"
+
+
+class Monitor:
+    """Every command Redis receives, as text, while it runs."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.lines: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.client.monitor() as monitor:
+            for command in monitor.listen():
+                self.lines.append(str(command.get("command", "")))
+                if self.stop.is_set():
+                    return
+
+
+def test_no_secret_or_document_bytes_in_redis_or_logs(tmp_path: Path) -> None:
+    try:
+        imap = start_imap_server(
+            tmp_path / "imap",
+            os.environ.get("MAILINGEST_TEST_IMAP", "auto"),
+            password=IMAP_PASSWORD,
+        )
+    except ServerNotAvailable as exc:
+        require_or_skip(str(exc))
+    redis_server = RedisServer(tmp_path / "redis").start()
+    sandbox = SandboxServer(token=ALLOY_TOKEN, secret=ALLOY_SECRET, agents=[AGENT_EMAIL]).start()
+    monitor = Monitor(redis_server.url)
+    monitor.thread.start()
+    sender, entity = "erin@example.com", "P-erinErinErinErinErin"
+    senders = tmp_path / "senders.csv"
+    senders.write_text(f"email,entity_token\n{sender},{entity}\n", encoding="utf-8")
+    document = pdf_bytes("planted", 4000)[:-6] + DOCUMENT_MARK + b"\n%%EOF"
+    msg = EmailMessage()
+    msg["Authentication-Results"] = authentication_results(sender)
+    msg["From"], msg["Subject"], msg["Message-ID"] = sender, "licence", "<hygiene@x>"
+    msg.set_content(f"Hello, here is my licence. {BODY_MARK}")
+    msg.add_attachment(
+        document, maintype="application", subtype="pdf", filename="driver_license.pdf"
+    )
+    account = imap.account
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | {
+        "MAILINGEST_REDIS_URL": redis_server.url,
+        "MAILINGEST_IMAP_HOST": account.host,
+        "MAILINGEST_IMAP_PORT": str(account.port),
+        "MAILINGEST_IMAP_USER": account.user,
+        "MAILINGEST_IMAP_PASSWORD": IMAP_PASSWORD,
+        "MAILINGEST_IMAP_SECURITY": "plain",
+        "MAILINGEST_ALLOY_URL": sandbox.url,
+        "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
+        "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
+        "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
+        "MAILINGEST_TRUSTED_AUTHSERV_ID": AUTHSERV_ID,
+        "MAILINGEST_SENDERS_FILE": str(senders),
+        "MAILINGEST_POLL_INTERVAL": "1",
+        "MAILINGEST_STAGING_KEY": STAGING_KEY,
+        "MAILINGEST_LOG_LEVEL": "debug",
+    }
+    worker = CeleryProcess(
+        "worker", env, tmp_path / "worker.log", ["--concurrency", "1", "--loglevel", "DEBUG"]
+    )
+    beat = CeleryProcess("beat", env, tmp_path / "beat.log")
+    try:
+        with worker, beat:
+            deliver(imap, [msg.as_bytes()])
+            ledger = Ledger(redis.Redis.from_url(redis_server.url))
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if any(r.filed_to for r in ledger.mails([L.DONE])):
+                    break
+                time.sleep(0.2)
+            assert [r.filed_to for r in ledger.mails([L.DONE])] == ["Processed"]
+        monitor.stop.set()
+        redis.Redis.from_url(redis_server.url).ping()  # wakes the monitor to see the stop
+        monitor.thread.join(10)
+        client = redis.Redis.from_url(redis_server.url)
+        stored = [repr(client.dump(key)) for key in client.scan_iter("*")]
+    finally:
+        imap.stop()
+        redis_server.stop()
+        sandbox.stop()
+    (doc,) = sandbox.state.list(entity)
+    assert DOCUMENT_MARK in sandbox.state.download(entity, doc["document_token"])
+    assert len(monitor.lines) > 100  # the capture saw the traffic
+    assert any("mailingest.upload_document" in line for line in monitor.lines)
+    logs = (tmp_path / "worker.log").read_text() + (tmp_path / "beat.log").read_text()
+    planted = [
+        IMAP_PASSWORD,
+        ALLOY_TOKEN,
+        ALLOY_SECRET,
+        STAGING_KEY,
+        BODY_MARK,
+        DOCUMENT_MARK.decode(),
+    ]
+    for where, text in (
+        ("redis traffic", "\n".join(monitor.lines)),
+        ("redis contents", "\n".join(stored)),
+        ("logs", logs),
+    ):
+        found = [p for p in planted if p in text]
+        assert found == [], f"{found} in {where}"
