@@ -23,5 +23,11 @@ def _load() -> Settings:
 
 
 settings = _load()
+if not settings.sender_auth_on:
+    print(
+        "mailingest: WARNING: MAILINGEST_SENDER_AUTH=off: senders are not authenticated; "
+        "anyone who forges a customer's From: address can file documents on that customer",
+        file=sys.stderr,
+    )
 app = Celery("mailingest", include=["mailingest.tasks"])
 app.conf.update(celery_config(settings))

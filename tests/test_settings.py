@@ -183,3 +183,31 @@ def test_celery_config_matches_the_settings() -> None:
     assert conf["broker_transport_options"]["visibility_timeout"] >= 300 + 300
     assert conf["beat_scheduler"] == "redbeat.RedBeatScheduler"
     assert conf["beat_schedule"]["poll-default"]["args"] == ("default",)
+
+
+def test_sender_auth_on_by_default_and_opting_out_warns() -> None:
+    env = {k: v for k, v in BASE.items() if k != "MAILINGEST_TRUSTED_AUTHSERV_ID"}
+    with pytest.raises(ConfigError, match="^MAILINGEST_TRUSTED_AUTHSERV_ID is required while"):
+        load_settings(env).require("imap")
+    with pytest.raises(ConfigError, match="MAILINGEST_SENDER_AUTH must be 'off' or a list"):
+        load_settings(BASE | {"MAILINGEST_SENDER_AUTH": "dmark"})
+    on = load_settings(BASE)
+    assert on.sender_auth is not None and on.sender_auth.accept == ("dmarc",)
+    off = load_settings(env | {"MAILINGEST_SENDER_AUTH": "off"}).require("imap")
+    assert off.sender_auth is None and not off.sender_auth_on
+    proc = subprocess.run(
+        [sys.executable, "-c", "import mailingest.celery"],
+        env={"PATH": "/usr/bin:/bin"} | env | {"MAILINGEST_SENDER_AUTH": "off"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING: MAILINGEST_SENDER_AUTH=off" in proc.stderr
+
+
+def test_allowed_types_and_staging_key_are_checked() -> None:
+    with pytest.raises(ConfigError, match="MAILINGEST_ALLOWED_TYPES names unknown type"):
+        load_settings(BASE | {"MAILINGEST_ALLOWED_TYPES": "pdf,exe-ish"})
+    with pytest.raises(ConfigError, match="MAILINGEST_STAGING_KEY must be 32 bytes"):
+        load_settings(BASE | {"MAILINGEST_STAGING_KEY": "c2hvcnQ="})
