@@ -109,6 +109,15 @@ class Chaos:
                 process.start()
                 self.counts[f"{process.kind} restarted after exiting"] += 1
 
+    def _kill_one_pool_process(self) -> None:
+        for _ in range(50):
+            children = [c for w in self.workers if w.running() and w.pid for c in _children(w.pid)]
+            if children:
+                os.kill(self.rng.choice(children), signal.SIGKILL)
+                self.counts["worker pool process killed alone (SIGKILL)"] += 1
+                return
+            time.sleep(0.1)
+
     def _run(self) -> None:
         try:
             events = ["redis", "kick", "imap"]
@@ -120,13 +129,6 @@ class Chaos:
                 victim.kill()  # SIGKILL to the worker and its pool, mid-task
                 kills += 1
                 self.counts["worker killed (SIGKILL)"] += 1
-                if kills == 4:  # a pool process dies alone: reject_on_worker_lost redelivers
-                    children = [
-                        c for w in self.workers if w.running() and w.pid for c in _children(w.pid)
-                    ]
-                    if children:
-                        os.kill(self.rng.choice(children), signal.SIGKILL)
-                        self.counts["worker pool process killed alone (SIGKILL)"] += 1
                 if kills == 5:  # the beat holding the RedBeat lock dies; the other takes over
                     for beat in self.beats:
                         if beat.running() and "Acquired lock" in _tail(beat):
@@ -147,6 +149,8 @@ class Chaos:
                         self.counts["IMAP server restarted"] += 1
                 victim.start()
                 self._supervise()
+                if kills == 4:  # a pool process dies alone: reject_on_worker_lost redelivers
+                    self._kill_one_pool_process()
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.errors.append(exc)
 
