@@ -333,6 +333,12 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
             problems.append(f"{mid}: processed, expected quarantine")
         elif folders == ["Quarantine"] and not mail.quarantine_reason:
             problems.append(f"{mid}: quarantined: {record.reason if record else '?'}")
+        if (
+            len(folders) == 1
+            and folders[0] != "INBOX"
+            and (record is None or record.filed_to != folders[0])
+        ):  # the ledger says where the mail is
+            problems.append(f"{mid}: in {folders[0]}, ledger says {record and record.filed_to!r}")
 
     polls_sent = [
         beat.log_path.read_text().count("Sending due task poll-default") for beat in beats
