@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import ledger as L
 from .alloy import AlloyClient
-from .embedded import CeleryProcess, PymapServer, RedisServer, free_port
+from .embedded import CeleryProcess, ImapAccount, PymapServer, RedisServer, free_port
 from .inbox import Mailbox
 from .ledger import Ledger
 from .runtime import connect_redis
@@ -35,32 +35,34 @@ from .settings import DEFAULT_NOTE, Secret, load_settings
 ALLOY_TOKEN, ALLOY_SECRET = "demo-workflow-token", "demo-workflow-secret"
 
 
-def demo_environment(
+def local_environment(
     redis_url: str,
-    imap_host: str,
-    imap_port: int,
-    user: str,
-    password: str,
+    imap: ImapAccount,
     alloy_url: str,
     senders_file: Path,
+    *,
+    alloy_token: str = ALLOY_TOKEN,
+    alloy_secret: str = ALLOY_SECRET,
+    **overrides: str,
 ) -> dict[str, str]:
+    """The MAILINGEST_* settings for servers on this machine (the demo's, the tests')."""
     return {
         "MAILINGEST_REDIS_URL": redis_url,
-        "MAILINGEST_IMAP_HOST": imap_host,
-        "MAILINGEST_IMAP_PORT": str(imap_port),
-        "MAILINGEST_IMAP_USER": user,
-        "MAILINGEST_IMAP_PASSWORD": password,
-        "MAILINGEST_IMAP_SECURITY": "plain",
+        "MAILINGEST_IMAP_HOST": imap.host,
+        "MAILINGEST_IMAP_PORT": str(imap.port),
+        "MAILINGEST_IMAP_USER": imap.user,
+        "MAILINGEST_IMAP_PASSWORD": imap.password,
+        "MAILINGEST_IMAP_SECURITY": imap.security,
         "MAILINGEST_ALLOY_URL": alloy_url,
-        "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
-        "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
+        "MAILINGEST_ALLOY_TOKEN": alloy_token,
+        "MAILINGEST_ALLOY_SECRET": alloy_secret,
         "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
         "MAILINGEST_TRUSTED_AUTHSERV_ID": AUTHSERV_ID,
         "MAILINGEST_SENDERS_FILE": str(senders_file),
         "MAILINGEST_POLL_INTERVAL": "2",
         "MAILINGEST_RETRY_BASE": "0.5",
         "MAILINGEST_RETRY_CAP": "5",
-    }
+    } | {f"MAILINGEST_{k.upper()}": v for k, v in overrides.items()}
 
 
 def deliver(env: Mapping[str, str], scenario: Scenario) -> None:
@@ -186,15 +188,7 @@ def run_demo(
         SandboxServer(token=ALLOY_TOKEN, secret=ALLOY_SECRET, agents=[AGENT_EMAIL]) as sandbox,
     ):
         account = imap.account
-        env = demo_environment(
-            redis_server.url,
-            account.host,
-            account.port,
-            account.user,
-            account.password,
-            sandbox.url,
-            senders_file,
-        )
+        env = local_environment(redis_server.url, account, sandbox.url, senders_file)
         print(f"  private Redis     {redis_server.url}")
         print(f"  IMAP server       {account.host}:{account.port} (pymap, user {account.user})")
         print(f"  Alloy sandbox     {sandbox.url}")

@@ -26,7 +26,7 @@ from email.message import Message
 from .authn import AuthPolicy, evaluate
 from .documents import DocumentSpec, describe_attachments
 from .mail import ParsedMail, parse_mail
-from .sniff import sniff
+from .sniff import ALLOWED_KINDS, sniff
 
 MiB = 1024 * 1024
 
@@ -38,25 +38,9 @@ class Limits:
     max_depth: int = 10
     max_attachment_bytes: int = 25 * MiB
     max_documents: int = 20
-    allowed_kinds: frozenset[str] = frozenset(
-        {
-            "pdf",
-            "jpeg",
-            "png",
-            "gif",
-            "tiff",
-            "heic",
-            "avif",
-            "webp",
-            "bmp",
-            "docx",
-            "xlsx",
-            "odt",
-            "doc",
-            "txt",
-            "eml",
-        }
-    )
+    # what sniff allows, less RTF: it carries embedded objects, and customers
+    # do not send identity documents as RTF
+    allowed_kinds: frozenset[str] = ALLOWED_KINDS - {"rtf"}
     inline_image_floor: int = 4096
     max_header_bytes: int = 256 * 1024
 

@@ -20,13 +20,14 @@ import pytest
 import redis
 from imapclient import IMAPClient
 
+from mailingest.demo import local_environment
 from mailingest.embedded import (
     ImapServer,
     RedisServer,
     ServerNotAvailable,
     start_imap_server,
 )
-from mailingest.samples import AGENT_EMAIL, AUTHSERV_ID
+from mailingest.samples import AGENT_EMAIL
 from mailingest.sandbox import SandboxServer
 
 ALLOY_TOKEN, ALLOY_SECRET = "test-token", "test-secret-value"
@@ -118,22 +119,15 @@ def env(
     redis_url: str, imap: ImapServer, sandbox: SandboxServer, senders_file: Path
 ) -> dict[str, str]:
     """A complete MAILINGEST_* environment pointing at this test's servers."""
-    account = imap.account
-    return {
-        "MAILINGEST_REDIS_URL": redis_url,
-        "MAILINGEST_IMAP_HOST": account.host,
-        "MAILINGEST_IMAP_PORT": str(account.port),
-        "MAILINGEST_IMAP_USER": account.user,
-        "MAILINGEST_IMAP_PASSWORD": account.password,
-        "MAILINGEST_IMAP_SECURITY": "plain",
-        "MAILINGEST_ALLOY_URL": sandbox.url,
-        "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
-        "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
-        "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
-        "MAILINGEST_TRUSTED_AUTHSERV_ID": AUTHSERV_ID,
-        "MAILINGEST_SENDERS_FILE": str(senders_file),
-        "MAILINGEST_POLL_INTERVAL": "1",
-        "MAILINGEST_RETRY_BASE": "0.05",
-        "MAILINGEST_RETRY_CAP": "0.5",
-        "MAILINGEST_ALLOY_READ_TIMEOUT": "5",
-    }
+    return local_environment(
+        redis_url,
+        imap.account,
+        sandbox.url,
+        senders_file,
+        alloy_token=ALLOY_TOKEN,
+        alloy_secret=ALLOY_SECRET,
+        poll_interval="1",
+        retry_base="0.05",
+        retry_cap="0.5",
+        alloy_read_timeout="5",
+    )

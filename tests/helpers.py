@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from imapclient import IMAPClient
 
 from mailingest.alloy import AlloyClient
 from mailingest.demo import check_outcome
-from mailingest.embedded import ImapServer
+from mailingest.embedded import DovecotServer, ImapAccount, ImapServer, ServerNotAvailable
 from mailingest.ledger import Ledger
 from mailingest.runtime import connect_redis
 from mailingest.samples import Scenario
-from mailingest.settings import Secret
+from mailingest.settings import InboxSettings, Secret
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN
 
@@ -61,3 +62,42 @@ def outcome_problems(env: Mapping[str, str], scenario: Scenario) -> list[str]:
         problems = check_outcome(scenario, a, Ledger(redis_client))
     redis_client.close()
     return problems
+
+
+def inbox_settings(account: ImapAccount, **changes: object) -> InboxSettings:
+    """Settings for one inbox on a test server (``changes`` replace fields)."""
+    inbox = InboxSettings(
+        name="test",
+        host=account.host,
+        port=account.port,
+        user=account.user,
+        password=Secret(account.password),
+        security=account.security,
+        folder="INBOX",
+        processed_folder="Processed",
+        quarantine_folder="Quarantine",
+        agent_email="kyc.agent@support.example",
+        note="Uploaded from email customer sent",
+        poll_interval=60,
+    )
+    return replace(inbox, **changes)  # type: ignore[arg-type]
+
+
+def dovecot_without_move(workdir: Path) -> DovecotServer:
+    """A started Dovecot that does not advertise MOVE (skips where Dovecot is missing)."""
+    from .conftest import require_or_skip
+
+    probe = DovecotServer(workdir / "probe")
+    try:
+        probe.start()
+    except ServerNotAvailable as exc:
+        require_or_skip(str(exc))
+    client = IMAPClient(probe.account.host, port=probe.account.port, ssl=False, timeout=10)
+    client.login(probe.account.user, probe.account.password)
+    capabilities = [c.decode() for c in client.capabilities() if c != b"MOVE"]
+    client.logout()
+    probe.stop()
+    assert "UIDPLUS" in capabilities
+    return DovecotServer(
+        workdir / "nomove", extra_config=f"imap_capability = {' '.join(capabilities)}\n"
+    ).start()

@@ -29,10 +29,11 @@ import pytest
 from imapclient import IMAPClient
 
 from mailingest import ledger as L
+from mailingest.demo import local_environment
 from mailingest.embedded import CeleryProcess, DovecotServer, RedisServer, ServerNotAvailable
 from mailingest.ledger import Ledger
 from mailingest.runtime import connect_redis
-from mailingest.samples import AGENT_EMAIL, AUTHSERV_ID, bulk_scenario
+from mailingest.samples import AGENT_EMAIL, bulk_scenario
 from mailingest.sandbox import Faults, SandboxServer
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN, require_or_skip
@@ -232,33 +233,28 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
     senders_file = tmp_path / "senders.csv"
     senders_file.write_text(scenario.senders_csv(), encoding="utf-8")
     account = imap.account
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | {
-        "MAILINGEST_REDIS_URL": redis_server.url,
-        "MAILINGEST_IMAP_HOST": account.host,
-        "MAILINGEST_IMAP_PORT": str(account.port),
-        "MAILINGEST_IMAP_USER": account.user,
-        "MAILINGEST_IMAP_PASSWORD": account.password,
-        "MAILINGEST_IMAP_SECURITY": "plain",
-        "MAILINGEST_ALLOY_URL": sandbox.url,
-        "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
-        "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
-        "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
-        "MAILINGEST_TRUSTED_AUTHSERV_ID": AUTHSERV_ID,
-        "MAILINGEST_SENDERS_FILE": str(senders_file),
-        "MAILINGEST_POLL_INTERVAL": "1",
-        "MAILINGEST_ALLOY_READ_TIMEOUT": "1",
-        "MAILINGEST_RETRY_BASE": "0.2",
-        "MAILINGEST_RETRY_CAP": "3",
-        "MAILINGEST_MAX_ATTEMPTS": "12",
-        "MAILINGEST_TASK_TIME_LIMIT": "20",
-        "MAILINGEST_VISIBILITY_TIMEOUT": "60",
-        "MAILINGEST_STALE_AFTER": "30",
-        "MAILINGEST_FINISH_GRACE": "5",
-        "MAILINGEST_FAILED_RETRY_AFTER": "10",
-        "MAILINGEST_FAILED_AUTO_RETRIES": str(AUTO_RETRIES),
-        "MAILINGEST_FETCH_BATCH": "20",
-        "MAILINGEST_LOG_LEVEL": "warning",
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")}
+    env |= local_environment(
+        redis_server.url,
+        account,
+        sandbox.url,
+        senders_file,
+        alloy_token=ALLOY_TOKEN,
+        alloy_secret=ALLOY_SECRET,
+        poll_interval="1",
+        alloy_read_timeout="1",
+        retry_base="0.2",
+        retry_cap="3",
+        max_attempts="12",
+        task_time_limit="20",
+        visibility_timeout="60",
+        stale_after="30",
+        finish_grace="5",
+        failed_retry_after="10",
+        failed_auto_retries=str(AUTO_RETRIES),
+        fetch_batch="20",
+        log_level="warning",
+    )
     deliverer = Deliverer(imap, [m.raw for m in scenario.mails])
     workers = [
         CeleryProcess("worker", env, tmp_path / f"worker{i}.log", ["--concurrency", "2"])

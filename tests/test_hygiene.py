@@ -21,9 +21,10 @@ import pytest
 import redis
 
 from mailingest import ledger as L
+from mailingest.demo import local_environment
 from mailingest.embedded import CeleryProcess, RedisServer, ServerNotAvailable, start_imap_server
 from mailingest.ledger import Ledger
-from mailingest.samples import AGENT_EMAIL, AUTHSERV_ID, authentication_results, pdf_bytes
+from mailingest.samples import AGENT_EMAIL, authentication_results, pdf_bytes
 from mailingest.sandbox import SandboxServer
 
 from .conftest import require_or_skip
@@ -81,23 +82,18 @@ def test_no_secret_or_document_bytes_in_redis_or_logs(tmp_path: Path) -> None:
         document, maintype="application", subtype="pdf", filename="driver_license.pdf"
     )
     account = imap.account
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | {
-        "MAILINGEST_REDIS_URL": redis_server.url,
-        "MAILINGEST_IMAP_HOST": account.host,
-        "MAILINGEST_IMAP_PORT": str(account.port),
-        "MAILINGEST_IMAP_USER": account.user,
-        "MAILINGEST_IMAP_PASSWORD": IMAP_PASSWORD,
-        "MAILINGEST_IMAP_SECURITY": "plain",
-        "MAILINGEST_ALLOY_URL": sandbox.url,
-        "MAILINGEST_ALLOY_TOKEN": ALLOY_TOKEN,
-        "MAILINGEST_ALLOY_SECRET": ALLOY_SECRET,
-        "MAILINGEST_AGENT_EMAIL": AGENT_EMAIL,
-        "MAILINGEST_TRUSTED_AUTHSERV_ID": AUTHSERV_ID,
-        "MAILINGEST_SENDERS_FILE": str(senders),
-        "MAILINGEST_POLL_INTERVAL": "1",
-        "MAILINGEST_STAGING_KEY": STAGING_KEY,
-        "MAILINGEST_LOG_LEVEL": "debug",
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")}
+    env |= local_environment(
+        redis_server.url,
+        account,
+        sandbox.url,
+        senders,
+        alloy_token=ALLOY_TOKEN,
+        alloy_secret=ALLOY_SECRET,
+        poll_interval="1",
+        staging_key=STAGING_KEY,
+        log_level="debug",
+    )
     worker = CeleryProcess(
         "worker", env, tmp_path / "worker.log", ["--concurrency", "1", "--loglevel", "DEBUG"]
     )

@@ -10,7 +10,7 @@ import pytest
 from imapclient import IMAPClient
 
 from mailingest import ledger as L
-from mailingest.embedded import DovecotServer, ImapServer, ServerNotAvailable
+from mailingest.embedded import ImapServer
 from mailingest.errors import MailboxError
 from mailingest.inbox import Mailbox
 from mailingest.pipeline import Step, describe, finish, ingest, poll, upload
@@ -18,10 +18,10 @@ from mailingest.runner import poll_once
 from mailingest.runtime import build_context
 from mailingest.samples import bulk_scenario
 from mailingest.sandbox import SandboxServer
-from mailingest.settings import InboxSettings, Secret, load_settings
+from mailingest.settings import load_settings
 
 from .conftest import require_or_skip
-from .helpers import deliver, folder_counts, write_senders
+from .helpers import deliver, dovecot_without_move, folder_counts, inbox_settings, write_senders
 
 pytestmark = pytest.mark.servers
 
@@ -69,35 +69,10 @@ def test_uidvalidity_change_does_not_upload_again(
 def test_move_without_the_move_capability(tmp_path: Path) -> None:
     """COPY + \\Deleted + UID EXPUNGE of that UID only: another mail flagged \\Deleted
     by a person stays where it is."""
-    probe = DovecotServer(tmp_path / "probe")
-    try:
-        probe.start()
-    except ServerNotAvailable as exc:
-        require_or_skip(str(exc))
-    client = imap_client(probe)
-    capabilities = [c.decode() for c in client.capabilities() if c != b"MOVE"]
-    client.logout()
-    probe.stop()
-    assert "UIDPLUS" in capabilities
-    server = DovecotServer(
-        tmp_path / "nomove", extra_config=f"imap_capability = {' '.join(capabilities)}\n"
-    ).start()
+    server = dovecot_without_move(tmp_path)
     try:
         account = server.account
-        inbox = InboxSettings(
-            name="t",
-            host=account.host,
-            port=account.port,
-            user=account.user,
-            password=Secret(account.password),
-            security="plain",
-            folder="INBOX",
-            processed_folder="Processed",
-            quarantine_folder="Quarantine",
-            agent_email="a@b.example",
-            note="n",
-            poll_interval=60,
-        )
+        inbox = inbox_settings(account)
         deliver(server, [b"Subject: one\r\n\r\n1\r\n", b"Subject: two\r\n\r\n2\r\n"])
         client = imap_client(server)
         client.select_folder("INBOX")
@@ -196,34 +171,10 @@ def test_imap_server_restart_between_polls(
 def test_copy_fallback_does_not_copy_twice_after_a_crash(tmp_path: Path) -> None:
     """A run died after COPY, before STORE/EXPUNGE: the next move finds the copy already
     in the destination (by Message-ID) and only removes the original."""
-    probe = DovecotServer(tmp_path / "probe")
-    try:
-        probe.start()
-    except ServerNotAvailable as exc:
-        require_or_skip(str(exc))
-    client = imap_client(probe)
-    capabilities = [c.decode() for c in client.capabilities() if c != b"MOVE"]
-    client.logout()
-    probe.stop()
-    server = DovecotServer(
-        tmp_path / "nomove", extra_config=f"imap_capability = {' '.join(capabilities)}\n"
-    ).start()
+    server = dovecot_without_move(tmp_path)
     try:
         account = server.account
-        inbox = InboxSettings(
-            name="t",
-            host=account.host,
-            port=account.port,
-            user=account.user,
-            password=Secret(account.password),
-            security="plain",
-            folder="INBOX",
-            processed_folder="Processed",
-            quarantine_folder="Quarantine",
-            agent_email="a@b.example",
-            note="n",
-            poll_interval=60,
-        )
+        inbox = inbox_settings(account)
         deliver(server, [b"Message-ID: <once@x>\r\nSubject: one\r\n\r\n1\r\n"])
         client = imap_client(server)
         client.create_folder("Processed")

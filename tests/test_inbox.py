@@ -7,31 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from mailingest.embedded import ServerNotAvailable, start_imap_server
+from mailingest.embedded import ImapAccount, ServerNotAvailable, start_imap_server
 from mailingest.errors import MailboxError
 from mailingest.inbox import Mailbox
 from mailingest.settings import InboxSettings, Secret
 
 from .conftest import require_or_skip
+from .helpers import inbox_settings
 
 pytestmark = pytest.mark.servers
 
 
 def settings_for(host: str, port: int, user: str, password: str) -> InboxSettings:
-    return InboxSettings(
-        name="test",
-        host=host,
-        port=port,
-        user=user,
-        password=Secret(password),
-        security="plain",
-        folder="INBOX",
-        processed_folder="Processed",
-        quarantine_folder="Quarantine",
-        agent_email="a@b.example",
-        note="n",
-        poll_interval=60,
-    )
+    return inbox_settings(ImapAccount(host, port, user, password), password=Secret(password))
 
 
 def test_non_ascii_password_logs_in_and_a_wrong_one_does_not_leak(tmp_path: Path) -> None:

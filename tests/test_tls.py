@@ -14,28 +14,14 @@ from mailingest.sandbox import SandboxServer
 from mailingest.settings import InboxSettings, Secret
 
 from .conftest import require_or_skip
+from .helpers import inbox_settings
 from .tls import make_tls_files
 
 pytestmark = pytest.mark.servers
 
 
 def inbox_for(server: DovecotServer, ca_file: Path | None) -> InboxSettings:
-    account = server.account
-    return InboxSettings(
-        name="tls",
-        host=account.host,
-        port=account.port,
-        user=account.user,
-        password=Secret(account.password),
-        security="ssl",
-        folder="INBOX",
-        processed_folder="Processed",
-        quarantine_folder="Quarantine",
-        agent_email="a@b.example",
-        note="n",
-        poll_interval=60,
-        ca_file=ca_file,
-    )
+    return inbox_settings(server.account, ca_file=ca_file)
 
 
 def test_imap_certificate_is_verified(tmp_path: Path) -> None:
