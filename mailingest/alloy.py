@@ -29,6 +29,7 @@ import httpx
 
 from . import __version__
 from .errors import AlloyError, AlloyRejected, AlloyUnavailable
+from .ratelimit import RateLimited, RateLimiter
 from .settings import Secret
 
 
@@ -126,7 +127,9 @@ class AlloyClient:
         max_connections: int = 20,
         transport: httpx.BaseTransport | None = None,
         ca_file: Path | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
+        self._limiter = limiter
         auth = None
         if token is not None and secret is not None:
             auth = httpx.BasicAuth(token.reveal(), secret.reveal())
@@ -215,6 +218,13 @@ class AlloyClient:
     @contextmanager
     def _call(self, operation: str) -> Iterator[Any]:
         def call(method: str, url: str, **kw: Any) -> httpx.Response:
+            if self._limiter is not None:
+                try:
+                    self._limiter.acquire()  # one rate for all workers (Redis token bucket)
+                except RateLimited as exc:
+                    raise AlloyUnavailable(
+                        str(exc), retry_after=exc.retry_after, operation=operation
+                    ) from None
             response = self._http.request(method, url, **kw)
             if response.status_code >= 400:
                 raise error_from_response(response, operation)

@@ -62,6 +62,7 @@ def local_environment(
         "MAILINGEST_POLL_INTERVAL": "2",
         "MAILINGEST_RETRY_BASE": "0.5",
         "MAILINGEST_RETRY_CAP": "5",
+        "MAILINGEST_ALLOY_RATE": "200",  # the limiter runs, but the sandbox is local
     } | {f"MAILINGEST_{k.upper()}": v for k, v in overrides.items()}
 
 

@@ -16,6 +16,7 @@
     mailingest:poll:<inbox>              hash   last poll: when, found, error, last success
     mailingest:token:<document token>    string which document record owns an Alloy token
     mailingest:senders                   hash   e-mail -> entity (the CLI's directory)
+    mailingest:ratelimit:alloy           hash   the token bucket all workers share
 
 A mail id is ``<inbox>/<folder, %-quoted>/<uidvalidity>/<uid>``: readable in
 Flower and in ``mailingest status``, and free of anything sensitive.
@@ -68,6 +69,10 @@ def fingerprint_owner(entity: str, fingerprint: str) -> str:
 
 def unfetchable(inbox: str, uidvalidity: int, uid: int) -> str:
     return f"{NS}:unfetchable:{inbox}:{uidvalidity}:{uid}"
+
+
+def rate_bucket(name: str) -> str:
+    return f"{NS}:ratelimit:{name}"
 
 
 def poll_lock(inbox: str) -> str:

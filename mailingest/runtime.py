@@ -10,6 +10,7 @@ import redis
 from .alloy import AlloyClient
 from .inbox import Mailbox
 from .ledger import Ledger
+from .ratelimit import RateLimiter
 from .retry import RetryPolicy
 from .sealing import Sealer
 from .senders import CsvDirectory, HttpLookup, RedisDirectory, Resolver, SenderResolver
@@ -65,6 +66,11 @@ def build_context(settings: Settings) -> Context:
         settings.alloy_secret,
         connect_timeout=settings.alloy_connect_timeout,
         ca_file=settings.alloy_ca_file,
+        limiter=(
+            RateLimiter(client, rate=settings.alloy_rate, burst=settings.alloy_burst)
+            if settings.alloy_rate > 0
+            else None
+        ),
         read_timeout=settings.alloy_read_timeout,
     )
     ctx = Context(

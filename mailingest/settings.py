@@ -83,6 +83,8 @@ class Settings:
     alloy_token: Secret | None
     alloy_secret: Secret | None
     alloy_ca_file: Path | None
+    alloy_rate: float
+    alloy_burst: int
     alloy_connect_timeout: float
     alloy_read_timeout: float
     redis_url: str | None
@@ -335,6 +337,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             Sealer(staging_key)
         except SealingError as exc:
             raise ConfigError(PREFIX + "STAGING_KEY", str(exc)) from None
+    # requests per second to Alloy, shared by every worker; 0 turns the limit off
+    alloy_rate = env.number("ALLOY_RATE", 25.0, minimum=0, maximum=100_000)
     limits = _limits(env)
     sender_auth = _sender_auth(env)
     task_time_limit = env.integer("TASK_TIME_LIMIT", 300, minimum=10, maximum=3600)
@@ -366,6 +370,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         alloy_token=env.secret("ALLOY_TOKEN"),
         alloy_secret=env.secret("ALLOY_SECRET"),
         alloy_ca_file=env.path("ALLOY_CA_FILE"),
+        alloy_rate=alloy_rate,
+        alloy_burst=env.integer(
+            "ALLOY_BURST", max(1, int(alloy_rate * 2)), minimum=1, maximum=100_000
+        ),
         alloy_connect_timeout=env.number("ALLOY_CONNECT_TIMEOUT", 5.0, minimum=0.1, maximum=120),
         alloy_read_timeout=env.number("ALLOY_READ_TIMEOUT", 30.0, minimum=0.1, maximum=600),
         redis_url=redis_url,
