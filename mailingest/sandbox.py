@@ -1009,8 +1009,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if plan.slow_s:
                     kinds.append("slow")
                     sb.sleep(plan.slow_s)
-                self._write_error(err)
+                # counted before the answer leaves: a client that saw it sees it counted
                 sb.state.record(route_key, err.status, kinds)
+                self._write_error(err)
                 return
 
         status: int
@@ -1050,8 +1051,8 @@ class _Handler(BaseHTTPRequestHandler):
             if plan.slow_s:
                 kinds.append("slow")
                 sb.sleep(plan.slow_s)
+        sb.state.record(route_key, status, kinds)  # before the answer leaves (see above)
         self._write(status, body, ctype, headers)
-        sb.state.record(route_key, status, kinds)
 
     def _route(
         self, tpl: str, entity: str, document: str | None
