@@ -3,6 +3,7 @@
     mailingest worker [celery options]   run a Celery worker (same as celery -A mailingest worker)
     mailingest beat [celery options]     run the scheduler that polls each inbox
     mailingest poll-once [--json]        one complete cycle in this process, no broker needed
+    mailingest poll-now [--inbox NAME]   ask the running workers to poll at once
     mailingest sandbox [--port 8080]     serve the Alloy document API emulator
     mailingest senders add|remove|list|import   edit the sender directory in Redis
     mailingest status [--json]           ledger counts, quarantined and failed mails with reasons
@@ -133,12 +134,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = L.now_ms()
     stale_ms = settings.stale_after * 1000
     attention = ledger.mails((L.QUARANTINED, L.FAILED))
-    stuck = [
-        r
-        for r in ledger.mails((L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING))
-        if now - max(r.updated_at, r.retry_at) > stale_ms
-    ]
-    polls = {inbox.name: ledger.poll_status(inbox.name) for inbox in settings.inboxes}
+    pending = ledger.mails((L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING))
+    stuck = [r for r in pending if now - max(r.updated_at, r.retry_at) > stale_ms]
+    polls: dict[str, dict[str, object]] = {}
+    for inbox in settings.inboxes:
+        mine = [r for r in pending if r.ref.inbox == inbox.name]
+        oldest = min((r.created_at for r in mine), default=None)
+        polls[inbox.name] = dict(ledger.poll_status(inbox.name)) | {
+            "backlog": len(mine),
+            "oldest_pending_s": None if oldest is None else round((now - oldest) / 1000),
+        }
 
     def row(r: L.MailRecord) -> dict[str, object]:
         return {
@@ -165,13 +170,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print("  ".join(f"{state} {n}" for state, n in counts.items()))
     for name, poll in polls.items():
-        if not poll:
-            print(f"inbox {name}: never polled")
+        backlog = f"; backlog {poll['backlog']}"
+        if poll["oldest_pending_s"] is not None:
+            backlog += f", oldest pending {poll['oldest_pending_s']}s"
+        if "at" not in poll:
+            print(f"inbox {name}: never polled{backlog}")
             continue
-        ago = (now - int(poll.get("ok_at") or 0)) / 1000
+        ago = (now - int(str(poll.get("ok_at") or 0))) / 1000
         last_ok = f"last good poll {ago:.0f}s ago" if poll.get("ok_at") else "no good poll yet"
         error = f"; last error: {poll['error']}" if poll.get("error") else ""
-        print(f"inbox {name}: {last_ok}{error}")
+        print(f"inbox {name}: {last_ok}{backlog}{error}")
     for record in attention:
         print(f"{record.state:12} {record.id}  {record.sender or '-'}  {record.reason}")
     for record in stuck:
@@ -212,6 +220,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_poll_now(args: argparse.Namespace) -> int:
+    """Ask the running workers to poll now (a task on the broker, like beat's)."""
+    from celery import Celery
+
+    settings = _settings("redis")
+    names = args.inbox or [inbox.name for inbox in settings.inboxes]
+    for name in names:
+        settings.inbox(name)  # ConfigError for an unknown inbox
+    client = Celery(broker=settings.broker_url)
+    try:
+        for name in names:
+            client.send_task("mailingest.poll_inbox", args=[name])
+            print(f"poll of inbox {name} queued")
+    finally:
+        client.close()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -244,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--inbox", action="append", help="only this inbox (repeatable; default: all)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("poll-now", help="ask the running workers to poll at once")
+    p.add_argument("--inbox", action="append", help="only this inbox (repeatable; default: all)")
 
     p = sub.add_parser("sandbox", help="serve the Alloy document API emulator")
     from .sandbox import add_arguments
@@ -293,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         commands = {
             "poll-once": cmd_poll_once,
+            "poll-now": cmd_poll_now,
             "sandbox": cmd_sandbox,
             "senders": cmd_senders,
             "status": cmd_status,

@@ -119,3 +119,40 @@ def test_unreachable_servers_give_one_line(env: dict[str, str]) -> None:
     assert env["MAILINGEST_IMAP_PASSWORD"] not in proc.stderr
     status = json.loads(run(dead_imap, "status", "--json").stdout)
     assert "cannot connect" in status["polls"]["default"]["error"]
+
+
+def test_poll_now_queues_a_poll_for_the_workers(env: dict[str, str]) -> None:
+    import redis as redis_lib
+
+    proc = run(env, "poll-now")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "poll of inbox default queued\n"
+    client = redis_lib.Redis.from_url(env["MAILINGEST_REDIS_URL"])
+    (message,) = client.lrange("celery", 0, -1)  # the broker's default queue
+    client.close()
+    body = json.loads(message)
+    assert body["headers"]["task"] == "mailingest.poll_inbox"
+    assert body["headers"]["argsrepr"] == "['default']"
+    unknown = run(env, "poll-now", "--inbox", "nope")
+    assert unknown.returncode == 2 and "no inbox named 'nope'" in unknown.stderr
+
+
+def test_status_shows_backlog_and_oldest_pending(
+    env: dict[str, str], imap: ImapServer, senders_file: Path
+) -> None:
+    from mailingest.pipeline import poll
+    from mailingest.runtime import build_context
+    from mailingest.settings import load_settings
+
+    scenario = demo_scenario(seed=12)
+    write_senders(senders_file, scenario)
+    deliver(imap, [m.raw for m in scenario.mails[:3]])
+    ctx = build_context(load_settings(env))
+    try:
+        poll(ctx, "default")  # recorded and queued, not yet ingested
+    finally:
+        ctx.close()
+    status = json.loads(run(env, "status", "--json").stdout)
+    assert status["polls"]["default"]["backlog"] == 3
+    assert status["polls"]["default"]["oldest_pending_s"] >= 0
+    assert "backlog 3, oldest pending" in run(env, "status").stdout
