@@ -119,6 +119,8 @@ from types import FrameType, TracebackType
 from typing import Any
 from urllib.parse import unquote
 
+from .documents import DOCUMENT_TYPES  # the six types Alloy allows, known in one place
+
 __all__ = [
     "DOCUMENT_TYPES",
     "AlloyLikeError",
@@ -132,14 +134,6 @@ __all__ = [
     "run_from_args",
 ]
 
-DOCUMENT_TYPES: tuple[str, ...] = (
-    "contract",
-    "license",
-    "passport",
-    "utility",
-    "other",
-    "internal",
-)
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 JSON_BODY_CAP = 1024 * 1024
 MIN_DRAIN_LIMIT = 64 * 1024 * 1024
