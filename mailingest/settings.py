@@ -101,7 +101,6 @@ class Settings:
     finish_grace: int
     failed_retry_after: int
     failed_auto_retries: int
-    inline_image_floor: int
     limits: Limits
     sender_auth: AuthPolicy | None  # None: off, or on but without a trusted server yet
     sender_auth_on: bool
@@ -394,7 +393,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         finish_grace=env.integer("FINISH_GRACE", 60, minimum=0, maximum=86400),
         failed_retry_after=env.integer("FAILED_RETRY_AFTER", 3600, minimum=1, maximum=7 * 86400),
         failed_auto_retries=env.integer("FAILED_AUTO_RETRIES", 3, minimum=0, maximum=100),
-        inline_image_floor=limits.inline_image_floor,
         limits=limits,
         sender_auth=sender_auth,
         sender_auth_on=_list(env.text("SENDER_AUTH", "dmarc")) != ("off",),
