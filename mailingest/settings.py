@@ -57,6 +57,29 @@ class Secret:
         return bool(self._value)
 
 
+IMAP_AUTH = ("password", "xoauth2")
+# Token endpoints of the two providers most support mailboxes live on; any other
+# OAuth2 server is given by MAILINGEST_OAUTH_TOKEN_URL.
+OAUTH_PROVIDERS = {
+    "google": ("https://oauth2.googleapis.com/token", "https://mail.google.com/"),
+    "microsoft": (
+        "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        "https://outlook.office.com/IMAP.AccessAsUser.All offline_access",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class OAuthSettings:
+    """An OAuth2 refresh-token grant that yields IMAP access tokens (XOAUTH2)."""
+
+    token_url: str
+    client_id: str
+    client_secret: Secret | None
+    refresh_token: Secret
+    scope: str | None = None
+
+
 @dataclass(frozen=True)
 class InboxSettings:
     """One IMAP mailbox and what to do with its mail."""
@@ -74,6 +97,8 @@ class InboxSettings:
     note: str
     poll_interval: float
     ca_file: Path | None = None  # trust this CA for the IMAP server's certificate
+    auth: str = "password"  # or "xoauth2": log in with an access token from ``oauth``
+    oauth: OAuthSettings | None = None
 
 
 @dataclass(frozen=True)
