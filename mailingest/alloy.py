@@ -32,6 +32,9 @@ from .errors import AlloyError, AlloyRejected, AlloyUnavailable
 from .ratelimit import RateLimited, RateLimiter
 from .settings import Secret
 
+# a well-formed entity token no customer has: check_credentials lists its documents
+CREDENTIALS_PROBE = "P-mailingestCheck00000"
+
 
 @dataclass(frozen=True)
 class Document:
@@ -197,6 +200,18 @@ class AlloyClient:
         if not isinstance(body, list):
             raise AlloyRejected("answer is not a list of documents", operation="list")
         return [Document.from_json(item) for item in body]
+
+    def check_credentials(self) -> None:
+        """Raise AlloyError unless Alloy accepts the credentials (for ``check-config``).
+
+        Alloy has no "who am I" call for API keys; listing the documents of an entity
+        that does not exist answers 400/4013 to good credentials and 401 to bad ones.
+        """
+        try:
+            self.list(CREDENTIALS_PROBE)
+        except AlloyRejected as exc:
+            if exc.minor_code != 4013:
+                raise
 
     # -- plumbing ----------------------------------------------------------
     @staticmethod

@@ -23,10 +23,11 @@ def _load() -> Settings:
 
 
 settings = _load()
-if not settings.sender_auth_on:
+for _name in settings.sender_auth_off:
     print(
-        "mailingest: WARNING: MAILINGEST_SENDER_AUTH=off: senders are not authenticated; "
-        "anyone who forges a customer's From: address can file documents on that customer",
+        f"mailingest: WARNING: inbox {_name}: sender authentication is off: senders are not "
+        "authenticated; anyone who forges a customer's From: address can file documents on "
+        "that customer",
         file=sys.stderr,
     )
 app = Celery("mailingest", include=["mailingest.tasks"])

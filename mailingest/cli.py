@@ -8,9 +8,11 @@
     mailingest senders add|remove|list|import   edit the sender directory in Redis
     mailingest status [--json]           ledger counts, quarantined and failed mails with reasons
     mailingest replay MAIL_ID...         send a quarantined or failed mail through again
+    mailingest check-config [--connect]  validate the settings; --connect tries every service
     mailingest demo                      the whole flow on private servers, then a report
 
-Configuration comes from MAILINGEST_* environment variables (see the README).
+Configuration comes from MAILINGEST_* environment variables, or a TOML file named by
+MAILINGEST_CONFIG that the environment overrides (see the README).
 A bad setting stops the command with one line naming it.
 """
 
@@ -238,6 +240,28 @@ def cmd_poll_now(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the settings (and the config file); with --connect, try every service."""
+    from . import checks
+
+    settings = _settings("redis", "imap", "alloy")
+    results = checks.describe(settings)
+    if args.connect:
+        from .runtime import build_context
+
+        ctx = build_context(settings)
+        try:
+            results = checks.connect(ctx)
+        finally:
+            ctx.close()
+    if args.json:
+        print(json.dumps([check.to_dict() for check in results], indent=2))
+    else:
+        for check in results:
+            print(f"{'ok' if check.ok else 'FAIL':5} {check.name}: {check.detail}")
+    return 0 if all(check.ok for check in results) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -251,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailingest",
         description="Ingest identity documents customers e-mail to a support inbox into Alloy.",
-        epilog="Configuration: MAILINGEST_* environment variables (see README.md).",
+        epilog="Configuration: MAILINGEST_* environment variables, or a TOML file named by "
+        "MAILINGEST_CONFIG (see README.md).",
     )
     parser.add_argument("--version", action="version", version=f"mailingest {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -301,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mail_id", nargs="*", help="mail ids as shown by `mailingest status`")
     p.add_argument("--failed", action="store_true", help="replay every failed mail")
 
+    p = sub.add_parser(
+        "check-config",
+        help="validate the settings; with --connect also log in to Redis, each inbox and Alloy",
+    )
+    p.add_argument(
+        "--connect",
+        action="store_true",
+        help="try each service as a worker would (changes nothing)",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
     p = sub.add_parser("demo", help="run the whole flow on private servers and print what happened")
     p.add_argument("--keep-running", action="store_true", help="keep the servers up until Ctrl-C")
     p.add_argument(
@@ -328,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "status": cmd_status,
             "replay": cmd_replay,
             "demo": cmd_demo,
+            "check-config": cmd_check_config,
         }
         runner = lambda: commands[args.command](args)  # noqa: E731
     try:

@@ -132,6 +132,10 @@ class Mailbox:
         self._selected = folder
         return int(info[b"UIDVALIDITY"])
 
+    def folder_exists(self, folder: str) -> bool:
+        with self._errors(f"LIST {folder!r}"):
+            return bool(self.client.folder_exists(folder))
+
     def ensure_folders(self, *folders: str) -> None:
         with self._errors("CREATE"):
             for folder in folders:

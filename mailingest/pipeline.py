@@ -277,7 +277,7 @@ def _ingest_locked(ctx: Context, record: L.MailRecord) -> list[Step]:
     if not ctx.ledger.transition(mail_id, L.PARSING, allowed=(L.QUEUED, L.PARSING), reason=""):
         return []
 
-    screened = screen(raw, ctx.settings.limits, ctx.settings.sender_auth)
+    screened = screen(raw, ctx.settings.limits, ctx.settings.inbox(record.ref.inbox).sender_auth)
     mail = screened.mail
     if mail is not None:
         ctx.ledger.update(
@@ -291,7 +291,8 @@ def _ingest_locked(ctx: Context, record: L.MailRecord) -> list[Step]:
         return quarantine(ctx, mail_id, screened.refusal or "cannot parse the mail")
     if not mail.sender:
         return quarantine(ctx, mail_id, "no single sender address in From:")
-    resolved = ctx.senders.resolve(mail.sender)  # ResolverError is retried by the caller
+    # a ResolverError (directory or CRM down) is retried by the caller
+    resolved = ctx.senders(record.ref.inbox).resolve(mail.sender)
     if resolved is None:
         return quarantine(
             ctx, mail_id, f"unknown sender {mail.sender}: no entity in the sender directory"
@@ -515,7 +516,8 @@ def _restage_documents(ctx: Context, record: L.MailRecord, index: int) -> list[S
             f"in {record.ref.folder}",
         )
         return []
-    for doc in _planned(screen(raw, ctx.settings.limits, ctx.settings.sender_auth)):
+    policy = ctx.settings.inbox(record.ref.inbox).sender_auth
+    for doc in _planned(screen(raw, ctx.settings.limits, policy)):
         ctx.ledger.restage_blob(record.id, doc.index, doc.payload)
     return [Step("upload", record.id, index)]
 

@@ -14,7 +14,7 @@ from .ratelimit import RateLimiter
 from .retry import RetryPolicy
 from .sealing import Sealer
 from .senders import CsvDirectory, HttpLookup, RedisDirectory, Resolver, SenderResolver
-from .settings import Settings
+from .settings import InboxSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,13 @@ class Context:
     redis: redis.Redis
     ledger: Ledger
     alloy: AlloyClient
-    senders: SenderResolver
+    resolvers: dict[str, SenderResolver]
     policy: RetryPolicy
     closers: list = field(default_factory=list, repr=False)
+
+    def senders(self, inbox_name: str) -> SenderResolver:
+        """Who the senders of this inbox's mail are."""
+        return self.resolvers[inbox_name]
 
     def mailbox(self, inbox_name: str) -> Mailbox:
         """A new IMAP connection (unopened) to the named inbox."""
@@ -45,14 +49,24 @@ def connect_redis(url: str) -> redis.Redis:
     )
 
 
-def build_resolver(settings: Settings, client: redis.Redis) -> SenderResolver:
+def build_resolver(inbox: InboxSettings, client: redis.Redis) -> SenderResolver:
+    """The inbox's CSV directory, then the directory the CLI keeps in Redis, then its CRM."""
     resolvers: list[Resolver] = []
-    if settings.senders_file is not None:
-        resolvers.append(CsvDirectory(settings.senders_file))
+    if inbox.senders_file is not None:
+        resolvers.append(CsvDirectory(inbox.senders_file))
     resolvers.append(RedisDirectory(client))
-    if settings.crm_url:
-        resolvers.append(HttpLookup(settings.crm_url))
+    if inbox.crm_url:
+        resolvers.append(HttpLookup(inbox.crm_url))
     return SenderResolver(resolvers)
+
+
+def warn_if_senders_unauthenticated(settings: Settings) -> None:
+    for name in settings.sender_auth_off:
+        log.warning(
+            "inbox %s: sender authentication is off: senders are NOT authenticated; anyone "
+            "who forges a customer's From: address can file documents on that customer",
+            name,
+        )
 
 
 def build_context(settings: Settings) -> Context:
@@ -82,13 +96,9 @@ def build_context(settings: Settings) -> Context:
             sealer=Sealer(settings.staging_key) if settings.staging_key else None,
         ),
         alloy=alloy,
-        senders=build_resolver(settings, client),
+        resolvers={inbox.name: build_resolver(inbox, client) for inbox in settings.inboxes},
         policy=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_cap),
     )
     ctx.closers += [client.close, alloy.close]
-    if not settings.sender_auth_on:
-        log.warning(
-            "MAILINGEST_SENDER_AUTH=off: senders are NOT authenticated; anyone who forges a "
-            "customer's From: address can file documents on that customer"
-        )
+    warn_if_senders_unauthenticated(settings)
     return ctx

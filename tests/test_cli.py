@@ -156,3 +156,47 @@ def test_status_shows_backlog_and_oldest_pending(
     assert status["polls"]["default"]["backlog"] == 3
     assert status["polls"]["default"]["oldest_pending_s"] >= 0
     assert "backlog 3, oldest pending" in run(env, "status").stdout
+
+
+def test_check_config_describes_then_connects_and_names_what_fails(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    described = run(env, "check-config")
+    assert described.returncode == 0, described.stderr
+    assert "ok    settings: from the environment: 1 inbox(es)" in described.stdout
+    assert "INBOX -> Processed | Quarantine" in described.stdout
+
+    deliver(imap, [demo_scenario(seed=3).mails[0].raw])
+    good = run(env, "check-config", "--connect", "--json")
+    assert good.returncode == 0, good.stdout + good.stderr
+    results = {r["check"]: r for r in json.loads(good.stdout)}
+    assert set(results) == {"redis", "inbox default", "alloy"}
+    assert all(r["ok"] for r in results.values())
+    assert "INBOX holds 1 mail(s)" in results["inbox default"]["detail"]
+    assert "Processed, Quarantine will be created" in results["inbox default"]["detail"]
+    assert folder_counts(imap, "INBOX") == {"INBOX": 1}  # nothing was moved or created
+
+    wrong = env | {
+        "MAILINGEST_IMAP_PASSWORD": "not-the-password",
+        "MAILINGEST_ALLOY_SECRET": "not-the-secret",
+    }
+    bad = run(wrong, "check-config", "--connect")
+    assert bad.returncode == 1
+    lines = dict(line.split(": ", 1) for line in bad.stdout.splitlines())
+    assert lines["ok    redis"].startswith("PING answered")
+    assert lines["FAIL  inbox default"].startswith("inbox default (")
+    assert "login refused" in lines["FAIL  inbox default"]
+    assert lines["FAIL  alloy"].startswith("Alloy list answered 401/4011")
+    assert "not-the-password" not in bad.stdout + bad.stderr
+    assert "not-the-secret" not in bad.stdout + bad.stderr
+
+
+def test_check_config_stops_on_a_bad_file_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "mailingest.toml"
+    path.write_text('[[inboxes]]\nname = "eu"\nimap_hots = "imap.example.com"\n')
+    proc = run({"MAILINGEST_CONFIG": str(path)}, "check-config")
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "mailingest: configuration error: mailingest.toml: inboxes[eu].imap_hots is not a "
+        "per-inbox setting (set it at the top of the file) or unknown\n"
+    )

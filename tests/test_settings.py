@@ -192,9 +192,11 @@ def test_sender_auth_on_by_default_and_opting_out_warns() -> None:
     with pytest.raises(ConfigError, match="MAILINGEST_SENDER_AUTH must be 'off' or a list"):
         load_settings(BASE | {"MAILINGEST_SENDER_AUTH": "dmark"})
     on = load_settings(BASE)
-    assert on.sender_auth is not None and on.sender_auth.accept == ("dmarc",)
+    policy = on.inboxes[0].sender_auth
+    assert policy is not None and policy.accept == ("dmarc",)
     off = load_settings(env | {"MAILINGEST_SENDER_AUTH": "off"}).require("imap")
-    assert off.sender_auth is None and not off.sender_auth_on
+    assert off.inboxes[0].sender_auth is None and not off.inboxes[0].sender_auth_on
+    assert off.sender_auth_off == ("default",)
     proc = subprocess.run(
         [sys.executable, "-c", "import mailingest.celery"],
         env={"PATH": "/usr/bin:/bin"} | env | {"MAILINGEST_SENDER_AUTH": "off"},
@@ -203,7 +205,7 @@ def test_sender_auth_on_by_default_and_opting_out_warns() -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "WARNING: MAILINGEST_SENDER_AUTH=off" in proc.stderr
+    assert "WARNING: inbox default: sender authentication is off" in proc.stderr
 
 
 def test_allowed_types_and_staging_key_are_checked() -> None:
@@ -211,3 +213,164 @@ def test_allowed_types_and_staging_key_are_checked() -> None:
         load_settings(BASE | {"MAILINGEST_ALLOWED_TYPES": "pdf,exe-ish"})
     with pytest.raises(ConfigError, match="MAILINGEST_STAGING_KEY must be 32 bytes"):
         load_settings(BASE | {"MAILINGEST_STAGING_KEY": "c2hvcnQ="})
+
+
+# -- several inboxes from a TOML file (MAILINGEST_CONFIG) ---------------------------
+
+KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # 32 bytes, URL-safe base64
+
+TWO_INBOXES = """\
+redis_url = "redis://127.0.0.1:6380/0"
+alloy_token = "tok"
+alloy_secret_file = "alloy-secret"
+agent_email = "ops@example.com"
+poll_interval = 120
+trusted_authserv_id = "mx.example.com"
+
+[[inboxes]]
+name = "eu"
+imap_host = "imap.eu.example.com"
+imap_user = "support-eu@example.com"
+imap_password_file = "eu-password"
+senders_file = "senders.csv"
+note = "Sent in by e-mail (EU desk)"
+
+[[inboxes]]
+name = "us"
+imap_host = "imap.us.example.com"
+imap_user = "support-us@example.com"
+imap_auth = "xoauth2"
+oauth_provider = "microsoft"
+oauth_tenant = "contoso.onmicrosoft.com"
+oauth_client_id = "client-1"
+oauth_refresh_token_file = "/run/secrets/us-refresh"
+agent_email = "us-ops@example.com"
+poll_interval = 15
+processed_folder = "Done"
+sender_auth = ["dkim", "spf"]
+trusted_authserv_id = "mx.microsoft.com"
+"""
+
+
+def write_config(tmp_path: Path, text: str = TWO_INBOXES) -> dict[str, str]:
+    (tmp_path / "alloy-secret").write_text("s3cret\n", encoding="utf-8")
+    (tmp_path / "eu-password").write_text("eu-pw\n", encoding="utf-8")
+    (tmp_path / "senders.csv").write_text("email,entity_token\na@b.example,P-1\n")
+    path = tmp_path / "mailingest.toml"
+    path.write_text(text.replace("/run/secrets/us-refresh", str(tmp_path / "eu-password")))
+    return {"MAILINGEST_CONFIG": str(path), "MAILINGEST_STAGING_KEY": KEY}
+
+
+def test_two_inboxes_from_one_file_with_shared_defaults(tmp_path: Path) -> None:
+    s = load_settings(write_config(tmp_path)).require("redis", "imap", "alloy")
+    eu, us = s.inboxes
+    assert (eu.name, eu.host, eu.user) == ("eu", "imap.eu.example.com", "support-eu@example.com")
+    assert eu.password == Secret("eu-pw") and eu.auth == "password" and eu.oauth is None
+    assert eu.senders_file == tmp_path / "senders.csv"  # relative to the file
+    assert (eu.agent_email, eu.poll_interval, eu.note) == (
+        "ops@example.com",
+        120,
+        "Sent in by e-mail (EU desk)",
+    )
+    assert us.agent_email == "us-ops@example.com" and us.poll_interval == 15
+    assert (us.processed_folder, us.note) == ("Done", DEFAULT_NOTE)
+    assert us.auth == "xoauth2" and us.password is None and us.oauth is not None
+    assert us.oauth.token_url == (
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    )
+    assert us.oauth.scope and "IMAP.AccessAsUser.All" in us.oauth.scope
+    assert eu.sender_auth and eu.sender_auth.accept == ("dmarc",)
+    assert us.sender_auth and us.sender_auth.accept == ("dkim", "spf")
+    assert us.sender_auth.trusted_authserv_ids == ("mx.microsoft.com",)
+    assert s.alloy_secret == Secret("s3cret") and s.config_file == tmp_path / "mailingest.toml"
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    env = write_config(tmp_path) | {
+        "MAILINGEST_ALLOY_URL": "http://127.0.0.1:9/v1",
+        "MAILINGEST_POLL_INTERVAL": "5",  # an inbox setting: every inbox of the file
+        "MAILINGEST_ALLOY_SECRET": "from-env",  # replaces the file's alloy_secret_file
+    }
+    s = load_settings(env)
+    assert s.alloy_url == "http://127.0.0.1:9/v1" and s.alloy_secret == Secret("from-env")
+    assert [i.poll_interval for i in s.inboxes] == [5, 5]
+
+
+def test_single_inbox_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "one.toml"
+    path.write_text('imap_host = "imap.example.com"\nimap_user = "file@example.com"\n')
+    s = load_settings(BASE | {"MAILINGEST_CONFIG": str(path), "MAILINGEST_IMAP_HOST": ""})
+    (inbox,) = s.inboxes
+    assert inbox.host == "imap.example.com"  # an empty variable does not override
+    assert inbox.user == "support@example.com"  # the environment wins
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("poll_interval = 120", "poll_intervall = 120"), r"mailingest.toml.poll_intervall is not"),
+        (
+            ('note = "Sent', 'redis_url = "redis://x:1/0"\nnote = "Sent'),
+            r"inboxes\[eu\].redis_url is not a per-inbox",
+        ),
+        (
+            ("poll_interval = 15", "poll_interval = 0"),
+            r"inboxes\[us\].poll_interval must be between",
+        ),
+        (('name = "us"', 'name = "eu"'), r"inboxes\[eu\].name 'eu' names two inboxes"),
+        (
+            ('imap_host = "imap.us.example.com"', 'imap_hots = "imap.us.example.com"'),
+            r"inboxes\[us\].imap_hots is not a per-inbox setting",
+        ),
+        (
+            ('oauth_client_id = "client-1"\n', ""),
+            r"inboxes\[us\].oauth_client_id is required for imap_auth=xoauth2",
+        ),
+        (
+            ('oauth_provider = "microsoft"', 'oauth_provider = "yahoo"'),
+            r"oauth_provider must be one of",
+        ),
+        ((TWO_INBOXES, 'inboxes = ["eu"]\n'), r"inboxes must be a list of tables"),
+        (
+            ("poll_interval = 120", "poll_interval = [120"),
+            r"MAILINGEST_CONFIG .* is not valid TOML",
+        ),
+        (("poll_interval = 120", "[alloy]\nurl = 1"), r"mailingest.toml.alloy must be a string"),
+    ],
+)
+def test_a_bad_file_names_the_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    env = write_config(tmp_path, TWO_INBOXES.replace(*edit, 1))
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env).require("redis", "imap", "alloy")
+
+
+def test_missing_values_of_a_file_inbox_name_its_table(tmp_path: Path) -> None:
+    env = write_config(tmp_path, TWO_INBOXES.replace('imap_host = "imap.us.example.com"\n', ""))
+    with pytest.raises(ConfigError, match=r"^mailingest.toml: inboxes\[us\].imap_host is required"):
+        load_settings(env).require("imap")
+
+
+def test_two_inboxes_on_one_folder_are_refused(tmp_path: Path) -> None:
+    text = TWO_INBOXES.replace("imap.us.example.com", "imap.eu.example.com").replace(
+        "support-us@", "Support-EU@"
+    )
+    with pytest.raises(ConfigError, match="inboxes 'eu' and 'us' read the same folder"):
+        load_settings(write_config(tmp_path, text))
+
+
+def test_identity_variables_cannot_apply_to_several_inboxes(tmp_path: Path) -> None:
+    env = write_config(tmp_path) | {"MAILINGEST_IMAP_PASSWORD": "one-for-all"}
+    with pytest.raises(ConfigError, match="^MAILINGEST_IMAP_PASSWORD cannot apply to every"):
+        load_settings(env)
+
+
+def test_oauth_needs_the_staging_key_and_https(tmp_path: Path) -> None:
+    env = write_config(tmp_path)
+    del env["MAILINGEST_STAGING_KEY"]
+    with pytest.raises(ConfigError, match=r"MAILINGEST_STAGING_KEY is required for inbox 'us'"):
+        load_settings(env)
+    text = TWO_INBOXES.replace(
+        'oauth_provider = "microsoft"', 'oauth_token_url = "http://login.example.com/token"'
+    )
+    with pytest.raises(ConfigError, match=r"inboxes\[us\].oauth_token_url must use https"):
+        load_settings(write_config(tmp_path, text))

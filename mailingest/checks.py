@@ -1,0 +1,114 @@
+"""``mailingest check-config``: is this configuration right, and does it reach everything?
+
+Without ``connect`` only the settings are read and validated (they already were, by
+:func:`~mailingest.settings.load_settings`) and described. With it, each service is
+tried the way a worker would use it: Redis answers PING, each inbox logs in (password
+or OAuth), its folder opens and its processed and quarantine folders are found, and
+Alloy accepts the credentials. Every check reports what it found; none stops the
+others, and none changes anything (a missing folder is reported, not created).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import AlloyError, MailingestError
+from .runtime import Context
+from .settings import InboxSettings, Settings, redact_url
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+def describe(settings: Settings) -> list[Check]:
+    """What the settings say, one line per service (nothing is contacted)."""
+    where = str(settings.config_file) if settings.config_file else "the environment"
+    checks = [
+        Check("settings", True, f"from {where}: {len(settings.inboxes)} inbox(es)"),
+        Check("redis", True, redact_url(settings.redis_url or "")),
+        Check(
+            "alloy",
+            True,
+            f"{settings.alloy_url}, rate limit "
+            + (f"{settings.alloy_rate:g}/s" if settings.alloy_rate else "off"),
+        ),
+    ]
+    checks += [Check(f"inbox {inbox.name}", True, _inbox_line(inbox)) for inbox in settings.inboxes]
+    return checks
+
+
+def _inbox_line(inbox: InboxSettings) -> str:
+    senders = ["csv " + str(inbox.senders_file)] if inbox.senders_file else []
+    senders.append("redis directory")
+    if inbox.crm_url:
+        senders.append("crm " + redact_url(inbox.crm_url))
+    auth = (
+        inbox.auth
+        if inbox.auth == "password"
+        else f"xoauth2 via {inbox.oauth and inbox.oauth.token_url}"
+    )
+    policy = inbox.sender_auth
+    return (
+        f"{inbox.security} {inbox.host}:{inbox.port} as {inbox.user} ({auth}); "
+        f"{inbox.folder} -> {inbox.processed_folder} | {inbox.quarantine_folder}; "
+        f"every {inbox.poll_interval:g}s; agent {inbox.agent_email}; "
+        f"senders: {', '.join(senders)}; sender auth: "
+        + (
+            ", ".join(policy.accept) + " from " + ", ".join(policy.trusted_authserv_ids)
+            if policy
+            else "OFF"
+        )
+    )
+
+
+def connect(ctx: Context) -> list[Check]:
+    """Try every service as a worker would; each result says what was found."""
+    checks = [_redis(ctx)]
+    checks += [_inbox(ctx, inbox) for inbox in ctx.settings.inboxes]
+    checks.append(_alloy(ctx))
+    return checks
+
+
+def _redis(ctx: Context) -> Check:
+    import redis
+
+    try:
+        ctx.redis.ping()
+        version = ctx.redis.info("server").get("redis_version", "?")
+    except redis.RedisError as exc:
+        return Check("redis", False, f"{type(exc).__name__}: {exc}")
+    return Check("redis", True, f"PING answered (Redis {version})")
+
+
+def _inbox(ctx: Context, inbox: InboxSettings) -> Check:
+    name = f"inbox {inbox.name}"
+    try:
+        with ctx.mailbox(inbox.name) as mailbox:
+            mailbox.select(inbox.folder)
+            waiting = len(mailbox.uids_after(0))
+            missing = [
+                folder
+                for folder in (inbox.processed_folder, inbox.quarantine_folder)
+                if not mailbox.folder_exists(folder)
+            ]
+    except MailingestError as exc:
+        return Check(name, False, str(exc))
+    detail = f"logged in as {inbox.user}; {inbox.folder} holds {waiting} mail(s)"
+    if missing:
+        detail += f"; {', '.join(missing)} will be created at the first move"
+    return Check(name, True, detail)
+
+
+def _alloy(ctx: Context) -> Check:
+    try:
+        ctx.alloy.check_credentials()
+    except AlloyError as exc:
+        return Check("alloy", False, str(exc))
+    return Check("alloy", True, f"{ctx.settings.alloy_url} accepted the credentials")
