@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,11 +28,18 @@ from urllib.parse import quote
 
 import httpx
 
-from . import __version__
+from . import __version__, metrics
 from .errors import AlloyError, AlloyRejected, AlloyUnavailable
 from .ratelimit import RateLimited, RateLimiter
 from .settings import Secret
 
+# each operation's path as a metric label (no entity or document token in a label)
+ENDPOINTS = {
+    "describe": "/entities/{entity}/documents",
+    "list": "/entities/{entity}/documents",
+    "upload": "/entities/{entity}/documents/{document}",
+    "download": "/entities/{entity}/documents/{document}",
+}
 # a well-formed entity token no customer has: check_credentials lists its documents
 CREDENTIALS_PROBE = "P-mailingestCheck00000"
 
@@ -240,7 +248,16 @@ class AlloyClient:
                     raise AlloyUnavailable(
                         str(exc), retry_after=exc.retry_after, operation=operation
                     ) from None
-            response = self._http.request(method, url, **kw)
+            endpoint = ENDPOINTS.get(operation, operation)
+            started = time.perf_counter()
+            try:
+                response = self._http.request(method, url, **kw)
+            except httpx.TransportError:
+                metrics.alloy_answered(method, endpoint, 0, time.perf_counter() - started)
+                raise
+            metrics.alloy_answered(
+                method, endpoint, response.status_code, time.perf_counter() - started
+            )
             if response.status_code >= 400:
                 raise error_from_response(response, operation)
             return response

@@ -7,8 +7,10 @@ stops the process with one line naming it (no traceback).
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_init, worker_init
 
 from .celeryconf import celery_config
 from .errors import ConfigError
@@ -32,3 +34,32 @@ for _name in settings.sender_auth_off:
     )
 app = Celery("mailingest", include=["mailingest.tasks"])
 app.conf.update(celery_config(settings))
+
+
+@celeryd_init.connect
+def _metrics_directory(**_: Any) -> None:
+    """A worker with MAILINGEST_METRICS_PORT counts in all its processes: files first."""
+    if settings.metrics_port:
+        from . import metrics
+
+        metrics.prepare_multiprocess()
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """Serve /metrics from the worker's main process, which sees every pool process."""
+    if not settings.metrics_port:
+        return
+    from . import ledger as L
+    from . import metrics
+    from .runtime import connect_redis
+
+    assert settings.redis_url is not None
+    ledger = L.Ledger(connect_redis(settings.redis_url))
+
+    def pending() -> list[tuple[str, int]]:
+        records = ledger.mails((L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING))
+        return [(r.ref.inbox, r.created_at) for r in records]
+
+    collector = metrics.BacklogCollector([inbox.name for inbox in settings.inboxes], pending)
+    metrics.serve(settings.metrics_port, collector)

@@ -111,7 +111,14 @@ def same_content(doc: ExpectedDocument, got: bytes) -> bool:
     return parts(got) == parts(doc.payload)
 
 
-def check_outcome(scenario: Scenario, alloy: AlloyClient, ledger: Ledger) -> list[str]:
+def check_outcome(
+    scenario: Scenario,
+    alloy: AlloyClient,
+    ledger: Ledger,
+    *,
+    agent_email: str = AGENT_EMAIL,
+    note_text: str = DEFAULT_NOTE,
+) -> list[str]:
     """What differs from the scenario's expectations (empty when all is well)."""
     problems: list[str] = []
     for entity in sorted(set(scenario.senders.values())):
@@ -132,9 +139,9 @@ def check_outcome(scenario: Scenario, alloy: AlloyClient, ledger: Ledger) -> lis
             if not found.uploaded:
                 problems.append(f"{doc.name}.{doc.extension}: not uploaded")
             note = found.notes[0] if found.notes else {}
-            if note.get("note_author_agent_email") != AGENT_EMAIL:
+            if note.get("note_author_agent_email") != agent_email:
                 problems.append(f"{doc.name}.{doc.extension}: note author {note!r}")
-            if note.get("note") != DEFAULT_NOTE:
+            if note.get("note") != note_text:
                 problems.append(f"{doc.name}.{doc.extension}: note {note.get('note')!r}")
             if not same_content(doc, alloy.download(entity, found.token)):
                 problems.append(f"{doc.name}.{doc.extension}: content differs")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -243,10 +243,15 @@ class Ledger:
         *,
         staging_ttl: int = 7 * 86400,
         sealer: Sealer | Plain | None = None,
+        on_recorded: Callable[[MailRef], None] | None = None,
+        on_decided: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.redis = client
         self.staging_ttl = staging_ttl
         self.sealer = sealer or Plain()  # staged bytes encrypted at rest when a key is set
+        # told once per mail recorded, and once per move to a final state (the metrics)
+        self.on_recorded = on_recorded
+        self.on_decided = on_decided
         self._transition = client.register_script(_TRANSITION)
         self._record = client.register_script(_RECORD)
         self._described = client.register_script(_DESCRIBED)
@@ -263,12 +268,15 @@ class Ledger:
     def record_new(self, ref: MailRef, raw: bytes) -> bool:
         """Stage a newly fetched mail and record it ``queued``, atomically, before
         anything is queued. Returns False when it was already recorded (nothing changes)."""
-        return bool(
+        recorded = bool(
             self._record(
                 keys=[keys.mail(ref.id), keys.raw(ref.id), keys.state(QUEUED)],
                 args=[self.sealer.seal(raw), self.staging_ttl, len(raw), now_ms(), ref.id],
             )
         )
+        if recorded and self.on_recorded is not None:
+            self.on_recorded(ref)
+        return recorded
 
     def restage(self, mail_id: str, raw: bytes) -> None:
         self.redis.set(keys.raw(mail_id), self.sealer.seal(raw), ex=self.staging_ttl)
@@ -313,7 +321,10 @@ class Ledger:
         argv: list[Any] = [to, keys.state(""), mail_id, len(allowed), *allowed]
         for name, value in fields.items():
             argv += [name, "" if value is None else str(value)]
-        return bool(self._transition(keys=[keys.mail(mail_id), keys.UNFILED], args=argv))
+        moved = bool(self._transition(keys=[keys.mail(mail_id), keys.UNFILED], args=argv))
+        if moved and to in DECIDED + (FAILED,) and self.on_decided is not None:
+            self.on_decided(mail_id, to, str(fields.get("reason") or ""))
+        return moved
 
     def requeued(self, mail_id: str, count: int) -> None:
         """The sweep queued the mail again (not progress: ``updated_at`` stays)."""

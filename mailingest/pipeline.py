@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import redis
 
 from . import ledger as L
+from . import metrics
 from .errors import (
     AlloyRejected,
     AlloyUnavailable,
@@ -116,8 +117,9 @@ def poll(ctx: Context, inbox_name: str, emit: Emit | None = None) -> PollResult:
         log.info("inbox %s: another poll is running; skipped", inbox.name)
         return PollResult(inbox.name, 0, 0, (), skipped=True)
     try:
-        validity, found = _fetch_new(ctx, inbox, out)
-        out(_sweep(ctx, inbox))
+        with metrics.poll_timer(inbox.name):
+            validity, found = _fetch_new(ctx, inbox, out)
+            out(_sweep(ctx, inbox))
     except MailingestError as exc:
         ctx.ledger.record_poll(inbox.name, found=0, error=str(exc))
         raise
@@ -399,6 +401,7 @@ def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
             return quarantine(
                 ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
             )
+        metrics.document_described()
         token = ctx.ledger.mark_described(mail_id, index, answer.token)
     log.info("mail %s: document %d described as %s", mail_id, index, token)
     return [Step("upload", mail_id, index)]
@@ -483,6 +486,7 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
             )
         if not answer.uploaded:
             raise AlloyUnavailable("answered the upload with uploaded=false", operation="upload")
+        metrics.document_uploaded(len(data))
         log.info(
             "mail %s: document %d uploaded (%s, %d bytes)", mail_id, index, doc.token, len(data)
         )

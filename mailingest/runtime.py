@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from . import metrics
 from .alloy import AlloyClient
 from .inbox import Mailbox
 from .ledger import Ledger
@@ -94,6 +95,8 @@ def build_context(settings: Settings) -> Context:
             client,
             staging_ttl=settings.staging_ttl,
             sealer=Sealer(settings.staging_key) if settings.staging_key else None,
+            on_recorded=lambda ref: metrics.mail_seen(ref.inbox),
+            on_decided=metrics.mail_decided,
         ),
         alloy=alloy,
         resolvers={inbox.name: build_resolver(inbox, client) for inbox in settings.inboxes},
@@ -101,4 +104,5 @@ def build_context(settings: Settings) -> Context:
     )
     ctx.closers += [client.close, alloy.close]
     warn_if_senders_unauthenticated(settings)
+    metrics.declare(inbox.name for inbox in settings.inboxes)
     return ctx

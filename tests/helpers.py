@@ -56,10 +56,11 @@ def write_senders(path: Path, scenario: Scenario) -> None:
     path.write_text(scenario.senders_csv(), encoding="utf-8")
 
 
-def outcome_problems(env: Mapping[str, str], scenario: Scenario) -> list[str]:
+def outcome_problems(env: Mapping[str, str], scenario: Scenario, **expect: str) -> list[str]:
+    """``expect``: ``agent_email`` and ``note_text`` when not the defaults."""
     redis_client = connect_redis(env["MAILINGEST_REDIS_URL"])
     with AlloyClient(env["MAILINGEST_ALLOY_URL"], Secret(ALLOY_TOKEN), Secret(ALLOY_SECRET)) as a:
-        problems = check_outcome(scenario, a, Ledger(redis_client))
+        problems = check_outcome(scenario, a, Ledger(redis_client), **expect)
     redis_client.close()
     return problems
 

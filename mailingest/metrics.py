@@ -1,0 +1,249 @@
+"""Prometheus metrics, served by the worker at ``http://<worker>:<MAILINGEST_METRICS_PORT>/metrics``.
+
+A Celery worker is several processes (prefork): the tasks count in the pool
+processes and the main process serves the sum. That is prometheus_client's
+multiprocess mode: every process writes its values to files in one directory,
+named by ``PROMETHEUS_MULTIPROC_DIR``, which must be set before prometheus_client
+is imported. :func:`prepare_multiprocess` does that when the worker starts
+(Celery's ``celeryd_init``), before any metric exists; :func:`serve` starts the
+HTTP server in the worker's main process. Without a port nothing is written or served, and the
+counters are plain in-process ones (``poll-once``, tests).
+
+Each mail is counted once per decision: the counters follow the ledger's
+compare-and-set transitions, so a task that runs twice does not count twice.
+Quarantine reasons are counted by kind (:func:`reason_kind`), never by their text,
+which may name a sender. Two gauges are read from the ledger at scrape time:
+the backlog and the age of the oldest mail not yet decided, per inbox.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Every metric's name, as the dashboard and the alert rules in deploy/ use them.
+METRICS = (
+    "mailingest_mails_seen_total",
+    "mailingest_mails_processed_total",
+    "mailingest_mails_quarantined_total",
+    "mailingest_mails_failed_total",
+    "mailingest_documents_described_total",
+    "mailingest_documents_uploaded_total",
+    "mailingest_upload_bytes_total",
+    "mailingest_alloy_request_seconds",
+    "mailingest_alloy_responses_total",
+    "mailingest_imap_poll_seconds",
+    "mailingest_oldest_unprocessed_seconds",
+    "mailingest_backlog_mails",
+)
+
+# Quarantine reasons by kind: the first pattern that matches the reason's start wins.
+REASON_KINDS: tuple[tuple[str, str], ...] = (
+    (r"unknown sender", "unknown_sender"),
+    (r"sender not authenticated", "sender_not_authenticated"),
+    (r"no single sender", "no_sender"),
+    (r"no documents attached", "no_documents"),
+    (r"message too large", "message_too_large"),
+    (r"headers too large", "headers_too_large"),
+    (r"too many MIME parts|MIME nesting too deep", "too_complex"),
+    (r"attachment too large", "attachment_too_large"),
+    (r"too many documents", "too_many_documents"),
+    (r"refused content", "refused_content"),
+    (r"cannot parse|a part could not be decoded|the mail is truncated", "malformed"),
+    (r"document \d+ \(.*\): Alloy already holds", "alloy_conflict"),
+    (r"document \d+ \(.*\): Alloy", "alloy_rejected"),
+)
+
+
+def reason_kind(reason: str) -> str:
+    """A quarantine reason's kind: a small fixed set, fit for a metric label."""
+    for pattern, kind in REASON_KINDS:
+        if re.match(pattern, reason, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def prepare_multiprocess() -> None:
+    """Give this worker's process tree a private directory for its metric files.
+
+    Call in the worker's main process before the first metric is touched (the
+    metrics, and prometheus_client itself, are created on first use). The directory
+    is this worker's own (two workers on one host must not add up each other's
+    files) and is removed when the process that made it exits.
+    """
+    if os.environ.get(MULTIPROC_ENV):
+        return
+    path = tempfile.mkdtemp(prefix="mailingest-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:  # not in a forked pool process
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
+    # The celery command may have imported prometheus_client already (Flower's celery
+    # subcommand does, when Flower is installed), and it chooses how to keep values
+    # when imported: choose again, before the first metric is made.
+    import sys
+
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _m() -> SimpleNamespace:
+    """The metrics, made on first use: prometheus_client reads PROMETHEUS_MULTIPROC_DIR
+    when it is imported, so it is imported here, not at the top of the module."""
+    from prometheus_client import Counter, Histogram
+
+    return SimpleNamespace(
+        seen=Counter("mailingest_mails_seen", "Mails found in an inbox and recorded", ["inbox"]),
+        processed=Counter(
+            "mailingest_mails_processed", "Mails whose every document Alloy confirmed", ["inbox"]
+        ),
+        quarantined=Counter(
+            "mailingest_mails_quarantined",
+            "Mails set aside for a person, by kind of reason",
+            ["inbox", "reason"],
+        ),
+        failed=Counter(
+            "mailingest_mails_failed",
+            "Mails that ran out of tries (retried automatically later)",
+            ["inbox"],
+        ),
+        described=Counter("mailingest_documents_described", "Documents described to Alloy"),
+        uploaded=Counter(
+            "mailingest_documents_uploaded", "Documents Alloy confirmed with uploaded: true"
+        ),
+        upload_bytes=Counter("mailingest_upload_bytes", "Bytes of documents uploaded to Alloy"),
+        alloy_seconds=Histogram(
+            "mailingest_alloy_request_seconds",
+            "Time for Alloy to answer a request",
+            ["method", "endpoint"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        ),
+        alloy_responses=Counter(
+            "mailingest_alloy_responses",
+            "Alloy's answers by HTTP status (0: no answer: timeout or connection error)",
+            ["method", "endpoint", "status"],
+        ),
+        poll_seconds=Histogram(
+            "mailingest_imap_poll_seconds",
+            "Time for one poll of an inbox (fetch new mail, record it, sweep)",
+            ["inbox"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        ),
+    )
+
+
+def declare(inboxes: Iterable[str]) -> None:
+    """Show each inbox's counters from the start, at zero (a rate needs a first sample)."""
+    for inbox in inboxes:
+        for counter in (_m().seen, _m().processed, _m().failed):
+            counter.labels(inbox)
+
+
+def inbox_of(mail_id: str) -> str:
+    return mail_id.split("/", 1)[0]
+
+
+def mail_seen(inbox: str) -> None:
+    _m().seen.labels(inbox).inc()
+
+
+def mail_decided(mail_id: str, state: str, reason: str) -> None:
+    """The ledger moved a mail to a final state (called once per transition)."""
+    inbox = inbox_of(mail_id)
+    if state == "done":
+        _m().processed.labels(inbox).inc()
+    elif state == "quarantined":
+        _m().quarantined.labels(inbox, reason_kind(reason)).inc()
+    elif state == "failed":
+        _m().failed.labels(inbox).inc()
+
+
+def document_described() -> None:
+    _m().described.inc()
+
+
+def document_uploaded(size: int) -> None:
+    _m().uploaded.inc()
+    _m().upload_bytes.inc(size)
+
+
+def alloy_answered(method: str, endpoint: str, status: int, seconds: float) -> None:
+    _m().alloy_seconds.labels(method, endpoint).observe(seconds)
+    _m().alloy_responses.labels(method, endpoint, str(status)).inc()
+
+
+@contextmanager
+def poll_timer(inbox: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _m().poll_seconds.labels(inbox).observe(time.perf_counter() - started)
+
+
+class BacklogCollector:
+    """Per inbox, at scrape time: mails not yet decided and the age of the oldest one."""
+
+    def __init__(self, inboxes: Iterable[str], pending: Callable[[], Iterable[tuple[str, int]]]):
+        self.inboxes = tuple(inboxes)
+        self.pending = pending  # (inbox, created_at in ms) of each undecided mail
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        backlog = GaugeMetricFamily(
+            "mailingest_backlog_mails", "Mails recorded but not yet decided", labels=["inbox"]
+        )
+        oldest = GaugeMetricFamily(
+            "mailingest_oldest_unprocessed_seconds",
+            "Age of the oldest mail recorded but not yet decided (0: none)",
+            labels=["inbox"],
+        )
+        try:
+            pending = list(self.pending())
+        except Exception as exc:  # noqa: BLE001 - a scrape must answer even if Redis does not
+            log.warning("metrics: cannot read the backlog (%s)", type(exc).__name__)
+            return
+        now = time.time() * 1000
+        for inbox in self.inboxes:
+            ages = [now - created for name, created in pending if name == inbox]
+            backlog.add_metric([inbox], len(ages))
+            oldest.add_metric([inbox], max(ages, default=0) / 1000)
+        yield backlog
+        yield oldest
+
+
+def serve(port: int, collector: BacklogCollector, host: str = "0.0.0.0") -> Any:
+    """Serve every process's metrics and the backlog gauges (in the worker's main process)."""
+    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+
+    registry = REGISTRY  # one process: its own metrics
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    registry.register(collector)  # type: ignore[arg-type]
+    start_http_server(port, addr=host, registry=registry)
+    log.info("metrics served on %s:%d/metrics", host, port)
+    return registry

@@ -1,0 +1,197 @@
+"""Run as in production: two inboxes from one TOML file, a worker and beat, /metrics scraped.
+
+Two IMAP servers (two support desks), one sender directory per desk that maps
+the same addresses to different entities, a note and agent per desk. The worker
+serves Prometheus metrics; after the run they must count exactly what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mailingest import ledger as L
+from mailingest.embedded import (
+    CeleryProcess,
+    ImapServer,
+    ServerNotAvailable,
+    free_port,
+    start_imap_server,
+)
+from mailingest.ledger import Ledger
+from mailingest.metrics import METRICS
+from mailingest.runtime import connect_redis
+from mailingest.samples import AGENT_EMAIL, AUTHSERV_ID, bulk_scenario
+from mailingest.sandbox import SandboxServer
+from mailingest.settings import DEFAULT_NOTE
+
+from .conftest import ALLOY_SECRET, ALLOY_TOKEN, require_or_skip
+from .helpers import deliver, folder_counts, outcome_problems
+
+pytestmark = pytest.mark.servers
+
+US_AGENT = "us.desk@support.example"
+US_NOTE = "Sent in by e-mail to the US desk"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the worker's /metrics, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
+
+
+def test_two_inboxes_from_one_file_end_to_end_with_metrics(
+    redis_url: str, imap: ImapServer, tmp_path: Path
+) -> None:
+    try:
+        us_imap = start_imap_server(
+            tmp_path / "imap-us",
+            os.environ.get("MAILINGEST_TEST_IMAP", "auto"),
+            user="us-desk",
+            password="us-desk-password",
+        )
+    except ServerNotAvailable as exc:
+        require_or_skip(str(exc))
+    sandbox = SandboxServer(
+        token=ALLOY_TOKEN, secret=ALLOY_SECRET, agents=[AGENT_EMAIL, US_AGENT]
+    ).start()
+    try:
+        eu, us = bulk_scenario(7, seed=71), bulk_scenario(5, seed=72)
+        # the same addresses, other customers: each desk has its own directory
+        assert set(eu.senders) == set(us.senders) and eu.senders != us.senders
+        (tmp_path / "eu.csv").write_text(eu.senders_csv(), encoding="utf-8")
+        (tmp_path / "us.csv").write_text(us.senders_csv(), encoding="utf-8")
+        (tmp_path / "us-password").write_text(us_imap.account.password + "\n")
+        config = tmp_path / "mailingest.toml"
+        config.write_text(
+            f"""\
+redis_url = "{redis_url}"
+alloy_url = "{sandbox.url}"
+alloy_token = "{ALLOY_TOKEN}"
+alloy_secret = "{ALLOY_SECRET}"
+alloy_rate = 200
+trusted_authserv_id = "{AUTHSERV_ID}"
+imap_security = "plain"
+imap_host = "127.0.0.1"
+agent_email = "{AGENT_EMAIL}"
+poll_interval = 1
+retry_base = 0.05
+retry_cap = 0.5
+
+[[inboxes]]
+name = "eu"
+imap_port = {imap.account.port}
+imap_user = "{imap.account.user}"
+imap_password = "{imap.account.password}"
+senders_file = "eu.csv"
+
+[[inboxes]]
+name = "us"
+imap_port = {us_imap.account.port}
+imap_user = "{us_imap.account.user}"
+imap_password_file = "us-password"
+senders_file = "us.csv"
+agent_email = "{US_AGENT}"
+note = "{US_NOTE}"
+processed_folder = "Filed"
+""",
+            encoding="utf-8",
+        )
+        metrics_port = free_port()
+        env = {"MAILINGEST_CONFIG": str(config), "MAILINGEST_METRICS_PORT": str(metrics_port)}
+        deliver(imap, [m.raw for m in eu.mails])
+        deliver(us_imap, [m.raw for m in us.mails])
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")}
+        worker = CeleryProcess(
+            "worker", child_env | env, tmp_path / "worker.log", ["--concurrency", "2"]
+        )
+        beat = CeleryProcess("beat", child_env | env, tmp_path / "beat.log")
+        ledger = Ledger(connect_redis(redis_url))
+        with worker, beat:
+            mails = len(eu.mails) + len(us.mails)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                records = ledger.mails(L.MAIL_STATES)
+                if sum(1 for r in records if r.state in L.DECIDED and r.filed_to) >= mails:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"not decided in time: {ledger.counts()}")
+            samples = scrape(metrics_port)
+            stats = sandbox.state.stats()
+
+        url_env = {"MAILINGEST_REDIS_URL": redis_url, "MAILINGEST_ALLOY_URL": sandbox.url}
+        assert outcome_problems(url_env, eu) == []
+        assert outcome_problems(url_env, us, agent_email=US_AGENT, note_text=US_NOTE) == []
+        assert DEFAULT_NOTE != US_NOTE
+        assert folder_counts(imap, "INBOX", "Processed", "Quarantine") == {
+            "INBOX": 0,
+            "Processed": len(eu.mails) - 1,
+            "Quarantine": 1,  # the stranger
+        }
+        assert folder_counts(us_imap, "INBOX", "Filed", "Quarantine") == {
+            "INBOX": 0,
+            "Filed": len(us.mails) - 1,
+            "Quarantine": 1,
+        }
+
+        # the metrics count exactly what happened, per inbox
+        names = {name for name, _ in samples}
+        for metric in METRICS:
+            assert any(n.startswith(metric) for n in names), (metric, sorted(names))
+        for name, scenario in (("eu", eu), ("us", us)):
+            assert total(samples, "mailingest_mails_seen_total", inbox=name) == len(scenario.mails)
+            assert total(samples, "mailingest_mails_processed_total", inbox=name) == (
+                len(scenario.mails) - 1
+            )
+            assert (
+                total(
+                    samples,
+                    "mailingest_mails_quarantined_total",
+                    inbox=name,
+                    reason="unknown_sender",
+                )
+                == 1
+            )
+            assert total(samples, "mailingest_mails_failed_total", inbox=name) == 0
+            assert total(samples, "mailingest_imap_poll_seconds_count", inbox=name) >= 1
+            assert total(samples, "mailingest_backlog_mails", inbox=name) == 0
+            assert total(samples, "mailingest_oldest_unprocessed_seconds", inbox=name) == 0
+        documents = eu.expected_documents + us.expected_documents
+        assert total(samples, "mailingest_documents_described_total") == len(documents)
+        assert total(samples, "mailingest_documents_uploaded_total") == len(documents)
+        assert total(samples, "mailingest_upload_bytes_total") == sum(
+            len(d.payload) for d in documents
+        )
+        assert stats["uploaded"] == len(documents)
+        describe = "/entities/{entity}/documents"
+        assert total(
+            samples, "mailingest_alloy_responses_total", method="POST", endpoint=describe
+        ) == len(documents)
+        assert total(samples, "mailingest_alloy_request_seconds_count", method="PUT") == len(
+            documents
+        )
+        # every request the sandbox saw was timed and counted, nothing more
+        assert total(samples, "mailingest_alloy_responses_total") == stats["requests_total"]
+    finally:
+        sandbox.stop()
+        us_imap.stop()
