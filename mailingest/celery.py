@@ -6,11 +6,17 @@ stops the process with one line naming it (no traceback).
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    celeryd_init,
+    worker_init,
+)
 
 from .celeryconf import celery_config
 from .errors import ConfigError
@@ -34,6 +40,15 @@ for _name in settings.sender_auth_off:
     )
 app = Celery("mailingest", include=["mailingest.tasks"])
 app.conf.update(celery_config(settings))
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    """Correlation fields on every record; JSON lines with MAILINGEST_LOG_FORMAT=json."""
+    from .logs import install
+
+    install(logger.handlers, settings.log_format)
 
 
 @celeryd_init.connect

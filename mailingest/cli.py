@@ -39,14 +39,10 @@ def _settings(*groups: str) -> Settings:
     return load_settings().require(*groups)
 
 
-def setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def setup_logging(level: str = "info", log_format: str = "text") -> None:
+    from .logs import setup
+
+    setup(level, log_format)
 
 
 # -- commands --------------------------------------------------------------------
@@ -66,7 +62,7 @@ def cmd_poll_once(args: argparse.Namespace) -> int:
     from .runtime import build_context
 
     settings = _settings("redis", "imap", "alloy")
-    setup_logging("warning" if args.json else settings.log_level)
+    setup_logging("warning" if args.json else settings.log_level, settings.log_format)
     ctx = build_context(settings)
     try:
         summary = poll_once(ctx, args.inbox or None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import redis
 
 from . import ledger as L
-from . import metrics
+from . import logs, metrics
 from .errors import (
     AlloyRejected,
     AlloyUnavailable,
@@ -282,6 +282,7 @@ def _ingest_locked(ctx: Context, record: L.MailRecord) -> list[Step]:
     screened = screen(raw, ctx.settings.limits, ctx.settings.inbox(record.ref.inbox).sender_auth)
     mail = screened.mail
     if mail is not None:
+        logs.correlate(message_id=mail.message_id)
         ctx.ledger.update(
             mail_id,
             message_id=mail.message_id or "",
@@ -368,6 +369,7 @@ def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
     record, doc = ctx.ledger.mail(mail_id), ctx.ledger.document(mail_id, index)
     if record is None or doc is None or record.state != L.DOCUMENTS_PENDING:
         return []
+    logs.correlate(message_id=record.message_id, document_token=doc.token)
     if doc.state == L.UPLOADED:
         return _complete(ctx, mail_id)
     if doc.token:
@@ -403,6 +405,7 @@ def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
             )
         metrics.document_described()
         token = ctx.ledger.mark_described(mail_id, index, answer.token)
+        logs.correlate(document_token=token)
     log.info("mail %s: document %d described as %s", mail_id, index, token)
     return [Step("upload", mail_id, index)]
 
@@ -460,6 +463,7 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
     record, doc = ctx.ledger.mail(mail_id), ctx.ledger.document(mail_id, index)
     if record is None or doc is None:
         return []
+    logs.correlate(message_id=record.message_id, document_token=doc.token)
     if record.state != L.DOCUMENTS_PENDING:
         # the mail was quarantined or failed meanwhile (another document refused): a
         # document already described is still uploaded, so Alloy keeps no empty
@@ -724,6 +728,8 @@ STEPS = {"ingest": ingest, "describe": describe, "upload": upload, "finish": fin
 
 def run_step(ctx: Context, step: Step) -> list[Step]:
     fn = STEPS[step.task]
-    if step.index is None:
-        return fn(ctx, step.mail_id)  # type: ignore[operator]
-    return fn(ctx, step.mail_id, step.index)  # type: ignore[operator]
+    ref = MailRef.parse(step.mail_id)
+    with logs.correlated(inbox=ref.inbox, mail_id=step.mail_id, uid=ref.uid, document=step.index):
+        if step.index is None:
+            return fn(ctx, step.mail_id)  # type: ignore[operator]
+        return fn(ctx, step.mail_id, step.index)  # type: ignore[operator]

@@ -7,6 +7,8 @@ serves Prometheus metrics; after the run they must count exactly what happened.
 
 from __future__ import annotations
 
+import email
+import json
 import os
 import time
 import urllib.request
@@ -117,7 +119,11 @@ processed_folder = "Filed"
             encoding="utf-8",
         )
         metrics_port = free_port()
-        env = {"MAILINGEST_CONFIG": str(config), "MAILINGEST_METRICS_PORT": str(metrics_port)}
+        env = {
+            "MAILINGEST_CONFIG": str(config),
+            "MAILINGEST_METRICS_PORT": str(metrics_port),
+            "MAILINGEST_LOG_FORMAT": "json",
+        }
         deliver(imap, [m.raw for m in eu.mails])
         deliver(us_imap, [m.raw for m in us.mails])
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")}
@@ -192,6 +198,30 @@ processed_folder = "Filed"
         )
         # every request the sandbox saw was timed and counted, nothing more
         assert total(samples, "mailingest_alloy_responses_total") == stats["requests_total"]
+
+        # JSON logs: each upload can be traced to its mail and document, across processes
+        records = [
+            json.loads(line)
+            for line in (tmp_path / "worker.log").read_text().splitlines()
+            if line.startswith("{")
+        ]
+        uploads = [r for r in records if " uploaded (" in r["message"]]
+        assert len(uploads) == len(documents)
+        message_ids = {
+            email.message_from_bytes(m.raw)["Message-ID"].strip("<>") for m in eu.mails + us.mails
+        }
+        for record in uploads:
+            assert record["logger"] == "mailingest.pipeline" and record["level"] == "INFO"
+            assert record["task_name"] == "mailingest.upload_document" and record["task_id"]
+            assert record["mail_id"].startswith(record["inbox"] + "/INBOX/")
+            assert record["mail_id"].endswith(f"/{record['uid']}")
+            assert record["message_id"] in message_ids
+            assert record["document_token"] in record["message"]
+            assert isinstance(record["document"], int)
+        assert {r["inbox"] for r in uploads} == {"eu", "us"}
+        text = (tmp_path / "worker.log").read_text()
+        for secret in (ALLOY_SECRET, imap.account.password, us_imap.account.password):
+            assert secret not in text
     finally:
         sandbox.stop()
         us_imap.stop()
