@@ -7,6 +7,8 @@
     │   └── AlloyUnavailable     401, 429, 5xx, timeout, connection error: retried
     ├── ResolverError            a sender directory or CRM hook could not answer (retried)
     ├── MailboxError             the IMAP server refused or dropped us (retried)
+    │   └── OAuthError           the OAuth2 token endpoint refused or failed (retried;
+    │                            ``needs_operator``: re-consent or fix the client)
     ├── Busy                     another copy of the same document is in flight (retried)
     └── MailError                one mail cannot be handled (quarantined with the reason)
 
@@ -16,6 +18,8 @@ Alloy said (status, minor code, message, error token).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 
 class MailingestError(Exception):
@@ -92,6 +96,64 @@ class MailboxError(MailingestError):
     """The IMAP server refused a command or the connection dropped; retried."""
 
     retryable = True
+
+
+class OAuthError(MailboxError):
+    """The token endpoint refused the refresh grant, or could not be reached.
+
+    Carries what an operator acts on (the inbox, the endpoint without its query,
+    the HTTP status, the OAuth ``error`` code and a bounded description), never a
+    token or the client secret. ``needs_operator`` is set when retrying cannot help
+    (``invalid_grant``: consent again; ``invalid_client``: fix the client); polls
+    are retried either way, so the inbox recovers once the setting is fixed.
+    """
+
+    def __init__(
+        self,
+        inbox: str,
+        token_url: str,
+        problem: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        description: str | None = None,
+        needs_operator: bool = False,
+        hint: str | None = None,
+    ) -> None:
+        self.inbox = inbox
+        self.token_url = token_url
+        self.problem = problem
+        self.status = status
+        self.error = error
+        self.description = description
+        self.needs_operator = needs_operator
+        self.hint = hint
+        super().__init__(self.describe())
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickles (Celery results) keep every field
+        rebuild = partial(
+            type(self),
+            status=self.status,
+            error=self.error,
+            description=self.description,
+            needs_operator=self.needs_operator,
+            hint=self.hint,
+        )
+        return (rebuild, (self.inbox, self.token_url, self.problem))
+
+    def describe(self) -> str:
+        """One line fit for the poll status and the logs."""
+        text = f"inbox {self.inbox}: OAuth token refresh at {self.token_url} {self.problem}"
+        if self.status is not None:
+            text += f" (HTTP {self.status}"
+            text += f", {self.error})" if self.error else ")"
+        elif self.error:
+            text += f" ({self.error})"
+        if self.description:
+            text += f": {self.description}"
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
 
 
 class Busy(MailingestError):

@@ -6,7 +6,12 @@ answer the highest UID even when it is below the range); a move uses MOVE when
 the server has it and otherwise COPY + ``\\Deleted`` + ``UID EXPUNGE`` of that
 UID only (never a plain EXPUNGE, which would remove other people's deletions).
 Every socket has a timeout; every failure surfaces as
-:class:`~mailingest.errors.MailboxError` without the password.
+:class:`~mailingest.errors.MailboxError` without the password or token.
+
+An ``xoauth2`` inbox logs in with ``AUTHENTICATE XOAUTH2`` and an access token from
+its token source (:class:`~mailingest.oauth.TokenSource`).  A refused token (expired
+or revoked early at the provider) is invalidated and a fresh one tried once, on a new
+connection: servers slow down or drop a connection after a failed login.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
@@ -25,6 +31,8 @@ from imapclient.imapclient import SocketTimeout
 
 from .errors import MailboxError
 from .settings import InboxSettings
+
+log = logging.getLogger(__name__)
 
 # imapclient logs whole protocol exchanges (mail bodies, attachments) at DEBUG:
 # never let them into our logs, whatever the log level
@@ -40,6 +48,14 @@ _IMAP_ERRORS = (
 )
 
 
+class AccessTokens(Protocol):
+    """Where an ``xoauth2`` inbox's access tokens come from (``oauth.TokenSource``)."""
+
+    def access_token(self) -> str: ...
+
+    def invalidate(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Fetched:
     uid: int
@@ -50,9 +66,16 @@ class Fetched:
 class Mailbox:
     """A logged-in IMAP connection to one inbox; use as a context manager."""
 
-    def __init__(self, inbox: InboxSettings, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        inbox: InboxSettings,
+        *,
+        timeout: float = 30.0,
+        token_source: AccessTokens | None = None,
+    ) -> None:
         self.inbox = inbox
         self.timeout = timeout
+        self.token_source = token_source  # required when inbox.auth == "xoauth2"
         self._client: IMAPClient | None = None
         self._selected: str | None = None
 
@@ -72,21 +95,12 @@ class Mailbox:
 
     def connect(self) -> None:
         inbox = self.inbox
-        where = f"inbox {inbox.name} ({inbox.host}:{inbox.port})"
+        if inbox.auth == "xoauth2":
+            self._client = self._connect_xoauth2()
+            return
+        where = self._where
         try:
-            # certificates are always verified (hostname too); a private CA may be added
-            context = ssl.create_default_context(
-                cafile=str(inbox.ca_file) if inbox.ca_file else None
-            )
-            client = IMAPClient(
-                inbox.host or "",
-                port=inbox.port,
-                ssl=inbox.security == "ssl",
-                ssl_context=context,
-                timeout=SocketTimeout(connect=self.timeout, read=self.timeout),
-            )
-            if inbox.security == "starttls":
-                client.starttls(context)
+            client = self._open()
             user = inbox.user or ""
             password = inbox.password.reveal() if inbox.password else ""
             if (user + password).isascii():
@@ -101,17 +115,68 @@ class Mailbox:
             ) from None
         self._client = client
 
+    @property
+    def _where(self) -> str:
+        return f"inbox {self.inbox.name} ({self.inbox.host}:{self.inbox.port})"
+
+    def _open(self) -> IMAPClient:
+        """A connection, TLS set up as configured, not logged in yet."""
+        inbox = self.inbox
+        # certificates are always verified (hostname too); a private CA may be added
+        context = ssl.create_default_context(cafile=str(inbox.ca_file) if inbox.ca_file else None)
+        client = IMAPClient(
+            inbox.host or "",
+            port=inbox.port,
+            ssl=inbox.security == "ssl",
+            ssl_context=context,
+            timeout=SocketTimeout(connect=self.timeout, read=self.timeout),
+        )
+        if inbox.security == "starttls":
+            client.starttls(context)
+        return client
+
+    def _connect_xoauth2(self) -> IMAPClient:
+        """``AUTHENTICATE XOAUTH2``; a refused token is refreshed and tried once more."""
+        where = self._where
+        tokens = self.token_source
+        if tokens is None:
+            raise MailboxError(f"{where}: auth is xoauth2 but no OAuth token source was given")
+        user = self.inbox.user or ""
+        for attempt in (1, 2):
+            token = tokens.access_token()  # OAuthError (a MailboxError) names the inbox
+            try:
+                client = self._open()
+            except _IMAP_ERRORS as exc:
+                raise MailboxError(
+                    f"{where}: cannot connect ({type(exc).__name__}: {_safe(exc)})"
+                ) from None
+            try:
+                client.oauth2_login(user, token, mech="XOAUTH2")
+                return client
+            except IMAPClientError as exc:
+                refused = _safe(exc).replace(token, "********")
+                offered = _offers(client, "AUTH=XOAUTH2")
+                _quit(client)
+            except _IMAP_ERRORS as exc:
+                _quit(client)
+                raise MailboxError(
+                    f"{where}: cannot connect ({type(exc).__name__}: {_safe(exc)})"
+                ) from None
+            if not offered:
+                raise MailboxError(f"{where}: the server does not offer XOAUTH2 login ({refused})")
+            if attempt == 2:
+                raise MailboxError(
+                    f"{where}: XOAUTH2 login refused with a freshly refreshed access token "
+                    f"({refused}); check the IMAP user and that the token's scope covers IMAP"
+                )
+            log.info("%s: XOAUTH2 login refused (%s); refreshing the access token", where, refused)
+            tokens.invalidate()
+        raise AssertionError("unreachable")
+
     def close(self) -> None:
         client, self._client = self._client, None
-        if client is None:
-            return
-        try:
-            client.logout()
-        except Exception:  # noqa: BLE001 - the connection is going away either way
-            try:
-                client.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
+        if client is not None:
+            _quit(client)
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -219,6 +284,24 @@ class Mailbox:
     def exists(self, uid: int) -> bool:
         with self._errors("UID SEARCH"):
             return uid in self.client.search(["UID", str(uid)])
+
+
+def _quit(client: IMAPClient) -> None:
+    try:
+        client.logout()
+    except Exception:  # noqa: BLE001 - the connection is going away either way
+        try:
+            client.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _offers(client: IMAPClient, capability: str) -> bool:
+    """Whether the server advertises ``capability`` (True when it cannot tell)."""
+    try:
+        return bool(client.has_capability(capability))
+    except Exception:  # noqa: BLE001 - a dead connection: assume it does, retry
+        return True
 
 
 def _safe(exc: BaseException) -> str:

@@ -17,6 +17,8 @@
     mailingest:token:<document token>    string which document record owns an Alloy token
     mailingest:senders                   hash   e-mail -> entity (the CLI's directory)
     mailingest:ratelimit:alloy           hash   the token bucket all workers share
+    mailingest:oauth:<inbox>             hash   OAuth2 access/refresh tokens (sealed), expiry
+    mailingest:lock:oauth:<inbox>        lock   single flight of one inbox's token refresh
 
 A mail id is ``<inbox>/<folder, %-quoted>/<uidvalidity>/<uid>``: readable in
 Flower and in ``mailingest status``, and free of anything sensitive.
@@ -89,3 +91,11 @@ def poll_status(inbox: str) -> str:
 
 def token_claim(token: str) -> str:
     return f"{NS}:token:{token}"
+
+
+def oauth(inbox: str) -> str:
+    return f"{NS}:oauth:{inbox}"
+
+
+def oauth_lock(inbox: str) -> str:
+    return f"{NS}:lock:oauth:{inbox}"

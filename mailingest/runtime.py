@@ -11,6 +11,7 @@ from . import metrics
 from .alloy import AlloyClient
 from .inbox import Mailbox
 from .ledger import Ledger
+from .oauth import TokenSource
 from .ratelimit import RateLimiter
 from .retry import RetryPolicy
 from .sealing import Sealer
@@ -34,9 +35,14 @@ class Context:
         """Who the senders of this inbox's mail are."""
         return self.resolvers[inbox_name]
 
+    tokens: dict[str, TokenSource] = field(default_factory=dict, repr=False)
+
     def mailbox(self, inbox_name: str) -> Mailbox:
         """A new IMAP connection (unopened) to the named inbox."""
-        return Mailbox(self.settings.inbox(inbox_name), timeout=self.settings.imap_timeout)
+        inbox = self.settings.inbox(inbox_name)
+        return Mailbox(
+            inbox, timeout=self.settings.imap_timeout, token_source=self.tokens.get(inbox.name)
+        )
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -103,6 +109,18 @@ def build_context(settings: Settings) -> Context:
         policy=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_cap),
     )
     ctx.closers += [client.close, alloy.close]
+    for inbox in settings.inboxes:
+        if inbox.auth == "xoauth2":  # one per process: it caches and refreshes the token
+            assert inbox.oauth is not None and settings.staging_key is not None
+            tokens = TokenSource(
+                client,
+                inbox.name,
+                inbox.oauth,
+                Sealer(settings.staging_key),
+                ca_file=inbox.oauth.ca_file,
+            )
+            ctx.tokens[inbox.name] = tokens
+            ctx.closers.append(tokens.close)
     warn_if_senders_unauthenticated(settings)
     metrics.declare(inbox.name for inbox in settings.inboxes)
     return ctx

@@ -79,6 +79,7 @@ class OAuthSettings:
     client_secret: Secret | None
     refresh_token: Secret
     scope: str | None = None
+    ca_file: Path | None = None  # trust this CA for the token endpoint's certificate
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ INBOX_KEYS = frozenset(
         "OAUTH_CLIENT_SECRET",
         "OAUTH_REFRESH_TOKEN",
         "OAUTH_SCOPE",
+        "OAUTH_CA_FILE",
         "PROCESSED_FOLDER",
         "QUARANTINE_FOLDER",
         "AGENT_EMAIL",
@@ -586,6 +588,7 @@ def _oauth(env: _Env) -> OAuthSettings | None:
     client_secret = env.secret("OAUTH_CLIENT_SECRET")
     refresh_token = env.secret("OAUTH_REFRESH_TOKEN")
     scope = env.text("OAUTH_SCOPE")
+    ca_file = env.path("OAUTH_CA_FILE")
     if auth != "xoauth2":
         return None
     if not re.fullmatch(r"[A-Za-z0-9.-]{1,100}", tenant):
@@ -610,7 +613,7 @@ def _oauth(env: _Env) -> OAuthSettings | None:
         if not value:
             raise ConfigError(env.label(name), "is required for imap_auth=xoauth2")
     assert client_id is not None and refresh_token is not None
-    return OAuthSettings(token_url, client_id, client_secret, refresh_token, scope)
+    return OAuthSettings(token_url, client_id, client_secret, refresh_token, scope, ca_file)
 
 
 def _shared(env: _Env) -> Settings:

@@ -374,3 +374,35 @@ def test_oauth_needs_the_staging_key_and_https(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"inboxes\[us\].oauth_token_url must use https"):
         load_settings(write_config(tmp_path, text))
+
+
+def test_the_readme_documents_every_setting_and_only_real_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import re
+
+    from mailingest import settings as S
+
+    asked: set[str] = set()
+    real_raw = S._Env.raw
+
+    def recording(self: S._Env, name: str, *, strip: bool = True) -> str | None:
+        asked.add(S.PREFIX + name)
+        return real_raw(self, name, strip=strip)
+
+    monkeypatch.setattr(S._Env, "raw", recording)
+    load_settings(BASE)
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    shorthands = set(re.findall(r"`(_[A-Z_]+)`", readme))
+    undocumented = [
+        name
+        for name in sorted(asked)
+        if name not in readme and not any(name.endswith(short) for short in shorthands)
+    ]
+    assert undocumented == []
+    mentioned = set(re.findall(r"MAILINGEST_[A-Z_]*[A-Z]", readme))
+    not_settings = {"MAILINGEST_CONFIG", "MAILINGEST_REQUIRE_SERVERS", "MAILINGEST_TEST_IMAP"}
+    unknown = sorted(
+        name for name in mentioned - asked - not_settings if name.removesuffix("_FILE") not in asked
+    )
+    assert unknown == []
