@@ -7,14 +7,19 @@ serves Prometheus metrics; after the run they must count exactly what happened.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import email
 import json
 import os
+import re
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailingest import ledger as L
@@ -225,3 +230,74 @@ processed_folder = "Filed"
     finally:
         sandbox.stop()
         us_imap.stop()
+
+
+def test_flower_shows_every_task_with_readable_harmless_arguments_and_serves_metrics(
+    env: dict[str, str],
+    imap: ImapServer,
+    sandbox: SandboxServer,
+    senders_file: Path,
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("flower")  # the [flower] extra, installed by ./dev
+    scenario = bulk_scenario(2, seed=81)
+    senders_file.write_text(scenario.senders_csv(), encoding="utf-8")
+    deliver(imap, [m.raw for m in scenario.mails])
+    port = free_port()
+    auth = "ops:flower-pass-9"
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | env
+    worker = CeleryProcess("worker", child_env, tmp_path / "worker.log", ["--concurrency", "2"])
+    flower = CeleryProcess(
+        "flower",
+        child_env | {"FLOWER_BASIC_AUTH": auth},
+        tmp_path / "flower.log",
+        [f"--port={port}", "--address=127.0.0.1"],
+    )
+    base = f"http://127.0.0.1:{port}"
+    header = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+
+    def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(base + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+
+    with flower, worker:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if get("/healthcheck")[0] == 200:
+                    break
+            time.sleep(0.2)
+        client = Celery(broker=env["MAILINGEST_REDIS_URL"])
+        client.send_task("mailingest.poll_inbox", args=["default"])
+        client.close()
+        expected = {
+            "mailingest.poll_inbox": 1,
+            "mailingest.ingest_message": 3,  # two known senders and the stranger
+            "mailingest.describe_document": len(scenario.expected_documents),
+            "mailingest.upload_document": len(scenario.expected_documents),
+            "mailingest.finish_message": 3,
+        }
+        tasks: dict[str, dict[str, object]] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status, body = get("/api/tasks", header)
+            tasks = json.loads(body) if status == 200 else {}
+            names = [str(t["name"]) for t in tasks.values() if t.get("state") == "SUCCESS"]
+            if all(names.count(n) >= c for n, c in expected.items()):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"Flower saw {sorted(names)}")
+        assert get("/api/tasks")[0] == 401  # basic auth is required
+        metrics_status, metrics_body = get("/metrics", header)
+    mail_id = r"'default/INBOX/\d+/\d+'"
+    readable = re.compile(rf"^[([]('default'|{mail_id}),?( \d+)?[)\]]$")
+    for task in tasks.values():
+        assert readable.match(str(task["args"])), task["args"]
+        assert task["kwargs"] in ("{}", {}), task["kwargs"]
+    assert metrics_status == 200
+    assert b'flower_events_total{task="mailingest.upload_document"' in metrics_body
