@@ -9,6 +9,7 @@
     mailingest status [--json]           ledger counts, quarantined and failed mails with reasons
     mailingest replay MAIL_ID...         send a quarantined or failed mail through again
     mailingest check-config [--connect]  validate the settings; --connect tries every service
+    mailingest seed [--count N]          deliver sample mails to an inbox (demo setups)
     mailingest demo                      the whole flow on private servers, then a report
 
 Configuration comes from MAILINGEST_* environment variables, or a TOML file named by
@@ -258,6 +259,47 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0 if all(check.ok for check in results) else 1
 
 
+def cmd_seed(args: argparse.Namespace) -> int:
+    """Deliver sample mails to an inbox and their senders to the directory (demo setups)."""
+    import random
+    import time
+
+    from .inbox import Mailbox
+    from .runtime import connect_redis, token_source
+    from .samples import bulk_scenario, demo_scenario
+    from .senders import RedisDirectory
+
+    settings = _settings("redis", "imap")
+    inbox = settings.inbox(args.inbox) if args.inbox else settings.inboxes[0]
+    if args.count:
+        scenario = bulk_scenario(args.count, seed=7 if args.seed is None else args.seed)
+    else:
+        scenario = demo_scenario(args.seed if args.seed is not None else random.randrange(2**31))
+    assert settings.redis_url is not None
+    deadline = time.monotonic() + args.wait
+    while True:  # with --wait, the servers may still be starting (docker compose)
+        client = connect_redis(settings.redis_url)
+        try:
+            RedisDirectory(client).update(scenario.senders)
+            tokens = token_source(settings, inbox, client)
+            with Mailbox(inbox, timeout=settings.imap_timeout, token_source=tokens) as box:
+                for mail in scenario.mails:
+                    box.append(inbox.folder, mail.raw)
+            break
+        except (MailingestError, redis.RedisError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            print(f"waiting: {exc}", file=sys.stderr)
+            time.sleep(2)
+        finally:
+            client.close()
+    print(
+        f"appended {len(scenario.mails)} mail(s) to inbox {inbox.name} ({inbox.folder}); "
+        f"{len(scenario.senders)} sender(s) in the directory"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -323,6 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failed", action="store_true", help="replay every failed mail")
 
     p = sub.add_parser(
+        "seed", help="deliver sample customer mails to an inbox and add their senders (demos)"
+    )
+    p.add_argument("--inbox", help="the inbox to deliver to (default: the first)")
+    p.add_argument("--count", type=int, help="this many generated mails instead of the demo's")
+    p.add_argument("--seed", type=int, help="random seed of the generated mails")
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="retry this many seconds while servers start"
+    )
+
+    p = sub.add_parser(
         "check-config",
         help="validate the settings; with --connect also log in to Redis, each inbox and Alloy",
     )
@@ -361,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "replay": cmd_replay,
             "demo": cmd_demo,
             "check-config": cmd_check_config,
+            "seed": cmd_seed,
         }
         runner = lambda: commands[args.command](args)  # noqa: E731
     try:

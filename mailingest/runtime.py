@@ -67,6 +67,18 @@ def build_resolver(inbox: InboxSettings, client: redis.Redis) -> SenderResolver:
     return SenderResolver(resolvers)
 
 
+def token_source(
+    settings: Settings, inbox: InboxSettings, client: redis.Redis
+) -> TokenSource | None:
+    """The access tokens of an ``xoauth2`` inbox (None for a password inbox)."""
+    if inbox.auth != "xoauth2":
+        return None
+    assert inbox.oauth is not None and settings.staging_key is not None  # checked at load
+    return TokenSource(
+        client, inbox.name, inbox.oauth, Sealer(settings.staging_key), ca_file=inbox.oauth.ca_file
+    )
+
+
 def warn_if_senders_unauthenticated(settings: Settings) -> None:
     for name in settings.sender_auth_off:
         log.warning(
@@ -110,15 +122,8 @@ def build_context(settings: Settings) -> Context:
     )
     ctx.closers += [client.close, alloy.close]
     for inbox in settings.inboxes:
-        if inbox.auth == "xoauth2":  # one per process: it caches and refreshes the token
-            assert inbox.oauth is not None and settings.staging_key is not None
-            tokens = TokenSource(
-                client,
-                inbox.name,
-                inbox.oauth,
-                Sealer(settings.staging_key),
-                ca_file=inbox.oauth.ca_file,
-            )
+        tokens = token_source(settings, inbox, client)
+        if tokens is not None:  # one per process: it caches and refreshes the token
             ctx.tokens[inbox.name] = tokens
             ctx.closers.append(tokens.close)
     warn_if_senders_unauthenticated(settings)

@@ -200,3 +200,22 @@ def test_check_config_stops_on_a_bad_file_with_one_line(tmp_path: Path) -> None:
         "mailingest: configuration error: mailingest.toml: inboxes[eu].imap_hots is not a "
         "per-inbox setting (set it at the top of the file) or unknown\n"
     )
+
+
+def test_seed_delivers_sample_mail_that_a_poll_then_ingests(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    seeded = run(env, "seed", "--count", "4", "--seed", "5")
+    assert seeded.returncode == 0, seeded.stderr
+    assert seeded.stdout == (
+        "appended 5 mail(s) to inbox default (INBOX); 3 sender(s) in the directory\n"
+    )
+    assert folder_counts(imap, "INBOX") == {"INBOX": 5}  # four and the stranger
+    assert len(run(env, "senders", "list").stdout.splitlines()) == 3
+    polled = run(env, "poll-once", "--json")
+    summary = json.loads(polled.stdout)
+    assert (summary["processed"], summary["quarantined"]) == (4, 1)
+
+    down = env | {"MAILINGEST_IMAP_PORT": "1"}
+    failed = run(down, "seed", "--wait", "0")
+    assert failed.returncode == 1 and "cannot connect" in failed.stderr
