@@ -10,6 +10,7 @@
     mailingest replay MAIL_ID...         send a quarantined or failed mail through again
     mailingest check-config [--connect]  validate the settings; --connect tries every service
     mailingest seed [--count N]          deliver sample mails to an inbox (demo setups)
+    mailingest watch [--inbox NAME]      IMAP IDLE on each inbox: new mail is polled at once
     mailingest demo                      the whole flow on private servers, then a report
 
 Configuration comes from MAILINGEST_* environment variables, or a TOML file named by
@@ -31,7 +32,7 @@ import redis
 
 from . import __version__
 from .errors import ConfigError, MailingestError
-from .settings import Settings, load_settings
+from .settings import InboxSettings, Settings, load_settings
 
 log = logging.getLogger("mailingest")
 
@@ -259,6 +260,48 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0 if all(check.ok for check in results) else 1
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Hold IMAP IDLE on each inbox; ask the workers to poll as soon as mail arrives."""
+    import signal
+    import threading
+
+    from celery import Celery
+
+    from .inbox import Mailbox
+    from .runtime import connect_redis, token_source
+    from .watcher import Watch
+
+    settings = _settings("redis", "imap")
+    setup_logging(settings.log_level, settings.log_format)
+    names = args.inbox or [inbox.name for inbox in settings.inboxes]
+    inboxes = [settings.inbox(name) for name in names]
+    assert settings.redis_url is not None
+    client = connect_redis(settings.redis_url)
+    tokens = {inbox.name: token_source(settings, inbox, client) for inbox in inboxes}
+    broker = Celery(broker=settings.broker_url)
+    sending = threading.Lock()
+
+    def open_mailbox(inbox: InboxSettings) -> Mailbox:
+        return Mailbox(inbox, timeout=settings.imap_timeout, token_source=tokens[inbox.name])
+
+    def notify(name: str) -> None:
+        with sending:
+            broker.send_task("mailingest.poll_inbox", args=[name])
+        log.info("inbox %s: new mail; poll queued", name)
+
+    watch = Watch(inboxes, open_mailbox, notify, renew=settings.idle_renew)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: watch.stopping.set())
+    with watch:
+        watch.stopping.wait()
+    broker.close()
+    for source in tokens.values():
+        if source is not None:
+            source.close()
+    client.close()
+    return 0
+
+
 def cmd_seed(args: argparse.Namespace) -> int:
     """Deliver sample mails to an inbox and their senders to the directory (demo setups)."""
     import random
@@ -365,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failed", action="store_true", help="replay every failed mail")
 
     p = sub.add_parser(
+        "watch", help="hold IMAP IDLE on each inbox and have new mail polled at once"
+    )
+    p.add_argument("--inbox", action="append", help="watch only this inbox (repeatable)")
+
+    p = sub.add_parser(
         "seed", help="deliver sample customer mails to an inbox and add their senders (demos)"
     )
     p.add_argument("--inbox", help="the inbox to deliver to (default: the first)")
@@ -414,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "demo": cmd_demo,
             "check-config": cmd_check_config,
             "seed": cmd_seed,
+            "watch": cmd_watch,
         }
         runner = lambda: commands[args.command](args)  # noqa: E731
     try:

@@ -189,6 +189,27 @@ class Mailbox:
                 f"inbox {self.inbox.name}: {what} failed ({type(exc).__name__}: {_safe(exc)})"
             ) from None
 
+    # -- IDLE (RFC 2177) ----------------------------------------------------------
+    def supports_idle(self) -> bool:
+        return bool(self.client.has_capability("IDLE"))
+
+    def idle(self) -> None:
+        with self._errors("IDLE"):
+            self.client.idle()
+
+    def idle_check(self, timeout: float) -> list[tuple[object, ...]]:
+        """What the server sent while idling, waiting at most ``timeout`` seconds."""
+        with self._errors("IDLE"):
+            return list(self.client.idle_check(timeout=timeout))
+
+    def idle_done(self) -> None:
+        with self._errors("IDLE DONE"):
+            self.client.idle_done()
+
+    def noop(self) -> None:
+        with self._errors("NOOP"):
+            self.client.noop()
+
     # -- folders ---------------------------------------------------------------
     def select(self, folder: str) -> int:
         """Select ``folder`` read-write; return its UIDVALIDITY."""

@@ -14,6 +14,7 @@
     mailingest:lock:poll:<inbox>         lock   single flight of one inbox's poll
     mailingest:lock:step:<step>:<mail id>[:<index>]   lock   single flight of one step
     mailingest:poll:<inbox>              hash   last poll: when, found, error, last success
+    mailingest:repoll:<inbox>            string a poll was asked for while one ran: poll again
     mailingest:token:<document token>    string which document record owns an Alloy token
     mailingest:senders                   hash   e-mail -> entity (the CLI's directory)
     mailingest:ratelimit:alloy           hash   the token bucket all workers share
@@ -79,6 +80,10 @@ def rate_bucket(name: str) -> str:
 
 def poll_lock(inbox: str) -> str:
     return f"{NS}:lock:poll:{inbox}"
+
+
+def repoll(inbox: str) -> str:
+    return f"{NS}:repoll:{inbox}"
 
 
 def step_lock(name: str) -> str:

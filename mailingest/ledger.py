@@ -261,6 +261,13 @@ class Ledger:
         """Single flight for one inbox's poll; expires by itself if its holder dies."""
         return self.redis.lock(keys.poll_lock(inbox), timeout=timeout)
 
+    def ask_repoll(self, inbox: str, *, ttl: float) -> None:
+        """A poll was asked for while another ran: the running one polls once more."""
+        self.redis.set(keys.repoll(inbox), 1, px=int(ttl * 1000))
+
+    def take_repoll(self, inbox: str) -> bool:
+        return bool(self.redis.delete(keys.repoll(inbox)))
+
     def watermark(self, inbox: str, folder: str, uidvalidity: int) -> int:
         value = self.redis.get(keys.watermark(inbox, folder, uidvalidity))
         return int(value) if value else 0

@@ -72,6 +72,7 @@ class PollResult:
     found: int
     steps: tuple[Step, ...]
     skipped: bool = False
+    again: bool = False  # a poll was asked for meanwhile: poll once more
 
 
 @contextmanager
@@ -112,14 +113,19 @@ def poll(ctx: Context, inbox_name: str, emit: Emit | None = None) -> PollResult:
         if steps:
             (emit or collected.extend)(steps)
 
-    lock = ctx.ledger.poll_lock(inbox.name, timeout=ctx.settings.task_time_limit + 30)
+    hold = ctx.settings.task_time_limit + 30
+    lock = ctx.ledger.poll_lock(inbox.name, timeout=hold)
     if not lock.acquire(blocking=False):
-        log.info("inbox %s: another poll is running; skipped", inbox.name)
+        # mail may have arrived after the running poll searched: it polls once more
+        ctx.ledger.ask_repoll(inbox.name, ttl=hold)
+        log.info("inbox %s: another poll is running; it will poll again", inbox.name)
         return PollResult(inbox.name, 0, 0, (), skipped=True)
     try:
         with metrics.poll_timer(inbox.name):
+            ctx.ledger.take_repoll(inbox.name)  # this poll answers every request so far
             validity, found = _fetch_new(ctx, inbox, out)
             out(_sweep(ctx, inbox))
+            again = ctx.ledger.take_repoll(inbox.name)
     except MailingestError as exc:
         ctx.ledger.record_poll(inbox.name, found=0, error=str(exc))
         raise
@@ -128,7 +134,7 @@ def poll(ctx: Context, inbox_name: str, emit: Emit | None = None) -> PollResult:
             lock.release()
     ctx.ledger.record_poll(inbox.name, found=found)
     log.info("polled inbox %s: %d new mail(s)", inbox.name, found)
-    return PollResult(inbox.name, validity, found, tuple(collected))
+    return PollResult(inbox.name, validity, found, tuple(collected), again=again)
 
 
 def _batches(uids: list[int], sizes: dict[int, int], count: int, size: int) -> Iterator[list[int]]:

@@ -148,6 +148,7 @@ class Settings:
     retry_cap: float
     log_level: str
     log_format: str = "text"
+    idle_renew: float = 300.0  # seconds between IDLE renewals of `mailingest watch`
     metrics_port: int | None = None
     config_file: Path | None = None
 
@@ -690,6 +691,8 @@ def _shared(env: _Env) -> Settings:
         retry_cap=retry_cap,
         log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=env.choice("LOG_FORMAT", "text", ("text", "json")),
+        # under the 29 minutes servers allow an IDLE (RFC 2177), and under most NAT timeouts
+        idle_renew=env.number("IDLE_RENEW", 300.0, minimum=1, maximum=1740),
         metrics_port=metrics_port or None,
     )
 

@@ -74,7 +74,10 @@ def _run(task: Task, step: Step) -> None:
 def poll_inbox(self: Task, inbox: str) -> int:
     ctx = context()
     try:
-        return pipeline.poll(ctx, inbox, emit=dispatch).found
+        result = pipeline.poll(ctx, inbox, emit=dispatch)
+        if result.again:
+            poll_inbox.apply_async(args=[inbox])
+        return result.found
     except pipeline.RETRYABLE as exc:
         log.warning("poll of inbox %s failed: %s (the next tick tries again)", inbox, exc)
         return 0

@@ -86,6 +86,11 @@ def inbox_settings(account: ImapAccount, **changes: object) -> InboxSettings:
 
 def dovecot_without_move(workdir: Path) -> DovecotServer:
     """A started Dovecot that does not advertise MOVE (skips where Dovecot is missing)."""
+    return dovecot_without(workdir, "MOVE")
+
+
+def dovecot_without(workdir: Path, capability: str) -> DovecotServer:
+    """A started Dovecot that does not advertise ``capability`` (skips without Dovecot)."""
     from .conftest import require_or_skip
 
     probe = DovecotServer(workdir / "probe")
@@ -95,10 +100,11 @@ def dovecot_without_move(workdir: Path) -> DovecotServer:
         require_or_skip(str(exc))
     client = IMAPClient(probe.account.host, port=probe.account.port, ssl=False, timeout=10)
     client.login(probe.account.user, probe.account.password)
-    capabilities = [c.decode() for c in client.capabilities() if c != b"MOVE"]
+    capabilities = [c.decode() for c in client.capabilities() if c != capability.encode()]
     client.logout()
     probe.stop()
-    assert "UIDPLUS" in capabilities
+    assert "UIDPLUS" in capabilities and capability not in capabilities
     return DovecotServer(
-        workdir / "nomove", extra_config=f"imap_capability = {' '.join(capabilities)}\n"
+        workdir / f"no-{capability.lower()}",
+        extra_config=f"imap_capability = {' '.join(capabilities)}\n",
     ).start()
