@@ -71,6 +71,7 @@ MAILINGEST_NEEDS: dict[str, tuple[str, ...]] = {
     "replay": ALL_GROUPS,
     "check-config": ALL_GROUPS,
     "seed": ("redis", "imap"),
+    "watch": ("redis", "imap"),
     "poll-now": ("redis",),
     "status": ("redis",),
     "senders": ("redis",),
