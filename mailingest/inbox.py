@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import imaplib
 import logging
+import select
 import socket
 import ssl
 from collections.abc import Iterator, Sequence
@@ -78,6 +79,8 @@ class Mailbox:
         self.token_source = token_source  # required when inbox.auth == "xoauth2"
         self._client: IMAPClient | None = None
         self._selected: str | None = None
+        self.last_used = 0.0  # monotonic time its last user let it go (Context.imap)
+        self._known_folders: set[str] = set()  # folders this connection saw exist
 
     # -- connection ------------------------------------------------------------
     def __enter__(self) -> Mailbox:
@@ -175,6 +178,7 @@ class Mailbox:
 
     def close(self) -> None:
         client, self._client = self._client, None
+        self._known_folders.clear()
         if client is not None:
             _quit(client)
 
@@ -210,6 +214,17 @@ class Mailbox:
         with self._errors("NOOP"):
             self.client.noop()
 
+    def server_spoke(self) -> bool:
+        """Whether the server sent something we have not read (a BYE, a closed socket, news
+        of other sessions): a kept connection is then checked with NOOP before reuse."""
+        try:
+            sock = self.client.socket()
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return True
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError, MailboxError):
+            return True
+
     # -- folders ---------------------------------------------------------------
     def select(self, folder: str) -> int:
         """Select ``folder`` read-write; return its UIDVALIDITY."""
@@ -225,8 +240,15 @@ class Mailbox:
     def ensure_folders(self, *folders: str) -> None:
         with self._errors("CREATE"):
             for folder in folders:
-                if not self.client.folder_exists(folder):
-                    self.client.create_folder(folder)
+                self._folder_ready(folder)
+
+    def _folder_ready(self, folder: str) -> None:
+        """Create ``folder`` if missing; asked once per connection (a connection is reused)."""
+        if folder in self._known_folders:
+            return
+        if not self.client.folder_exists(folder):
+            self.client.create_folder(folder)
+        self._known_folders.add(folder)
 
     # -- mail ------------------------------------------------------------------
     def uids_after(self, watermark: int) -> list[int]:
@@ -264,8 +286,7 @@ class Mailbox:
         ``message_id``) is not made a second time.
         """
         with self._errors(f"MOVE to {destination!r}"):
-            if not self.client.folder_exists(destination):
-                self.client.create_folder(destination)
+            self._folder_ready(destination)
             if self.client.has_capability("MOVE"):
                 self.client.move([uid], destination)
                 return

@@ -155,7 +155,7 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
     settings = ctx.settings
     deadline = time.monotonic() + settings.task_time_limit / 2
     found = 0
-    with ctx.mailbox(inbox.name) as box:
+    with ctx.imap(inbox.name) as box:
         box.ensure_folders(inbox.processed_folder, inbox.quarantine_folder)
         validity = box.select(inbox.folder)
         watermark = ctx.ledger.watermark(inbox.name, inbox.folder, validity)
@@ -337,7 +337,7 @@ def _planned(screened: Screened) -> list[PlannedDocument]:
 
 def _refetch(ctx: Context, record: L.MailRecord) -> bytes | None:
     """The mail's bytes from the server, when the staged copy expired; None if it is gone."""
-    with ctx.mailbox(record.ref.inbox) as box:
+    with ctx.imap(record.ref.inbox) as box:
         if box.select(record.ref.folder) != record.ref.uidvalidity:
             return None
         fetched = box.fetch([record.ref.uid])
@@ -604,7 +604,7 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
     with single_flight(ctx, f"finish:{mail_id}") as mine:
         if not mine:
             return []
-        with ctx.mailbox(inbox.name) as box:
+        with ctx.imap(inbox.name) as box:
             validity = box.select(record.ref.folder)
             if validity != record.ref.uidvalidity:
                 ctx.ledger.filed(
@@ -663,7 +663,7 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
                 "move it back to the inbox by hand"
             )
         inbox = ctx.settings.inbox(record.ref.inbox)
-        with ctx.mailbox(inbox.name) as box:
+        with ctx.imap(inbox.name) as box:
             box.select(record.filed_to)
             uids = box.find_message_id(record.message_id)
             if not uids:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import redis
 
 from . import metrics
 from .alloy import AlloyClient
+from .errors import MailboxError
 from .inbox import Mailbox
 from .ledger import Ledger
 from .oauth import TokenSource
@@ -19,6 +23,10 @@ from .senders import CsvDirectory, HttpLookup, RedisDirectory, Resolver, SenderR
 from .settings import InboxSettings, Settings
 
 log = logging.getLogger(__name__)
+
+# a kept IMAP connection idle longer than this is checked with NOOP before it is reused
+# (servers log out idle sessions after 30 minutes at the earliest, RFC 9051)
+REUSE_CHECK_AFTER = 60.0
 
 
 @dataclass
@@ -36,6 +44,35 @@ class Context:
         return self.resolvers[inbox_name]
 
     tokens: dict[str, TokenSource] = field(default_factory=dict, repr=False)
+    connections: dict[str, Mailbox] = field(default_factory=dict, repr=False)
+
+    @contextmanager
+    def imap(self, inbox_name: str) -> Iterator[Mailbox]:
+        """A logged-in connection to the inbox, reused across the tasks of this process.
+
+        Logging in costs round trips (and providers cap connections per account), so
+        a connection that ended its last use cleanly is kept for the next one. One the
+        server spoke on meanwhile (a BYE, a restart) or idle for a while is checked with
+        NOOP first; one whose use raised is closed, never reused.
+        """
+        box = self.connections.pop(inbox_name, None)
+        idle = time.monotonic() - (box.last_used if box else 0)
+        if box is not None and (box.server_spoke() or idle > REUSE_CHECK_AFTER):
+            try:
+                box.noop()
+            except MailboxError:
+                box.close()
+                box = None
+        if box is None:
+            box = self.mailbox(inbox_name)
+            box.connect()
+        try:
+            yield box
+        except BaseException:
+            box.close()
+            raise
+        box.last_used = time.monotonic()
+        self.connections[inbox_name] = box
 
     def mailbox(self, inbox_name: str) -> Mailbox:
         """A new IMAP connection (unopened) to the named inbox."""
@@ -45,6 +82,9 @@ class Context:
         )
 
     def close(self) -> None:
+        for box in self.connections.values():
+            box.close()
+        self.connections.clear()
         for close in reversed(self.closers):
             close()
         self.closers.clear()
