@@ -319,6 +319,17 @@ class Ledger:
         h = self.redis.hgetall(keys.mail(mail_id))
         return MailRecord.from_hash(mail_id, _decode(h)) if h else None
 
+    def records(self, mail_ids: Sequence[str]) -> list[MailRecord]:
+        """The records of these mails that exist, read in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for mail_id in mail_ids:
+            pipe.hgetall(keys.mail(mail_id))
+        return [
+            MailRecord.from_hash(mail_id, _decode(h))
+            for mail_id, h in zip(mail_ids, pipe.execute(), strict=True)
+            if h
+        ]
+
     def transition(
         self, mail_id: str, to: str, *, allowed: Sequence[str] = (), **fields: object
     ) -> bool:
@@ -355,15 +366,9 @@ class Ledger:
     def unfiled(self, inbox: str, *, idle_ms: int = 0) -> list[str]:
         """Decided mails of ``inbox`` still waiting to be moved, untouched for ``idle_ms``."""
         cutoff = now_ms() - idle_ms
-        ids = [_text(m) for m in self.redis.smembers(keys.UNFILED)]
-        out = []
-        for mail_id in sorted(ids):
-            if not mail_id.startswith(inbox + "/"):
-                continue
-            record = self.mail(mail_id)
-            if record is not None and record.updated_at <= cutoff and not record.filed_to:
-                out.append(mail_id)
-        return out
+        ids = sorted(_text(m) for m in self.redis.smembers(keys.UNFILED))
+        mine = [mail_id for mail_id in ids if mail_id.startswith(inbox + "/")]
+        return [r.id for r in self.records(mine) if r.updated_at <= cutoff and not r.filed_to]
 
     # -- documents -----------------------------------------------------------
     def plan_documents(
@@ -498,5 +503,5 @@ class Ledger:
         return sorted(_text(m) for m in self.redis.smembers(keys.state(state)))
 
     def mails(self, states: Iterable[str]) -> list[MailRecord]:
-        records = [self.mail(mail_id) for state in states for mail_id in self.mail_ids(state)]
-        return sorted((r for r in records if r), key=lambda r: r.created_at)
+        ids = [mail_id for state in states for mail_id in self.mail_ids(state)]
+        return sorted(self.records(ids), key=lambda r: r.created_at)

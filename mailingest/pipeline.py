@@ -207,13 +207,11 @@ def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
     now = L.now_ms()
     stale = ctx.settings.stale_after * 1000
     steps: list[Step] = []
+    mine = inbox.name + "/"
     for state in (L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING):
-        for mail_id in ctx.ledger.mail_ids(state):
-            if not mail_id.startswith(inbox.name + "/"):
-                continue
-            record = ctx.ledger.mail(mail_id)
-            if record is None:
-                continue
+        ids = [mail_id for mail_id in ctx.ledger.mail_ids(state) if mail_id.startswith(mine)]
+        for record in ctx.ledger.records(ids):  # one round trip for all of them
+            mail_id = record.id
             if now - max(record.updated_at, record.retry_at, record.requeued_at) <= stale:
                 continue
             if record.requeues >= ctx.settings.max_attempts:
@@ -230,12 +228,11 @@ def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
             # requeued_at, not updated_at: `mailingest status` still sees it as stuck
             ctx.ledger.requeued(mail_id, record.requeues + 1)
             steps.append(Step("ingest", mail_id))
-    for mail_id in ctx.ledger.mail_ids(L.FAILED):
-        record = ctx.ledger.mail(mail_id)
+    failed = [mail_id for mail_id in ctx.ledger.mail_ids(L.FAILED) if mail_id.startswith(mine)]
+    for record in ctx.ledger.records(failed):
+        mail_id = record.id
         if (
-            record is not None
-            and mail_id.startswith(inbox.name + "/")
-            and record.auto_replays < ctx.settings.failed_auto_retries
+            record.auto_replays < ctx.settings.failed_auto_retries
             and now - record.updated_at > ctx.settings.failed_retry_after * 1000
         ):
             log.warning("mail %s: failed %s ago; retried", mail_id, "long")
