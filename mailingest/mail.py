@@ -118,8 +118,13 @@ class MailParseError(Exception):
 # --------------------------------------------------------------------------
 
 
-def parse_mail(raw: bytes, *, inline_image_floor: int = 4096) -> ParsedMail:
+def parse_mail(
+    raw: bytes, *, inline_image_floor: int = 4096, message: email.message.Message | None = None
+) -> ParsedMail:
     """Parse one raw RFC 822 message.
+
+    ``message``: the stdlib parse of ``raw`` (compat32) when the caller has one
+    already; parsing a large mail is the costly part, so it is done once.
 
     Raises :class:`MailParseError` only when the input is not a mail at all:
     empty or blank input, no header field, or a structure mail-parser refuses
@@ -133,7 +138,10 @@ def parse_mail(raw: bytes, *, inline_image_floor: int = 4096) -> ParsedMail:
     if not raw.strip():
         raise MailParseError("empty input")
     try:
-        parser = mailparser.parse_from_bytes(raw)
+        if message is not None:
+            parser = mailparser.MailParser(message)
+        else:
+            parser = mailparser.parse_from_bytes(raw)
     except RecursionError as exc:  # pragma: no cover - mail-parser converts it
         raise MailParseError("mail nested too deeply") from exc
     except Exception as exc:  # anything mail-parser chokes on

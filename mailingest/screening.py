@@ -96,10 +96,10 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
             f"(limit {limits.max_header_bytes})",
         )
     try:
-        headers_only = email.message_from_bytes(raw, policy=email.policy.compat32)
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
     except Exception as exc:  # noqa: BLE001 - hostile input
         return Screened(None, refusal=f"cannot parse the mail ({type(exc).__name__})")
-    parts, depth = structure(headers_only)
+    parts, depth = structure(message)
     if parts > limits.max_parts:
         return Screened(None, refusal=f"too many MIME parts: {parts} (limit {limits.max_parts})")
     if depth > limits.max_depth:
@@ -107,7 +107,7 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
             None, refusal=f"MIME nesting too deep: {depth} levels (limit {limits.max_depth})"
         )
     try:
-        mail = parse_mail(raw, inline_image_floor=limits.inline_image_floor)
+        mail = parse_mail(raw, inline_image_floor=limits.inline_image_floor, message=message)
         specs = describe_attachments(mail)
     except Exception as exc:  # noqa: BLE001 - hostile input
         return Screened(None, refusal=f"cannot parse the mail ({type(exc).__name__})")
@@ -119,7 +119,7 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
     notes: list[str] = [f"skipped part {s.index}: {s.reason}" for s in mail.skipped]
     if auth is not None:
         verdict = evaluate(
-            [str(h) for h in headers_only.get_all("Authentication-Results") or []],
+            [str(h) for h in message.get_all("Authentication-Results") or []],
             mail.sender,
             auth,
         )
