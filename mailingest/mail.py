@@ -47,6 +47,7 @@ import base64
 import binascii
 import email
 import email.message
+import email.policy
 import logging
 import quopri
 import re
@@ -57,6 +58,8 @@ from email.utils import collapse_rfc2231_value, getaddresses
 from typing import TypeVar
 
 import mailparser
+
+from .hollow import Hollowed, decoded_payload, hollow, unfold
 
 # mail-parser warns for every unnamed non-text part it takes for body text; we handle
 # those parts ourselves, so its warnings are noise in the worker's log.
@@ -119,12 +122,17 @@ class MailParseError(Exception):
 
 
 def parse_mail(
-    raw: bytes, *, inline_image_floor: int = 4096, message: email.message.Message | None = None
+    raw: bytes,
+    *,
+    inline_image_floor: int = 4096,
+    message: email.message.Message | None = None,
+    hollowed: Hollowed | None = None,
 ) -> ParsedMail:
     """Parse one raw RFC 822 message.
 
-    ``message``: the stdlib parse of ``raw`` (compat32) when the caller has one
-    already; parsing a large mail is the costly part, so it is done once.
+    ``message`` and ``hollowed``: the caller's parse of ``hollowed.raw`` (compat32,
+    see :mod:`mailingest.hollow`) when it has one; parsing a large mail is the
+    costly part, so it is done once.
 
     Raises :class:`MailParseError` only when the input is not a mail at all:
     empty or blank input, no header field, or a structure mail-parser refuses
@@ -137,11 +145,13 @@ def parse_mail(
     raw = bytes(raw)
     if not raw.strip():
         raise MailParseError("empty input")
+    if hollowed is None:
+        hollowed = hollow(raw)
     try:
-        if message is not None:
-            parser = mailparser.MailParser(message)
-        else:
-            parser = mailparser.parse_from_bytes(raw)
+        if message is None:
+            message = email.message_from_bytes(hollowed.raw, policy=email.policy.compat32)
+            unfold(message, hollowed)
+        parser = mailparser.MailParser(message)
     except RecursionError as exc:  # pragma: no cover - mail-parser converts it
         raise MailParseError("mail nested too deeply") from exc
     except Exception as exc:  # anything mail-parser chokes on
@@ -158,7 +168,7 @@ def parse_mail(
                     defects.add(f"{key}: {value}")
 
     try:
-        attachments, skipped = _extract_parts(raw, message, inline_image_floor, defects)
+        attachments, skipped = _extract_parts(hollowed, message, inline_image_floor, defects)
     except RecursionError as exc:
         raise MailParseError("mail nested too deeply") from exc
 
@@ -400,7 +410,7 @@ def _filename(part: email.message.Message, defects: _Defects, where: str) -> str
 
 
 def _extract_parts(
-    raw: bytes,
+    hollowed: Hollowed,
     message: email.message.Message,
     floor: int,
     defects: _Defects,
@@ -436,19 +446,21 @@ def _extract_parts(
             if ctype == "text/html" and not have_html:
                 have_html = True
                 continue
-            size = len(_payload_bytes(part, defects, where))
+            size = len(_payload_bytes(part, defects, where, hollowed))
             skipped.append(SkippedPart(index, ctype, size, "additional body text part"))
             continue
 
         payload_list = part.get_payload()
         if part.get_content_maintype() == "message" and isinstance(payload_list, list):
             if locations is None:
-                locations = _safe(lambda: _locate(raw, message), {})
-            payload = _message_bytes(raw, part, locations or {}, defects, where)
+                locations = _safe(lambda: _locate(hollowed.raw, message), {})
+            payload = hollowed.restore(
+                _message_bytes(hollowed, part, locations or {}, defects, where)
+            )
             if filename is None and ctype != "message/delivery-status":
                 filename = _inner_subject_filename(payload)
         else:
-            payload = _payload_bytes(part, defects, where)
+            payload = _payload_bytes(part, defects, where, hollowed)
 
         if leaf.parent_type == "multipart/signed" and ctype in _SIGNATURE_TYPES:
             skipped.append(
@@ -484,14 +496,19 @@ def _extract_parts(
     return attachments, skipped
 
 
-def _payload_bytes(part: email.message.Message, defects: _Defects, where: str) -> bytes:
+def _payload_bytes(
+    part: email.message.Message, defects: _Defects, where: str, hollowed: Hollowed
+) -> bytes:
     """Decoded payload of a leaf; the stdlib is lenient with broken base64/QP."""
+    data: object
     try:
-        data = part.get_payload(decode=True)
+        data = decoded_payload(part, hollowed)
+        if data is None:
+            data = part.get_payload(decode=True)
     except Exception as exc:  # one bad part must not kill the mail
         defects.add(f"{where}: payload not decodable ({type(exc).__name__}); raw bytes kept")
         raw_payload = part.get_payload()
-        data = (
+        data = hollowed.restore(
             raw_payload.encode("utf-8", "surrogateescape") if isinstance(raw_payload, str) else b""
         )
     ctype = part.get_content_type()
@@ -612,9 +629,12 @@ def _sub_messages(part: email.message.Message) -> list[email.message.Message]:
     return [p for p in payload if isinstance(p, email.message.Message)]
 
 
-def _parses_to(data: bytes, expected: list[tuple[object, ...]]) -> bool:
+def _parses_to(data: bytes, expected: list[tuple[object, ...]], hollowed: Hollowed) -> bool:
+    """Whether ``data`` (hollowed, like the parse ``expected`` comes from) parses to it."""
     try:
-        return _signature(email.message_from_bytes(data)) == expected
+        message = email.message_from_bytes(data)
+        unfold(message, hollowed)
+        return _signature(message) == expected
     except Exception:  # whatever goes wrong, it did not verify
         return False
 
@@ -635,13 +655,17 @@ def _signature(message: email.message.Message) -> list[tuple[object, ...]]:
 
 
 def _message_bytes(
-    raw: bytes,
+    hollowed: Hollowed,
     part: email.message.Message,
     locations: dict[int, tuple[int, int]],
     defects: _Defects,
     where: str,
 ) -> bytes:
-    """The bytes of an encapsulated message: the original slice when it verifies."""
+    """The bytes of an encapsulated message: the original slice when it verifies.
+
+    Slices are of ``hollowed.raw``; the caller puts the hollowed lines back.
+    """
+    raw = hollowed.raw
     payload = _sub_messages(part)
     inner = payload[0] if len(payload) == 1 else None
     cte = str(part.get("content-transfer-encoding", "")).strip().lower()
@@ -652,12 +676,13 @@ def _message_bytes(
         # Not allowed by RFC 2046, but some clients do it; the stdlib then
         # parsed the encoded text, so there is nothing to verify against.
         defects.add(f"{where}: encapsulated message with {cte} encoding decoded")
+        encoded = hollowed.restore(sliced)
         try:
             if cte == "base64":
-                return base64.b64decode(b"".join(sliced.split()) + b"==", validate=False)
-            return quopri.decodestring(sliced)
+                return base64.b64decode(b"".join(encoded.split()) + b"==", validate=False)
+            return quopri.decodestring(encoded)
         except (binascii.Error, ValueError):
-            return sliced
+            return encoded
 
     if inner is None:  # message/delivery-status & co.: several header blocks
         if sliced is not None:
@@ -682,12 +707,12 @@ def _message_bytes(
             else 0
         )
         for candidate in (sliced, raw[location[0] : after + eol]):
-            if _parses_to(candidate, expected):
+            if _parses_to(candidate, expected, hollowed):
                 return sliced
 
     serialised = _as_bytes(inner)
     if serialised is not None:
-        round_trips = expected is not None and _parses_to(serialised, expected)
+        round_trips = expected is not None and _parses_to(serialised, expected, hollowed)
         defects.add(
             f"{where}: original bytes of the encapsulated message not recovered; "
             + ("re-serialised (round-trips)" if round_trips else "re-serialised (lossy)")

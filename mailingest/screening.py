@@ -25,6 +25,7 @@ from email.message import Message
 
 from .authn import AuthPolicy, evaluate
 from .documents import DocumentSpec, describe_attachments
+from .hollow import hollow, unfold
 from .mail import ParsedMail, parse_mail
 from .sniff import ALLOWED_KINDS, sniff
 
@@ -96,7 +97,9 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
             f"(limit {limits.max_header_bytes})",
         )
     try:
-        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+        hollowed = hollow(raw)  # long base64 bodies out of the line-by-line parser
+        message = email.message_from_bytes(hollowed.raw, policy=email.policy.compat32)
+        unfold(message, hollowed)
     except Exception as exc:  # noqa: BLE001 - hostile input
         return Screened(None, refusal=f"cannot parse the mail ({type(exc).__name__})")
     parts, depth = structure(message)
@@ -107,7 +110,9 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
             None, refusal=f"MIME nesting too deep: {depth} levels (limit {limits.max_depth})"
         )
     try:
-        mail = parse_mail(raw, inline_image_floor=limits.inline_image_floor, message=message)
+        mail = parse_mail(
+            raw, inline_image_floor=limits.inline_image_floor, message=message, hollowed=hollowed
+        )
         specs = describe_attachments(mail)
     except Exception as exc:  # noqa: BLE001 - hostile input
         return Screened(None, refusal=f"cannot parse the mail ({type(exc).__name__})")
