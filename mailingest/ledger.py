@@ -319,6 +319,14 @@ class Ledger:
         h = self.redis.hgetall(keys.mail(mail_id))
         return MailRecord.from_hash(mail_id, _decode(h)) if h else None
 
+    def in_flight(self, inbox: str) -> int:
+        """How many of the inbox's mails are recorded but not decided yet (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for state in (QUEUED, PARSING, DOCUMENTS_PENDING):
+            pipe.smembers(keys.state(state))
+        mine = (inbox + "/").encode()
+        return sum(1 for members in pipe.execute() for m in members if m.startswith(mine))
+
     def records(self, mail_ids: Sequence[str]) -> list[MailRecord]:
         """The records of these mails that exist, read in one round trip."""
         pipe = self.redis.pipeline(transaction=False)

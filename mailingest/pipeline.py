@@ -159,8 +159,11 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
         box.ensure_folders(inbox.processed_folder, inbox.quarantine_folder)
         validity = box.select(inbox.folder)
         watermark = ctx.ledger.watermark(inbox.name, inbox.folder, validity)
-        # bounded per poll: a huge backlog is taken a slice per tick, oldest first
-        uids = box.uids_after(watermark)[: settings.poll_limit]
+        # Back pressure: take new mail only while fewer than POLL_LIMIT of the inbox's
+        # mails are in flight, oldest first. A backlog of 10,000 is staged in Redis a
+        # slice at a time, not all at once; the rest waits in the mailbox, where it is safe.
+        room = settings.poll_limit - ctx.ledger.in_flight(inbox.name)
+        uids = box.uids_after(watermark)[: max(0, room)]
         sizes = box.sizes(uids)
         # a mail over the size limit is recorded and quarantined without fetching its body
         too_big = [u for u in uids if sizes.get(u, 0) > settings.limits.max_message_bytes]

@@ -140,3 +140,32 @@ def test_retries_exhausted_leave_the_mail_failed_in_the_inbox(
         assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 0, "Processed": 1}
     finally:
         ctx.close()
+
+
+def test_a_backlog_waits_in_the_mailbox_not_in_redis(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
+) -> None:
+    """Back pressure: a poll takes new mail only while fewer than POLL_LIMIT are in flight."""
+    from mailingest.runner import run_steps
+
+    scenario = bulk_scenario(6, seed=12)  # six mails and the stranger
+    write_senders(senders_file, scenario)
+    deliver(imap, [m.raw for m in scenario.mails])
+    ctx = build_context(load_settings(env | {"MAILINGEST_POLL_LIMIT": "3"}))
+    try:
+        first = poll(ctx, "default")
+        assert first.found == 3 and ctx.ledger.in_flight("default") == 3
+        assert poll(ctx, "default").found == 0  # the window is full: nothing more staged
+        assert len(list(ctx.redis.scan_iter("mailingest:raw:*"))) == 3
+        run_steps(ctx, first.steps)  # the three are decided and moved
+        assert ctx.ledger.in_flight("default") == 0
+        second = poll(ctx, "default")
+        assert second.found == 3
+        run_steps(ctx, second.steps)
+        third = poll(ctx, "default")
+        assert third.found == 1
+        run_steps(ctx, third.steps)
+        assert outcome_problems(env, scenario) == []
+        assert folder_counts(imap, "INBOX") == {"INBOX": 0}
+    finally:
+        ctx.close()
