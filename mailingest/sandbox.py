@@ -20,6 +20,9 @@ Decisions on what Alloy does not publish (see ``docs/ALLOY_API.md``):
 * A second PUT of an uploaded document: 409 / 4091 (``allow_reupload=True``
   makes it replace the bytes instead).
 * Downloading a described but not uploaded document: 404 / 4041.
+* ``keep_bodies=False`` (``--digests-only``, for benchmarks): only the size and
+  SHA-256 of each uploaded body are kept (``SandboxState.uploads()`` lists them
+  with each upload's time); a download then answers 404 / 4041 saying so.
 * A document that exists but belongs to another entity: 404 / 4041.
 * No idempotency: a retried POST creates a second document.
 * Entities: any non-empty path segment is accepted (an Alloy ``P-``/``B-``
@@ -95,6 +98,7 @@ import base64
 import binascii
 import builtins
 import dataclasses
+import hashlib
 import hmac
 import json
 import math
@@ -335,7 +339,14 @@ def _fmt_seconds(v: float) -> str:
 class _Doc:
     entity: str
     meta: dict[str, Any]
-    data: bytes | None = None
+    data: bytes | None = None  # the uploaded bytes (None when not kept, see keep_bodies)
+    size: int = -1  # bytes uploaded; -1 until the first upload
+    sha256: str = ""  # of the uploaded bytes, when they are not kept
+    uploaded_at: float = 0.0  # time.time() of the (last) upload
+
+    @property
+    def received(self) -> bool:
+        return self.size >= 0
 
 
 def _public(meta: dict[str, Any]) -> dict[str, Any]:
@@ -355,9 +366,13 @@ class SandboxState:
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         extensions: Iterable[str] | None = None,
         allow_reupload: bool = False,
+        keep_bodies: bool = True,
     ) -> None:
         if max_upload_bytes < 0:
             raise ValueError("max_upload_bytes must be >= 0")
+        # False (benchmarks): keep only the size and SHA-256 of each uploaded body, so
+        # thousands of large documents cost no memory; downloads then answer 404/4041
+        self.keep_bodies = keep_bodies
         self.agents: frozenset[str] | None = (
             None if agents is None else frozenset(a.strip().lower() for a in agents if a.strip())
         )
@@ -484,7 +499,7 @@ class SandboxState:
         self.check_entity(entity)
         with self._lock:
             doc = self._lookup(entity, document)
-            if doc.data is not None and not self.allow_reupload:
+            if doc.received and not self.allow_reupload:
                 raise self._conflict(document)
         if length is not None and length > self.max_upload_bytes:
             raise self._too_large(length)
@@ -501,15 +516,17 @@ class SandboxState:
         if len(data) > self.max_upload_bytes:
             raise self._too_large(len(data))
         data = bytes(data)
+        digest = "" if self.keep_bodies else hashlib.sha256(data).hexdigest()
         with self._lock:
             doc = self._lookup(entity, document)
-            if doc.data is not None:
+            if doc.received:
                 if not self.allow_reupload:
                     raise self._conflict(document)
-                self._bytes -= len(doc.data)
+                self._bytes -= doc.size
             else:
                 self._uploaded += 1
-            doc.data = data
+            doc.data = data if self.keep_bodies else None
+            doc.size, doc.sha256, doc.uploaded_at = len(data), digest, time.time()
             self._bytes += len(data)
             doc.meta["uploaded"] = True
             return _public(doc.meta)
@@ -518,11 +535,20 @@ class SandboxState:
         self.check_entity(entity)
         with self._lock:
             doc = self._lookup(entity, document)
-            data = doc.data
-        if data is None:
+            data, received = doc.data, doc.received
+        if not received:
             raise AlloyLikeError.of(
                 4041,
                 {"message": f'document "{document}" has not been uploaded', "path": "document"},
+            )
+        if data is None:
+            raise AlloyLikeError.of(
+                4041,
+                {
+                    "message": f'document "{document}" was uploaded, but this sandbox keeps '
+                    "only the size and SHA-256 of uploaded bodies (--digests-only)",
+                    "path": "document",
+                },
             )
         return data
 
@@ -537,6 +563,27 @@ class SandboxState:
         with self._lock:
             docs = self._by_entity.get(entity)
             return [] if not docs else [_public(d.meta) for d in docs.values()]
+
+    def uploads(self) -> builtins.list[dict[str, Any]]:
+        """Every uploaded document (not an HTTP route; for tests and benchmarks): entity,
+        token, name, extension, type, size, SHA-256 and ``uploaded_at`` (``time.time()``
+        of its upload), in upload order."""
+        with self._lock:
+            docs = [d for d in self._docs.values() if d.received]
+        out = [
+            {
+                "entity": d.entity,
+                "document_token": d.meta["document_token"],
+                "name": d.meta["name"],
+                "extension": d.meta["extension"],
+                "type": d.meta["type"],
+                "size": d.size,
+                "sha256": d.sha256 or hashlib.sha256(d.data or b"").hexdigest(),
+                "uploaded_at": d.uploaded_at,
+            }
+            for d in docs
+        ]
+        return sorted(out, key=lambda u: u["uploaded_at"])
 
     # -- counters ---------------------------------------------------------------
     def record(self, route: str, status: int | None, faults: Iterable[str] = ()) -> None:
@@ -1171,6 +1218,7 @@ class SandboxServer:
         allow_reupload: bool = False,
         verbose: bool = False,
         tls: tuple[str, str] | None = None,
+        keep_bodies: bool = True,
     ) -> None:
         if (token is None) != (secret is None):
             raise ValueError("give both token and secret, or neither")
@@ -1182,6 +1230,7 @@ class SandboxServer:
             max_upload_bytes=max_upload_bytes,
             extensions=extensions,
             allow_reupload=allow_reupload,
+            keep_bodies=keep_bodies,
         )
         self.drain_limit = max(max_upload_bytes, MIN_DRAIN_LIMIT)
         self.verbose = verbose
@@ -1377,6 +1426,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--extensions", default=None, help="comma-separated allowed extensions (default: any)")
     a("--allow-reupload", action="store_true", help="a second PUT replaces bytes instead of 409")
     a(
+        "--digests-only",
+        action="store_true",
+        help="keep only the size and SHA-256 of uploaded bodies (benchmarks); downloads get 404",
+    )
+    a(
         "--max-upload-bytes",
         type=int,
         default=DEFAULT_MAX_UPLOAD_BYTES,
@@ -1449,6 +1503,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             extensions=_csv(getattr(args, "extensions", None)),
             allow_reupload=getattr(args, "allow_reupload", False),
             verbose=getattr(args, "verbose", False),
+            keep_bodies=not getattr(args, "digests_only", False),
         )
     except (ValueError, OSError) as exc:
         print(f"sandbox: {exc}", file=sys.stderr)

@@ -725,3 +725,29 @@ def test_throughput_sanity(sandbox: SandboxServer, capsys: pytest.CaptureFixture
             f"\nsandbox: {n} describes over one keep-alive connection: "
             f"{n / elapsed:.0f} req/s ({elapsed * 1000 / n:.2f} ms/req)"
         )
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("keep_bodies", [True, False])
+def test_uploads_lists_size_hash_and_time_and_digests_only_keeps_no_bytes(
+    keep_bodies: bool,
+) -> None:
+    """The benchmark's mode: thousands of documents, only their size and SHA-256 kept."""
+    import hashlib
+
+    with SandboxServer(keep_bodies=keep_bodies) as sb, hx(sb.url) as client:
+        tok = describe(client)["document_token"]
+        before = time.time()
+        put = client.put(f"{docs_path()}/{tok}", content=b"abc", headers=OCTET)
+        assert put.status_code == 200
+        (upload,) = sb.state.uploads()
+        assert upload["document_token"] == tok and upload["size"] == 3
+        assert upload["sha256"] == hashlib.sha256(b"abc").hexdigest()
+        assert before <= upload["uploaded_at"] <= time.time()
+        again = client.put(f"{docs_path()}/{tok}", content=b"abc", headers=OCTET)
+        assert_error(again, 409, 4091)
+        got = client.get(f"{docs_path()}/{tok}")
+        if keep_bodies:
+            assert got.content == b"abc"
+        else:
+            assert "SHA-256" in assert_error(got, 404, 4041)["details"]["message"]
