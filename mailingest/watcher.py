@@ -105,29 +105,32 @@ class InboxWatcher:
         """One IDLE command, ended after ``renew`` seconds (or on stop)."""
         box.idle()
         self.idling = True
+        try:
+            self._wait_in_idle(box)
+        finally:
+            self.idling = False
+        box.idle_done()
+
+    def _wait_in_idle(self, box: Mailbox) -> None:
         deadline = time.monotonic() + self.renew
         empty = 0
         while not self.stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
-                break
+                return
             asked = min(self.check_every, left)
             began = time.monotonic()
             responses = box.idle_check(asked)
             if _said_bye(responses):
-                self.idling = False
                 raise ConnectionLost(f"inbox {self.inbox.name}: the server said BYE")
             if not responses and time.monotonic() - began < asked / 2:
                 empty += 1  # select() said readable, yet nothing came: end of file
                 if empty >= EMPTY_WAKEUPS:
-                    self.idling = False
                     raise ConnectionLost(f"inbox {self.inbox.name}: connection closed")
                 continue
             empty = 0
             if _new_mail(responses):
                 self.notify(self.inbox.name)
-        self.idling = False
-        box.idle_done()
 
 
 def _said_bye(responses: Sequence[tuple[object, ...]]) -> bool:
