@@ -37,7 +37,6 @@ import binascii
 import hmac
 import json
 import secrets
-import ssl
 import sys
 import threading
 import time
@@ -47,6 +46,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from .sandbox import serve_tls
 
 __all__ = ["OAuthSandbox"]
 
@@ -108,12 +109,7 @@ class OAuthSandbox:
         self._httpd = ThreadingHTTPServer((host, port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.sandbox = self  # type: ignore[attr-defined]
-        self.scheme = "http"
-        if tls is not None:  # (certificate, key): serve HTTPS, for the TLS tests
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(*tls)
-            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
-            self.scheme = "https"
+        self.scheme = serve_tls(self._httpd, tls)
         self.host = host
         self.port: int = self._httpd.server_address[1]
 

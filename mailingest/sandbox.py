@@ -118,7 +118,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
 from urllib.parse import unquote
@@ -1199,6 +1199,17 @@ def _norm_base(base_path: str) -> str:
     return "" if b == "/" else b
 
 
+def serve_tls(httpd: HTTPServer, tls: tuple[str, str] | None) -> str:
+    """With ``tls`` (certificate, key) the server speaks HTTPS (for the TLS tests);
+    returns the URL scheme it serves."""
+    if tls is None:
+        return "http"
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*tls)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    return "https"
+
+
 class SandboxServer:
     """The Alloy document-API emulator, bound at construction (``port=0``: any free port)."""
 
@@ -1246,12 +1257,7 @@ class SandboxServer:
         cls = _HTTPServer6 if ":" in host else _HTTPServer
         self._httpd = cls((host, port), _Handler)
         self._httpd.sandbox = self
-        self.scheme = "http"
-        if tls is not None:  # (certificate, key): serve HTTPS, for the TLS tests
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(*tls)
-            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
-            self.scheme = "https"
+        self.scheme = serve_tls(self._httpd, tls)
         self.host = host
         self.port: int = self._httpd.server_address[1]
 
