@@ -865,14 +865,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         bare = [(p["n"], p["bare loop"]["mails_per_s"]) for p in points if p.get("bare loop")]
         if bare:
             ax.plot(*zip(*bare, strict=True), "s--", label="bare loop")
-        ax.set_xscale("log")
-        ax.set_xticks(ns, [f"{n:,}" for n in ns])
-        ax.set_ylim(bottom=0)
-    ax.set_xlabel("N (mails)")
-    ax.set_ylabel("mails / s")
-    ax.set_title("Throughput against N")
-    if points:
-        ax.legend()
+    _against_n(ax, [p["n"] for p in points], "mails / s", "Throughput against N")
     ax = axes[2]
     if points:
         ns = [p["n"] for p in points]
@@ -898,14 +891,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         ]
         if bare:
             ax.plot(*zip(*bare, strict=True), "s--", label="bare loop")
-        ax.set_xscale("log")
-        ax.set_xticks(ns, [f"{n:,}" for n in ns])
-        ax.set_ylim(bottom=0)
-    ax.set_xlabel("N (mails)")
-    ax.set_ylabel("peak memory (MB)")
-    ax.set_title("Memory against N")
-    if points:
-        ax.legend(fontsize=8)
+    _against_n(ax, [p["n"] for p in points], "peak memory (MB)", "Memory against N", legend=8)
     m = results.get("machine", {})
     fig.suptitle(f"mailingest benchmark — {m.get('cores')} cores, {m.get('cpu', '')}", fontsize=10)
     fig.tight_layout()
@@ -918,3 +904,15 @@ def write(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "results.png")
+
+
+def _against_n(ax: Any, ns: list[int], ylabel: str, title: str, *, legend: int = 10) -> None:
+    """A panel plotted against N: log scale with the measured N as ticks, from zero up."""
+    if ns:
+        ax.set_xscale("log")
+        ax.set_xticks(ns, [f"{n:,}" for n in ns])
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=legend)
+    ax.set_xlabel("N (mails)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
