@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
 from imapclient import IMAPClient
 
+from mailingest import ledger as L
 from mailingest.alloy import AlloyClient
 from mailingest.demo import check_outcome
 from mailingest.embedded import DovecotServer, ImapAccount, ImapServer, ServerNotAvailable
@@ -108,3 +110,14 @@ def dovecot_without(workdir: Path, capability: str) -> DovecotServer:
         workdir / f"no-{capability.lower()}",
         extra_config=f"imap_capability = {' '.join(capabilities)}\n",
     ).start()
+
+
+def wait_decided(ledger: Ledger, count: int, timeout: float = 120) -> list[L.MailRecord]:
+    """Wait until ``count`` mails are decided and moved out of the inbox; their records."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = ledger.mails(L.MAIL_STATES)
+        if sum(1 for r in records if r.state in L.DECIDED and r.filed_to) >= count:
+            return records
+        time.sleep(0.2)
+    raise AssertionError(f"not decided in {timeout}s: {ledger.counts()}")

@@ -17,19 +17,16 @@ from mailingest.runtime import connect_redis
 from mailingest.samples import bulk_scenario, demo_scenario
 from mailingest.sandbox import SandboxServer
 
-from .helpers import deliver, folder_counts, outcome_problems, seen_flags, write_senders
+from .helpers import (
+    deliver,
+    folder_counts,
+    outcome_problems,
+    seen_flags,
+    wait_decided,
+    write_senders,
+)
 
 pytestmark = pytest.mark.servers
-
-
-def wait_decided(ledger: Ledger, count: int, timeout: float = 120) -> list[L.MailRecord]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        records = ledger.mails(L.MAIL_STATES)
-        if sum(1 for r in records if r.state in L.DECIDED and r.filed_to) >= count:
-            return records
-        time.sleep(0.2)
-    raise AssertionError(f"not decided in {timeout}s: {ledger.counts()}")
 
 
 def test_worker_and_beat_ingest_every_document(

@@ -22,7 +22,6 @@ import pytest
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailingest import ledger as L
 from mailingest.embedded import (
     CeleryProcess,
     ImapServer,
@@ -38,7 +37,7 @@ from mailingest.sandbox import SandboxServer
 from mailingest.settings import DEFAULT_NOTE
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN, require_or_skip
-from .helpers import deliver, folder_counts, outcome_problems
+from .helpers import deliver, folder_counts, outcome_problems, wait_decided
 
 pytestmark = pytest.mark.servers
 
@@ -138,15 +137,7 @@ processed_folder = "Filed"
         beat = CeleryProcess("beat", child_env | env, tmp_path / "beat.log")
         ledger = Ledger(connect_redis(redis_url))
         with worker, beat:
-            mails = len(eu.mails) + len(us.mails)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                records = ledger.mails(L.MAIL_STATES)
-                if sum(1 for r in records if r.state in L.DECIDED and r.filed_to) >= mails:
-                    break
-                time.sleep(0.2)
-            else:
-                raise AssertionError(f"not decided in time: {ledger.counts()}")
+            wait_decided(ledger, len(eu.mails) + len(us.mails))
             samples = scrape(metrics_port)
             stats = sandbox.state.stats()
 

@@ -29,7 +29,13 @@ from mailingest.settings import InboxSettings, load_settings
 from mailingest.watcher import InboxWatcher
 
 from .conftest import require_or_skip
-from .helpers import deliver, dovecot_without, inbox_settings, outcome_problems
+from .helpers import (
+    deliver,
+    dovecot_without,
+    inbox_settings,
+    outcome_problems,
+    wait_decided,
+)
 from .proxy import Proxy
 
 pytestmark = pytest.mark.servers
@@ -190,17 +196,8 @@ def test_watch_command_gets_mail_ingested_without_beat(
         try:
             wait_until(lambda: b"watching INBOX with IDLE" in (tmp_path / "watch.log").read_bytes())
             deliver(imap, [m.raw for m in scenario.mails])  # no beat runs: only IDLE can tell
-            wait_until(
-                lambda: (
-                    sum(
-                        1
-                        for r in ledger.mails(L.MAIL_STATES)
-                        if r.state in L.DECIDED and r.filed_to
-                    )
-                    == len(scenario.mails)
-                ),
-                timeout=60,
-            )
+            records = wait_decided(ledger, len(scenario.mails), timeout=60)
+            assert len([r for r in records if r.state in L.DECIDED]) == len(scenario.mails)
         finally:
             watcher.terminate()
             assert watcher.wait(20) == 0  # SIGTERM: a clean stop
