@@ -54,14 +54,18 @@ Decisions on what Alloy does not publish (see ``docs/ALLOY_API.md``):
   ``max(max_upload_bytes, 64 MiB)``) to keep the connection alive; a larger
   unread body gets ``Connection: close``.
 
-Fault injection (``Faults``), ``/v1`` only, never the admin routes.  Each request
-draws three numbers from ``random.Random(seed)``:
+Fault injection (``Faults``), ``/v1`` only, never the admin routes.  While any
+drawn fault is set (any but ``clock_offset_ms``), each request draws exactly three
+numbers from ``random.Random(seed)``, whatever the settings:
 
 * one outcome draw, partitioned in this order: ``drop_fraction``, ``rate_429``,
-  ``error_503``, ``error_500``.  Each fraction is therefore exactly the share of
-  requests getting that fault (if the sum exceeds 1 the later kinds get what is
-  left).  429 (minor 4033), 503 (5031) and 500 (5000) are answered WITHOUT
-  applying the request; auth is not checked for them (they simulate the edge).
+  ``error_503``, ``error_500``, ``refuse_fraction``, ``late_commit_fraction``.
+  Each fraction is therefore exactly the share of requests getting that fault
+  (if the sum exceeds 1 the later kinds get what is left).  The last two only
+  take from what the first four leave, so setting them never changes which
+  requests of a seeded run get the first four (nor the other two draws).  429
+  (minor 4033), 503 (5031) and 500 (5000) are answered WITHOUT applying the
+  request; auth is not checked for them (they simulate the edge).
 * a drop closes the connection without any response.  With
   ``drop_after_apply=False`` (default) the request is NOT applied (the request
   body is read, then the connection closed).  With ``drop_after_apply=True`` the
@@ -69,12 +73,53 @@ draws three numbers from ``random.Random(seed)``:
   the "did my POST happen?" case.
 * ``retry_after_fraction`` of the 429s carry ``Retry-After: retry_after_seconds``
   (an integer when integral, otherwise a decimal such as ``0.2``, non-standard
-  but handy for fast tests).
+  but handy for fast tests).  (The second draw.)
 * ``slow_fraction`` of the answered requests have their response delayed by
   ``slow_ms``.  A slow request is a *slow success*: its effect is applied at once
   (visible to other requests), only the response is late, so a client that timed
   out and retries sees the effect (a duplicate document, or 409 on re-upload).
+  (The third draw; it also delays errors, refusals and late commits, after the
+  hold.)
+* a refusal (``refuse_fraction``) is a *final* 4xx from Alloy's application,
+  WITHOUT applying the request.  Only a describe (``POST .../documents``) or an
+  upload (``PUT .../documents/{document}``) is refused; any other request that
+  draws it is served as if it drew no fault (and is not counted).  Auth, route
+  and method are checked first (a 401/404/405 wins, and is not counted as a
+  refusal); the refusal comes before any other check.  A describe gets 400 /
+  4002 ``Request Body Validation Failure`` with details ``{"path": "type",
+  "message": '"type" was refused ...'}``; an upload (whose body is raw bytes, so
+  only its headers are validated) gets 400 / 4001 ``Header Validation Failure``
+  with details ``{"path": "content-type", ...}``.  The body is drained, the
+  connection kept.
+* a late commit (``late_commit_fraction``, ``late_commit_ms``) holds the request
+  before applying it: the body is read in full, then nothing happens for
+  ``late_commit_ms`` (neither the effect nor the answer), then the request is
+  processed as usual (validated, applied: document created / bytes stored) and
+  answered.  A client whose read timeout is shorter than ``late_commit_ms`` sees
+  a timeout, and the document appears (or its bytes are stored) afterwards: the
+  "Alloy queued my POST past my read timeout and committed it later" case.
+  Contrast ``slow``, which applies at once and only delays the answer.  Only a
+  describe or an upload is held (any other request that draws it is served as
+  if it drew no fault, and is not counted); auth, route and method are checked
+  first, and a body over the limit is answered 413 at once (not counted).  Other
+  requests are served normally meanwhile (one thread per connection).  The
+  document's ``timestamp`` is the time it was applied.  Counted in stats when
+  applied (just before the answer).  ``late_commit_ms = 0`` makes it no fault.
+  If the sandbox stops during the hold, the connection is closed and the
+  request NOT applied.
 * ``latency_ms`` is added before every ``/v1`` request is processed.
+* ``clock_offset_ms`` (an integer, may be negative, at most 10 years either way;
+  not a fraction, not drawn, not counted) shifts every timestamp the sandbox
+  writes, as if Alloy's clock were off by it: a document's ``timestamp``, its
+  notes' ``created_at`` / ``updated_at``, every error body's ``timestamp`` and
+  the ``Date`` header of every response (admin ones included).  Delays still
+  follow the real clock, and ``SandboxState.uploads()``' ``uploaded_at`` (for
+  benchmarks, not written by the API) is not shifted.
+* Validation (``Faults`` raises ``FaultsError``; ``PUT /_admin/faults`` answers
+  400 / 4002 with the field as details' path): fractions are numbers in [0, 1];
+  ``latency_ms``, ``slow_ms``, ``late_commit_ms`` and ``retry_after_seconds``
+  finite numbers >= 0; ``drop_after_apply`` a boolean; ``seed`` an integer or
+  null; ``clock_offset_ms`` an integer; unknown fields are rejected.
 
 Admin (JSON, same Basic auth as ``/v1`` when configured, never faulted, not
 counted in stats)::
@@ -86,7 +131,8 @@ counted in stats)::
     GET  /_admin/stats    {"requests_total", "requests": {"POST /v1/entities/{entity}/documents": n,
                           ...}, "statuses": {"200": n, ...}, "documents", "uploaded",
                           "bytes_stored", "entities", "faults": {"drop", "rate_429",
-                          "retry_after", "error_503", "error_500", "slow"}}
+                          "retry_after", "error_503", "error_500", "slow",
+                          "late_commit", "refused"}}
 
 Run: ``python -m mailingest.sandbox --port 8080`` (or ``mailingest sandbox``).
 """
@@ -133,6 +179,7 @@ __all__ = [
     "SandboxServer",
     "SandboxState",
     "add_arguments",
+    "faults_from_args",
     "is_entity_token",
     "new_entity_token",
     "run_from_args",
@@ -216,7 +263,8 @@ class AlloyLikeError(Exception):
         status, type_, default = ERROR_CATALOGUE[minor]
         return cls(status, minor, type_, message or default, details)
 
-    def body(self) -> dict[str, Any]:
+    def body(self, clock_offset_ms: int = 0) -> dict[str, Any]:
+        """The JSON body; ``clock_offset_ms`` shifts its ``timestamp`` (clock skew fault)."""
         return {
             "status_code": self.status,
             "error": {
@@ -226,7 +274,7 @@ class AlloyLikeError(Exception):
                 "details": self.details,
                 "error_token": str(uuid.uuid4()),
             },
-            "timestamp": now_ms(),
+            "timestamp": now_ms() + clock_offset_ms,
         }
 
 
@@ -253,8 +301,22 @@ _FRACTIONS = (
     "retry_after_fraction",
     "slow_fraction",
     "drop_fraction",
+    "refuse_fraction",
+    "late_commit_fraction",
 )
-_DURATIONS = ("retry_after_seconds", "latency_ms", "slow_ms")
+_DURATIONS = ("retry_after_seconds", "latency_ms", "slow_ms", "late_commit_ms")
+MAX_CLOCK_OFFSET_MS = 3650 * 86_400_000  # 10 years either way
+# the stats' "faults" keys, in this order
+FAULT_KINDS = (
+    "drop",
+    "rate_429",
+    "retry_after",
+    "error_503",
+    "error_500",
+    "slow",
+    "late_commit",
+    "refused",
+)
 
 
 @dataclass(frozen=True)
@@ -272,6 +334,10 @@ class Faults:
     drop_fraction: float = 0.0  # share of connections closed without a response
     drop_after_apply: bool = False  # whether a dropped request was applied first
     seed: int | None = None
+    refuse_fraction: float = 0.0  # describes/uploads answered a final 400, not applied
+    late_commit_fraction: float = 0.0  # describes/uploads held late_commit_ms, then applied
+    late_commit_ms: float = 0.0
+    clock_offset_ms: int = 0  # added to every timestamp written (Alloy's clock is off)
 
     def __post_init__(self) -> None:
         for name in _FRACTIONS:
@@ -291,9 +357,16 @@ class Faults:
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise FaultsError("seed", "must be an integer or null")
+        off = self.clock_offset_ms
+        if isinstance(off, bool) or not isinstance(off, int) or abs(off) > MAX_CLOCK_OFFSET_MS:
+            raise FaultsError(
+                "clock_offset_ms",
+                f"must be an integer between -{MAX_CLOCK_OFFSET_MS} and {MAX_CLOCK_OFFSET_MS}",
+            )
 
     @property
     def active(self) -> bool:
+        """Whether requests draw faults (``clock_offset_ms`` needs no draw)."""
         return bool(
             self.error_500
             or self.error_503
@@ -301,6 +374,8 @@ class Faults:
             or self.latency_ms
             or self.slow_fraction
             or self.drop_fraction
+            or self.refuse_fraction
+            or self.late_commit_fraction
         )
 
     @classmethod
@@ -326,6 +401,8 @@ class _Plan:
     error_minor: int = 0
     retry_after: str | None = None
     slow_s: float = 0.0
+    refuse: bool = False  # a describe/upload gets a final 400, not applied
+    late_s: float = 0.0  # a describe/upload is held this long, then applied
 
 
 def _fmt_seconds(v: float) -> str:
@@ -384,6 +461,8 @@ class SandboxState:
         )
         self.max_upload_bytes = max_upload_bytes
         self.allow_reupload = allow_reupload
+        # Faults.clock_offset_ms, kept in step by SandboxServer: shifts written timestamps
+        self.clock_offset_ms = 0
         self._lock = threading.Lock()
         self._docs: dict[str, _Doc] = {}
         self._by_entity: dict[str, dict[str, _Doc]] = {}
@@ -439,11 +518,15 @@ class SandboxState:
             )
         return body
 
+    def clock_ms(self) -> int:
+        """Alloy's clock: now in epoch milliseconds, shifted by ``clock_offset_ms``."""
+        return now_ms() + self.clock_offset_ms
+
     # -- the four calls ---------------------------------------------------------
     def describe(self, entity: str, body: Any) -> dict[str, Any]:
         self.check_entity(entity)
         b = self._validate_describe(body)
-        ts = now_ms()
+        ts = self.clock_ms()
         notes: builtins.list[dict[str, Any]] = []
         if b.get("note") is not None:
             notes.append(
@@ -616,10 +699,7 @@ class SandboxState:
                 "uploaded": self._uploaded,
                 "bytes_stored": self._bytes,
                 "entities": len(self._by_entity),
-                "faults": {
-                    k: self._faults.get(k, 0)
-                    for k in ("drop", "rate_429", "retry_after", "error_503", "error_500", "slow")
-                },
+                "faults": {k: self._faults.get(k, 0) for k in FAULT_KINDS},
             }
 
 
@@ -633,9 +713,9 @@ class _ClientGone(Exception):
 _date_cache: tuple[int, str] = (0, "")
 
 
-def _http_date() -> str:
+def _http_date(clock_offset_ms: int = 0) -> str:
     global _date_cache
-    sec = int(time.time())
+    sec = (time.time_ns() // 1_000_000 + clock_offset_ms) // 1000
     if _date_cache[0] != sec:
         _date_cache = (sec, formatdate(sec, usegmt=True))
     return _date_cache[1]
@@ -721,6 +801,7 @@ class _Handler(BaseHTTPRequestHandler):
     _length: int | None = None
     _chunked = False
     _consumed = True
+    _held: bytes | None = None  # a body read ahead of processing (late commit)
 
     # -- connection lifecycle ---------------------------------------------------
     def setup(self) -> None:
@@ -824,6 +905,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunked = "chunked" in te
         self._length = None
         self._consumed = True
+        self._held = None
         if self._chunked:
             self._consumed = False
             return
@@ -878,6 +960,9 @@ class _Handler(BaseHTTPRequestHandler):
         return b"".join(parts)
 
     def _read_body(self, limit: int) -> bytes:
+        if self._held is not None:
+            data, self._held = self._held, None
+            return data
         if self._consumed:
             return b""
         if self._chunked:
@@ -926,7 +1011,7 @@ class _Handler(BaseHTTPRequestHandler):
         lines = [
             f"HTTP/1.1 {status} {phrase}",
             f"Server: {self.server_version}",
-            f"Date: {_http_date()}",
+            f"Date: {_http_date(self._sb().faults.clock_offset_ms)}",
             f"Content-Type: {content_type}",
             f"Content-Length: {len(body)}",
         ]
@@ -950,8 +1035,11 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def _error_body(self, err: AlloyLikeError) -> bytes:
+        return _dumps(err.body(self._sb().faults.clock_offset_ms))
+
     def _write_error(self, err: AlloyLikeError) -> None:
-        self._write(err.status, _dumps(err.body()), headers=err.headers)
+        self._write(err.status, self._error_body(err), headers=err.headers)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # Used by BaseHTTPRequestHandler for unparsable requests: answer in Alloy's shape.
@@ -1072,15 +1160,32 @@ class _Handler(BaseHTTPRequestHandler):
                 )
                 err.headers["Allow"] = ", ".join(allowed)
                 raise err
+            if plan is not None and (plan.refuse or plan.late_s):
+                write = (tpl == ROUTE_COLLECTION and self.command == "POST") or (
+                    tpl == ROUTE_DOCUMENT and self.command == "PUT"
+                )
+                if write and plan.refuse:
+                    kinds.append("refused")
+                    raise _refusal(tpl)
+                if write and plan.late_s:
+                    limit = sb.state.max_upload_bytes
+                    if tpl == ROUTE_COLLECTION:
+                        limit = min(limit, JSON_BODY_CAP)
+                    self._held = self._read_body(limit)  # read in full, not applied yet
+                    kinds.append("late_commit")
+                    if sb.sleep(plan.late_s):  # the sandbox stopped: never applied
+                        self._drop()
+                        sb.state.record(route_key, None, kinds)
+                        return
             status, body, ctype, headers = self._route(tpl, entity, document)
         except AlloyLikeError as e:
-            status, body, headers = e.status, _dumps(e.body()), e.headers
+            status, body, headers = e.status, self._error_body(e), e.headers
             ctype = "application/json"
         except _ClientGone:
             raise
         except Exception as exc:  # a bug in the sandbox: still answer in Alloy's shape
             bug = AlloyLikeError.of(5000, {"message": repr(exc), "path": None})
-            status, body, headers = bug.status, _dumps(bug.body()), bug.headers
+            status, body, headers = bug.status, self._error_body(bug), bug.headers
             ctype = "application/json"
 
         if plan is not None:
@@ -1174,6 +1279,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_error(e)
 
 
+def _refusal(tpl: str) -> AlloyLikeError:
+    """The final 400 of the refusal fault (see the module docstring)."""
+    why = "by the sandbox (injected fault: refuse_fraction)"
+    if tpl == ROUTE_COLLECTION:
+        return _field_error("type", f'"type" was refused {why}')
+    return AlloyLikeError.of(
+        4001, {"message": f'"content-type" was refused {why}', "path": "content-type"}
+    )
+
+
 def _match(sub: str) -> tuple[str, str, str | None] | None:
     """``/entities/E/documents[/D]`` -> (route template, entity, document)."""
     parts = sub.split("/")
@@ -1246,6 +1361,7 @@ class SandboxServer:
         self.drain_limit = max(max_upload_bytes, MIN_DRAIN_LIMIT)
         self.verbose = verbose
         self._faults = faults if faults is not None else Faults()
+        self.state.clock_offset_ms = self._faults.clock_offset_ms
         self._rng = random.Random(self._faults.seed)
         self._faults_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -1355,8 +1471,9 @@ class SandboxServer:
             else:
                 self._conns.discard(conn)
 
-    def sleep(self, seconds: float) -> None:
-        self._stopping.wait(seconds)
+    def sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``, less if the sandbox stops; True when it stopped."""
+        return self._stopping.wait(seconds)
 
     # -- faults -----------------------------------------------------------------
     @property
@@ -1370,6 +1487,7 @@ class SandboxServer:
             if "seed" in kw:
                 self._rng = random.Random(new.seed)
             self._faults = new
+            self.state.clock_offset_ms = new.clock_offset_ms
 
     def reset(self) -> None:
         """Clear documents and counters; faults are kept, the RNG re-seeded if seeded."""
@@ -1398,8 +1516,12 @@ class SandboxServer:
                 plan.retry_after = _fmt_seconds(f.retry_after_seconds)
         elif u < (edge := edge + f.error_503):
             plan.error_minor = 5031
-        elif u < edge + f.error_500:
+        elif u < (edge := edge + f.error_500):
             plan.error_minor = 5000
+        elif u < (edge := edge + f.refuse_fraction):
+            plan.refuse = True
+        elif u < edge + f.late_commit_fraction:
+            plan.late_s = f.late_commit_ms / 1000.0
         if w < f.slow_fraction and f.slow_ms > 0:
             plan.slow_s = f.slow_ms / 1000.0
         return plan
@@ -1476,26 +1598,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="apply dropped requests before closing (default: not applied)",
     )
+    a(
+        "--refuse-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of describes/uploads refused with a final 400 (4002/4001), not applied",
+    )
+    a(
+        "--late-commit-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of describes/uploads held --late-commit-ms before being applied",
+    )
+    a(
+        "--late-commit-ms",
+        type=float,
+        default=0.0,
+        help="how long a late commit is held (neither applied nor answered), in ms",
+    )
+    a(
+        "--clock-offset-ms",
+        type=int,
+        default=0,
+        help="shift every timestamp written (bodies, Date header) by this many ms, may be < 0",
+    )
     a("--seed", type=int, default=None, help="seed of the fault RNG (default: random)")
     a("--verbose", action="store_true", help="log every request to stderr")
+
+
+def faults_from_args(args: argparse.Namespace) -> Faults:
+    """The ``Faults`` the options of ``add_arguments`` ask for (``FaultsError`` if bad)."""
+    return Faults(
+        error_500=args.error_500,
+        error_503=getattr(args, "error_503", 0.0),
+        rate_429=args.rate_429,
+        retry_after_fraction=args.retry_after_fraction,
+        retry_after_seconds=getattr(args, "retry_after_seconds", 1.0),
+        latency_ms=args.latency_ms,
+        slow_fraction=args.slow_fraction,
+        slow_ms=args.slow_ms,
+        drop_fraction=args.drop_fraction,
+        drop_after_apply=getattr(args, "drop_after_apply", False),
+        seed=args.seed,
+        refuse_fraction=getattr(args, "refuse_fraction", 0.0),
+        late_commit_fraction=getattr(args, "late_commit_fraction", 0.0),
+        late_commit_ms=getattr(args, "late_commit_ms", 0.0),
+        clock_offset_ms=getattr(args, "clock_offset_ms", 0),
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Build a SandboxServer from parsed options and serve in the foreground."""
     try:
-        faults = Faults(
-            error_500=args.error_500,
-            error_503=getattr(args, "error_503", 0.0),
-            rate_429=args.rate_429,
-            retry_after_fraction=args.retry_after_fraction,
-            retry_after_seconds=getattr(args, "retry_after_seconds", 1.0),
-            latency_ms=args.latency_ms,
-            slow_fraction=args.slow_fraction,
-            slow_ms=args.slow_ms,
-            drop_fraction=args.drop_fraction,
-            drop_after_apply=getattr(args, "drop_after_apply", False),
-            seed=args.seed,
-        )
+        faults = faults_from_args(args)
         server = SandboxServer(
             args.host,
             args.port,

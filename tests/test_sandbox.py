@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -13,7 +15,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -26,6 +29,8 @@ from mailingest.sandbox import (
     FaultsError,
     SandboxServer,
     SandboxState,
+    add_arguments,
+    faults_from_args,
     is_entity_token,
     new_entity_token,
 )
@@ -626,6 +631,382 @@ def test_admin_faults_at_runtime_and_stats(client: httpx.Client, sandbox: Sandbo
     assert client.get(docs_path()).json() == []
     assert_error(client.get(f"{admin}/nothing"), 404, 4041)
     assert_error(client.delete(f"{admin}/stats"), 405, 4051)
+
+
+# --------------------------------------------------------------------------- late, refused, clock
+
+NEW_FAULT_KINDS = ("late_commit", "refused")
+NEW_FIELDS = ("refuse_fraction", "late_commit_fraction", "late_commit_ms", "clock_offset_ms")
+
+
+def wait_for(fn: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll ``fn`` until it returns something truthy (returned), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def http_date(r: httpx.Response) -> float:
+    """The response's ``Date`` header, in epoch seconds."""
+    return parsedate_to_datetime(r.headers["date"]).timestamp()
+
+
+@pytest.mark.servers
+def test_late_commit_times_out_client_then_applies() -> None:
+    faults = Faults(late_commit_fraction=1.0, late_commit_ms=700)
+    with SandboxServer(faults=faults) as sb, hx(sb.url) as other:
+        wall0, t0 = time.time(), time.monotonic()
+        with hx(sb.url, timeout=httpx.Timeout(5, read=0.15)) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                impatient.post(docs_path(), json=BODY)
+        # held, not applied: another connection is served at once (GETs are never held)
+        t1 = time.monotonic()
+        assert other.get(docs_path()).json() == []
+        assert time.monotonic() - t1 < 0.3
+        assert sb.state.stats()["documents"] == 0
+        assert sb.state.stats()["faults"]["late_commit"] == 0  # counted when applied
+        (doc,) = wait_for(lambda: other.get(docs_path()).json())
+        assert time.monotonic() - t0 >= 0.65
+        assert doc["uploaded"] is False and doc["name"] == "driver_license"
+        assert doc["timestamp"] >= wall0 * 1000 + 650  # the time it was applied
+        # a patient client gets its answer after the hold, the document created by then
+        t2 = time.monotonic()
+        later = describe(other, name="patient")
+        assert time.monotonic() - t2 >= 0.65
+        assert [d["name"] for d in sb.state.list(ENTITY)] == ["driver_license", "patient"]
+        assert later == sb.state.list(ENTITY)[1]
+        stats = sb.state.stats()
+    assert stats["faults"]["late_commit"] == 2  # the GETs that drew it were not held
+    assert stats["requests"]["POST /v1/entities/{entity}/documents"] == 2
+    assert stats["statuses"].get("200", 0) == stats["requests_total"]
+
+
+@pytest.mark.servers
+def test_late_commit_put_stores_bytes_after_delay() -> None:
+    with SandboxServer() as sb, hx(sb.url) as c:
+        tok = describe(c)["document_token"]
+        url = f"{docs_path()}/{tok}"
+        sb.set_faults(late_commit_fraction=1.0, late_commit_ms=500)
+        t0 = time.monotonic()
+        with hx(sb.url, timeout=httpx.Timeout(5, read=0.1)) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                impatient.put(url, content=b"late bytes", headers=OCTET)
+        assert_error(c.get(url), 404, 4041, "document")  # the bytes are not stored yet
+        assert sb.state.stats()["uploaded"] == 0
+        wait_for(lambda: c.get(url).status_code == 200)
+        assert time.monotonic() - t0 >= 0.45
+        assert c.get(url).content == b"late bytes"
+        assert sb.state.document(ENTITY, tok)["uploaded"] is True
+        # the retry the client would make now conflicts (after its own hold)
+        assert_error(c.put(url, content=b"late bytes", headers=OCTET), 409, 4091, "document")
+        # a chunked body is read in full before the hold too
+        tok2 = sb.state.describe(ENTITY, dict(BODY))["document_token"]
+        r = c.put(f"{docs_path()}/{tok2}", content=iter([b"a" * 70_000, b"b"]), headers=OCTET)
+        assert r.status_code == 200 and r.json()["uploaded"] is True
+        assert sb.state.download(ENTITY, tok2) == b"a" * 70_000 + b"b"
+        stats = sb.state.stats()
+    assert stats["uploaded"] == 2 and stats["bytes_stored"] == 10 + 70_001
+    assert stats["faults"]["late_commit"] == 3
+
+
+@pytest.mark.servers
+def test_late_commit_oversized_body_answered_at_once() -> None:
+    faults = Faults(late_commit_fraction=1.0, late_commit_ms=3000)
+    with SandboxServer(max_upload_bytes=10, faults=faults) as sb, hx(sb.url) as c:
+        tok = sb.state.describe(ENTITY, dict(BODY))["document_token"]
+        t0 = time.monotonic()
+        assert_error(c.put(f"{docs_path()}/{tok}", content=b"x" * 11, headers=OCTET), 413, 4131)
+        assert time.monotonic() - t0 < 1
+        assert sb.state.stats()["faults"]["late_commit"] == 0
+
+
+@pytest.mark.servers
+def test_stop_during_late_commit_applies_nothing() -> None:
+    sb = SandboxServer(faults=Faults(late_commit_fraction=1.0, late_commit_ms=10_000)).start()
+    seen: list[BaseException] = []
+
+    def post() -> None:
+        try:
+            with hx(sb.url) as c:
+                c.post(docs_path(), json=BODY)
+        except httpx.HTTPError as exc:
+            seen.append(exc)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    time.sleep(0.3)  # the request reaches its hold
+    t0 = time.monotonic()
+    sb.stop()
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - t0 < 2
+    assert len(seen) == 1  # the connection was closed without an answer
+    wait_for(lambda: sb.state.stats()["faults"]["late_commit"] == 1)  # the handler woke
+    stats = sb.state.stats()
+    assert stats["documents"] == 0 and stats["statuses"] == {}
+
+
+@pytest.mark.servers
+def test_refusal_is_a_final_400_and_applies_nothing() -> None:
+    with SandboxServer(faults=Faults(refuse_fraction=1.0, seed=11)) as sb, hx(sb.url) as c:
+        tok = sb.state.describe(ENTITY, dict(BODY))["document_token"]
+        for _ in range(5):
+            err = assert_error(c.post(docs_path(), json=BODY), 400, 4002, "type")
+            assert err["type"] == "Request Body Validation Failure"
+            assert "refuse" in err["details"]["message"]
+        r = c.put(f"{docs_path()}/{tok}", content=b"abc", headers=OCTET)
+        err = assert_error(r, 400, 4001, "content-type")
+        assert err["type"] == "Header Validation Failure"
+        # other routes are not refused, the connection is kept; the method is checked first
+        assert len(c.get(docs_path()).json()) == 1
+        assert_error(c.get(f"{docs_path()}/{tok}"), 404, 4041, "document")  # never uploaded
+        assert_error(c.delete(docs_path()), 405, 4051)
+        stats = c.get(f"{sb.admin_url}/stats").json()
+    assert stats["documents"] == 1 and stats["uploaded"] == 0 and stats["bytes_stored"] == 0
+    assert stats["faults"]["refused"] == 6
+    assert stats["statuses"] == {"400": 6, "200": 1, "404": 1, "405": 1}
+    assert stats["requests_total"] == 9
+
+
+@pytest.mark.servers
+def test_refusal_comes_after_auth() -> None:
+    faults = Faults(refuse_fraction=1.0)
+    with SandboxServer(token="t", secret="s", faults=faults) as sb, hx(sb.url) as c:
+        assert_error(c.post(docs_path(), json=BODY), 401, 4011)
+        assert_error(c.post(docs_path(), json=BODY, auth=("t", "s")), 400, 4002, "type")
+        assert sb.state.stats()["faults"]["refused"] == 1
+
+
+def _plans(n: int, **kw: Any) -> list[Any]:
+    sb = SandboxServer(faults=Faults(**kw))  # draws need no running server
+    try:
+        return [sb.draw_faults() for _ in range(n)]
+    finally:
+        sb.stop()
+
+
+def test_new_fractions_take_only_what_the_old_ones_leave() -> None:
+    old: dict[str, Any] = {
+        "drop_fraction": 0.05,
+        "rate_429": 0.1,
+        "error_500": 0.2,
+        "retry_after_fraction": 0.5,
+        "slow_fraction": 0.3,
+        "slow_ms": 1,
+        "seed": 42,
+    }
+    n = 4000
+    base = _plans(n, **old)
+    new = _plans(n, **old, refuse_fraction=0.25, late_commit_fraction=0.15, late_commit_ms=10)
+    for a, b in zip(base, new, strict=True):
+        assert (a.drop, a.error_minor, a.retry_after, a.slow_s) == (
+            b.drop,
+            b.error_minor,
+            b.retry_after,
+            b.slow_s,
+        )
+        assert not (a.refuse or a.late_s)
+        if a.drop or a.error_minor:
+            assert not (b.refuse or b.late_s)
+        assert not (b.refuse and b.late_s)
+    # still three draws a request, partitioned in the documented order
+    rng = random.Random(42)
+    edges = [0.05]
+    for share in (0.1, 0.0, 0.2, 0.25, 0.15):  # 429, 503, 500, refuse, late commit
+        edges.append(edges[-1] + share)
+    for p in new:
+        u, _v, w = rng.random(), rng.random(), rng.random()
+        assert p.refuse == (edges[3] <= u < edges[4])
+        assert (p.late_s == 0.01) == (edges[4] <= u < edges[5])
+        assert bool(p.slow_s) == (w < 0.3)
+    assert abs(sum(p.refuse for p in new) / n - 0.25) < 0.03
+    assert abs(sum(bool(p.late_s) for p in new) / n - 0.15) < 0.03
+    # late_commit_ms = 0: drawn, but no fault
+    assert not any(p.late_s for p in _plans(50, late_commit_fraction=1.0, seed=1))
+
+
+@pytest.mark.servers
+def test_new_fractions_seeded_over_http() -> None:
+    faults = Faults(
+        error_500=0.2, refuse_fraction=0.3, late_commit_fraction=0.2, late_commit_ms=1, seed=7
+    )
+
+    def run(c: httpx.Client) -> list[int]:
+        return [c.post(docs_path(), json=BODY).status_code for _ in range(200)]
+
+    with SandboxServer(faults=faults) as sb, hx(sb.url) as c:
+        first = run(c)
+        stats = sb.state.stats()
+        sb.reset()  # re-seeds
+        second = run(c)
+        assert sb.state.stats()["faults"] == stats["faults"]
+    assert first == second
+    assert set(first) == {200, 400, 500}
+    assert 20 <= first.count(500) <= 60  # ~40
+    assert 35 <= first.count(400) <= 85  # ~60
+    assert stats["faults"]["refused"] == first.count(400)
+    assert stats["faults"]["error_500"] == first.count(500)
+    assert 20 <= stats["faults"]["late_commit"] <= 60  # ~40, all answered 200
+    assert stats["documents"] == first.count(200)
+
+
+@pytest.mark.servers
+def test_clock_offset_shifts_written_timestamps() -> None:
+    hour, day = 3_600_000, 86_400_000
+    with SandboxServer(faults=Faults(clock_offset_ms=hour)) as sb, hx(sb.url) as c:
+        before = time.time_ns() // 1_000_000
+        r = c.post(docs_path(), json=BODY)
+        after = time.time_ns() // 1_000_000
+        doc = r.json()
+        assert before + hour <= doc["timestamp"] <= after + hour
+        assert doc["notes"][0]["created_at"] == doc["notes"][0]["updated_at"] == doc["timestamp"]
+        assert abs(http_date(r) - (time.time() + 3600)) < 2.5
+        missing = c.get(f"{docs_path()}/D-aaaaaaaaaaaaaaaaaaaa")
+        assert_error(missing, 404, 4041)
+        assert abs(missing.json()["timestamp"] - (time.time() * 1000 + hour)) < 2000
+        assert abs(http_date(missing) - (time.time() + 3600)) < 2.5
+        # set over the admin API, negative; shown by GET; the admin answers are shifted too
+        r = c.put(f"{sb.admin_url}/faults", json={"clock_offset_ms": -day})
+        assert r.status_code == 200 and r.json()["clock_offset_ms"] == -day
+        assert abs(http_date(r) - (time.time() - 86_400)) < 2.5
+        assert c.get(f"{sb.admin_url}/faults").json()["clock_offset_ms"] == -day
+        doc2 = describe(c)
+        assert abs(doc2["timestamp"] - (time.time() * 1000 - day)) < 2000
+        # stored timestamps are not re-shifted; uploads()' uploaded_at is the real clock
+        assert c.get(docs_path()).json()[0]["timestamp"] == doc["timestamp"]
+        tok = doc2["document_token"]
+        assert c.put(f"{docs_path()}/{tok}", content=b"x", headers=OCTET).status_code == 200
+        assert abs(sb.state.uploads()[0]["uploaded_at"] - time.time()) < 2
+        stats = sb.state.stats()
+    assert set(stats["faults"].values()) == {0}  # not a drawn fault, not counted
+    assert not Faults(clock_offset_ms=5).active
+
+
+@pytest.mark.servers
+def test_new_faults_over_admin_api(client: httpx.Client, sandbox: SandboxServer) -> None:
+    admin = f"{sandbox.admin_url}/faults"
+    shown = client.get(admin).json()
+    assert {k: shown[k] for k in NEW_FIELDS} == {
+        "refuse_fraction": 0.0,
+        "late_commit_fraction": 0.0,
+        "late_commit_ms": 0.0,
+        "clock_offset_ms": 0,
+    }
+    new: dict[str, Any] = {
+        "refuse_fraction": 0.5,
+        "late_commit_fraction": 0.25,
+        "late_commit_ms": 1500,
+        "clock_offset_ms": -30_000,
+    }
+    r = client.put(admin, json=new)
+    assert r.status_code == 200 and {k: r.json()[k] for k in NEW_FIELDS} == new
+    assert sandbox.faults == Faults(**new)
+    assert sandbox.state.clock_offset_ms == -30_000
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("refuse_fraction", 1.5),
+        ("refuse_fraction", -0.1),
+        ("refuse_fraction", True),
+        ("late_commit_fraction", 2),
+        ("late_commit_fraction", "0.5"),
+        ("late_commit_ms", -1),
+        ("late_commit_ms", "slow"),
+        ("late_commit_ms", None),
+        ("clock_offset_ms", 1.5),
+        ("clock_offset_ms", "5"),
+        ("clock_offset_ms", True),
+        ("clock_offset_ms", None),
+        ("clock_offset_ms", 10**15),
+    ],
+)
+def test_new_faults_validated_over_admin_api(
+    client: httpx.Client, sandbox: SandboxServer, field: str, value: Any
+) -> None:
+    admin = f"{sandbox.admin_url}/faults"
+    before = client.get(admin).json()
+    err = assert_error(client.put(admin, json={field: value}), 400, 4002, field)
+    assert err["type"] == "Request Body Validation Failure"
+    assert client.get(admin).json() == before  # nothing changed
+
+
+def test_new_faults_dataclass() -> None:
+    f = Faults(refuse_fraction=1, late_commit_fraction=0.5, late_commit_ms=2, clock_offset_ms=-7)
+    assert Faults.from_dict(f.to_dict()) == f and f.active
+    assert Faults(refuse_fraction=0.1).active and Faults(late_commit_fraction=0.1).active
+    limit = 3650 * 86_400_000
+    assert Faults(clock_offset_ms=-limit).clock_offset_ms == -limit
+    for bad in (
+        {"refuse_fraction": float("nan")},
+        {"late_commit_fraction": 1.01},
+        {"late_commit_ms": float("inf")},
+        {"clock_offset_ms": limit + 1},
+        {"clock_offset_ms": 2.0},
+        {"clock_skew_ms": 1},
+    ):
+        with pytest.raises(FaultsError) as exc:
+            Faults.from_dict(bad)
+        assert exc.value.field == next(iter(bad))
+
+
+@pytest.mark.servers
+def test_stats_count_every_fault_kind(sandbox: SandboxServer) -> None:
+    assert sandbox.state.stats()["faults"] == {
+        "drop": 0,
+        "rate_429": 0,
+        "retry_after": 0,
+        "error_503": 0,
+        "error_500": 0,
+        "slow": 0,
+        "late_commit": 0,
+        "refused": 0,
+    }
+    sandbox.set_faults(refuse_fraction=1.0, slow_fraction=1.0, slow_ms=1)
+    with hx(sandbox.url) as c:
+        assert_error(c.post(docs_path(), json=BODY), 400, 4002, "type")
+        sandbox.set_faults(refuse_fraction=0.0, late_commit_fraction=1.0, late_commit_ms=1)
+        describe(c)
+    faults = sandbox.state.stats()["faults"]
+    assert {k: faults[k] for k in (*NEW_FAULT_KINDS, "slow")} == {
+        "late_commit": 1,
+        "refused": 1,
+        "slow": 2,
+    }
+
+
+def test_cli_options_for_new_faults() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert faults_from_args(parser.parse_args([])) == Faults()
+    args = parser.parse_args(
+        [
+            "--refuse-fraction",
+            "0.1",
+            "--late-commit-fraction",
+            "0.2",
+            "--late-commit-ms",
+            "1500",
+            "--clock-offset-ms",
+            "-30000",
+            "--seed",
+            "4",
+        ]
+    )
+    assert faults_from_args(args) == Faults(
+        refuse_fraction=0.1,
+        late_commit_fraction=0.2,
+        late_commit_ms=1500,
+        clock_offset_ms=-30_000,
+        seed=4,
+    )
+    with pytest.raises(FaultsError):
+        faults_from_args(parser.parse_args(["--refuse-fraction", "2"]))
 
 
 # --------------------------------------------------------------------------- misc
