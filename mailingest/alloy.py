@@ -66,9 +66,18 @@ class Document:
             extension=str(body.get("extension", "")),
             type=str(body.get("type", "")),
             uploaded=bool(body.get("uploaded")),
-            timestamp=body.get("timestamp") if isinstance(body.get("timestamp"), int) else None,
+            timestamp=_epoch_ms(body.get("timestamp")),
             notes=tuple(n for n in body.get("notes") or () if isinstance(n, dict)),
         )
+
+
+def _epoch_ms(value: Any) -> int | None:
+    """Alloy's timestamps are milliseconds since the epoch; one given in seconds (below
+    10^11, i.e. before 1973 in ms) is scaled, and anything else is "unknown" (None).
+    Nothing in ingestion depends on them: adoption goes by claims, not by time."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value * 1000) if value < 10**11 else int(value)
 
 
 # httpx/httpcore trace requests at DEBUG; keep the wire out of our logs
@@ -112,7 +121,7 @@ def error_from_response(response: httpx.Response, operation: str) -> AlloyError:
     # 401 is about our credentials, not this document: retried (and the mail eventually
     # `failed`, never quarantined), so one expired secret cannot quarantine every mail
     cls = AlloyUnavailable if status in (401, 429) or status >= 500 else AlloyRejected
-    return cls(
+    error = cls(
         message,
         status=status,
         minor_code=minor,
@@ -122,6 +131,9 @@ def error_from_response(response: httpx.Response, operation: str) -> AlloyError:
         retry_after=_retry_after(response.headers.get("retry-after")),
         operation=operation,
     )
+    # an answer that says the request was not carried out: rate limited, offline, refused
+    error.applied = not (status in (401, 429, 503) or status < 500)
+    return error
 
 
 class AlloyClient:
@@ -245,9 +257,11 @@ class AlloyClient:
                 try:
                     self._limiter.acquire()  # one rate for all workers (Redis token bucket)
                 except RateLimited as exc:
-                    raise AlloyUnavailable(
+                    error = AlloyUnavailable(
                         str(exc), retry_after=exc.retry_after, operation=operation
-                    ) from None
+                    )
+                    error.applied = False  # never sent
+                    raise error from None
             endpoint = ENDPOINTS.get(operation, operation)
             started = time.perf_counter()
             try:
@@ -264,6 +278,15 @@ class AlloyClient:
 
         try:
             yield call
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # the request never left
+            text = (
+                "TLS certificate not trusted (a private CA goes in MAILINGEST_ALLOY_CA_FILE)"
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc)
+                else f"connection failed ({type(exc).__name__})"
+            )
+            error = AlloyUnavailable(text, operation=operation)
+            error.applied = False
+            raise error from None
         except httpx.TimeoutException as exc:
             raise AlloyUnavailable(
                 f"timed out ({type(exc).__name__})", operation=operation

@@ -9,7 +9,9 @@
     ├── MailboxError             the IMAP server refused or dropped us (retried)
     │   └── OAuthError           the OAuth2 token endpoint refused or failed (retried;
     │                            ``needs_operator``: re-consent or fix the client)
-    ├── Busy                     another copy of the same document is in flight (retried)
+    ├── Busy                     another run moved the document on meanwhile (retried)
+    │   └── InDoubt              a describe whose answer was lost may still become an
+    │                            Alloy document: look again after ``retry_after`` s
     └── MailError                one mail cannot be handled (quarantined with the reason)
 
 Messages never contain document bytes, mail bodies, passwords or tokens:
@@ -60,6 +62,9 @@ class AlloyError(MailingestError):
         self.details = details
         self.retry_after = retry_after
         self.operation = operation
+        # False when Alloy certainly did not carry the request out (never sent, refused,
+        # rate limited, offline); True when it may have (a timeout, a lost answer, a 500)
+        self.applied = True
         super().__init__(self.describe())
 
     def describe(self) -> str:
@@ -157,10 +162,20 @@ class OAuthError(MailboxError):
 
 
 class Busy(MailingestError):
-    """The same document (same mail, same bytes) is being uploaded by another copy of the
-    mail; wait for it and adopt its result rather than upload a second one."""
+    """Another run (of this mail, or of another copy of it) moved the document on while
+    this one looked: look again rather than act on what it saw."""
 
     retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class InDoubt(Busy):
+    """A describe of this document was sent and its answer never came: Alloy may still
+    commit it (read timeout + ``ALLOY_COMMIT_HORIZON``). Until then the document is not
+    described again; it is looked for at Alloy after ``retry_after`` seconds."""
 
 
 class MailError(MailingestError):

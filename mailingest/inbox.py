@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import imaplib
 import logging
+import re
 import select
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,6 +63,10 @@ class Fetched:
     uid: int
     size: int
     raw: bytes
+    internaldate: str = ""  # the server's arrival time, ISO 8601 as it gave it
+
+
+_COPYUID = re.compile(rb"\[COPYUID (\d+) [^ \]]+ (\d+)\]", re.IGNORECASE)
 
 
 class Mailbox:
@@ -269,63 +274,119 @@ class Mailbox:
         if not uids:
             return []
         with self._errors("FETCH BODY.PEEK[]"):
-            data = self.client.fetch(list(uids), ["BODY.PEEK[]", "RFC822.SIZE"])
+            data = self.client.fetch(list(uids), ["BODY.PEEK[]", "RFC822.SIZE", "INTERNALDATE"])
         out = []
         for uid, item in sorted(data.items()):
             raw = item.get(b"BODY[]")
             if raw is None:
                 continue
-            out.append(Fetched(int(uid), int(item.get(b"RFC822.SIZE", len(raw))), bytes(raw)))
+            size = int(item.get(b"RFC822.SIZE", len(raw)))
+            out.append(Fetched(int(uid), size, bytes(raw), _date(item.get(b"INTERNALDATE"))))
         return out
 
-    def move(self, uid: int, destination: str, *, message_id: str | None = None) -> None:
+    def move(
+        self,
+        uid: int,
+        destination: str,
+        *,
+        copied_uid: str = "",
+        on_copied: Callable[[str], None] | None = None,
+    ) -> None:
         """Move one mail of the selected folder; a UID that is already gone is not an error.
 
-        Without MOVE: COPY, ``\\Deleted``, ``UID EXPUNGE`` of that UID only. If a run died
-        between the COPY and the EXPUNGE, the copy already in ``destination`` (found by
-        ``message_id``) is not made a second time.
+        Without MOVE: COPY, ``\\Deleted``, ``UID EXPUNGE`` of that UID only. The COPY's
+        answer names the new UID (UIDPLUS ``COPYUID``), handed to ``on_copied`` to record
+        before the original is removed; a later run given it as ``copied_uid`` (one that
+        died after the COPY) does not copy again when that UID is in the destination.
+        Nothing else skips the COPY: a search could find another mail with the same
+        Message-ID, and then this one would be expunged without a copy. A run that dies
+        between an unanswered COPY and the expunge copies again: a second copy in the
+        destination, never a lost mail.
         """
         with self._errors(f"MOVE to {destination!r}"):
             self._folder_ready(destination)
             if self.client.has_capability("MOVE"):
                 self.client.move([uid], destination)
                 return
-            source = self._selected
-            copied = False
-            if message_id and source:
-                self.client.select_folder(destination, readonly=True)
-                copied = bool(self.client.search(["HEADER", "Message-ID", f"<{message_id}>"]))
-                self.client.select_folder(source)
-            if not copied:
-                self.client.copy([uid], destination)
+            if not (copied_uid and self._holds_uid(destination, copied_uid)):
+                copied = self._copy(uid, destination)
+                if copied and on_copied is not None:
+                    on_copied(copied)
             self.client.add_flags([uid], [b"\\Deleted"], silent=True)
             if self.client.has_capability("UIDPLUS"):
                 self.client.uid_expunge([uid])
             # without UIDPLUS the mail stays flagged \Deleted in the inbox for a person
             # to expunge: a plain EXPUNGE could remove other people's deleted mail.
 
-    def holds(self, folder: str, message_id: str) -> bool:
-        """Whether ``folder`` holds a mail with this Message-ID (selects it read-only)."""
+    def _copy(self, uid: int, destination: str) -> str:
+        """``UID COPY``; the new ``<uidvalidity>:<uid>`` from the answer's COPYUID code
+        (UIDPLUS), or "". imapclient's ``copy`` drops the tagged answer's response code,
+        so the command goes through imaplib, which keeps it."""
+        client = self.client
+        folder = client._normalise_folder(destination)  # quoted, modified UTF-7
+        typ, data = client._imap._simple_command("UID", "COPY", str(uid), folder)
+        if typ != "OK":
+            raise imaplib.IMAP4.error(f"COPY failed: {_text(data)}")
+        found = _COPYUID.search(b" ".join(d for d in data if isinstance(d, bytes)))
+        return f"{int(found[1])}:{int(found[2])}" if found else ""
+
+    def _holds_uid(self, folder: str, copied: str) -> bool:
+        """Whether ``folder`` holds ``<uidvalidity>:<uid>``; the selection is restored."""
+        source = self._selected
+        validity, _, uid = copied.partition(":")
+        info = self.client.select_folder(folder, readonly=True)
+        held = int(info[b"UIDVALIDITY"]) == int(validity) and int(uid) in self.client.search(
+            ["UID", uid]
+        )
+        if source:
+            self.client.select_folder(source)
+        return held
+
+    def find_copy(
+        self, folder: str, *, size: int, internaldate: str, message_id: str = ""
+    ) -> list[int]:
+        """UIDs in ``folder`` of this very mail: the same size and arrival time (COPY and
+        MOVE keep both), and Message-ID when it has one. Another delivery of the same
+        mail differs in size (its trace headers) or arrival time. Selects ``folder``."""
         with self._errors(f"SEARCH {folder!r}"):
             if not self.client.folder_exists(folder):
-                return False
+                return []
             self.client.select_folder(folder, readonly=True)
             self._selected = None
-            return bool(self.client.search(["HEADER", "Message-ID", f"<{message_id}>"]))
+            criteria: list[object] = ["LARGER", max(0, size - 1), "SMALLER", size + 1]
+            if message_id:
+                criteria += ["HEADER", "Message-ID", f"<{message_id}>"]
+            uids = sorted(int(u) for u in self.client.search(criteria))
+            if not uids or not internaldate:
+                return uids if not internaldate else []
+            dates = self.client.fetch(uids, ["INTERNALDATE"])
+            return [
+                uid
+                for uid in uids
+                if _date(dates.get(uid, {}).get(b"INTERNALDATE")) == internaldate
+            ]
 
     def append(self, folder: str, raw: bytes) -> None:
         with self._errors(f"APPEND to {folder!r}"):
             self.client.append(folder, raw)
 
-    def find_message_id(self, message_id: str) -> list[int]:
-        """UIDs in the selected folder whose Message-ID header is ``message_id``."""
-        with self._errors("UID SEARCH HEADER"):
-            uids = self.client.search(["HEADER", "Message-ID", f"<{message_id}>"])
-        return sorted(int(u) for u in uids)
-
     def exists(self, uid: int) -> bool:
         with self._errors("UID SEARCH"):
             return uid in self.client.search(["UID", str(uid)])
+
+
+def _text(data: object) -> str:
+    parts = data if isinstance(data, list) else [data]
+    return " ".join(
+        p.decode("utf-8", "replace") if isinstance(p, bytes) else str(p) for p in parts
+    )[:200]
+
+
+def _date(value: object) -> str:
+    """An INTERNALDATE as imapclient gives it (a datetime), as text; "" when absent."""
+    if value is None:
+        return ""
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 def _quit(client: IMAPClient) -> None:

@@ -8,14 +8,15 @@
     mailingest:state:<state>             set    mail ids in that state (for status)
     mailingest:unfiled                   set    decided mails not yet moved out of the inbox
     mailingest:watermark:<inbox>:<folder>:<uidvalidity>   highest UID recorded
-    mailingest:uploaded:<entity>:<fingerprint>             document token (no second upload)
-    mailingest:fp:<entity>:<fingerprint> string the one (mail id|index) that uploads it
+    mailingest:slot:<entity>:<fingerprint> hash the one Alloy document for that document,
+                                         shared by every copy of its mail: token,
+                                         attempt in doubt, uploaded, refused
     mailingest:unfetchable:<inbox>:<uidvalidity>:<uid>     polls that got no body for it
     mailingest:lock:poll:<inbox>         lock   single flight of one inbox's poll
     mailingest:lock:step:<step>:<mail id>[:<index>]   lock   single flight of one step
     mailingest:poll:<inbox>              hash   last poll: when, found, error, last success
     mailingest:repoll:<inbox>            string a poll was asked for while one ran: poll again
-    mailingest:token:<document token>    string which document record owns an Alloy token
+    mailingest:token:<document token>    string which slot owns an Alloy token
     mailingest:senders                   hash   e-mail -> entity (the CLI's directory)
     mailingest:ratelimit:alloy           hash   the token bucket all workers share
     mailingest:oauth:<inbox>             hash   OAuth2 access/refresh tokens (sealed), expiry
@@ -62,12 +63,8 @@ def watermark(inbox: str, folder: str, uidvalidity: int) -> str:
     return f"{NS}:watermark:{inbox}:{quote(folder, safe='')}:{uidvalidity}"
 
 
-def uploaded(entity: str, fingerprint: str) -> str:
-    return f"{NS}:uploaded:{quote(entity, safe='')}:{fingerprint}"
-
-
-def fingerprint_owner(entity: str, fingerprint: str) -> str:
-    return f"{NS}:fp:{quote(entity, safe='')}:{fingerprint}"
+def slot(entity: str, fingerprint: str) -> str:
+    return f"{NS}:slot:{quote(entity, safe='')}:{fingerprint}"
 
 
 def unfetchable(inbox: str, uidvalidity: int, uid: int) -> str:

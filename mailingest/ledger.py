@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,6 @@ DECIDED = (DONE, QUARANTINED)
 PLANNED = "planned"
 DESCRIBED = "described"
 UPLOADED = "uploaded"
-DOCUMENT_STATES = (PLANNED, DESCRIBED, UPLOADED)
 
 # KEYS[1] mail hash, KEYS[2] the unfiled set; ARGV[1] new state, ARGV[2] state-set prefix,
 # ARGV[3] mail id, ARGV[4] number of allowed from-states, then those states, then
@@ -80,31 +80,90 @@ return 1
 """
 
 
-# KEYS: mail hash, raw key, queued set; ARGV: raw, ttl, size, now, mail id
+# KEYS: mail hash, raw key, queued set; ARGV: raw, ttl, size, now, mail id, internaldate
 _RECORD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'size', ARGV[3],
-           'created_at', ARGV[4], 'updated_at', ARGV[4])
+           'created_at', ARGV[4], 'updated_at', ARGV[4], 'internaldate', ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[5])
 return 1
 """
 
-# KEYS: document hash, token claim; ARGV: token, now. The document's first token wins, and
-# a token belongs to one document only: '' when another document already claimed it.
-_DESCRIBED = """
+# KEYS: slot hash, token claim; ARGV: token, now. The slot's first token wins, and a token
+# belongs to one slot only: '' when another slot already claimed it. A token recorded
+# settles the attempt in doubt.
+_CLAIM = """
 local current = redis.call('HGET', KEYS[1], 'token')
 if current and current ~= '' then return current end
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= KEYS[1] then return '' end
 redis.call('SET', KEYS[2], KEYS[1])
-redis.call('HSET', KEYS[1], 'token', ARGV[1], 'state', 'described', 'described_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'described_at', ARGV[2], 'attempt', '',
+           'attempt_at', '')
 return ARGV[1]
+"""
+
+# KEYS: slot hash; ARGV: the attempt the caller saw ('' for none), now, window ms, new id.
+# {'token', _} the slot has a document already; {'changed', _} another run moved it on
+# since the caller looked; {'wait', ms} the attempt in doubt may still be committed by
+# Alloy for ms more; {'go', 0} the new attempt is recorded: POST.
+_BEGIN = """
+local token = redis.call('HGET', KEYS[1], 'token')
+if token and token ~= '' then return {'token', 0} end
+local current = redis.call('HGET', KEYS[1], 'attempt') or ''
+if current ~= ARGV[1] then return {'changed', 0} end
+local now = tonumber(ARGV[2])
+if current ~= '' then
+  local left = tonumber(redis.call('HGET', KEYS[1], 'attempt_at') or '0') + tonumber(ARGV[3]) - now
+  if left > 0 then return {'wait', left} end
+end
+redis.call('HSET', KEYS[1], 'attempt', ARGV[4], 'attempt_at', ARGV[2])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+return {'go', 0}
+"""
+
+# KEYS: slot hash; ARGV: attempt id. Only that attempt is cleared (a later one stays).
+_CLEAR_ATTEMPT = """
+if redis.call('HGET', KEYS[1], 'attempt') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'attempt', '', 'attempt_at', '')
+end
+return 1
 """
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class RedisClock:
+    """Milliseconds on Redis's clock: one clock for every worker of the ledger.
+
+    Workers on different hosts disagree about the time; comparing one worker's
+    timestamp with another's (is this mail stale? is this attempt past its
+    window?) would inherit their skew. The offset to Redis's ``TIME`` is measured
+    on first use and again every ``resync`` seconds (one round trip), so reading
+    the clock costs nothing."""
+
+    def __init__(self, client: redis.Redis, *, resync: float = 300.0) -> None:
+        self.client = client
+        self.resync = resync
+        self._offset_ms: int | None = None
+        self._synced_at = 0.0
+
+    def __call__(self) -> int:
+        local = time.time()
+        if self._offset_ms is None or time.monotonic() - self._synced_at > self.resync:
+            try:
+                seconds, micros = self.client.time()
+                self._offset_ms = int(seconds * 1000 + micros // 1000) - int(
+                    (local + time.time()) * 500
+                )
+                self._synced_at = time.monotonic()
+            except redis.RedisError:
+                if self._offset_ms is None:
+                    return int(local * 1000)  # Redis down: the ledger call will fail anyway
+        return int(local * 1000) + self._offset_ms
 
 
 @dataclass(frozen=True)
@@ -145,6 +204,9 @@ class MailRecord:
     auto_replays: int
     requeued_at: int
     requeues: int
+    internaldate: str  # the server's arrival time, as it gave it: identifies our copy
+    copied_uid: str  # "<uidvalidity>:<uid>" of our COPY in the destination (no MOVE)
+    moving_to: str  # the folder a MOVE/COPY was sent to, recorded before it
 
     @property
     def id(self) -> str:
@@ -170,11 +232,16 @@ class MailRecord:
             auto_replays=int(h.get("auto_replays") or 0),
             requeued_at=int(h.get("requeued_at") or 0),
             requeues=int(h.get("requeues") or 0),
+            internaldate=h.get("internaldate", ""),
+            copied_uid=h.get("copied_uid", ""),
+            moving_to=h.get("moving_to", ""),
         )
 
 
 @dataclass(frozen=True)
 class DocumentRecord:
+    """One document of one mail; what Alloy holds for it is in its :class:`Slot`."""
+
     mail_id: str
     index: int
     state: str
@@ -186,8 +253,6 @@ class DocumentRecord:
     sha256: str
     token: str
     fingerprint: str
-    describe_started_at: int
-    describe_attempts: int
 
     @classmethod
     def from_hash(cls, mail_id: str, index: int, h: dict[str, str]) -> DocumentRecord:
@@ -203,9 +268,52 @@ class DocumentRecord:
             sha256=h.get("sha256", ""),
             token=h.get("token", ""),
             fingerprint=h.get("fingerprint", ""),
-            describe_started_at=int(h.get("describe_started_at") or 0),
-            describe_attempts=int(h.get("describe_attempts") or 0),
         )
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The one Alloy document for a document, shared by every copy of its mail (delivered
+    twice, a new UIDVALIDITY epoch, a replay): keyed by entity and fingerprint.
+
+    ``attempt`` is the POST whose outcome is in doubt (sent, no answer recorded), begun
+    at ``attempt_at``; ``token`` the Alloy document, ``uploaded`` once Alloy holds the
+    bytes, ``refused`` when Alloy refused them for good."""
+
+    entity: str
+    fingerprint: str
+    token: str
+    attempt: str
+    attempt_at: int
+    started_at: int
+    uploaded: bool
+    refused: str
+    sha256: str
+
+    @classmethod
+    def from_hash(cls, entity: str, fp: str, h: dict[str, str]) -> Slot:
+        return cls(
+            entity=entity,
+            fingerprint=fp,
+            token=h.get("token", ""),
+            attempt=h.get("attempt", ""),
+            attempt_at=int(h.get("attempt_at") or 0),
+            started_at=int(h.get("started_at") or 0),
+            uploaded=h.get("uploaded") == "1",
+            refused=h.get("refused", ""),
+            sha256=h.get("sha256", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What :meth:`Ledger.begin_attempt` decided: ``go`` (POST, as ``attempt_id``),
+    ``token`` (the slot has its document), ``changed`` (look again), ``wait`` (an
+    attempt in doubt may still be committed for ``wait_ms``)."""
+
+    verdict: str
+    attempt_id: str
+    wait_ms: int
 
 
 @dataclass(frozen=True)
@@ -245,8 +353,10 @@ class Ledger:
         sealer: Sealer | Plain | None = None,
         on_recorded: Callable[[MailRef], None] | None = None,
         on_decided: Callable[[str, str, str], None] | None = None,
+        clock: Callable[[], int] | None = None,
     ) -> None:
         self.redis = client
+        self.now = clock or RedisClock(client)  # ms; one clock for all workers
         self.staging_ttl = staging_ttl
         self.sealer = sealer or Plain()  # staged bytes encrypted at rest when a key is set
         # told once per mail recorded, and once per move to a final state (the metrics)
@@ -254,7 +364,9 @@ class Ledger:
         self.on_decided = on_decided
         self._transition = client.register_script(_TRANSITION)
         self._record = client.register_script(_RECORD)
-        self._described = client.register_script(_DESCRIBED)
+        self._claim = client.register_script(_CLAIM)
+        self._begin = client.register_script(_BEGIN)
+        self._clear_attempt = client.register_script(_CLEAR_ATTEMPT)
 
     # -- polling -------------------------------------------------------------
     def poll_lock(self, inbox: str, *, timeout: float) -> redis.lock.Lock:
@@ -272,13 +384,22 @@ class Ledger:
         value = self.redis.get(keys.watermark(inbox, folder, uidvalidity))
         return int(value) if value else 0
 
-    def record_new(self, ref: MailRef, raw: bytes) -> bool:
+    def record_new(
+        self, ref: MailRef, raw: bytes, *, size: int = 0, internaldate: str = ""
+    ) -> bool:
         """Stage a newly fetched mail and record it ``queued``, atomically, before
         anything is queued. Returns False when it was already recorded (nothing changes)."""
         recorded = bool(
             self._record(
                 keys=[keys.mail(ref.id), keys.raw(ref.id), keys.state(QUEUED)],
-                args=[self.sealer.seal(raw), self.staging_ttl, len(raw), now_ms(), ref.id],
+                args=[
+                    self.sealer.seal(raw),
+                    self.staging_ttl,
+                    size or len(raw),
+                    self.now(),
+                    ref.id,
+                    internaldate,
+                ],
             )
         )
         if recorded and self.on_recorded is not None:
@@ -293,7 +414,7 @@ class Ledger:
         return self.redis.lock(keys.step_lock(name), timeout=timeout)
 
     def record_poll(self, inbox: str, *, found: int, error: str = "") -> None:
-        fields: dict[Any, Any] = {"at": now_ms(), "found": found, "error": error}
+        fields: dict[Any, Any] = {"at": self.now(), "found": found, "error": error}
         if not error:
             fields["ok_at"] = fields["at"]
         self.redis.hset(keys.poll_status(inbox), mapping=fields)
@@ -343,7 +464,7 @@ class Ledger:
     ) -> bool:
         """Move a mail to ``to`` if its state is one of ``allowed`` (any if empty)."""
         assert to in MAIL_STATES, to
-        fields.setdefault("updated_at", now_ms())
+        fields.setdefault("updated_at", self.now())
         argv: list[Any] = [to, keys.state(""), mail_id, len(allowed), *allowed]
         for name, value in fields.items():
             argv += [name, "" if value is None else str(value)]
@@ -354,17 +475,17 @@ class Ledger:
 
     def requeued(self, mail_id: str, count: int) -> None:
         """The sweep queued the mail again (not progress: ``updated_at`` stays)."""
-        self.redis.hset(keys.mail(mail_id), mapping={"requeued_at": now_ms(), "requeues": count})
+        self.redis.hset(keys.mail(mail_id), mapping={"requeued_at": self.now(), "requeues": count})
 
     def update(self, mail_id: str, **fields: object) -> None:
-        fields.setdefault("updated_at", now_ms())
+        fields.setdefault("updated_at", self.now())
         self.redis.hset(
             keys.mail(mail_id), mapping={k: "" if v is None else str(v) for k, v in fields.items()}
         )
 
     def filed(self, mail_id: str, folder: str, **fields: object) -> None:
         """The decided mail left the inbox (``folder`` is where it went, ``-`` if it could not)."""
-        mapping: dict[Any, Any] = {"filed_to": folder, "updated_at": now_ms()}
+        mapping: dict[Any, Any] = {"filed_to": folder, "updated_at": self.now()}
         mapping |= {k: str(v) for k, v in fields.items()}
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.mail(mail_id), mapping=mapping)
@@ -373,46 +494,54 @@ class Ledger:
 
     def unfiled(self, inbox: str, *, idle_ms: int = 0) -> list[str]:
         """Decided mails of ``inbox`` still waiting to be moved, untouched for ``idle_ms``."""
-        cutoff = now_ms() - idle_ms
+        cutoff = self.now() - idle_ms
         ids = sorted(_text(m) for m in self.redis.smembers(keys.UNFILED))
         mine = [mail_id for mail_id in ids if mail_id.startswith(inbox + "/")]
         return [r.id for r in self.records(mine) if r.updated_at <= cutoff and not r.filed_to]
 
-    # -- documents -----------------------------------------------------------
+    # -- documents and their slots ----------------------------------------------
     def plan_documents(
         self, mail_id: str, message_key: str, entity: str, documents: Sequence[PlannedDocument]
     ) -> bool:
-        """Stage each document's bytes and record it ``planned`` (or ``uploaded`` when an
-        earlier run of the same mail already uploaded it). Moves the mail
-        ``parsing`` -> ``documents_pending``; returns False if it was not parsing."""
-        for doc in documents:
-            fp = fingerprint(message_key, doc)
-            self.redis.set(
-                keys.blob(mail_id, doc.index),
-                self.sealer.seal(doc.payload),
-                ex=self.staging_ttl,
-                nx=True,
-            )
-            # a record from an earlier, interrupted run is kept: it may hold a token
-            self.redis.hsetnx(keys.document(mail_id, doc.index), "state", PLANNED)
-            self.redis.hset(
+        """Stage each document's bytes, record it and point it at its slot (the one Alloy
+        document every copy of it shares), then move the mail ``parsing`` ->
+        ``documents_pending``; returns False if it was not parsing.
+
+        The slots hold what Alloy has; the mail's document records are its plan, made
+        afresh each time it is planned (a replay, a run after a crash): a document the
+        slot already has uploaded counts as uploaded at once."""
+        old = int(self.redis.hget(keys.mail(mail_id), "documents") or 0)
+        fps = [fingerprint(message_key, doc) for doc in documents]
+        slots = self.slots(entity, fps)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(keys.done(mail_id), *(keys.document(mail_id, i) for i in range(old)))
+        for doc, fp, slot in zip(documents, fps, slots, strict=True):
+            sha = hashlib.sha256(doc.payload).hexdigest()
+            state = UPLOADED if slot.uploaded else DESCRIBED if slot.token else PLANNED
+            pipe.hset(
                 keys.document(mail_id, doc.index),
                 mapping={
+                    "state": state,
+                    "token": slot.token,
                     "name": doc.name,
                     "extension": doc.extension,
                     "type": doc.type,
                     "content_type": doc.content_type,
                     "size": len(doc.payload),
-                    "sha256": hashlib.sha256(doc.payload).hexdigest(),
+                    "sha256": sha,
                     "fingerprint": fp,
                 },
             )
-        # adopt what an earlier run of the same mail already uploaded
-        for doc in documents:
-            token = self.redis.get(keys.uploaded(entity, fingerprint(message_key, doc)))
-            if token:
-                self.mark_described(mail_id, doc.index, _text(token))
-                self.mark_uploaded(mail_id, doc.index, entity, _text(token))
+            pipe.hsetnx(keys.slot(entity, fp), "sha256", sha)
+            if state == UPLOADED:
+                pipe.sadd(keys.done(mail_id), doc.index)
+            else:
+                pipe.set(
+                    keys.blob(mail_id, doc.index),
+                    self.sealer.seal(doc.payload),
+                    ex=self.staging_ttl,
+                )
+        pipe.execute()
         return self.transition(
             mail_id,
             DOCUMENTS_PENDING,
@@ -421,16 +550,57 @@ class Ledger:
             documents=len(documents),
         )
 
-    def fingerprint_owner(self, entity: str, fp: str, mail_id: str, index: int) -> tuple[str, int]:
-        """The (mail id, index) that uploads this document; claimed for us if nobody has."""
-        key = keys.fingerprint_owner(entity, fp)
-        self.redis.set(key, f"{mail_id}|{index}", nx=True)
-        owner = _text(self.redis.get(key) or f"{mail_id}|{index}")
-        owner_mail, _, owner_index = owner.rpartition("|")
-        return owner_mail, int(owner_index)
+    def slot(self, entity: str, fp: str) -> Slot:
+        return Slot.from_hash(entity, fp, _decode(self.redis.hgetall(keys.slot(entity, fp))))
 
-    def take_fingerprint(self, entity: str, fp: str, mail_id: str, index: int) -> None:
-        self.redis.set(keys.fingerprint_owner(entity, fp), f"{mail_id}|{index}")
+    def slots(self, entity: str, fps: Sequence[str]) -> list[Slot]:
+        pipe = self.redis.pipeline(transaction=False)
+        for fp in fps:
+            pipe.hgetall(keys.slot(entity, fp))
+        return [
+            Slot.from_hash(entity, fp, _decode(h))
+            for fp, h in zip(fps, pipe.execute(), strict=True)
+        ]
+
+    def begin_attempt(self, slot: Slot, *, window_ms: int) -> Attempt:
+        """Fence a POST: go ahead only if the slot is as ``slot`` saw it (no token, the
+        same attempt in doubt, or none) and the attempt in doubt, if any, is past its
+        window (Alloy can no longer commit it). Recorded before the POST."""
+        attempt_id = uuid.uuid4().hex[:16]
+        verdict, value = self._begin(
+            keys=[keys.slot(slot.entity, slot.fingerprint)],
+            args=[slot.attempt, self.now(), window_ms, attempt_id],
+        )
+        return Attempt(_text(verdict), attempt_id if _text(verdict) == "go" else "", int(value))
+
+    def attempt_failed(self, slot: Slot, attempt_id: str) -> None:
+        """The POST of ``attempt_id`` is known not to have been applied (refused, rate
+        limited, never connected): it is no longer in doubt."""
+        self._clear_attempt(keys=[keys.slot(slot.entity, slot.fingerprint)], args=[attempt_id])
+
+    def claim(self, slot: Slot, token: str) -> str:
+        """Record ``token`` as the slot's Alloy document unless the slot has one; return
+        the slot's token, or "" when ``token`` already belongs to another slot."""
+        return _text(
+            self._claim(
+                keys=[keys.slot(slot.entity, slot.fingerprint), keys.token_claim(token)],
+                args=[token, self.now()],
+            )
+        )
+
+    def claimed(self, tokens: Sequence[str]) -> set[str]:
+        """Which of these Alloy tokens a slot of ours has claimed (one round trip)."""
+        if not tokens:
+            return set()
+        owners = self.redis.mget([keys.token_claim(token) for token in tokens])
+        return {token for token, owner in zip(tokens, owners, strict=True) if owner}
+
+    def slot_uploaded(self, slot: Slot) -> None:
+        self.redis.hset(keys.slot(slot.entity, slot.fingerprint), mapping={"uploaded": 1})
+
+    def slot_refused(self, slot: Slot, reason: str) -> None:
+        """Alloy refused the bytes for good: the description stays (Alloy has no delete)."""
+        self.redis.hset(keys.slot(slot.entity, slot.fingerprint), mapping={"refused": reason})
 
     def unfetchable(self, inbox: str, uidvalidity: int, uid: int) -> int:
         """Count one more poll that found ``uid`` but got no body for it."""
@@ -460,36 +630,19 @@ class Ledger:
         value = self.redis.get(keys.blob(mail_id, index))
         return self.sealer.open(value) if isinstance(value, bytes) else None
 
-    def describe_attempt(self, mail_id: str, index: int) -> None:
-        """Recorded before the POST: from now on a token may exist at Alloy that we never saw."""
-        key = keys.document(mail_id, index)
-        self.redis.hsetnx(key, "describe_started_at", now_ms())
-        self.redis.hincrby(key, "describe_attempts", 1)
+    def mark_described(self, mail_id: str, index: int, token: str) -> None:
+        """The document's slot has a token (mirrored on the document, for status)."""
+        self.redis.hset(keys.document(mail_id, index), mapping={"state": DESCRIBED, "token": token})
         self.update(mail_id)
 
-    def mark_described(self, mail_id: str, index: int, token: str) -> str:
-        """Record the document's token unless it has one; return the one kept, or "" when
-        ``token`` already belongs to another document (then nothing is recorded)."""
-        kept = self._described(
-            keys=[keys.document(mail_id, index), keys.token_claim(token)], args=[token, now_ms()]
-        )
-        self.update(mail_id)
-        return _text(kept)
-
-    def token_claimed(self, token: str) -> bool:
-        return bool(self.redis.exists(keys.token_claim(token)))
-
-    def mark_uploaded(self, mail_id: str, index: int, entity: str, token: str) -> int:
-        """Record Alloy's ``uploaded: true``; drop the staged bytes; return how many
-        documents of the mail are confirmed so far."""
-        doc = self.document(mail_id, index)
+    def mark_uploaded(self, mail_id: str, index: int, token: str) -> int:
+        """Alloy holds the document's bytes (``uploaded: true``); drop the staged bytes;
+        return how many documents of the mail are confirmed so far."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.document(mail_id, index), mapping={"state": UPLOADED, "token": token})
-        if doc is not None and doc.fingerprint:
-            pipe.set(keys.uploaded(entity, doc.fingerprint), token)
         pipe.delete(keys.blob(mail_id, index))
         pipe.sadd(keys.done(mail_id), index)
-        pipe.hset(keys.mail(mail_id), "updated_at", now_ms())
+        pipe.hset(keys.mail(mail_id), "updated_at", self.now())
         pipe.scard(keys.done(mail_id))
         return int(pipe.execute()[-1])
 

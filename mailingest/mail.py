@@ -48,6 +48,7 @@ import binascii
 import email
 import email.message
 import email.policy
+import hashlib
 import logging
 import quopri
 import re
@@ -731,3 +732,47 @@ def _as_bytes(message: email.message.Message) -> bytes | None:
         return message.as_bytes()
     except Exception:  # e.g. a header the generator cannot fold
         return None
+
+
+# --------------------------------------------------------------------------
+# Identity of a mail across deliveries, and of a document's bytes
+# --------------------------------------------------------------------------
+
+# headers the sender wrote: the same in every delivery of one mail (trace headers such
+# as Received, Delivered-To, Return-Path, Authentication-Results differ per delivery)
+_AUTHOR_HEADERS = ("from", "sender", "to", "cc", "date", "subject", "in-reply-to", "references")
+
+
+def message_key(raw: bytes, message_id: str | None) -> str:
+    """One key for every delivery of the same mail: its Message-ID, else a hash of the
+    headers its author wrote and of its body (what a relay adds on the way is left out,
+    so two deliveries of one mail without a Message-ID are still recognised)."""
+    if message_id:
+        return message_id
+    end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=-1)
+    head, body = (raw, b"") if end < 0 else (raw[:end], raw[end:].lstrip(b"\r\n"))
+    parsed = email.message_from_bytes(head + b"\n\n", policy=email.policy.compat32)
+    digest = hashlib.sha256()
+    for name in _AUTHOR_HEADERS:
+        for value in parsed.get_all(name) or []:
+            folded = " ".join(str(value).split())
+            digest.update(f"{name}:{folded}\n".encode("utf-8", "surrogateescape"))
+    digest.update(b"\n")
+    digest.update(body.replace(b"\r\n", b"\n"))
+    return "content:" + digest.hexdigest()
+
+
+def document_payload(raw: bytes, sha256: str) -> bytes | None:
+    """The bytes of the part of ``raw`` whose SHA-256 is ``sha256``, or None.
+
+    Re-extracting a document (its staged copy expired) never screens the mail again:
+    settings may have changed since it was planned, and the bytes sent must be the
+    bytes planned, found by their hash."""
+    try:
+        parsed = parse_mail(raw, inline_image_floor=0)
+    except MailParseError:
+        return None
+    for attachment in parsed.attachments:
+        if hashlib.sha256(attachment.payload).hexdigest() == sha256:
+            return attachment.payload
+    return None

@@ -26,43 +26,26 @@ import redis
 
 from . import ledger as L
 from . import logs, metrics
+from .decisions import Step, adoption_candidates, stale, unsettled
 from .errors import (
     AlloyRejected,
     AlloyUnavailable,
     Busy,
+    InDoubt,
     MailboxError,
     MailError,
     MailingestError,
     ResolverError,
 )
 from .ledger import MailRef, PlannedDocument
+from .mail import document_payload, message_key
 from .runtime import Context
 from .screening import Screened, screen, size_refusal
 from .settings import InboxSettings
 
 log = logging.getLogger(__name__)
 
-RECONCILE_SKEW_MS = 30_000  # clock skew allowed between us and Alloy when adopting a document
-
 Emit = Callable[[list["Step"]], None]
-
-
-@dataclass(frozen=True)
-class Step:
-    """The next thing to do: one of ``ingest``, ``describe``, ``upload``, ``finish``."""
-
-    task: str
-    mail_id: str
-    index: int | None = None
-
-    @property
-    def args(self) -> tuple[str] | tuple[str, int]:
-        return (self.mail_id,) if self.index is None else (self.mail_id, self.index)
-
-    @property
-    def lock_name(self) -> str:
-        suffix = "" if self.index is None else f":{self.index}"
-        return f"{self.task}:{self.mail_id}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -170,8 +153,7 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
         for uid in too_big:
             ref = MailRef(inbox.name, inbox.folder, validity, uid)
             found += 1
-            if ctx.ledger.record_new(ref, b""):
-                ctx.ledger.update(ref.id, size=sizes[uid])
+            if ctx.ledger.record_new(ref, b"", size=sizes[uid]):
                 out(quarantine(ctx, ref.id, size_refusal(sizes[uid], settings.limits)))
         refused = set(too_big)
         uids = [u for u in uids if u not in refused]
@@ -181,7 +163,9 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
             for mail in fetched:
                 ref = MailRef(inbox.name, inbox.folder, validity, mail.uid)
                 found += 1
-                if ctx.ledger.record_new(ref, mail.raw):
+                if ctx.ledger.record_new(
+                    ref, mail.raw, size=mail.size, internaldate=mail.internaldate
+                ):
                     steps.append(Step("ingest", ref.id))
             out(steps)
             # the watermark passes a UID only once it is recorded or gone from the folder
@@ -207,29 +191,34 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
 
 
 def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
-    now = L.now_ms()
-    stale = ctx.settings.stale_after * 1000
+    now = ctx.ledger.now()
     steps: list[Step] = []
     mine = inbox.name + "/"
     for state in (L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING):
         ids = [mail_id for mail_id in ctx.ledger.mail_ids(state) if mail_id.startswith(mine)]
         for record in ctx.ledger.records(ids):  # one round trip for all of them
             mail_id = record.id
-            if now - max(record.updated_at, record.retry_at, record.requeued_at) <= stale:
+            verdict = stale(
+                record,
+                now,
+                stale_ms=ctx.settings.stale_after * 1000,
+                max_attempts=ctx.settings.max_attempts,
+            )
+            if verdict is None:
                 continue
-            if record.requeues >= ctx.settings.max_attempts:
+            if verdict.fail:
                 # a poison mail (it kills or hangs whatever runs it): stop, and say so
                 ctx.ledger.transition(
                     mail_id,
                     L.FAILED,
                     allowed=(record.state,),
-                    reason=f"stuck in {record.state}: queued again {record.requeues} times "
+                    reason=f"stuck in {record.state}: queued again {verdict.requeues} times "
                     "without progress",
                 )
                 continue
             log.warning("mail %s: idle in %s; queued again", mail_id, record.state)
             # requeued_at, not updated_at: `mailingest status` still sees it as stuck
-            ctx.ledger.requeued(mail_id, record.requeues + 1)
+            ctx.ledger.requeued(mail_id, verdict.requeues)
             steps.append(Step("ingest", mail_id))
     failed = [mail_id for mail_id in ctx.ledger.mail_ids(L.FAILED) if mail_id.startswith(mine)]
     for record in ctx.ledger.records(failed):
@@ -308,9 +297,9 @@ def _ingest_locked(ctx: Context, record: L.MailRecord) -> list[Step]:
         )
     entity, source = resolved
     planned = _planned(screened)
-    # the same mail (Message-ID, else its bytes) seen again is not uploaded again
-    message_key = mail.message_id or "sha256:" + hashlib.sha256(raw).hexdigest()
-    ctx.ledger.plan_documents(mail_id, message_key, entity, planned)
+    # every copy of this mail (delivered twice, a new UIDVALIDITY, a replay) shares one
+    # slot per document: the same Alloy document, described and uploaded once
+    ctx.ledger.plan_documents(mail_id, message_key(raw, mail.message_id), entity, planned)
     log.info(
         "mail %s: sender resolved by %s; %d document(s); %s",
         mail_id,
@@ -363,184 +352,230 @@ def _pending_steps(ctx: Context, mail_id: str, count: int) -> list[Step]:
 
 # -- describe / upload ---------------------------------------------------------
 
+# a mail in these states may still act on its documents: pending ones go on; a
+# quarantined one not yet moved settles what it left half-way (see decisions.unsettled)
+_ACTING = (L.DOCUMENTS_PENDING, L.QUARANTINED)
+
 
 def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
-    """POST the document's description; record its ``document_token``.
+    """POST the document's description; record its ``document_token`` on its slot.
 
-    The attempt is recorded before the POST. If an earlier attempt may have
-    reached Alloy without its token being recorded (a timeout, a killed
-    worker), the entity's documents are listed first and the one that attempt
-    created is adopted instead of describing the document a second time.
+    Alloy has no idempotency key, so before any POST the entity's documents are
+    listed and one that is already ours is adopted: a describe whose answer was lost,
+    or an upload Redis forgot (a crash that cost the last writes). A POST is fenced
+    by a compare-and-set on the slot (:meth:`Ledger.begin_attempt`), so two runs
+    never both send one, and while an earlier POST may still be committed by Alloy
+    none is sent. A quarantined mail only settles: it adopts, never POSTs.
     """
     record, doc = ctx.ledger.mail(mail_id), ctx.ledger.document(mail_id, index)
-    if record is None or doc is None or record.state != L.DOCUMENTS_PENDING:
+    if record is None or doc is None or record.state not in _ACTING or record.filed_to:
         return []
     logs.correlate(message_id=record.message_id, document_token=doc.token)
-    if doc.state == L.UPLOADED:
-        return _complete(ctx, mail_id)
-    if doc.token:
+    slot = ctx.ledger.slot(record.entity, doc.fingerprint)
+    if slot.uploaded:
+        return _uploaded(ctx, record, doc, slot.token)
+    if slot.token:
         return [Step("upload", mail_id, index)]
-    adopted = _same_document_elsewhere(ctx, record, doc)
-    if adopted is not None:
-        return adopted
     with single_flight(ctx, f"describe:{mail_id}:{index}") as mine:
         if not mine:
-            return []
-        doc = ctx.ledger.document(mail_id, index)
-        if doc is None or doc.token:
-            return [Step("upload", mail_id, index)] if doc else []
-        inbox = ctx.settings.inbox(record.ref.inbox)
-        try:
-            if doc.describe_started_at:
-                for candidate in _reconcile(ctx, record, doc, inbox):
-                    if ctx.ledger.mark_described(mail_id, index, candidate):
-                        log.info("mail %s: document %d adopted as %s", mail_id, index, candidate)
-                        return [Step("upload", mail_id, index)]
-            ctx.ledger.describe_attempt(mail_id, index)
-            answer = ctx.alloy.describe(
-                record.entity,
-                name=doc.name,
-                extension=doc.extension,
-                type=doc.type,
-                note=inbox.note,
-                note_author_agent_email=inbox.agent_email,
-            )
-        except AlloyRejected as exc:
-            return quarantine(
-                ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
-            )
-        metrics.document_described()
-        token = ctx.ledger.mark_described(mail_id, index, answer.token)
-        logs.correlate(document_token=token)
+            return []  # another run describes this document right now
+        return _describe_locked(ctx, record, doc)
+
+
+def _describe_locked(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) -> list[Step]:
+    mail_id, index = record.id, doc.index
+    slot = ctx.ledger.slot(record.entity, doc.fingerprint)  # as it is now, under the lock
+    if slot.token:
+        return [Step("upload", mail_id, index)]
+    inbox = ctx.settings.inbox(record.ref.inbox)
+    adopted = _adopt(ctx, record, doc, slot, inbox)
+    if adopted is not None:
+        return adopted
+    window = ctx.settings.in_doubt_ms
+    if record.state != L.DOCUMENTS_PENDING:  # settling a quarantined mail: never POST
+        if slot.attempt:
+            left = slot.attempt_at + window - ctx.ledger.now()
+            if left > 0:
+                raise InDoubt(_in_doubt(index, left), retry_after=left / 1000)
+            ctx.ledger.attempt_failed(slot, slot.attempt)  # it never became a document
+        return [Step("finish", mail_id)]
+    attempt = ctx.ledger.begin_attempt(slot, window_ms=window)
+    if attempt.verdict == "token":
+        return [Step("upload", mail_id, index)]
+    if attempt.verdict == "wait":
+        raise InDoubt(_in_doubt(index, attempt.wait_ms), retry_after=attempt.wait_ms / 1000)
+    if attempt.verdict != "go":
+        raise Busy(f"document {index}: another run described it meanwhile; looking again")
+    try:
+        answer = ctx.alloy.describe(
+            record.entity,
+            name=doc.name,
+            extension=doc.extension,
+            type=doc.type,
+            note=inbox.note,
+            note_author_agent_email=inbox.agent_email,
+        )
+    except AlloyRejected as exc:
+        ctx.ledger.attempt_failed(slot, attempt.attempt_id)
+        return quarantine(
+            ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
+        )
+    except AlloyUnavailable as exc:
+        if not exc.applied:
+            ctx.ledger.attempt_failed(slot, attempt.attempt_id)
+        raise
+    metrics.document_described()
+    token = ctx.ledger.claim(slot, answer.token)
+    if not token:  # another slot adopted what this POST created: describe again
+        ctx.ledger.attempt_failed(slot, attempt.attempt_id)
+        raise Busy(f"document {index}: {answer.token} was adopted by another document")
+    if token != answer.token:
+        log.error(
+            "mail %s: document %d: Alloy document %s was described by a run that outlived "
+            "its lock; it stays at the entity without bytes",
+            mail_id,
+            index,
+            answer.token,
+        )
+    ctx.ledger.mark_described(mail_id, index, token)
+    logs.correlate(document_token=token)
     log.info("mail %s: document %d described as %s", mail_id, index, token)
     return [Step("upload", mail_id, index)]
 
 
-def _same_document_elsewhere(
-    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord
-) -> list[Step] | None:
-    """Another copy of this mail (delivered twice, a new UIDVALIDITY epoch) owns this very
-    document: adopt its upload when done, wait while it is in flight, take over if it died.
-    None: this copy owns it and goes on."""
-    if not doc.fingerprint:
-        return None
-    owner_mail, owner_index = ctx.ledger.fingerprint_owner(
-        record.entity, doc.fingerprint, record.id, doc.index
+def _in_doubt(index: int, left_ms: int) -> str:
+    return (
+        f"document {index}: a describe's answer was lost; Alloy may still commit it "
+        f"for {left_ms / 1000:.0f} s, then it is looked for again"
     )
-    if (owner_mail, owner_index) == (record.id, doc.index):
-        return None
-    owner_doc = ctx.ledger.document(owner_mail, owner_index)
-    owner = ctx.ledger.mail(owner_mail)
-    if owner_doc is not None and owner_doc.state == L.UPLOADED:
-        log.info(
-            "mail %s: document %d is %s, uploaded by %s",
-            record.id,
-            doc.index,
-            owner_doc.token,
-            owner_mail,
-        )
-        return _uploaded(ctx, record.id, doc.index, record.entity, owner_doc.token)
-    if owner is not None and owner.state in (L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING):
-        raise Busy(f"document {doc.index} is being uploaded by {owner_mail}; waiting for it")
-    ctx.ledger.take_fingerprint(record.entity, doc.fingerprint, record.id, doc.index)
+
+
+def _adopt(
+    ctx: Context,
+    record: L.MailRecord,
+    doc: L.DocumentRecord,
+    slot: L.Slot,
+    inbox: InboxSettings,
+) -> list[Step] | None:
+    """Adopt the Alloy document that is already this document's, if there is one."""
+    listing = ctx.alloy.list(record.entity)
+    claimed = ctx.ledger.claimed([found.token for found in listing])
+    for found in adoption_candidates(
+        listing, doc, note=inbox.note, agent_email=inbox.agent_email, claimed=claimed
+    ):
+        if found.uploaded:  # ours only if Alloy holds exactly our bytes
+            held = ctx.alloy.download(record.entity, found.token)
+            if hashlib.sha256(held).hexdigest() != doc.sha256:
+                continue
+        token = ctx.ledger.claim(slot, found.token)
+        if not token:
+            continue  # another slot took it meanwhile
+        log.info("mail %s: document %d adopted as %s", record.id, doc.index, token)
+        ctx.ledger.mark_described(record.id, doc.index, token)
+        if token == found.token and found.uploaded:
+            ctx.ledger.slot_uploaded(slot)
+            return _uploaded(ctx, record, doc, token)
+        return [Step("upload", record.id, doc.index)]
     return None
 
 
-def _reconcile(
-    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, inbox: InboxSettings
-) -> list[str]:
-    """Tokens of documents an earlier describe of ``doc`` may have created, oldest first:
-    same name, extension, type and note, not uploaded, created since the first attempt
-    (less a small clock skew), not claimed by any document of ours."""
-    since = doc.describe_started_at - RECONCILE_SKEW_MS
-    return [
-        found.token
-        for found in sorted(ctx.alloy.list(record.entity), key=lambda d: d.timestamp or 0)
-        if not found.uploaded
-        and (found.name, found.extension, found.type) == (doc.name, doc.extension, doc.type)
-        and (found.timestamp or 0) >= since
-        and (found.notes[0].get("note", "") if found.notes else "") == (inbox.note or "")
-        and not ctx.ledger.token_claimed(found.token)
-    ]
-
-
 def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
-    """PUT the staged bytes; once Alloy answers ``uploaded: true`` the document is done."""
+    """PUT the planned bytes; once Alloy answers ``uploaded: true`` the document is done.
+
+    The bytes are checked against the SHA-256 recorded at planning before every PUT.
+    A document already described is uploaded even when its mail was quarantined or
+    failed meanwhile (another document refused), so no description stays at Alloy
+    without its bytes."""
     record, doc = ctx.ledger.mail(mail_id), ctx.ledger.document(mail_id, index)
-    if record is None or doc is None:
+    if record is None or doc is None or record.filed_to:
+        return []
+    if record.state not in (*_ACTING, L.FAILED):
         return []
     logs.correlate(message_id=record.message_id, document_token=doc.token)
-    if record.state != L.DOCUMENTS_PENDING:
-        # the mail was quarantined or failed meanwhile (another document refused): a
-        # document already described is still uploaded, so Alloy keeps no empty
-        # description and a replay adopts it instead of describing it again
-        if not (record.state in (L.QUARANTINED, L.FAILED) and doc.state == L.DESCRIBED):
-            return []
     if doc.state == L.UPLOADED:
         return _complete(ctx, mail_id)
-    if not doc.token:
+    slot = ctx.ledger.slot(record.entity, doc.fingerprint)
+    if slot.uploaded:
+        return _uploaded(ctx, record, doc, slot.token)
+    if slot.refused:
+        return []
+    if not slot.token:
         return [Step("describe", mail_id, index)]
     with single_flight(ctx, f"upload:{mail_id}:{index}") as mine:
         if not mine:
             return []
-        data = ctx.ledger.blob(mail_id, index)
+        data = _planned_bytes(ctx, record, doc, slot)
         if data is None:
-            return _restage_documents(ctx, record, index)
+            return []
         try:
-            answer = ctx.alloy.upload(record.entity, doc.token, data)
+            answer = ctx.alloy.upload(record.entity, slot.token, data)
         except AlloyRejected as exc:
             if exc.status == 409:  # Alloy has bytes for it already: an earlier try got through
-                return _confirm_uploaded(ctx, record, doc, index)
+                return _confirm_uploaded(ctx, record, doc, slot)
+            ctx.ledger.slot_refused(slot, exc.describe())
             return quarantine(
                 ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
             )
         if not answer.uploaded:
             raise AlloyUnavailable("answered the upload with uploaded=false", operation="upload")
         metrics.document_uploaded(len(data))
+        ctx.ledger.slot_uploaded(slot)
         log.info(
-            "mail %s: document %d uploaded (%s, %d bytes)", mail_id, index, doc.token, len(data)
+            "mail %s: document %d uploaded (%s, %d bytes)", mail_id, index, slot.token, len(data)
         )
-        return _uploaded(ctx, mail_id, index, record.entity, doc.token)
+        return _uploaded(ctx, record, doc, slot.token)
 
 
 def _confirm_uploaded(
-    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, index: int
+    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, slot: L.Slot
 ) -> list[Step]:
     """A PUT answered 409: count it only if Alloy holds exactly our bytes for the token."""
-    held = ctx.alloy.download(record.entity, doc.token)
+    held = ctx.alloy.download(record.entity, slot.token)
     if hashlib.sha256(held).hexdigest() != doc.sha256:
+        reason = f"Alloy already holds other bytes for {slot.token}"
+        ctx.ledger.slot_refused(slot, reason)
         return quarantine(
-            ctx,
-            record.id,
-            f"document {index} ({doc.name}.{doc.extension}): Alloy already holds other bytes "
-            f"for {doc.token}",
+            ctx, record.id, f"document {doc.index} ({doc.name}.{doc.extension}): {reason}"
         )
-    return _uploaded(ctx, record.id, index, record.entity, doc.token)
+    ctx.ledger.slot_uploaded(slot)
+    return _uploaded(ctx, record, doc, slot.token)
 
 
-def _restage_documents(ctx: Context, record: L.MailRecord, index: int) -> list[Step]:
-    """The staged bytes of a document expired: stage them again from the mail on the server."""
+def _planned_bytes(
+    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, slot: L.Slot
+) -> bytes | None:
+    """The document's bytes, exactly as planned (by SHA-256): staged, else re-extracted
+    from the mail (never screened again: settings may have changed). None when they
+    cannot be had; the mail is then failed (or, if quarantined, the slot refused)."""
+    data = ctx.ledger.blob(record.id, doc.index)
+    if data is not None and hashlib.sha256(data).hexdigest() == doc.sha256:
+        return data
     raw = ctx.ledger.raw(record.id) or _refetch(ctx, record)
-    if raw is None:
-        ctx.ledger.transition(
-            record.id,
-            L.FAILED,
-            allowed=(L.DOCUMENTS_PENDING,),
-            reason=f"document {index}: staged bytes expired and the mail is no longer "
-            f"in {record.ref.folder}",
-        )
-        return []
-    policy = ctx.settings.inbox(record.ref.inbox).sender_auth
-    for doc in _planned(screen(raw, ctx.settings.limits, policy)):
-        ctx.ledger.restage_blob(record.id, doc.index, doc.payload)
-    return [Step("upload", record.id, index)]
+    data = document_payload(raw, doc.sha256) if raw is not None else None
+    if data is not None:
+        ctx.ledger.restage_blob(record.id, doc.index, data)
+        return data
+    reason = f"document {doc.index}: its staged bytes expired and " + (
+        f"the mail is no longer in {record.ref.folder}"
+        if raw is None
+        else "no part of the mail has the planned bytes any more"
+    )
+    if record.state == L.QUARANTINED:
+        ctx.ledger.slot_refused(slot, reason)  # nothing left to send: settle without it
+        log.error("mail %s: %s", record.id, reason)
+    elif ctx.ledger.transition(
+        record.id, L.FAILED, allowed=(L.DOCUMENTS_PENDING, L.FAILED), reason=reason
+    ):
+        log.error("mail %s failed: %s", record.id, reason)
+    return None
 
 
-def _uploaded(ctx: Context, mail_id: str, index: int, entity: str, token: str) -> list[Step]:
-    confirmed = ctx.ledger.mark_uploaded(mail_id, index, entity, token)
-    record = ctx.ledger.mail(mail_id)
-    if record is not None and confirmed >= record.documents:
-        return _complete(ctx, mail_id)
+def _uploaded(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, token: str) -> list[Step]:
+    confirmed = ctx.ledger.mark_uploaded(record.id, doc.index, token)
+    if record.state == L.QUARANTINED:
+        return [Step("finish", record.id)]  # one less thing for the move to wait for
+    if confirmed >= record.documents:
+        return _complete(ctx, record.id)
     return []
 
 
@@ -595,10 +630,21 @@ def give_up(ctx: Context, step: Step, error: BaseException) -> list[Step]:
 
 
 def finish(ctx: Context, mail_id: str) -> list[Step]:
-    """Move a decided mail out of the inbox: to Processed when done, else to Quarantine."""
+    """Move a decided mail out of the inbox: to Processed when done, else to Quarantine.
+
+    Not before every document it left half-way at Alloy is settled (decisions.unsettled):
+    until then it returns the steps that settle them. The mail is never removed from the
+    inbox unless its own copy is in the destination: MOVE, or COPY (whose new UID is
+    recorded) and then ``\\Deleted`` + ``UID EXPUNGE`` of that UID only."""
     record = ctx.ledger.mail(mail_id)
     if record is None or record.state not in L.DECIDED or record.filed_to:
         return []
+    if record.state != L.DONE and record.documents:
+        docs = ctx.ledger.documents(mail_id, record.documents)
+        slots = ctx.ledger.slots(record.entity, [doc.fingerprint for doc in docs])
+        waiting = unsettled(mail_id, docs, slots)
+        if waiting:
+            return waiting
     inbox = ctx.settings.inbox(record.ref.inbox)
     destination = inbox.processed_folder if record.state == L.DONE else inbox.quarantine_folder
     with single_flight(ctx, f"finish:{mail_id}") as mine:
@@ -615,8 +661,14 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                 )
                 return []
             if not box.exists(record.ref.uid):
-                # moved by an earlier run that died before recording it, or by a person
-                if record.message_id and box.holds(destination, record.message_id):
+                # moved by an earlier run that died before recording it, or by a person:
+                # recorded as filed only if this very mail (size, arrival time) is there
+                if box.find_copy(
+                    destination,
+                    size=record.size,
+                    internaldate=record.internaldate,
+                    message_id=record.message_id,
+                ):
                     ctx.ledger.filed(mail_id, destination)
                 else:
                     ctx.ledger.filed(
@@ -628,7 +680,13 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                     )
                 ctx.ledger.drop_staged(mail_id, record.documents)
                 return []
-            box.move(record.ref.uid, destination, message_id=record.message_id or None)
+            ctx.ledger.update(mail_id, moving_to=destination)
+            box.move(
+                record.ref.uid,
+                destination,
+                copied_uid=record.copied_uid if record.moving_to == destination else "",
+                on_copied=lambda copied: ctx.ledger.update(mail_id, copied_uid=copied),
+            )
         ctx.ledger.filed(mail_id, destination)
         ctx.ledger.drop_staged(mail_id, record.documents)
     log.info("mail %s moved to %s", mail_id, destination)
@@ -657,19 +715,24 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
         if not record.filed_to:  # not moved yet: still in the inbox, run it again in place
             ctx.ledger.transition(mail_id, L.QUEUED, allowed=(L.QUARANTINED,), reason="")
             return [Step("ingest", mail_id)]
-        if not record.message_id:
+        if not (record.message_id or record.internaldate):
             raise MailError(
-                f"mail {mail_id} has no Message-ID to find it by in {record.filed_to}; "
+                f"mail {mail_id} has nothing to find it by in {record.filed_to}; "
                 "move it back to the inbox by hand"
             )
         inbox = ctx.settings.inbox(record.ref.inbox)
         with ctx.imap(inbox.name) as box:
-            box.select(record.filed_to)
-            uids = box.find_message_id(record.message_id)
+            # this very mail (size, arrival time, Message-ID), not every mail sharing its id
+            uids = box.find_copy(
+                record.filed_to,
+                size=record.size,
+                internaldate=record.internaldate,
+                message_id=record.message_id,
+            )
             if not uids:
                 raise MailError(f"mail {mail_id} is no longer in {record.filed_to}")
-            for uid in uids:
-                box.move(uid, record.ref.folder)
+            box.select(record.filed_to)
+            box.move(uids[0], record.ref.folder)
         ctx.ledger.transition(
             mail_id,
             L.REPLAYED,
@@ -710,8 +773,11 @@ def recover(
     """
     if retryable or isinstance(error, RETRYABLE):
         if not ctx.policy.exhausted(tries):
-            delay = ctx.policy.delay(tries, getattr(error, "retry_after", None))
-            ctx.ledger.update(step.mail_id, retry_at=L.now_ms() + int(delay * 1000))
+            if isinstance(error, InDoubt) and error.retry_after is not None:
+                delay = error.retry_after  # our own window: waiting less would not help
+            else:
+                delay = ctx.policy.delay(tries, getattr(error, "retry_after", None))
+            ctx.ledger.update(step.mail_id, retry_at=ctx.ledger.now() + int(delay * 1000))
             log.info(
                 "%s %s: %s; retry %d in %.1fs", step.task, step.mail_id, error, tries + 1, delay
             )

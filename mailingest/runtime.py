@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import httpx
 import redis
 
 from . import metrics
@@ -128,11 +129,20 @@ def warn_if_senders_unauthenticated(settings: Settings) -> None:
         )
 
 
-def build_context(settings: Settings) -> Context:
-    """Everything a worker process needs; call after fork, once per process."""
+def build_context(
+    settings: Settings,
+    *,
+    redis_client: redis.Redis | None = None,
+    alloy_transport: httpx.BaseTransport | None = None,
+    clock: Callable[[], int] | None = None,
+) -> Context:
+    """Everything a worker process needs; call after fork, once per process.
+
+    ``redis_client``, ``alloy_transport`` and ``clock`` (ms) replace the ones built from
+    the settings: the seams the deterministic simulation (``tests/sim``) drives."""
     settings.require("redis", "imap", "alloy")
     assert settings.redis_url is not None
-    client = connect_redis(settings.redis_url)
+    client = redis_client if redis_client is not None else connect_redis(settings.redis_url)
     alloy = AlloyClient(
         settings.alloy_url,
         settings.alloy_token,
@@ -145,6 +155,7 @@ def build_context(settings: Settings) -> Context:
             else None
         ),
         read_timeout=settings.alloy_read_timeout,
+        transport=alloy_transport,
     )
     ctx = Context(
         settings=settings,
@@ -155,6 +166,7 @@ def build_context(settings: Settings) -> Context:
             sealer=Sealer(settings.staging_key) if settings.staging_key else None,
             on_recorded=lambda ref: metrics.mail_seen(ref.inbox),
             on_decided=metrics.mail_decided,
+            clock=clock,
         ),
         alloy=alloy,
         resolvers={inbox.name: build_resolver(inbox, client) for inbox in settings.inboxes},

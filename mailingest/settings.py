@@ -128,6 +128,7 @@ class Settings:
     alloy_burst: int
     alloy_connect_timeout: float
     alloy_read_timeout: float
+    alloy_commit_horizon: float
     redis_url: str | None
     broker_url: str | None
     imap_timeout: float
@@ -151,6 +152,14 @@ class Settings:
     idle_renew: float = 300.0  # seconds between IDLE renewals of `mailingest watch`
     metrics_port: int | None = None
     config_file: Path | None = None
+
+    @property
+    def in_doubt_ms(self) -> int:
+        """How long a POST whose answer never came may still become an Alloy document:
+        the read timeout, then the time Alloy may take to commit a request it queued
+        (``ALLOY_COMMIT_HORIZON``), plus 5 s for the clocks involved. Until then a
+        document is not described again; it is looked for at Alloy instead."""
+        return int((self.alloy_read_timeout + self.alloy_commit_horizon + 5) * 1000)
 
     # -- access -----------------------------------------------------------
     def inbox(self, name: str) -> InboxSettings:
@@ -667,6 +676,7 @@ def _shared(env: _Env) -> Settings:
         ),
         alloy_connect_timeout=env.number("ALLOY_CONNECT_TIMEOUT", 5.0, minimum=0.1, maximum=120),
         alloy_read_timeout=env.number("ALLOY_READ_TIMEOUT", 30.0, minimum=0.1, maximum=600),
+        alloy_commit_horizon=env.number("ALLOY_COMMIT_HORIZON", 60.0, minimum=0, maximum=3600),
         redis_url=redis_url,
         broker_url=broker_url,
         imap_timeout=env.number("IMAP_TIMEOUT", 30.0, minimum=1, maximum=600),

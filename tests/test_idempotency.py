@@ -69,7 +69,8 @@ def test_post_reached_alloy_but_the_token_was_never_recorded(
         (describe_step,) = ingest(ctx, mail_id)
         doc = ctx.ledger.document(mail_id, 0)
         assert doc is not None
-        ctx.ledger.describe_attempt(mail_id, 0)  # what describe() records before its POST
+        slot = ctx.ledger.slot(ctx.ledger.mail(mail_id).entity, doc.fingerprint)  # type: ignore[union-attr]
+        ctx.ledger.begin_attempt(slot, window_ms=60_000)  # what describe() records first
         inbox = ctx.settings.inbox("default")
         lost = ctx.alloy.describe(  # the POST whose answer the dead worker never recorded
             ctx.ledger.mail(mail_id).entity,  # type: ignore[union-attr]
@@ -199,7 +200,9 @@ def test_two_lost_describes_of_same_named_documents_get_their_own_tokens(
         describes = [d for s in steps for d in ingest(ctx, s.mail_id)]
         inbox = ctx.settings.inbox("default")
         for step in describes:  # the POSTs whose answers were lost
-            ctx.ledger.describe_attempt(step.mail_id, 0)
+            doc = ctx.ledger.document(step.mail_id, 0)
+            assert doc is not None
+            ctx.ledger.begin_attempt(ctx.ledger.slot(entity, doc.fingerprint), window_ms=60_000)
             ctx.alloy.describe(
                 entity,
                 name="scan",

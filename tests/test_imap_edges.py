@@ -169,22 +169,22 @@ def test_imap_server_restart_between_polls(
 
 
 def test_copy_fallback_does_not_copy_twice_after_a_crash(tmp_path: Path) -> None:
-    """A run died after COPY, before STORE/EXPUNGE: the next move finds the copy already
-    in the destination (by Message-ID) and only removes the original."""
+    """A run died after COPY, before STORE/EXPUNGE, having recorded the COPYUID: the next
+    move finds that very copy in the destination and only removes the original."""
     server = dovecot_without_move(tmp_path)
     try:
         account = server.account
         inbox = inbox_settings(account)
         deliver(server, [b"Message-ID: <once@x>\r\nSubject: one\r\n\r\n1\r\n"])
-        client = imap_client(server)
-        client.create_folder("Processed")
-        client.select_folder("INBOX")
-        (uid,) = client.search(["ALL"])
-        client.copy([uid], "Processed")  # the first run got this far, then died
-        client.logout()
+        with Mailbox(inbox) as box:
+            box.ensure_folders("Processed")
+            box.select("INBOX")
+            (uid,) = box.uids_after(0)
+            copied = box._copy(uid, "Processed")  # the first run got this far, then died
+        assert copied
         with Mailbox(inbox) as box:
             box.select("INBOX")
-            box.move(uid, "Processed", message_id="once@x")
+            box.move(uid, "Processed", copied_uid=copied)
         client = imap_client(server)
         assert client.select_folder("Processed")[b"EXISTS"] == 1
         assert client.select_folder("INBOX")[b"EXISTS"] == 0
