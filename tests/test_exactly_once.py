@@ -101,6 +101,25 @@ def drain(ctx: Context, steps: list[Step]) -> None:
     run_steps(ctx, steps)
 
 
+def lost_describe(ctx: Context, mail_id: str, *, record_attempt: bool) -> str:
+    """A POST of document 0 that reached Alloy and whose answer never came back; with
+    ``record_attempt`` the attempt was recorded first, as describe() does."""
+    doc = ctx.ledger.document(mail_id, 0)
+    assert doc is not None
+    if record_attempt:
+        slot = ctx.ledger.slot(ENTITY, doc.fingerprint)
+        assert ctx.ledger.begin_attempt(slot, window_ms=60_000).verdict == "go"
+    inbox = ctx.settings.inbox("default")
+    return ctx.alloy.describe(
+        ENTITY,
+        name=doc.name,
+        extension=doc.extension,
+        type=doc.type,
+        note=inbox.note,
+        note_author_agent_email=inbox.agent_email,
+    ).token
+
+
 def until_done(ctx: Context, mail_id: str) -> L.MailRecord:
     """Ingest, describe and upload every document; the mail is done, not yet moved."""
     for step in ingest(ctx, mail_id):
@@ -171,21 +190,13 @@ def test_1b_a_lost_describe_of_a_quarantined_mail_is_settled(
     deliver(imap, [mail(PDF, JPG)])
     mail_id = first_mail(ctx)
     ingest(ctx, mail_id)
-    doc = ctx.ledger.document(mail_id, 0)
-    assert doc is not None
-    slot = ctx.ledger.slot(ENTITY, doc.fingerprint)
-    assert ctx.ledger.begin_attempt(slot, window_ms=60_000).verdict == "go"
-    inbox = ctx.settings.inbox("default")
-    lost = ctx.alloy.describe(  # the POST whose answer never came
-        ENTITY, name=doc.name, extension=doc.extension, type=doc.type,
-        note=inbox.note, note_author_agent_email=inbox.agent_email,
-    )  # fmt: skip
+    lost = lost_describe(ctx, mail_id, record_attempt=True)
     # then Alloy refuses document 1 for good: the mail is quarantined
     drain(ctx, quarantine(ctx, mail_id, "document 1 (passport.jpg): refused (test)"))
     record = ctx.ledger.mail(mail_id)
     assert record is not None and record.filed_to == "Quarantine"
     (only,) = documents_at(sandbox)
-    assert only["document_token"] == lost.token and only["uploaded"]
+    assert only["document_token"] == lost and only["uploaded"]
 
 
 # -- 2. no MOVE: another mail with the same Message-ID ----------------------------------
@@ -409,18 +420,10 @@ def test_8_a_lost_describe_is_adopted_whatever_alloys_clock_says(
     mail_id = first_mail(ctx)
     ingest(ctx, mail_id)
     sandbox.set_faults(clock_offset_ms=-45_000)  # Alloy's clock 45 s behind ours
-    doc = ctx.ledger.document(mail_id, 0)
-    assert doc is not None
-    slot = ctx.ledger.slot(ENTITY, doc.fingerprint)
-    assert ctx.ledger.begin_attempt(slot, window_ms=60_000).verdict == "go"
-    inbox = ctx.settings.inbox("default")
-    lost = ctx.alloy.describe(
-        ENTITY, name=doc.name, extension=doc.extension, type=doc.type,
-        note=inbox.note, note_author_agent_email=inbox.agent_email,
-    )  # fmt: skip
+    lost = lost_describe(ctx, mail_id, record_attempt=True)
     drain(ctx, [Step("describe", mail_id, 0)])
     (only,) = documents_at(sandbox)
-    assert only["document_token"] == lost.token and only["uploaded"]
+    assert only["document_token"] == lost and only["uploaded"]
 
 
 def test_8b_alloy_timestamps_in_seconds_or_missing_are_read_as_such() -> None:
@@ -476,17 +479,11 @@ def test_9b_a_rollback_after_the_post_adopts_the_description(
     mail_id = first_mail(ctx)
     ingest(ctx, mail_id)
     before = snapshot(ctx.redis)
-    doc = ctx.ledger.document(mail_id, 0)
-    assert doc is not None
-    inbox = ctx.settings.inbox("default")
-    lost = ctx.alloy.describe(
-        ENTITY, name=doc.name, extension=doc.extension, type=doc.type,
-        note=inbox.note, note_author_agent_email=inbox.agent_email,
-    )  # fmt: skip
+    lost = lost_describe(ctx, mail_id, record_attempt=False)
     restore(ctx.redis, before)
     drain(ctx, [Step("describe", mail_id, 0)])
     (only,) = documents_at(sandbox)
-    assert only["document_token"] == lost.token and only["uploaded"]
+    assert only["document_token"] == lost and only["uploaded"]
 
 
 # -- 10. requeues count only when nothing moved ------------------------------------------
