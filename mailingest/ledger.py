@@ -123,6 +123,15 @@ redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
 return {'go', 0}
 """
 
+# KEYS: mail hash; ARGV: reason. Appended once (a retried step does not repeat it).
+_ADD_REASON = """
+local current = redis.call('HGET', KEYS[1], 'reason') or ''
+if string.find(current, ARGV[1], 1, true) then return 0 end
+if current == '' then redis.call('HSET', KEYS[1], 'reason', ARGV[1])
+else redis.call('HSET', KEYS[1], 'reason', current .. '; ' .. ARGV[1]) end
+return 1
+"""
+
 # KEYS: slot hash; ARGV: attempt id. Only that attempt is cleared (a later one stays).
 _CLEAR_ATTEMPT = """
 if redis.call('HGET', KEYS[1], 'attempt') == ARGV[1] then
@@ -367,6 +376,7 @@ class Ledger:
         self._claim = client.register_script(_CLAIM)
         self._begin = client.register_script(_BEGIN)
         self._clear_attempt = client.register_script(_CLEAR_ATTEMPT)
+        self._add_reason = client.register_script(_ADD_REASON)
 
     # -- polling -------------------------------------------------------------
     def poll_lock(self, inbox: str, *, timeout: float) -> redis.lock.Lock:
@@ -472,6 +482,10 @@ class Ledger:
         if moved and to in DECIDED + (FAILED,) and self.on_decided is not None:
             self.on_decided(mail_id, to, str(fields.get("reason") or ""))
         return moved
+
+    def add_reason(self, mail_id: str, reason: str) -> None:
+        """Append to the reason of a mail already decided (one more refused document)."""
+        self._add_reason(keys=[keys.mail(mail_id)], args=[reason])
 
     def requeued(self, mail_id: str, count: int) -> None:
         """The sweep queued the mail again (not progress: ``updated_at`` stays)."""
@@ -601,6 +615,10 @@ class Ledger:
     def slot_refused(self, slot: Slot, reason: str) -> None:
         """Alloy refused the bytes for good: the description stays (Alloy has no delete)."""
         self.redis.hset(keys.slot(slot.entity, slot.fingerprint), mapping={"refused": reason})
+
+    def forget_refusals(self, entity: str, fps: Sequence[str]) -> None:
+        for fp in fps:
+            self.redis.hdel(keys.slot(entity, fp), "refused")
 
     def unfetchable(self, inbox: str, uidvalidity: int, uid: int) -> int:
         """Count one more poll that found ``uid`` but got no body for it."""

@@ -497,8 +497,10 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
     slot = ctx.ledger.slot(record.entity, doc.fingerprint)
     if slot.uploaded:
         return _uploaded(ctx, record, doc, slot.token)
-    if slot.refused:
-        return []
+    if slot.refused:  # Alloy refused these bytes for good (for this copy or another)
+        return quarantine(
+            ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {slot.refused}"
+        )
     if not slot.token:
         return [Step("describe", mail_id, index)]
     with single_flight(ctx, f"upload:{mail_id}:{index}") as mine:
@@ -606,9 +608,13 @@ def quarantine(ctx: Context, mail_id: str, reason: str) -> list[Step]:
     if moved:
         log.warning("mail %s quarantined: %s", mail_id, reason)
     record = ctx.ledger.mail(mail_id)
-    if record is None or record.state != L.QUARANTINED or record.filed_to:
+    if record is None or record.state != L.QUARANTINED:
         return []
-    return [Step("finish", mail_id)]
+    if not moved and reason not in record.reason:
+        # quarantined already (another document): this refusal is part of the reason too
+        ctx.ledger.add_reason(mail_id, reason)
+        log.warning("mail %s quarantined, also: %s", mail_id, reason)
+    return [] if record.filed_to else [Step("finish", mail_id)]
 
 
 def give_up(ctx: Context, step: Step, error: BaseException) -> list[Step]:
@@ -712,6 +718,10 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
         ctx.ledger.transition(mail_id, L.QUEUED, allowed=(L.FAILED,), reason="")
         return [Step("ingest", mail_id)]
     if record.state == L.QUARANTINED:
+        # an operator replays a mail once the cause is fixed: uploads Alloy refused are
+        # tried again (their descriptions are still there to take the bytes)
+        docs = ctx.ledger.documents(mail_id, record.documents)
+        ctx.ledger.forget_refusals(record.entity, [doc.fingerprint for doc in docs])
         if not record.filed_to:  # not moved yet: still in the inbox, run it again in place
             ctx.ledger.transition(mail_id, L.QUEUED, allowed=(L.QUARANTINED,), reason="")
             return [Step("ingest", mail_id)]

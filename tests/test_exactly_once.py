@@ -537,3 +537,47 @@ def test_11_a_copy_of_a_filed_mail_is_recognised_and_filed(
     assert summary.processed == 1, summary
     assert len(documents_at(sandbox)) == 2
     assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 0, "Processed": 2}
+
+
+# -- found by the extended fault suite ---------------------------------------------------
+
+
+def test_12_a_copy_of_a_mail_whose_upload_alloy_refused_is_quarantined_too(
+    ctx: Context, imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    """Both copies share the document's slot; Alloy refused its bytes for good for the
+    first. The second must not wait forever in documents_pending: it is quarantined
+    with the reason, and nothing is sent again."""
+    raw = mail(PDF)
+    deliver(imap, [raw, b"Received: from mx2 by mx; Mon, 1 Dec 2026 10:00:07 +0000\r\n" + raw])
+    first, second = (s.mail_id for s in poll(ctx, "default").steps)
+    ingest(ctx, first)
+    assert describe(ctx, first, 0) == [Step("upload", first, 0)]
+    sandbox.set_faults(refuse_fraction=1.0, seed=3)
+    drain(ctx, [Step("upload", first, 0)])
+    sandbox.set_faults(refuse_fraction=0.0)
+    drain(ctx, ingest(ctx, second))
+    for mail_id in (first, second):
+        record = ctx.ledger.mail(mail_id)
+        assert record is not None and record.state == L.QUARANTINED
+        assert record.filed_to == "Quarantine"
+        assert "document 0 (bill.pdf)" in record.reason and "400/4001" in record.reason
+    (only,) = documents_at(sandbox)
+    assert not only["uploaded"]  # the refused description stays: Alloy cannot delete it
+    assert sandbox.state.stats()["requests"].get("POST /v1/entities/{entity}/documents") == 1
+
+
+def test_12b_a_second_refusal_in_a_quarantined_mail_is_part_of_its_reason(
+    ctx: Context, imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    deliver(imap, [mail(PDF, JPG)])
+    mail_id = first_mail(ctx)
+    ingest(ctx, mail_id)
+    describe(ctx, mail_id, 0)
+    describe(ctx, mail_id, 1)
+    sandbox.set_faults(refuse_fraction=1.0, seed=3)
+    drain(ctx, [Step("upload", mail_id, 0), Step("upload", mail_id, 1)])
+    record = ctx.ledger.mail(mail_id)
+    assert record is not None and record.filed_to == "Quarantine"
+    assert "document 0 (bill.pdf)" in record.reason
+    assert "document 1 (passport.jpg)" in record.reason
