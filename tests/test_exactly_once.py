@@ -9,6 +9,7 @@ neighbours under every interleaving; these tests pin each one down by name.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -129,6 +130,11 @@ def until_done(ctx: Context, mail_id: str) -> L.MailRecord:
     record = ctx.ledger.mail(mail_id)
     assert record is not None and record.state == L.DONE and record.filed_to == ""
     return record
+
+
+def deliver_raw(ctx: Context, raw: bytes) -> None:
+    with Mailbox(ctx.settings.inbox("default")) as box:
+        box.append("INBOX", raw)
 
 
 def first_mail(ctx: Context) -> str:
@@ -285,6 +291,10 @@ def test_3_a_describe_alloy_commits_late_is_waited_for_not_sent_again(
         drain(fast, [Step("describe", mail_id, 0)])  # after the window: adopted
     finally:
         fast.close()
+    deadline = time.monotonic() + 15  # the held POST has landed before the invariant
+    while sandbox.state.stats()["faults"].get("late_commit", 0) < 1:
+        assert time.monotonic() < deadline, "the held POST was never applied"
+        time.sleep(0.05)
     (only,) = documents_at(sandbox)
     assert only["uploaded"]
     assert sandbox.state.stats()["requests"].get("POST /v1/entities/{entity}/documents") == 1
@@ -342,27 +352,20 @@ def test_5b_a_move_whose_answer_was_lost_is_recorded_where_it_went(
 # -- 6. expired staging and changed settings ----------------------------------------
 
 
-def test_6_expired_bytes_are_found_by_hash_not_by_screening_again(
-    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, known: Path
-) -> None:
-    """Planned with the default inline-image floor (the logo skipped); the staged bytes
-    expire; the floor is lowered: re-screening would put the logo at index 0 and upload
-    it as bill.pdf. The bytes sent must be the bytes planned."""
+def _expire_and_run(env: dict[str, str], sandbox: SandboxServer, changes: dict[str, str]) -> None:
+    """Plan a mail (logo skipped, bill.pdf at index 0), let its staged bytes expire,
+    change the settings, run it to the end: bill.pdf must get exactly its bytes."""
     logo = (png_bytes(900), "image/png", "logo.png", "inline")
-    deliver(imap, [mail(logo, PDF)])
     first = build_context(load_settings(env))
     try:
+        deliver_raw(first, mail(logo, PDF))
         mail_id = first_mail(first)
         ingest(first, mail_id)
         doc = first.ledger.document(mail_id, 0)
         assert doc is not None and doc.name == "bill"
     finally:
         first.close()
-    changed = build_context(
-        load_settings(
-            env | {"MAILINGEST_INLINE_IMAGE_FLOOR": "0", "MAILINGEST_ALLOWED_TYPES": "pdf"}
-        )
-    )
+    changed = build_context(load_settings(env | changes))
     try:
         changed.redis.delete(*changed.redis.keys("mailingest:blob:*"))  # the TTL ran out
         drain(changed, [Step("describe", mail_id, 0)])
@@ -372,6 +375,23 @@ def test_6_expired_bytes_are_found_by_hash_not_by_screening_again(
         changed.close()
     (only,) = documents_at(sandbox)
     assert sandbox.state.download(ENTITY, only["document_token"]) == PDF[0]
+
+
+def test_6_expired_bytes_are_found_by_hash_not_by_screening_again(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, known: Path
+) -> None:
+    """The inline-image floor was lowered meanwhile: screening again would put the logo
+    at index 0 and upload it as bill.pdf. The bytes sent must be the bytes planned."""
+    _expire_and_run(env, sandbox, {"MAILINGEST_INLINE_IMAGE_FLOOR": "0"})
+
+
+@pytest.mark.timeout(60)
+def test_6b_expired_bytes_are_found_when_the_allowed_types_changed(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, known: Path
+) -> None:
+    """PDFs are no longer allowed: screening again finds nothing to stage, and upload
+    and re-staging alternated without end. The planned bytes are still the ones sent."""
+    _expire_and_run(env, sandbox, {"MAILINGEST_ALLOWED_TYPES": "png"})
 
 
 # -- 7. a step frozen past its lock ------------------------------------------------------
@@ -527,7 +547,30 @@ def test_10b_the_sweep_requeues_a_progressing_mail_instead_of_failing_it(
 # -- 11. a copy of a mail already filed ------------------------------------------------
 
 
-def test_11_a_copy_of_a_filed_mail_is_recognised_and_filed(
+def test_11_a_copy_planned_while_the_first_is_in_flight_is_filed_not_failed(
+    ctx: Context, imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    """The copy is planned while the first mail's upload still waits in the queue: it
+    must not wait on the first until its retries run out (it was left `failed`)."""
+    deliver(imap, [mail(PDF)])
+    first = first_mail(ctx)
+    ingest(ctx, first)
+    assert describe(ctx, first, 0) == [Step("upload", first, 0)]  # its upload waits
+    deliver(imap, [mail(PDF, received="from mx2; Mon, 1 Dec 2026 10:05:00 +0000")])
+    (step,) = poll(ctx, "default").steps
+    second = step.mail_id
+    drain(ctx, [Step("ingest", second)])  # the copy runs meanwhile
+    drain(ctx, [Step("upload", first, 0)])  # then the first's queued upload
+    for mail_id in (first, second):
+        record = ctx.ledger.mail(mail_id)
+        assert record is not None
+        assert (record.state, record.filed_to) == (L.DONE, "Processed"), record.reason
+    (only,) = documents_at(sandbox)
+    assert only["uploaded"]
+    assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 0, "Processed": 2}
+
+
+def test_11b_a_copy_of_a_mail_filed_long_ago_is_recognised_and_filed(
     ctx: Context, imap: ImapServer, sandbox: SandboxServer
 ) -> None:
     deliver(imap, [mail(PDF, JPG)])
