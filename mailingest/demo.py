@@ -64,7 +64,7 @@ def local_environment(
         "MAILINGEST_RETRY_CAP": "5",
         "MAILINGEST_ALLOY_RATE": "200",  # the limiter runs, but the sandbox is local
         # the local sandbox commits a request at once or never: a lost answer is looked
-        # for again after read timeout + 1 s + 5 s, not after a minute
+        # for again after connect + read timeout + 1 s + 5 s, not after a minute
         "MAILINGEST_ALLOY_COMMIT_HORIZON": "1",
     } | {f"MAILINGEST_{k.upper()}": v for k, v in overrides.items()}
 

@@ -174,8 +174,8 @@ class Busy(MailingestError):
 
 class InDoubt(Busy):
     """A describe of this document was sent and its answer never came: Alloy may still
-    commit it (read timeout + ``ALLOY_COMMIT_HORIZON``). Until then the document is not
-    described again; it is looked for at Alloy after ``retry_after`` seconds."""
+    commit it (connect + read timeout + ``ALLOY_COMMIT_HORIZON`` + 5 s). Until then the
+    document is not described again; it is looked for at Alloy after ``retry_after`` s."""
 
 
 class MailError(MailingestError):

@@ -82,7 +82,8 @@ return 1
 
 # KEYS: mail hash, raw key, queued set; ARGV: raw, ttl, size, now, mail id, internaldate
 _RECORD = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'state') == 1 then return 0 end
+redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'size', ARGV[3],
            'created_at', ARGV[4], 'updated_at', ARGV[4], 'internaldate', ARGV[6])
@@ -104,11 +105,14 @@ redis.call('HSET', KEYS[1], 'token', ARGV[1], 'described_at', ARGV[2], 'attempt'
 return ARGV[1]
 """
 
-# KEYS: slot hash; ARGV: the attempt the caller saw ('' for none), now, window ms, new id.
+# KEYS: slot hash, mail hash; ARGV: the attempt the caller saw ('' for none), now, window
+# ms, new id. {'decided', _} the mail is no longer documents_pending (quarantined, failed:
+# no new POST for it, or `finish` could move it before seeing this attempt).
 # {'token', _} the slot has a document already; {'changed', _} another run moved it on
 # since the caller looked; {'wait', ms} the attempt in doubt may still be committed by
 # Alloy for ms more; {'go', 0} the new attempt is recorded: POST.
 _BEGIN = """
+if redis.call('HGET', KEYS[2], 'state') ~= 'documents_pending' then return {'decided', 0} end
 local token = redis.call('HGET', KEYS[1], 'token')
 if token and token ~= '' then return {'token', 0} end
 local current = redis.call('HGET', KEYS[1], 'attempt') or ''
@@ -121,6 +125,20 @@ end
 redis.call('HSET', KEYS[1], 'attempt', ARGV[4], 'attempt_at', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
 return {'go', 0}
+"""
+
+# KEYS: mail hash; ARGV: field/value pairs. Only a record that exists (has a state).
+_UPDATE = """
+if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# KEYS: document hash; ARGV: state, token. An uploaded document stays uploaded.
+_MIRROR = """
+if redis.call('HGET', KEYS[1], 'state') == 'uploaded' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'token', ARGV[2])
+return 1
 """
 
 # KEYS: mail hash; ARGV: reason. Appended once (a retried step does not repeat it).
@@ -318,11 +336,13 @@ class Slot:
 class Attempt:
     """What :meth:`Ledger.begin_attempt` decided: ``go`` (POST, as ``attempt_id``),
     ``token`` (the slot has its document), ``changed`` (look again), ``wait`` (an
-    attempt in doubt may still be committed for ``wait_ms``)."""
+    attempt in doubt may still be committed for ``wait_ms``), ``decided`` (the mail
+    was quarantined or failed meanwhile: no POST)."""
 
     verdict: str
     attempt_id: str
     wait_ms: int
+    at: int = 0
 
 
 @dataclass(frozen=True)
@@ -377,6 +397,8 @@ class Ledger:
         self._begin = client.register_script(_BEGIN)
         self._clear_attempt = client.register_script(_CLEAR_ATTEMPT)
         self._add_reason = client.register_script(_ADD_REASON)
+        self._update = client.register_script(_UPDATE)
+        self._mirror = client.register_script(_MIRROR)
 
     # -- polling -------------------------------------------------------------
     def poll_lock(self, inbox: str, *, timeout: float) -> redis.lock.Lock:
@@ -489,22 +511,25 @@ class Ledger:
 
     def requeued(self, mail_id: str, count: int) -> None:
         """The sweep queued the mail again (not progress: ``updated_at`` stays)."""
-        self.redis.hset(keys.mail(mail_id), mapping={"requeued_at": self.now(), "requeues": count})
+        self._set(mail_id, {"requeued_at": self.now(), "requeues": count})
 
     def update(self, mail_id: str, **fields: object) -> None:
         fields.setdefault("updated_at", self.now())
-        self.redis.hset(
-            keys.mail(mail_id), mapping={k: "" if v is None else str(v) for k, v in fields.items()}
-        )
+        self._set(mail_id, fields)
+
+    def _set(self, mail_id: str, fields: dict[str, object]) -> bool:
+        """Set fields of an existing record only: a step that outlived its mail's record
+        (Redis lost it) must not leave a hash without a state, which would hide the
+        mail from the next poll for good."""
+        argv: list[Any] = []
+        for name, value in fields.items():
+            argv += [name, "" if value is None else str(value)]
+        return bool(self._update(keys=[keys.mail(mail_id)], args=argv))
 
     def filed(self, mail_id: str, folder: str, **fields: object) -> None:
         """The decided mail left the inbox (``folder`` is where it went, ``-`` if it could not)."""
-        mapping: dict[Any, Any] = {"filed_to": folder, "updated_at": self.now()}
-        mapping |= {k: str(v) for k, v in fields.items()}
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.mail(mail_id), mapping=mapping)
-        pipe.srem(keys.UNFILED, mail_id)
-        pipe.execute()
+        self._set(mail_id, {"filed_to": folder, "updated_at": self.now(), **fields})
+        self.redis.srem(keys.UNFILED, mail_id)
 
     def unfiled(self, inbox: str, *, idle_ms: int = 0) -> list[str]:
         """Decided mails of ``inbox`` still waiting to be moved, untouched for ``idle_ms``."""
@@ -576,16 +601,19 @@ class Ledger:
             for fp, h in zip(fps, pipe.execute(), strict=True)
         ]
 
-    def begin_attempt(self, slot: Slot, *, window_ms: int) -> Attempt:
-        """Fence a POST: go ahead only if the slot is as ``slot`` saw it (no token, the
-        same attempt in doubt, or none) and the attempt in doubt, if any, is past its
-        window (Alloy can no longer commit it). Recorded before the POST."""
+    def begin_attempt(self, slot: Slot, mail_id: str, *, window_ms: int) -> Attempt:
+        """Fence a POST: go ahead only if the mail is still ``documents_pending``, the
+        slot is as ``slot`` saw it (no token, the same attempt in doubt, or none) and the
+        attempt in doubt, if any, is past its window (Alloy can no longer commit it).
+        Recorded before the POST, at ``Attempt.at`` on the ledger's clock."""
         attempt_id = uuid.uuid4().hex[:16]
+        now = self.now()
         verdict, value = self._begin(
-            keys=[keys.slot(slot.entity, slot.fingerprint)],
-            args=[slot.attempt, self.now(), window_ms, attempt_id],
+            keys=[keys.slot(slot.entity, slot.fingerprint), keys.mail(mail_id)],
+            args=[slot.attempt, now, window_ms, attempt_id],
         )
-        return Attempt(_text(verdict), attempt_id if _text(verdict) == "go" else "", int(value))
+        go = _text(verdict) == "go"
+        return Attempt(_text(verdict), attempt_id if go else "", int(value), now)
 
     def attempt_failed(self, slot: Slot, attempt_id: str) -> None:
         """The POST of ``attempt_id`` is known not to have been applied (refused, rate
@@ -649,8 +677,9 @@ class Ledger:
         return self.sealer.open(value) if isinstance(value, bytes) else None
 
     def mark_described(self, mail_id: str, index: int, token: str) -> None:
-        """The document's slot has a token (mirrored on the document, for status)."""
-        self.redis.hset(keys.document(mail_id, index), mapping={"state": DESCRIBED, "token": token})
+        """The document's slot has a token (mirrored on the document, for status); a
+        document already uploaded stays so (a late run must not set it back)."""
+        self._mirror(keys=[keys.document(mail_id, index)], args=[DESCRIBED, token])
         self.update(mail_id)
 
     def mark_uploaded(self, mail_id: str, index: int, token: str) -> int:
@@ -660,9 +689,10 @@ class Ledger:
         pipe.hset(keys.document(mail_id, index), mapping={"state": UPLOADED, "token": token})
         pipe.delete(keys.blob(mail_id, index))
         pipe.sadd(keys.done(mail_id), index)
-        pipe.hset(keys.mail(mail_id), "updated_at", self.now())
         pipe.scard(keys.done(mail_id))
-        return int(pipe.execute()[-1])
+        confirmed = int(pipe.execute()[-1])
+        self.update(mail_id)
+        return confirmed
 
     def confirmed(self, mail_id: str) -> int:
         return int(self.redis.scard(keys.done(mail_id)))

@@ -41,7 +41,7 @@ from .ledger import MailRef, PlannedDocument
 from .mail import document_payload, message_key
 from .runtime import Context
 from .screening import Screened, screen, size_refusal
-from .settings import InboxSettings
+from .settings import SEND_GUARD, InboxSettings
 
 log = logging.getLogger(__name__)
 
@@ -399,13 +399,20 @@ def _describe_locked(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) 
                 raise InDoubt(_in_doubt(index, left), retry_after=left / 1000)
             ctx.ledger.attempt_failed(slot, slot.attempt)  # it never became a document
         return [Step("finish", mail_id)]
-    attempt = ctx.ledger.begin_attempt(slot, window_ms=window)
+    attempt = ctx.ledger.begin_attempt(slot, mail_id, window_ms=window)
     if attempt.verdict == "token":
         return [Step("upload", mail_id, index)]
+    if attempt.verdict == "decided":
+        return []  # quarantined or failed meanwhile: whoever decided it settles it
     if attempt.verdict == "wait":
         raise InDoubt(_in_doubt(index, attempt.wait_ms), retry_after=attempt.wait_ms / 1000)
     if attempt.verdict != "go":
         raise Busy(f"document {index}: another run described it meanwhile; looking again")
+    if ctx.ledger.now() - attempt.at > SEND_GUARD * 1000:
+        # stalled (frozen, paused) since the attempt was recorded: others count its window
+        # from the record, so it is not sent late; it was never sent, so it is not in doubt
+        ctx.ledger.attempt_failed(slot, attempt.attempt_id)
+        raise Busy(f"document {index}: stalled before sending its describe; trying again")
     try:
         answer = ctx.alloy.describe(
             record.entity,

@@ -117,6 +117,11 @@ class InboxSettings:
         return f"{self.origin}.{'name' if name == 'INBOX_NAME' else name.lower()}"
 
 
+# seconds between recording a describe attempt and sending it, at most: a run that took
+# longer (frozen, paused) does not send it (see Settings.in_doubt_ms)
+SEND_GUARD = 5.0
+
+
 @dataclass(frozen=True)
 class Settings:
     inboxes: tuple[InboxSettings, ...]
@@ -155,11 +160,14 @@ class Settings:
 
     @property
     def in_doubt_ms(self) -> int:
-        """How long a POST whose answer never came may still become an Alloy document:
-        the read timeout, then the time Alloy may take to commit a request it queued
-        (``ALLOY_COMMIT_HORIZON``), plus 5 s for the clocks involved. Until then a
-        document is not described again; it is looked for at Alloy instead."""
-        return int((self.alloy_read_timeout + self.alloy_commit_horizon + 5) * 1000)
+        """How long a POST whose answer never came may still become an Alloy document,
+        counted from the attempt's record: the send happens within ``SEND_GUARD`` of it
+        (or not at all), the connection within the connect timeout, the answer within the
+        read timeout, and Alloy may take ``ALLOY_COMMIT_HORIZON`` more to commit a
+        request it queued. Until then the document is not described again; it is looked
+        for at Alloy instead."""
+        seconds = self.alloy_connect_timeout + self.alloy_read_timeout + self.alloy_commit_horizon
+        return int((seconds + SEND_GUARD) * 1000)
 
     # -- access -----------------------------------------------------------
     def inbox(self, name: str) -> InboxSettings:

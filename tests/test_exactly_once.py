@@ -109,7 +109,7 @@ def lost_describe(ctx: Context, mail_id: str, *, record_attempt: bool) -> str:
     assert doc is not None
     if record_attempt:
         slot = ctx.ledger.slot(ENTITY, doc.fingerprint)
-        assert ctx.ledger.begin_attempt(slot, window_ms=60_000).verdict == "go"
+        assert ctx.ledger.begin_attempt(slot, mail_id, window_ms=60_000).verdict == "go"
     inbox = ctx.settings.inbox("default")
     return ctx.alloy.describe(
         ENTITY,
