@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -21,7 +22,7 @@ from imapclient import IMAPClient
 from mailingest import ledger as L
 from mailingest.decisions import stale
 from mailingest.embedded import ImapServer
-from mailingest.errors import InDoubt
+from mailingest.errors import AlloyUnavailable, Busy, InDoubt
 from mailingest.inbox import Mailbox
 from mailingest.pipeline import (
     Step,
@@ -31,6 +32,7 @@ from mailingest.pipeline import (
     ingest,
     poll,
     quarantine,
+    recover,
     replay,
     upload,
 )
@@ -624,3 +626,56 @@ def test_12b_a_second_refusal_in_a_quarantined_mail_is_part_of_its_reason(
     assert record is not None and record.filed_to == "Quarantine"
     assert "document 0 (bill.pdf)" in record.reason
     assert "document 1 (passport.jpg)" in record.reason
+
+
+# -- found by the simulation ------------------------------------------------------------
+
+
+def test_13_a_describe_stalled_after_recording_its_attempt_does_not_send(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, known: Path
+) -> None:
+    """Frozen between its attempt record and the POST for longer than the send guard:
+    others count the window from the record, so a late send could land after they had
+    described the document. It is not sent; the next run describes it once."""
+    ticks = {"skew": 0}
+    base = build_context(load_settings(env))
+    real_now = base.ledger.now
+    base.close()
+    ctx = build_context(load_settings(env), clock=lambda: real_now() + ticks["skew"])
+    try:
+        deliver(imap, [mail(PDF)])
+        mail_id = first_mail(ctx)
+        ingest(ctx, mail_id)
+        real_begin = ctx.ledger.begin_attempt
+
+        def begin_then_stall(*args: Any, **kw: Any) -> Any:
+            attempt = real_begin(*args, **kw)
+            ticks["skew"] += 10_000  # the process stood still for 10 s right here
+            return attempt
+
+        ctx.ledger.begin_attempt = begin_then_stall  # type: ignore[method-assign]
+        with pytest.raises(Busy):
+            describe(ctx, mail_id, 0)
+        assert documents_at(sandbox) == []  # nothing was sent
+        ctx.ledger.begin_attempt = real_begin  # type: ignore[method-assign]
+        drain(ctx, [Step("describe", mail_id, 0)])  # not in doubt: described at once
+    finally:
+        ctx.close()
+    (only,) = documents_at(sandbox)
+    assert only["uploaded"]
+
+
+def test_14_a_retry_after_redis_lost_the_mail_does_not_hide_it_from_the_next_poll(
+    ctx: Context, imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    """Redis lost the mail's record (and the watermark) while a step of it was failing:
+    the step's retry bookkeeping must not re-create a record without a state, which made
+    the next poll skip the mail for good."""
+    deliver(imap, [mail(PDF)])
+    mail_id = first_mail(ctx)
+    ctx.redis.delete(*ctx.redis.keys("mailingest:*"))  # the rollback: all of it gone
+    recover(ctx, Step("ingest", mail_id), AlloyUnavailable("down"), 0)  # a retry scheduled
+    assert not ctx.redis.exists(f"mailingest:mail:{mail_id}")
+    summary = poll_once(ctx)
+    assert summary.processed == 1, summary
+    assert len(documents_at(sandbox)) == 1
