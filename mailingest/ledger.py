@@ -91,7 +91,7 @@ redis.call('SADD', KEYS[3], ARGV[5])
 return 1
 """
 
-# KEYS: slot hash, token claim; ARGV: token, now. The slot's first token wins, and a token
+# KEYS: slot hash, token claim; ARGV: token. The slot's first token wins, and a token
 # belongs to one slot only: '' when another slot already claimed it. A token recorded
 # settles the attempt in doubt.
 _CLAIM = """
@@ -100,8 +100,7 @@ if current and current ~= '' then return current end
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= KEYS[1] then return '' end
 redis.call('SET', KEYS[2], KEYS[1])
-redis.call('HSET', KEYS[1], 'token', ARGV[1], 'described_at', ARGV[2], 'attempt', '',
-           'attempt_at', '')
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'attempt', '', 'attempt_at', '')
 return ARGV[1]
 """
 
@@ -123,7 +122,6 @@ if current ~= '' then
   if left > 0 then return {'wait', left} end
 end
 redis.call('HSET', KEYS[1], 'attempt', ARGV[4], 'attempt_at', ARGV[2])
-redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
 return {'go', 0}
 """
 
@@ -312,10 +310,8 @@ class Slot:
     token: str
     attempt: str
     attempt_at: int
-    started_at: int
     uploaded: bool
     refused: str
-    sha256: str
 
     @classmethod
     def from_hash(cls, entity: str, fp: str, h: dict[str, str]) -> Slot:
@@ -325,10 +321,8 @@ class Slot:
             token=h.get("token", ""),
             attempt=h.get("attempt", ""),
             attempt_at=int(h.get("attempt_at") or 0),
-            started_at=int(h.get("started_at") or 0),
             uploaded=h.get("uploaded") == "1",
             refused=h.get("refused", ""),
-            sha256=h.get("sha256", ""),
         )
 
 
@@ -571,7 +565,6 @@ class Ledger:
                     "fingerprint": fp,
                 },
             )
-            pipe.hsetnx(keys.slot(entity, fp), "sha256", sha)
             if state == UPLOADED:
                 pipe.sadd(keys.done(mail_id), doc.index)
             else:
@@ -626,7 +619,7 @@ class Ledger:
         return _text(
             self._claim(
                 keys=[keys.slot(slot.entity, slot.fingerprint), keys.token_claim(token)],
-                args=[token, self.now()],
+                args=[token],
             )
         )
 

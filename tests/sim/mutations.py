@@ -76,7 +76,7 @@ def _adopt_only_after_an_attempt(original: Callable[..., Any]) -> Callable[..., 
     """Look at Alloy only when an attempt is on record (a rollback can erase it)."""
 
     def adopt(ctx: Any, record: Any, doc: Any, slot: L.Slot, inbox: Any) -> Any:
-        if not slot.attempt and not slot.started_at:
+        if not slot.attempt:
             return None
         return original(ctx, record, doc, slot, inbox)
 
