@@ -76,10 +76,11 @@ def unsettled(
     """What must happen before a decided mail may leave the inbox: nothing of it may be
     left half-way at Alloy. A document with a token but no bytes gets its upload; one
     whose describe is in doubt is looked for (and adopted, or found absent). Documents
-    never sent, uploaded, or refused for good are settled. Empty: the mail may move."""
+    never sent, uploaded, refused for good, or whose bytes this mail no longer has
+    (``lost``) are settled. Empty: the mail may move."""
     steps: list[Step] = []
     for doc, slot in zip(docs, slots, strict=True):
-        if slot.uploaded or slot.refused:
+        if slot.uploaded or slot.refused or doc.state == L.LOST:
             continue
         if slot.token:
             steps.append(Step("upload", mail_id, doc.index))

@@ -17,6 +17,9 @@
     mailingest:poll:<inbox>              hash   last poll: when, found, error, last success
     mailingest:repoll:<inbox>            string a poll was asked for while one ran: poll again
     mailingest:token:<document token>    string which slot owns an Alloy token
+    mailingest:doubt:<entity>:<kind>     zset   slots whose describe of a document of this
+                                         name, extension and type may still be committed
+                                         (score: when it was begun)
     mailingest:senders                   hash   e-mail -> entity (the CLI's directory)
     mailingest:ratelimit:alloy           hash   the token bucket all workers share
     mailingest:oauth:<inbox>             hash   OAuth2 access/refresh tokens (sealed), expiry
@@ -28,6 +31,7 @@ Flower and in ``mailingest status``, and free of anything sensitive.
 
 from __future__ import annotations
 
+import hashlib
 from urllib.parse import quote
 
 NS = "mailingest"
@@ -89,6 +93,11 @@ def step_lock(name: str) -> str:
 
 def poll_status(inbox: str) -> str:
     return f"{NS}:poll:{inbox}"
+
+
+def doubt(entity: str, name: str, extension: str, type_: str) -> str:
+    kind = hashlib.sha256(f"{name}\0{extension}\0{type_}".encode("utf-8", "surrogateescape"))
+    return f"{NS}:doubt:{quote(entity, safe='')}:{kind.hexdigest()[:24]}"
 
 
 def token_claim(token: str) -> str:

@@ -47,6 +47,7 @@ DECIDED = (DONE, QUARANTINED)
 PLANNED = "planned"
 DESCRIBED = "described"
 UPLOADED = "uploaded"
+LOST = "lost"  # a quarantined mail's document whose bytes are gone: nothing left to send
 
 # KEYS[1] mail hash, KEYS[2] the unfiled set; ARGV[1] new state, ARGV[2] state-set prefix,
 # ARGV[3] mail id, ARGV[4] number of allowed from-states, then those states, then
@@ -91,22 +92,29 @@ redis.call('SADD', KEYS[3], ARGV[5])
 return 1
 """
 
-# KEYS: slot hash, token claim; ARGV: token. The slot's first token wins, and a token
-# belongs to one slot only: '' when another slot already claimed it. A token recorded
-# settles the attempt in doubt.
+# KEYS: slot hash, token claim, doubt zset; ARGV: token, the attempt this token answers
+# ('' for an adopted one), slot fingerprint. The slot's first token wins, and a token
+# belongs to one slot only: '' when another slot already claimed it. The attempt the token
+# answers is settled; an attempt still in doubt while another document was adopted stays
+# in doubt (others with the same name wait for it: it may still become a document).
 _CLAIM = """
 local current = redis.call('HGET', KEYS[1], 'token')
 if current and current ~= '' then return current end
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= KEYS[1] then return '' end
 redis.call('SET', KEYS[2], KEYS[1])
-redis.call('HSET', KEYS[1], 'token', ARGV[1], 'attempt', '', 'attempt_at', '')
+redis.call('HSET', KEYS[1], 'token', ARGV[1])
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'attempt') == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'attempt', '', 'attempt_at', '')
+  redis.call('ZREM', KEYS[3], ARGV[3])
+end
 return ARGV[1]
 """
 
-# KEYS: slot hash, mail hash; ARGV: the attempt the caller saw ('' for none), now, window
-# ms, new id. {'decided', _} the mail is no longer documents_pending (quarantined, failed:
-# no new POST for it, or `finish` could move it before seeing this attempt).
+# KEYS: slot hash, mail hash, doubt zset; ARGV: the attempt the caller saw ('' for none),
+# now, window ms, new id, slot fingerprint. {'decided', _} the mail is no longer
+# documents_pending (quarantined, failed: no new POST for it, or `finish` could move it
+# before seeing this attempt).
 # {'token', _} the slot has a document already; {'changed', _} another run moved it on
 # since the caller looked; {'wait', ms} the attempt in doubt may still be committed by
 # Alloy for ms more; {'go', 0} the new attempt is recorded: POST.
@@ -122,6 +130,7 @@ if current ~= '' then
   if left > 0 then return {'wait', left} end
 end
 redis.call('HSET', KEYS[1], 'attempt', ARGV[4], 'attempt_at', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
 return {'go', 0}
 """
 
@@ -148,10 +157,12 @@ else redis.call('HSET', KEYS[1], 'reason', current .. '; ' .. ARGV[1]) end
 return 1
 """
 
-# KEYS: slot hash; ARGV: attempt id. Only that attempt is cleared (a later one stays).
+# KEYS: slot hash, doubt zset; ARGV: attempt id, slot fingerprint. Only that attempt is
+# cleared (a later one stays).
 _CLEAR_ATTEMPT = """
 if redis.call('HGET', KEYS[1], 'attempt') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'attempt', '', 'attempt_at', '')
+  redis.call('ZREM', KEYS[2], ARGV[2])
 end
 return 1
 """
@@ -357,6 +368,12 @@ def fingerprint(message_key: str, doc: PlannedDocument) -> str:
     for part in (message_key, hashlib.sha256(doc.payload).hexdigest(), doc.name, doc.extension):
         digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
     return digest.hexdigest()[:40]
+
+
+def doubt_key(entity: str, doc: DocumentRecord) -> str:
+    """Where the describes of documents of ``doc``'s name, extension and type for this
+    entity that may still become Alloy documents are kept (see Ledger.others_in_doubt)."""
+    return keys.doubt(entity, doc.name, doc.extension, doc.type)
 
 
 def _text(value: Any) -> str:
@@ -594,7 +611,7 @@ class Ledger:
             for fp, h in zip(fps, pipe.execute(), strict=True)
         ]
 
-    def begin_attempt(self, slot: Slot, mail_id: str, *, window_ms: int) -> Attempt:
+    def begin_attempt(self, slot: Slot, mail_id: str, doubt: str, *, window_ms: int) -> Attempt:
         """Fence a POST: go ahead only if the mail is still ``documents_pending``, the
         slot is as ``slot`` saw it (no token, the same attempt in doubt, or none) and the
         attempt in doubt, if any, is past its window (Alloy can no longer commit it).
@@ -602,24 +619,43 @@ class Ledger:
         attempt_id = uuid.uuid4().hex[:16]
         now = self.now()
         verdict, value = self._begin(
-            keys=[keys.slot(slot.entity, slot.fingerprint), keys.mail(mail_id)],
-            args=[slot.attempt, now, window_ms, attempt_id],
+            keys=[keys.slot(slot.entity, slot.fingerprint), keys.mail(mail_id), doubt],
+            args=[slot.attempt, now, window_ms, attempt_id, slot.fingerprint],
         )
         go = _text(verdict) == "go"
         return Attempt(_text(verdict), attempt_id if go else "", int(value), now)
 
-    def attempt_failed(self, slot: Slot, attempt_id: str) -> None:
+    def attempt_failed(self, slot: Slot, doubt: str, attempt_id: str) -> None:
         """The POST of ``attempt_id`` is known not to have been applied (refused, rate
         limited, never connected): it is no longer in doubt."""
-        self._clear_attempt(keys=[keys.slot(slot.entity, slot.fingerprint)], args=[attempt_id])
+        self._clear_attempt(
+            keys=[keys.slot(slot.entity, slot.fingerprint), doubt],
+            args=[attempt_id, slot.fingerprint],
+        )
 
-    def claim(self, slot: Slot, token: str) -> str:
+    def others_in_doubt(self, doubt: str, slot: Slot, *, window_ms: int) -> int:
+        """Milliseconds until no *other* slot's describe of a document with this name,
+        extension and type can still become an Alloy document (0: none can). Until then
+        an unclaimed description of that name may be theirs, and a new one of ours could
+        leave theirs without a slot."""
+        now = self.now()
+        self.redis.zremrangebyscore(doubt, "-inf", now - window_ms)
+        entries: Any = self.redis.zrange(doubt, 0, -1, withscores=True)
+        begun = [int(score) for member, score in entries if _text(member) != slot.fingerprint]
+        return max((at + window_ms - now for at in begun), default=0)
+
+    def claim(self, slot: Slot, token: str, doubt: str, *, answers: str = "") -> str:
         """Record ``token`` as the slot's Alloy document unless the slot has one; return
-        the slot's token, or "" when ``token`` already belongs to another slot."""
+        the slot's token, or "" when ``token`` already belongs to another slot.
+        ``answers``: the attempt whose POST answered with this token (it is settled)."""
         return _text(
             self._claim(
-                keys=[keys.slot(slot.entity, slot.fingerprint), keys.token_claim(token)],
-                args=[token],
+                keys=[
+                    keys.slot(slot.entity, slot.fingerprint),
+                    keys.token_claim(token),
+                    doubt,
+                ],
+                args=[token, answers, slot.fingerprint],
             )
         )
 
@@ -686,6 +722,11 @@ class Ledger:
         confirmed = int(pipe.execute()[-1])
         self.update(mail_id)
         return confirmed
+
+    def mark_lost(self, mail_id: str, index: int) -> None:
+        """This mail has nothing left to send for the document (its bytes are gone). Only
+        this mail's record says so: another copy that still has the bytes uploads them."""
+        self.redis.hset(keys.document(mail_id, index), "state", LOST)
 
     def confirmed(self, mail_id: str) -> int:
         return int(self.redis.scard(keys.done(mail_id)))

@@ -388,18 +388,20 @@ def _describe_locked(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) 
     if slot.token:
         return [Step("upload", mail_id, index)]
     inbox = ctx.settings.inbox(record.ref.inbox)
-    adopted = _adopt(ctx, record, doc, slot, inbox)
+    window = ctx.settings.in_doubt_ms
+    doubt = L.doubt_key(record.entity, doc)
+    adopted = _adopt(ctx, record, doc, slot, inbox, doubt)
     if adopted is not None:
         return adopted
-    window = ctx.settings.in_doubt_ms
     if record.state != L.DOCUMENTS_PENDING:  # settling a quarantined mail: never POST
         if slot.attempt:
             left = slot.attempt_at + window - ctx.ledger.now()
             if left > 0:
                 raise InDoubt(_in_doubt(index, left), retry_after=left / 1000)
-            ctx.ledger.attempt_failed(slot, slot.attempt)  # it never became a document
+            ctx.ledger.attempt_failed(slot, doubt, slot.attempt)  # it never became one
         return [Step("finish", mail_id)]
-    attempt = ctx.ledger.begin_attempt(slot, mail_id, window_ms=window)
+    _wait_for_others(ctx, doubt, slot, index)
+    attempt = ctx.ledger.begin_attempt(slot, mail_id, doubt, window_ms=window)
     if attempt.verdict == "token":
         return [Step("upload", mail_id, index)]
     if attempt.verdict == "decided":
@@ -411,7 +413,7 @@ def _describe_locked(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) 
     if ctx.ledger.now() - attempt.at > SEND_GUARD * 1000:
         # stalled (frozen, paused) since the attempt was recorded: others count its window
         # from the record, so it is not sent late; it was never sent, so it is not in doubt
-        ctx.ledger.attempt_failed(slot, attempt.attempt_id)
+        ctx.ledger.attempt_failed(slot, doubt, attempt.attempt_id)
         raise Busy(f"document {index}: stalled before sending its describe; trying again")
     try:
         answer = ctx.alloy.describe(
@@ -423,18 +425,18 @@ def _describe_locked(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) 
             note_author_agent_email=inbox.agent_email,
         )
     except AlloyRejected as exc:
-        ctx.ledger.attempt_failed(slot, attempt.attempt_id)
+        ctx.ledger.attempt_failed(slot, doubt, attempt.attempt_id)
         return quarantine(
             ctx, mail_id, f"document {index} ({doc.name}.{doc.extension}): {exc.describe()}"
         )
     except AlloyUnavailable as exc:
         if not exc.applied:
-            ctx.ledger.attempt_failed(slot, attempt.attempt_id)
+            ctx.ledger.attempt_failed(slot, doubt, attempt.attempt_id)
         raise
     metrics.document_described()
-    token = ctx.ledger.claim(slot, answer.token)
+    token = ctx.ledger.claim(slot, answer.token, doubt, answers=attempt.attempt_id)
     if not token:  # another slot adopted what this POST created: describe again
-        ctx.ledger.attempt_failed(slot, attempt.attempt_id)
+        ctx.ledger.attempt_failed(slot, doubt, attempt.attempt_id)
         raise Busy(f"document {index}: {answer.token} was adopted by another document")
     if token != answer.token:
         log.error(
@@ -457,14 +459,30 @@ def _in_doubt(index: int, left_ms: int) -> str:
     )
 
 
+def _wait_for_others(ctx: Context, doubt: str, slot: L.Slot, index: int) -> None:
+    """Raise InDoubt while another document of this name, extension and type for this
+    entity has a describe that may still become an Alloy document: a description of that
+    name adopted, or a new one made, before it settles could leave it without a slot."""
+    left = ctx.ledger.others_in_doubt(doubt, slot, window_ms=ctx.settings.in_doubt_ms)
+    if left > 0:
+        raise InDoubt(
+            f"document {index}: another document of its name may still be described "
+            f"at Alloy for {left / 1000:.0f} s; looked for again then",
+            retry_after=left / 1000,
+        )
+
+
 def _adopt(
     ctx: Context,
     record: L.MailRecord,
     doc: L.DocumentRecord,
     slot: L.Slot,
     inbox: InboxSettings,
+    doubt: str,
 ) -> list[Step] | None:
-    """Adopt the Alloy document that is already this document's, if there is one."""
+    """Adopt the Alloy document that is already this document's, if there is one: one
+    with exactly our bytes, else a description without bytes once no other document of
+    its name is still being described (it may be theirs)."""
     listing = ctx.alloy.list(record.entity)
     claimed = ctx.ledger.claimed([found.token for found in listing])
     for found in adoption_candidates(
@@ -474,7 +492,9 @@ def _adopt(
             held = ctx.alloy.download(record.entity, found.token)
             if hashlib.sha256(held).hexdigest() != doc.sha256:
                 continue
-        token = ctx.ledger.claim(slot, found.token)
+        else:
+            _wait_for_others(ctx, doubt, slot, doc.index)
+        token = ctx.ledger.claim(slot, found.token, doubt)
         if not token:
             continue  # another slot took it meanwhile
         log.info("mail %s: document %d adopted as %s", record.id, doc.index, token)
@@ -513,7 +533,7 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
     with single_flight(ctx, f"upload:{mail_id}:{index}") as mine:
         if not mine:
             return []
-        data = _planned_bytes(ctx, record, doc, slot)
+        data = _planned_bytes(ctx, record, doc)
         if data is None:
             return []
         try:
@@ -550,12 +570,10 @@ def _confirm_uploaded(
     return _uploaded(ctx, record, doc, slot.token)
 
 
-def _planned_bytes(
-    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, slot: L.Slot
-) -> bytes | None:
+def _planned_bytes(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) -> bytes | None:
     """The document's bytes, exactly as planned (by SHA-256): staged, else re-extracted
     from the mail (never screened again: settings may have changed). None when they
-    cannot be had; the mail is then failed (or, if quarantined, the slot refused)."""
+    cannot be had; the mail is then failed (or, if quarantined, the document ``lost``)."""
     data = ctx.ledger.blob(record.id, doc.index)
     if data is not None and hashlib.sha256(data).hexdigest() == doc.sha256:
         return data
@@ -570,7 +588,7 @@ def _planned_bytes(
         else "no part of the mail has the planned bytes any more"
     )
     if record.state == L.QUARANTINED:
-        ctx.ledger.slot_refused(slot, reason)  # nothing left to send: settle without it
+        ctx.ledger.mark_lost(record.id, doc.index)  # nothing left to send: settle without it
         log.error("mail %s: %s", record.id, reason)
     elif ctx.ledger.transition(
         record.id, L.FAILED, allowed=(L.DOCUMENTS_PENDING, L.FAILED), reason=reason

@@ -111,7 +111,8 @@ def lost_describe(ctx: Context, mail_id: str, *, record_attempt: bool) -> str:
     assert doc is not None
     if record_attempt:
         slot = ctx.ledger.slot(ENTITY, doc.fingerprint)
-        assert ctx.ledger.begin_attempt(slot, mail_id, window_ms=60_000).verdict == "go"
+        doubt = L.doubt_key(ENTITY, doc)
+        assert ctx.ledger.begin_attempt(slot, mail_id, doubt, window_ms=60_000).verdict == "go"
     inbox = ctx.settings.inbox("default")
     return ctx.alloy.describe(
         ENTITY,
@@ -679,3 +680,66 @@ def test_14_a_retry_after_redis_lost_the_mail_does_not_hide_it_from_the_next_pol
     summary = poll_once(ctx)
     assert summary.processed == 1, summary
     assert len(documents_at(sandbox)) == 1
+
+
+# -- found by the adversarial review ----------------------------------------------------
+
+
+def test_15_two_documents_of_one_name_both_in_doubt_leave_no_description_behind(
+    ctx: Context, imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    """Mails A and B each carry a different bill.pdf for one customer; both describes'
+    answers are lost and Alloy commits them late, inside their windows. B must not take
+    A's description while A's describe may still commit (nor A post anew while B's may):
+    otherwise the late one is left `uploaded: false`, claimed by nobody."""
+    other = (pdf_bytes("other bill", 3000), "application/pdf", "bill.pdf", "attachment")
+    deliver(imap, [mail(PDF, message_id="<a@x>"), mail(other, message_id="<b@x>")])
+    a, b = (step.mail_id for step in poll(ctx, "default").steps)
+    ingest(ctx, a)
+    ingest(ctx, b)
+    window = ctx.settings.in_doubt_ms
+    doc_a, doc_b = ctx.ledger.document(a, 0), ctx.ledger.document(b, 0)
+    assert doc_a is not None and doc_b is not None and doc_a.sha256 != doc_b.sha256
+    doubt = L.doubt_key(ENTITY, doc_a)
+    assert doubt == L.doubt_key(ENTITY, doc_b)  # same name, extension, type
+
+    def begun(doc: L.DocumentRecord, mail_id: str) -> None:  # POSTed; the answer is lost
+        slot = ctx.ledger.slot(ENTITY, doc.fingerprint)
+        assert ctx.ledger.begin_attempt(slot, mail_id, doubt, window_ms=window).verdict == "go"
+
+    def age(doc: L.DocumentRecord, ms: int) -> None:  # the attempt was begun ms ago
+        at = ctx.ledger.now() - ms
+        ctx.redis.hset(f"mailingest:slot:{ENTITY}:{doc.fingerprint}", "attempt_at", at)
+        ctx.redis.zadd(doubt, {doc.fingerprint: at})
+
+    def commit(doc: L.DocumentRecord) -> str:  # Alloy applies the POST sent earlier
+        inbox = ctx.settings.inbox("default")
+        return ctx.alloy.describe(
+            ENTITY,
+            name=doc.name,
+            extension=doc.extension,
+            type=doc.type,
+            note=inbox.note,
+            note_author_agent_email=inbox.agent_email,
+        ).token
+
+    begun(doc_a, a)
+    begun(doc_b, b)
+    age(doc_a, 10_000)  # A's went out 10 s before B's
+    commit(doc_a)
+    with pytest.raises(InDoubt):  # B's retry: A's late description may be A's
+        describe(ctx, b, 0)
+    age(doc_a, window + 1)  # A's window is over; B's (10 s later) is not
+    age(doc_b, window + 1 - 10_000)
+    with pytest.raises(InDoubt):  # A does not post anew while B's may still commit
+        describe(ctx, a, 0)
+    commit(doc_b)  # B's lost POST commits, inside its window
+    age(doc_b, window + 1)
+    drain(ctx, [Step("describe", a, 0), Step("describe", b, 0)])
+    for mail_id in (a, b):
+        record = ctx.ledger.mail(mail_id)
+        assert record is not None and (record.state, record.filed_to) == (L.DONE, "Processed")
+    docs = documents_at(sandbox)
+    assert len(docs) == 2 and all(d["uploaded"] for d in docs)
+    held = {sandbox.state.download(ENTITY, d["document_token"]) for d in docs}
+    assert held == {PDF[0], other[0]}

@@ -70,7 +70,9 @@ def test_post_reached_alloy_but_the_token_was_never_recorded(
         doc = ctx.ledger.document(mail_id, 0)
         assert doc is not None
         slot = ctx.ledger.slot(ctx.ledger.mail(mail_id).entity, doc.fingerprint)  # type: ignore[union-attr]
-        ctx.ledger.begin_attempt(slot, mail_id, window_ms=60_000)  # what describe() records first
+        ctx.ledger.begin_attempt(  # what describe() records first
+            slot, mail_id, L.doubt_key(slot.entity, doc), window_ms=60_000
+        )
         inbox = ctx.settings.inbox("default")
         lost = ctx.alloy.describe(  # the POST whose answer the dead worker never recorded
             ctx.ledger.mail(mail_id).entity,  # type: ignore[union-attr]
@@ -203,7 +205,10 @@ def test_two_lost_describes_of_same_named_documents_get_their_own_tokens(
             doc = ctx.ledger.document(step.mail_id, 0)
             assert doc is not None
             ctx.ledger.begin_attempt(
-                ctx.ledger.slot(entity, doc.fingerprint), step.mail_id, window_ms=60_000
+                ctx.ledger.slot(entity, doc.fingerprint),
+                step.mail_id,
+                L.doubt_key(entity, doc),
+                window_ms=60_000,
             )
             ctx.alloy.describe(
                 entity,

@@ -48,7 +48,9 @@ def _old_move(self: Mailbox, uid: int, destination: str, **_: Any) -> None:
         client.uid_expunge([uid])
 
 
-def _unfenced_begin(self: L.Ledger, slot: L.Slot, mail_id: str, *, window_ms: int) -> L.Attempt:
+def _unfenced_begin(
+    self: L.Ledger, slot: L.Slot, mail_id: str, doubt: str, *, window_ms: int
+) -> L.Attempt:
     """No compare-and-set: record the attempt and go, whatever the slot says."""
     attempt = "unfenced"
     self.redis.hset(
@@ -58,15 +60,17 @@ def _unfenced_begin(self: L.Ledger, slot: L.Slot, mail_id: str, *, window_ms: in
     return L.Attempt("go", attempt, 0, self.now())
 
 
-def _fence_without_mail(self: L.Ledger, slot: L.Slot, mail_id: str, *, window_ms: int) -> L.Attempt:
+def _fence_without_mail(
+    self: L.Ledger, slot: L.Slot, mail_id: str, doubt: str, *, window_ms: int
+) -> L.Attempt:
     """The fence without its check that the mail is still documents_pending: the script
     is given a stand-in mail record that is always pending."""
     always = "mailingest:mutation:always-pending"
     self.redis.hset(always, "state", L.DOCUMENTS_PENDING)
     now = self.now()
     verdict, value = self._begin(
-        keys=[L.keys.slot(slot.entity, slot.fingerprint), always],
-        args=[slot.attempt, now, window_ms, "mutant" + str(now)],
+        keys=[L.keys.slot(slot.entity, slot.fingerprint), always, doubt],
+        args=[slot.attempt, now, window_ms, "mutant" + str(now), slot.fingerprint],
     )
     text = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
     return L.Attempt(text, "mutant" + str(now) if text == "go" else "", int(value), now)
