@@ -275,7 +275,7 @@ def test_reproducing_command_names_the_seed() -> None:
 
 # -- the simulation can fail -----------------------------------------------------------
 
-MUTATION_LIMIT = int(os.environ.get("MAILINGEST_SIM_MUTATION_LIMIT", "600"))
+MUTATION_LIMIT = int(os.environ.get("MAILINGEST_SIM_MUTATION_LIMIT", "1000"))
 
 
 @pytest.mark.servers

@@ -10,7 +10,7 @@ test that proves them instead.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -76,17 +76,6 @@ def _fence_without_mail(
     return L.Attempt(text, "mutant" + str(now) if text == "go" else "", int(value), now)
 
 
-def _adopt_only_after_an_attempt(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Look at Alloy only when an attempt is on record (a rollback can erase it)."""
-
-    def adopt(ctx: Any, record: Any, doc: Any, slot: L.Slot, inbox: Any) -> Any:
-        if not slot.attempt:
-            return None
-        return original(ctx, record, doc, slot, inbox)
-
-    return adopt
-
-
 def _hset_anyway(self: L.Ledger, mail_id: str, fields: dict[str, object]) -> bool:
     self.redis.hset(L.keys.mail(mail_id), mapping={k: str(v) for k, v in fields.items()})
     return True
@@ -99,7 +88,6 @@ MUTATIONS: dict[str, str] = {
     "in-doubt-window": "a describe whose answer was lost is sent again at once",
     "copies-share-slots": "each delivery of a mail has slots of its own",
     "fenced-attempt": "a POST is not fenced by a compare-and-set on the slot",
-    "look-before-describe": "Alloy is listed only when an attempt is on record",
     "updates-need-a-record": "ledger updates may create a mail record without a state",
     "fence-on-pending-mail": "the fence does not check that the mail is still pending",
 }
@@ -112,6 +100,8 @@ ELSEWHERE = {
     "uploaded-stays-uploaded": "ledger agreement; seen once outside 10,000 schedules",
     # a stall exactly after the attempt record: 2 in 10,000 schedules before the fix
     "send-guard": "tests/test_exactly_once.py::test_13",
+    # caught after 52 schedules before the same-name fix; since then not within 1,600
+    "look-before-describe (finding 9)": "tests/test_exactly_once.py::test_9, test_9b",
 }
 
 
@@ -133,8 +123,6 @@ def mutated(name: str) -> Iterator[None]:
             patch.setattr(pipeline, "message_key", lambda raw, mid: hashlib.sha256(raw).hexdigest())
         elif name == "fenced-attempt":
             patch.setattr(L.Ledger, "begin_attempt", _unfenced_begin)
-        elif name == "look-before-describe":
-            patch.setattr(pipeline, "_adopt", _adopt_only_after_an_attempt(pipeline._adopt))
         elif name == "updates-need-a-record":
             patch.setattr(L.Ledger, "_set", _hset_anyway)
             # and record_new again takes any hash for a record, state or not
