@@ -113,6 +113,11 @@ def lost_describe(ctx: Context, mail_id: str, *, record_attempt: bool) -> str:
         slot = ctx.ledger.slot(ENTITY, doc.fingerprint)
         doubt = L.doubt_key(ENTITY, doc)
         assert ctx.ledger.begin_attempt(slot, mail_id, doubt, window_ms=60_000).verdict == "go"
+    return post_description(ctx, doc)
+
+
+def post_description(ctx: Context, doc: L.DocumentRecord) -> str:
+    """The describe POST of ``doc`` reaching Alloy (as the product sends it); its token."""
     inbox = ctx.settings.inbox("default")
     return ctx.alloy.describe(
         ENTITY,
@@ -712,28 +717,17 @@ def test_15_two_documents_of_one_name_both_in_doubt_leave_no_description_behind(
         ctx.redis.hset(f"mailingest:slot:{ENTITY}:{doc.fingerprint}", "attempt_at", at)
         ctx.redis.zadd(doubt, {doc.fingerprint: at})
 
-    def commit(doc: L.DocumentRecord) -> str:  # Alloy applies the POST sent earlier
-        inbox = ctx.settings.inbox("default")
-        return ctx.alloy.describe(
-            ENTITY,
-            name=doc.name,
-            extension=doc.extension,
-            type=doc.type,
-            note=inbox.note,
-            note_author_agent_email=inbox.agent_email,
-        ).token
-
     begun(doc_a, a)
     begun(doc_b, b)
     age(doc_a, 10_000)  # A's went out 10 s before B's
-    commit(doc_a)
+    post_description(ctx, doc_a)  # Alloy applies A's POST, sent earlier
     with pytest.raises(InDoubt):  # B's retry: A's late description may be A's
         describe(ctx, b, 0)
     age(doc_a, window + 1)  # A's window is over; B's (10 s later) is not
     age(doc_b, window + 1 - 10_000)
     with pytest.raises(InDoubt):  # A does not post anew while B's may still commit
         describe(ctx, a, 0)
-    commit(doc_b)  # B's lost POST commits, inside its window
+    post_description(ctx, doc_b)  # B's lost POST commits, inside its window
     age(doc_b, window + 1)
     drain(ctx, [Step("describe", a, 0), Step("describe", b, 0)])
     for mail_id in (a, b):
