@@ -6,7 +6,7 @@ private stack whose INBOX holds the large mail::
 
     python -m bench.memprofile --out memprofile.json
 
-It polls the inbox with :func:`mailingest.pipeline.poll` and runs every step that
+It polls the inbox with :func:`mailingest.application.pipeline.poll` and runs every step that
 follows (``run_step``) one after the other, as a worker process would run them
 as tasks. Per step it records the peak RSS above the RSS before the step
 (``VmHWM`` after ``clear_refs``), the peak of Python allocations (tracemalloc),
@@ -119,10 +119,10 @@ def top_sites(snapshot: tracemalloc.Snapshot, limit: int = 6) -> list[dict[str, 
 
 
 def run(floor: int) -> dict[str, Any]:
-    from mailingest import pipeline
-    from mailingest.pipeline import Step
-    from mailingest.runtime import build_context
-    from mailingest.settings import load_settings
+    from mailingest.application import pipeline
+    from mailingest.application.pipeline import Step
+    from mailingest.application.services import build_context
+    from mailingest.config.settings import load_settings
 
     settings = load_settings().require("redis", "imap", "alloy")
     ctx = build_context(settings)

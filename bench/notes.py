@@ -109,7 +109,8 @@ def throughput(results: dict[str, Any]) -> dict[str, str]:
         f"{calls['Ledger.mail'] + calls['Ledger.document']:.1f} % of pool time), takes its lock "
         f"(`pipeline.single_flight`, {calls['single_flight']:.1f} %), and records progress "
         f"({hset:.0f} HSET and {evalsha:.0f} Lua transitions per mail).\n\n"
-        "Parsing is not the difference: `mailingest.hollow` keeps the base64 bodies out of the "
+        "Parsing is not the difference: `mailingest.core.base64_bodies` keeps the base64 bodies "
+        "out of the "
         "stdlib's line-by-line parser, while the bare loop spends "
         f"{feedparser:.0f} % of its time in `email.feedparser`." + remote_text
     )

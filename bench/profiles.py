@@ -4,7 +4,7 @@
 ``[process A;[process B;]]frame;frame;... count``, outermost frame first, each
 frame ``function (file:line)``. :func:`summarize` turns that into the shares
 a reader needs: per process, how many samples were spent in which pipeline
-step (``mailingest/pipeline.py``) and which functions are on the stack most
+step (``mailingest/application/pipeline.py``) and which functions are on the stack most
 (inclusive) and at the top of it (self), with ``--idle`` so that waiting on a
 socket counts as the wall time it is.
 """
@@ -26,7 +26,7 @@ from typing import Any
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 _PROCESS = re.compile(r'^process (?P<pid>\d+):"(?P<cmd>.*)"$', re.S)
 
-# the pipeline's steps, by the function in mailingest/pipeline.py that runs them
+# the pipeline's steps, by the function in mailingest/application/pipeline.py that runs them
 STEPS = {
     "poll": "poll",
     "ingest": "ingest",
@@ -181,9 +181,11 @@ def summarize(raw: Path, top: int = 12) -> dict[str, Any]:
         role["samples"] += count
         role["processes"].add(pids[-1] if pids else "?")
         step = "other"
-        if any(f == "mailingest/pipeline.py" and fn in STEPS for fn, f in frames):
+        if any(f == "mailingest/application/pipeline.py" and fn in STEPS for fn, f in frames):
             step = next(
-                STEPS[fn] for fn, f in frames if f == "mailingest/pipeline.py" and fn in STEPS
+                STEPS[fn]
+                for fn, f in frames
+                if f == "mailingest/application/pipeline.py" and fn in STEPS
             )
         elif any(f.startswith("mailingest/") for _, f in frames):
             step = "mailingest, outside the steps"

@@ -181,7 +181,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
 def settings_note(cfg: Any) -> dict[str, str]:
     return {
         "worker": "python -m celery -A mailingest worker --concurrency 2 --pool prefork "
-        "(mailingest.embedded.CeleryProcess), plus beat (RedBeat)",
+        "(mailingest_testbed.servers.CeleryProcess), plus beat (RedBeat)",
         "poll interval": f"MAILINGEST_POLL_INTERVAL={cfg.poll_interval:g} s (throughput, growth, "
         f"polling latency); {cfg.idle_poll_interval:g} s with IDLE",
         "rate limit": "MAILINGEST_ALLOY_RATE=10000 (the Redis token bucket runs on every request "
@@ -193,7 +193,8 @@ def settings_note(cfg: Any) -> dict[str, str]:
         "everything else": "mailingest's defaults: late acks, prefetch 1, POLL_LIMIT 500, "
         "FETCH_BATCH 50 / FETCH_BYTES 64 MiB, limits 40 MiB message / 25 MiB attachment, "
         "DMARC check on, LOG_LEVEL info",
-        "sandbox": "mailingest.sandbox in the harness process, keep_bodies=False (size and "
+        "sandbox": "mailingest_testbed.alloy_sandbox in the harness process, keep_bodies=False "
+        "(size and "
         "SHA-256 of each upload kept, for the correctness check), reset between runs",
         "bare loop": "bench/bare_loop.py, one process: imapclient FETCH BODY.PEEK[] per mail, "
         "email (policy.default), httpx POST + PUT per attachment, MOVE per mail",
@@ -693,8 +694,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"{idle['mails']:,} small mails written into the maildir and indexed, the "
             f"ledger holding {idle['mails']:,} `done` records (written in the ledger's "
             "format) and the watermark at "
-            "the last UID. One poll = `mailingest.pipeline.poll` called in-process with the "
-            "services a worker builds (`runtime.build_context`), after a warm-up poll; "
+            "the last UID. One poll = `mailingest.application.pipeline.poll` called in-process "
+            "with the "
+            "services a worker builds (`services.build_context`), after a warm-up poll; "
             f"{idle['polls']} polls each. A worker keeps its IMAP connection between tasks, so a "
             "poll is SELECT + UID SEARCH on an open connection; the first poll of a worker "
             "process also connects and logs in (3 such polls, each with fresh services: "

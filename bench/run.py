@@ -33,9 +33,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mailingest import keys
-from mailingest import ledger as L
-from mailingest.samples import AGENT_EMAIL
+from mailingest_testbed.samples import AGENT_EMAIL
+
+from mailingest.adapters import keys
+from mailingest.adapters import ledger as L
 
 from . import report
 from .profiles import PySpy, keep, py_spy, summarize
@@ -693,9 +694,9 @@ class Bench:
         """Polls of a worker's services that already polled (the steady state: the IMAP
         connection is kept between tasks), then polls each with fresh services (the first
         poll of a worker process: connect and log in)."""
-        from mailingest import pipeline
-        from mailingest.runtime import build_context
-        from mailingest.settings import load_settings
+        from mailingest.application import pipeline
+        from mailingest.application.services import build_context
+        from mailingest.config.settings import load_settings
 
         from .imapcount import ImapCounter
 
@@ -825,7 +826,7 @@ def _seed_ledger(
 ) -> None:
     """The ledger of an inbox whose every mail was processed: ``done``, filed, documents
     uploaded, the watermark at the last UID, written in the ledger's own format."""
-    from mailingest.ledger import MailRef
+    from mailingest.adapters.ledger import MailRef
 
     now = L.now_ms() - 86_400_000
     pipe = client.pipeline(transaction=False)

@@ -1,6 +1,6 @@
 """Servers and processes of one benchmark run, and what is measured on them.
 
-Every server is private and on a free loopback port (``mailingest.embedded``):
+Every server is private and on a free loopback port (``mailingest_testbed.servers``):
 a fresh redis-server (AOF on, ``appendfsync everysec``, as docker-compose runs
 it) and a fresh Dovecot per run, so each run starts from the same state; the
 Alloy sandbox lives in the harness process for the whole benchmark and is reset
@@ -28,12 +28,12 @@ from typing import Any
 
 import redis
 from imapclient import IMAPClient
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.demo import local_environment
+from mailingest_testbed.servers import CeleryProcess, DovecotServer, RedisServer
 
-from mailingest import keys
-from mailingest import ledger as L
-from mailingest.demo import local_environment
-from mailingest.embedded import CeleryProcess, DovecotServer, RedisServer
-from mailingest.sandbox import SandboxServer
+from mailingest.adapters import keys
+from mailingest.adapters import ledger as L
 
 from .workload import DocSpec, MailSpec, expected_index
 
@@ -138,7 +138,7 @@ class Servers:
 
 
 def make_sandbox() -> SandboxServer:
-    from mailingest.samples import AGENT_EMAIL
+    from mailingest_testbed.samples import AGENT_EMAIL
 
     return SandboxServer(
         token=ALLOY_TOKEN, secret=ALLOY_SECRET, agents=[AGENT_EMAIL], keep_bodies=False

@@ -5,10 +5,10 @@ of the 10,000-mail workload are the 500-mail workload. Each mail has 1-3
 attachments (uniform); each attachment's size is log-uniform between 50 kB and
 2 MB (50,000 and 2,000,000 bytes; mean about 0.53 MB), its kind PDF (50 %),
 JPEG (30 %) or PNG (20 %): a valid magic number and structure head (what
-``mailingest.sniff`` looks at) followed by random bytes, so every document is
+``mailingest.core.sniff`` looks at) followed by random bytes, so every document is
 unique and incompressible. The sender is one of 20 customers of the sender
 directory; the ``Authentication-Results`` header says DMARC pass by the trusted
-receiving server (``mailingest.samples``).
+receiving server (``mailingest_testbed.samples``).
 
 Mails are written as files with LF line endings, the way Dovecot stores them,
 once per workdir (the *corpus*); a run delivers the first N of them into the
@@ -34,13 +34,13 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
-from mailingest.samples import authentication_results
+from mailingest_testbed.samples import authentication_results
 
 MIN_SIZE, MAX_SIZE = 50_000, 2_000_000
 SENDERS = 20
 LINE = 76  # base64 characters per line
 
-# stem, extension, Alloy type the name implies (mailingest.documents.infer_type), weight
+# stem, extension, Alloy type the name implies (mailingest.core.documents.infer_type), weight
 KINDS: tuple[tuple[str, str, str, float], ...] = (
     ("driver_license", "pdf", "license", 0.2),
     ("utility_bill", "pdf", "utility", 0.2),
@@ -201,7 +201,7 @@ def crlf(raw: bytes) -> bytes:
 
 
 def mail_owner() -> tuple[int, int]:
-    """uid/gid that own Dovecot's maildir (mailingest.embedded: ``mail`` when root)."""
+    """uid/gid that own Dovecot's maildir (mailingest_testbed.servers: ``mail`` when root)."""
     if os.geteuid() == 0:
         for name in ("mail", "nobody"):
             try:

@@ -1,3 +1,3 @@
-from .cli import main
+from mailingest.application.cli import main
 
 raise SystemExit(main())

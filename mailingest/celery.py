@@ -1,80 +1,9 @@
-"""The Celery application: ``celery -A mailingest worker|beat`` finds ``app`` here.
+"""Where ``celery -A mailingest`` (and ``-A mailingest.celery``) finds the Celery app.
 
-Settings are read and validated when this module is imported; a bad setting
-stops the process with one line naming it (no traceback).
+The app itself lives in :mod:`mailingest.application.celery_app`; this name is kept
+because Celery looks for ``<package>.celery`` and the deployment files use it.
 """
 
-from __future__ import annotations
+from mailingest.application.celery_app import app
 
-import logging
-import sys
-from typing import Any
-
-from celery import Celery
-from celery.signals import (
-    after_setup_logger,
-    after_setup_task_logger,
-    celeryd_init,
-    worker_init,
-)
-
-from .celeryconf import celery_config
-from .errors import ConfigError
-from .settings import Settings, load_settings
-
-
-def _load() -> Settings:
-    try:
-        return load_settings().require("redis", "imap", "alloy")
-    except ConfigError as exc:
-        sys.exit(f"mailingest: configuration error: {exc}")
-
-
-settings = _load()
-for _name in settings.sender_auth_off:
-    print(
-        f"mailingest: WARNING: inbox {_name}: sender authentication is off: senders are not "
-        "authenticated; anyone who forges a customer's From: address can file documents on "
-        "that customer",
-        file=sys.stderr,
-    )
-app = Celery("mailingest", include=["mailingest.tasks"])
-app.conf.update(celery_config(settings))
-
-
-@after_setup_logger.connect
-@after_setup_task_logger.connect
-def _log_format(logger: logging.Logger, **_: Any) -> None:
-    """Correlation fields on every record; JSON lines with MAILINGEST_LOG_FORMAT=json."""
-    from .logs import install
-
-    install(logger.handlers, settings.log_format)
-
-
-@celeryd_init.connect
-def _metrics_directory(**_: Any) -> None:
-    """A worker with MAILINGEST_METRICS_PORT counts in all its processes: files first."""
-    if settings.metrics_port:
-        from . import metrics
-
-        metrics.prepare_multiprocess()
-
-
-@worker_init.connect
-def _serve_metrics(**_: Any) -> None:
-    """Serve /metrics from the worker's main process, which sees every pool process."""
-    if not settings.metrics_port:
-        return
-    from . import ledger as L
-    from . import metrics
-    from .runtime import connect_redis
-
-    assert settings.redis_url is not None
-    ledger = L.Ledger(connect_redis(settings.redis_url))
-
-    def pending() -> list[tuple[str, int]]:
-        records = ledger.mails((L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING))
-        return [(r.ref.inbox, r.created_at) for r in records]
-
-    collector = metrics.BacklogCollector([inbox.name for inbox in settings.inboxes], pending)
-    metrics.serve(settings.metrics_port, collector)
+__all__ = ["app"]

@@ -19,16 +19,15 @@ from pathlib import Path
 import pytest
 import redis
 from imapclient import IMAPClient
-
-from mailingest.demo import local_environment
-from mailingest.embedded import (
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.demo import local_environment
+from mailingest_testbed.samples import AGENT_EMAIL
+from mailingest_testbed.servers import (
     ImapServer,
     RedisServer,
     ServerNotAvailable,
     start_imap_server,
 )
-from mailingest.samples import AGENT_EMAIL
-from mailingest.sandbox import SandboxServer
 
 ALLOY_TOKEN, ALLOY_SECRET = "test-token", "test-secret-value"
 

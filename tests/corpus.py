@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from email.message import EmailMessage
 
-from mailingest.authn import AuthPolicy
-from mailingest.samples import AUTHSERV_ID, authentication_results, jpeg_bytes, pdf_bytes
-from mailingest.screening import Limits
+from mailingest_testbed.samples import AUTHSERV_ID, authentication_results, jpeg_bytes, pdf_bytes
+
+from mailingest.core.screening import Limits
+from mailingest.core.sender_auth import AuthPolicy
 
 SENDER = "alice@example.com"
 LIMITS = Limits(max_message_bytes=2 * 1024 * 1024, max_attachment_bytes=512 * 1024)

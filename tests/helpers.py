@@ -8,15 +8,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from imapclient import IMAPClient
+from mailingest_testbed.demo import check_outcome
+from mailingest_testbed.samples import Scenario
+from mailingest_testbed.servers import DovecotServer, ImapAccount, ImapServer, ServerNotAvailable
 
-from mailingest import ledger as L
-from mailingest.alloy import AlloyClient
-from mailingest.demo import check_outcome
-from mailingest.embedded import DovecotServer, ImapAccount, ImapServer, ServerNotAvailable
-from mailingest.ledger import Ledger
-from mailingest.runtime import connect_redis
-from mailingest.samples import Scenario
-from mailingest.settings import InboxSettings, Secret
+from mailingest.adapters import ledger as L
+from mailingest.adapters.alloy import AlloyClient
+from mailingest.adapters.ledger import Ledger
+from mailingest.application.services import connect_redis
+from mailingest.config.settings import InboxSettings, Secret
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from mailingest_testbed.alloy_sandbox import SandboxServer
 
-from mailingest.alloy import AlloyClient, error_from_response
-from mailingest.errors import AlloyRejected, AlloyUnavailable
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import Secret
+from mailingest.adapters.alloy import AlloyClient, error_from_response
+from mailingest.config.settings import Secret
+from mailingest.core.errors import AlloyRejected, AlloyUnavailable
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailingest.authn import (
+from mailingest.core.sender_auth import (
     AuthPolicy,
     MethodResult,
     Verdict,

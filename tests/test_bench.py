@@ -10,10 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mailingest_testbed.samples import AUTHSERV_ID
+
 from bench.workload import crlf, make_mail
-from mailingest.authn import AuthPolicy
-from mailingest.samples import AUTHSERV_ID
-from mailingest.screening import Limits, screen
+from mailingest.core.screening import Limits, screen
+from mailingest.core.sender_auth import AuthPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from mailingest.embedded import ImapServer
-from mailingest.samples import demo_scenario
-from mailingest.sandbox import SandboxServer
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import demo_scenario
+from mailingest_testbed.servers import ImapServer
 
 from .helpers import deliver, folder_counts, write_senders
 
@@ -103,7 +102,7 @@ def test_same_mail_delivered_twice_is_uploaded_once(
 
 
 def test_unreachable_servers_give_one_line(env: dict[str, str]) -> None:
-    from mailingest.embedded import free_port
+    from mailingest_testbed.servers import free_port
 
     dead_redis = env | {"MAILINGEST_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     for args in (("status",), ("senders", "list")):
@@ -140,9 +139,9 @@ def test_poll_now_queues_a_poll_for_the_workers(env: dict[str, str]) -> None:
 def test_status_shows_backlog_and_oldest_pending(
     env: dict[str, str], imap: ImapServer, senders_file: Path
 ) -> None:
-    from mailingest.pipeline import poll
-    from mailingest.runtime import build_context
-    from mailingest.settings import load_settings
+    from mailingest.application.pipeline import poll
+    from mailingest.application.services import build_context
+    from mailingest.config.settings import load_settings
 
     scenario = demo_scenario(seed=12)
     write_senders(senders_file, scenario)

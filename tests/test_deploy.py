@@ -42,9 +42,9 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from mailingest.errors import ConfigError
-from mailingest.metrics import METRICS
-from mailingest.settings import load_settings
+from mailingest.application.metrics import METRICS
+from mailingest.config.settings import load_settings
+from mailingest.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -61,8 +61,9 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
 DEFAULT_TASK_TIME_LIMIT = 300  # MAILINGEST_TASK_TIME_LIMIT's default
 
-# What each command needs (Settings.require groups). Importing mailingest.celery (celery -A,
-# Flower, worker, beat) loads and checks the settings of a worker.
+# What each command needs (Settings.require groups). Importing
+# mailingest.application.celery_app (celery -A, Flower, worker, beat) loads and checks
+# the settings of a worker.
 ALL_GROUPS = ("redis", "imap", "alloy")
 MAILINGEST_NEEDS: dict[str, tuple[str, ...]] = {
     "worker": ALL_GROUPS,
@@ -195,9 +196,22 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
     return stages
 
 
+def final_stage() -> list[tuple[str, str]]:
+    """The default target's instructions, with those of the stages it is built FROM."""
+    stages = dockerfile_stages()
+    named = {stage[0][1].split()[-1]: stage for stage in stages if " AS " in stage[0][1]}
+    chain, stage = [], stages[-1]
+    while True:
+        chain[:0] = stage[1:]
+        parent = stage[0][1].split()[0]
+        if parent not in named:
+            return [stage[0], *chain]
+        stage = named[parent]
+
+
 def image_default(instruction: str) -> list[str]:
     """ENTRYPOINT or CMD of the final stage, as an argv."""
-    values = [rest for ins, rest in dockerfile_stages()[-1] if ins == instruction]
+    values = [rest for ins, rest in final_stage() if ins == instruction]
     assert values, f"the final stage has no {instruction}"
     return json.loads(values[-1])
 
@@ -269,7 +283,7 @@ def configmaps() -> dict[str, dict[str, str]]:
 
 @functools.cache
 def mailingest_parser() -> argparse.ArgumentParser:
-    from mailingest.cli import build_parser
+    from mailingest.application.cli import build_parser
 
     return build_parser()
 
@@ -820,7 +834,7 @@ def test_dockerfile_slim_non_root_hash_pinned() -> None:
         assert base in names or re.fullmatch(r"python:3\.11-slim(-[a-z]+)?(@sha256:\w+)?", base), (
             f"FROM {base}: the image is built on python:3.11-slim"
         )
-    final = stages[-1]
+    final = final_stage()
     users = [rest for ins, rest in final if ins == "USER"]
     assert users, "the final stage runs as root (no USER)"
     user = users[-1].split(":")[0]
@@ -1060,8 +1074,8 @@ def test_k8s_containers_get_the_settings_they_need(where: str, tmp_path: Path) -
 
 
 def test_k8s_example_staging_key_is_refused() -> None:
-    from mailingest.sealing import Sealer, SealingError
-    from mailingest.settings import Secret
+    from mailingest.adapters.encryption import Sealer, SealingError
+    from mailingest.config.settings import Secret
 
     with pytest.raises(SealingError):
         Sealer(Secret(secret_example()["staging-key"]))

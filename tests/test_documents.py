@@ -1,10 +1,10 @@
-"""mailingest.documents: Attachment -> the document Alloy is told about."""
+"""mailingest.core.documents: Attachment -> the document Alloy is told about."""
 
 from __future__ import annotations
 
 import pytest
 
-from mailingest.documents import (
+from mailingest.core.documents import (
     DOCUMENT_TYPES,
     MAX_NAME_LENGTH,
     DocumentSpec,
@@ -14,7 +14,7 @@ from mailingest.documents import (
     sanitize_name,
     split_extension,
 )
-from mailingest.mail import Attachment, ParsedMail
+from mailingest.core.mail import Attachment, ParsedMail
 
 
 def attachment(

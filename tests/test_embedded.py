@@ -1,4 +1,4 @@
-"""Tests of mailingest.embedded against real redis-server, Dovecot and pymap."""
+"""Tests of mailingest_testbed.servers against real redis-server, Dovecot and pymap."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 from imapclient import IMAPClient
-
-from mailingest import embedded
-from mailingest.embedded import (
+from mailingest_testbed import servers as embedded
+from mailingest_testbed.servers import (
     DovecotServer,
     ImapAccount,
     ImapServer,

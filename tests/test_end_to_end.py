@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import bulk_scenario, demo_scenario
+from mailingest_testbed.servers import CeleryProcess, ImapServer
 
-from mailingest import ledger as L
-from mailingest.embedded import CeleryProcess, ImapServer
-from mailingest.ledger import Ledger
-from mailingest.pipeline import Step
-from mailingest.runtime import connect_redis
-from mailingest.samples import bulk_scenario, demo_scenario
-from mailingest.sandbox import SandboxServer
+from mailingest.adapters import ledger as L
+from mailingest.adapters.ledger import Ledger
+from mailingest.application.pipeline import Step
+from mailingest.application.services import connect_redis
 
 from .helpers import (
     deliver,

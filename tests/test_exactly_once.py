@@ -18,13 +18,19 @@ from typing import Any
 import pytest
 import redis
 from imapclient import IMAPClient
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import (
+    AGENT_EMAIL,
+    authentication_results,
+    jpeg_bytes,
+    pdf_bytes,
+    png_bytes,
+)
+from mailingest_testbed.servers import ImapServer
 
-from mailingest import ledger as L
-from mailingest.decisions import stale
-from mailingest.embedded import ImapServer
-from mailingest.errors import AlloyUnavailable, Busy, InDoubt
-from mailingest.inbox import Mailbox
-from mailingest.pipeline import (
+from mailingest.adapters import ledger as L
+from mailingest.adapters.imap import Mailbox
+from mailingest.application.pipeline import (
     Step,
     describe,
     finish,
@@ -36,17 +42,11 @@ from mailingest.pipeline import (
     replay,
     upload,
 )
-from mailingest.runner import poll_once, run_steps
-from mailingest.runtime import Context, build_context
-from mailingest.samples import (
-    AGENT_EMAIL,
-    authentication_results,
-    jpeg_bytes,
-    pdf_bytes,
-    png_bytes,
-)
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import load_settings
+from mailingest.application.poll_once import poll_once, run_steps
+from mailingest.application.services import Context, build_context
+from mailingest.config.settings import load_settings
+from mailingest.core.decisions import stale
+from mailingest.core.errors import AlloyUnavailable, Busy, InDoubt
 
 from .helpers import deliver, dovecot_without_move, folder_counts, inbox_settings
 
@@ -455,7 +455,7 @@ def test_8_a_lost_describe_is_adopted_whatever_alloys_clock_says(
 
 
 def test_8b_alloy_timestamps_in_seconds_or_missing_are_read_as_such() -> None:
-    from mailingest.alloy import Document
+    from mailingest.adapters.alloy import Document
 
     base = {"document_token": "D-x", "name": "a", "extension": "pdf", "type": "other"}
     assert Document.from_json(base | {"timestamp": 1_700_000_000}).timestamp == 1_700_000_000_000

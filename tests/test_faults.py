@@ -41,25 +41,25 @@ from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
-
-from mailingest import ledger as L
-from mailingest.demo import local_environment
-from mailingest.embedded import (
-    CeleryProcess,
-    DovecotServer,
-    ImapAccount,
-    RedisServer,
-)
-from mailingest.ledger import Ledger
-from mailingest.runtime import connect_redis
-from mailingest.samples import (
+from mailingest_testbed.alloy_sandbox import Faults, SandboxServer
+from mailingest_testbed.demo import local_environment
+from mailingest_testbed.samples import (
     AGENT_EMAIL,
     ExpectedDocument,
     SampleMail,
     Scenario,
     bulk_scenario,
 )
-from mailingest.sandbox import Faults, SandboxServer
+from mailingest_testbed.servers import (
+    CeleryProcess,
+    DovecotServer,
+    ImapAccount,
+    RedisServer,
+)
+
+from mailingest.adapters import ledger as L
+from mailingest.adapters.ledger import Ledger
+from mailingest.application.services import connect_redis
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN
 from .helpers import deliver, dovecot_without

@@ -15,11 +15,11 @@ from email.message import EmailMessage
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mailingest_testbed.samples import bulk_scenario, demo_scenario, jpeg_bytes, pdf_bytes
 
-from mailingest import hollow
-from mailingest.mail import parse_mail
-from mailingest.samples import bulk_scenario, demo_scenario, jpeg_bytes, pdf_bytes
-from mailingest.screening import screen
+from mailingest.core import base64_bodies as hollow
+from mailingest.core.mail import parse_mail
+from mailingest.core.screening import screen
 
 from .corpus import AUTH, CASES, LIMITS
 from .test_hostile import SEEDS, mutate

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import demo_scenario
+from mailingest_testbed.servers import ImapServer
 
-from mailingest import ledger as L
-from mailingest.embedded import ImapServer
-from mailingest.runner import poll_once
-from mailingest.runtime import build_context
-from mailingest.samples import demo_scenario
-from mailingest.sandbox import SandboxServer
-from mailingest.screening import screen
-from mailingest.settings import load_settings
+from mailingest.adapters import ledger as L
+from mailingest.application.poll_once import poll_once
+from mailingest.application.services import build_context
+from mailingest.config.settings import load_settings
+from mailingest.core.screening import screen
 
 from .corpus import AUTH, CASES, LIMITS, Case
 from .helpers import deliver, folder_counts

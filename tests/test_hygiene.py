@@ -19,13 +19,18 @@ from pathlib import Path
 
 import pytest
 import redis
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.demo import local_environment
+from mailingest_testbed.samples import AGENT_EMAIL, authentication_results, pdf_bytes
+from mailingest_testbed.servers import (
+    CeleryProcess,
+    RedisServer,
+    ServerNotAvailable,
+    start_imap_server,
+)
 
-from mailingest import ledger as L
-from mailingest.demo import local_environment
-from mailingest.embedded import CeleryProcess, RedisServer, ServerNotAvailable, start_imap_server
-from mailingest.ledger import Ledger
-from mailingest.samples import AGENT_EMAIL, authentication_results, pdf_bytes
-from mailingest.sandbox import SandboxServer
+from mailingest.adapters import ledger as L
+from mailingest.adapters.ledger import Ledger
 
 from .conftest import require_or_skip
 from .helpers import deliver

@@ -7,15 +7,15 @@ import threading
 from pathlib import Path
 
 import pytest
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import bulk_scenario, demo_scenario
+from mailingest_testbed.servers import ImapServer
 
-from mailingest import ledger as L
-from mailingest.embedded import ImapServer
-from mailingest.pipeline import Step, describe, finish, ingest, poll, run_step, upload
-from mailingest.runner import poll_once, run_steps
-from mailingest.runtime import Context, build_context
-from mailingest.samples import bulk_scenario, demo_scenario
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import load_settings
+from mailingest.adapters import ledger as L
+from mailingest.application.pipeline import Step, describe, finish, ingest, poll, run_step, upload
+from mailingest.application.poll_once import poll_once, run_steps
+from mailingest.application.services import Context, build_context
+from mailingest.config.settings import load_settings
 
 from .helpers import deliver, folder_counts, outcome_problems, write_senders
 
@@ -181,7 +181,7 @@ def test_two_lost_describes_of_same_named_documents_get_their_own_tokens(
     neither answer was recorded. Each document adopts a different token."""
     from email.message import EmailMessage
 
-    from mailingest.samples import authentication_results, pdf_bytes
+    from mailingest_testbed.samples import authentication_results, pdf_bytes
 
     sender, entity = "dana@example.com", "P-danadanadanadanadan"
     senders_file.write_text(f"email,entity_token\n{sender},{entity}\n", encoding="utf-8")

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import bulk_scenario
+from mailingest_testbed.servers import ImapServer
 
-from mailingest import ledger as L
-from mailingest.embedded import ImapServer
-from mailingest.errors import MailboxError
-from mailingest.inbox import Mailbox
-from mailingest.pipeline import Step, describe, finish, ingest, poll, upload
-from mailingest.runner import poll_once
-from mailingest.runtime import build_context
-from mailingest.samples import bulk_scenario
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import load_settings
+from mailingest.adapters import ledger as L
+from mailingest.adapters.imap import Mailbox
+from mailingest.application.pipeline import Step, describe, finish, ingest, poll, upload
+from mailingest.application.poll_once import poll_once
+from mailingest.application.services import build_context
+from mailingest.config.settings import load_settings
+from mailingest.core.errors import MailboxError
 
 from .conftest import require_or_skip
 from .helpers import deliver, dovecot_without_move, folder_counts, inbox_settings, write_senders
@@ -137,7 +137,7 @@ def test_mail_deleted_by_a_person_while_in_flight(
         client.logout()
         # the first had its bytes staged: it is ingested and uploaded, then cannot be moved
         ctx.ledger.drop_raw(second.mail_id)  # the second's staged copy expired meanwhile
-        from mailingest.runner import run_steps
+        from mailingest.application.poll_once import run_steps
 
         run_steps(ctx, [first, second])
         one, two = ctx.ledger.mail(first.mail_id), ctx.ledger.mail(second.mail_id)

@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+from mailingest_testbed.servers import ImapAccount, ServerNotAvailable, start_imap_server
 
-from mailingest.embedded import ImapAccount, ServerNotAvailable, start_imap_server
-from mailingest.errors import MailboxError
-from mailingest.inbox import Mailbox
-from mailingest.settings import InboxSettings, Secret
+from mailingest.adapters.imap import Mailbox
+from mailingest.config.settings import InboxSettings, Secret
+from mailingest.core.errors import MailboxError
 
 from .conftest import require_or_skip
 from .helpers import inbox_settings
@@ -45,7 +45,7 @@ def test_non_ascii_password_logs_in_and_a_wrong_one_does_not_leak(tmp_path: Path
 
 
 def test_unreachable_server_is_a_mailbox_error(tmp_path: Path) -> None:
-    from mailingest.embedded import free_port
+    from mailingest_testbed.servers import free_port
 
     box = Mailbox(settings_for("127.0.0.1", free_port(), "u", "p"), timeout=2)
     with pytest.raises(MailboxError, match="cannot connect"):

@@ -1,4 +1,4 @@
-"""mailingest.mail: raw RFC 822 bytes -> ParsedMail.
+"""mailingest.core.mail: raw RFC 822 bytes -> ParsedMail.
 
 Every fixture is built here, in code (EmailMessage or hand-written MIME).
 """
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailingest.documents import DOCUMENT_TYPES, describe_attachments
-from mailingest.mail import Attachment, MailParseError, ParsedMail, parse_mail
+from mailingest.core.documents import DOCUMENT_TYPES, describe_attachments
+from mailingest.core.mail import Attachment, MailParseError, ParsedMail, parse_mail
 
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 20 + b"\n%%EOF\n"
 PNG_BIG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 24  # > 4096 bytes
@@ -392,7 +392,7 @@ just text, no MIME
 def test_forwarded_message_falls_back_to_as_bytes_when_not_located(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import mailingest.mail as mail_module
+    import mailingest.core.mail as mail_module
 
     monkeypatch.setattr(mail_module, "_locate", lambda raw, message: {})
     mail = parse_mail(forwarded_mail())

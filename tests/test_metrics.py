@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from mailingest.metrics import BacklogCollector, reason_kind
-from mailingest.screening import screen
+from mailingest.application.metrics import BacklogCollector, reason_kind
+from mailingest.core.screening import screen
 
 from .corpus import AUTH, CASES, LIMITS
 
@@ -66,7 +66,7 @@ def test_a_worker_counts_in_files_even_after_flower_imported_prometheus_first() 
     the worker starts: the metrics must still go to this worker's own directory."""
     code = """
 import os, prometheus_client  # as Flower's celery plugin does, before anything else
-from mailingest import metrics
+from mailingest.application import metrics
 metrics.prepare_multiprocess()
 path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 metrics.mail_seen("eu")

@@ -1,7 +1,7 @@
 """XOAUTH2 login: the shared refresh-token flow over real HTTP and Redis, then real Dovecot.
 
 The token endpoint and Dovecot's introspection endpoint are the OAuth sandbox
-(``mailingest.oauth_sandbox``); Dovecot checks every XOAUTH2 login there, so an
+(``mailingest_testbed.oauth_sandbox``); Dovecot checks every XOAUTH2 login there, so an
 access token the sandbox expired or revoked is really refused.
 """
 
@@ -22,18 +22,18 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.demo import local_environment
+from mailingest_testbed.oauth_sandbox import OAuthSandbox
+from mailingest_testbed.samples import bulk_scenario
+from mailingest_testbed.servers import DovecotServer, ServerNotAvailable, free_port
 
-from mailingest import keys
-from mailingest.demo import local_environment
-from mailingest.embedded import DovecotServer, ServerNotAvailable, free_port
-from mailingest.errors import ConfigError, MailboxError, OAuthError
-from mailingest.inbox import Mailbox
-from mailingest.oauth import TokenSource
-from mailingest.oauth_sandbox import OAuthSandbox
-from mailingest.samples import bulk_scenario
-from mailingest.sandbox import SandboxServer
-from mailingest.sealing import Sealer
-from mailingest.settings import InboxSettings, OAuthSettings, Secret
+from mailingest.adapters import keys
+from mailingest.adapters.encryption import Sealer
+from mailingest.adapters.imap import Mailbox
+from mailingest.adapters.oauth import TokenSource
+from mailingest.config.settings import InboxSettings, OAuthSettings, Secret
+from mailingest.core.errors import ConfigError, MailboxError, OAuthError
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN, require_or_skip
 from .helpers import deliver, inbox_settings

@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import bulk_scenario, demo_scenario
+from mailingest_testbed.servers import ImapServer
 
-from mailingest import ledger as L
-from mailingest.embedded import ImapServer
-from mailingest.pipeline import poll
-from mailingest.runner import poll_once
-from mailingest.runtime import build_context
-from mailingest.samples import bulk_scenario, demo_scenario
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import load_settings
+from mailingest.adapters import ledger as L
+from mailingest.application.pipeline import poll
+from mailingest.application.poll_once import poll_once
+from mailingest.application.services import build_context
+from mailingest.config.settings import load_settings
 
 from .helpers import deliver, folder_counts, outcome_problems, seen_flags, write_senders
 
@@ -132,8 +132,8 @@ def test_retries_exhausted_leave_the_mail_failed_in_the_inbox(
         assert "gave up after retries" in record.reason and "500" in record.reason
         assert folder_counts(imap, "INBOX")["INBOX"] == 1  # never lost, never moved
         sandbox.set_faults(error_500=0.0)
-        from mailingest.pipeline import replay
-        from mailingest.runner import run_steps
+        from mailingest.application.pipeline import replay
+        from mailingest.application.poll_once import run_steps
 
         run_steps(ctx, replay(ctx, record.id))
         assert ctx.ledger.mail(record.id).state == L.DONE  # type: ignore[union-attr]
@@ -146,7 +146,7 @@ def test_a_backlog_waits_in_the_mailbox_not_in_redis(
     env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
 ) -> None:
     """Back pressure: a poll takes new mail only while fewer than POLL_LIMIT are in flight."""
-    from mailingest.runner import run_steps
+    from mailingest.application.poll_once import run_steps
 
     scenario = bulk_scenario(6, seed=12)  # six mails and the stranger
     write_senders(senders_file, scenario)

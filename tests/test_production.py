@@ -20,21 +20,21 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
-from prometheus_client.parser import text_string_to_metric_families
-
-from mailingest.embedded import (
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import AGENT_EMAIL, AUTHSERV_ID, bulk_scenario
+from mailingest_testbed.servers import (
     CeleryProcess,
     ImapServer,
     ServerNotAvailable,
     free_port,
     start_imap_server,
 )
-from mailingest.ledger import Ledger
-from mailingest.metrics import METRICS
-from mailingest.runtime import connect_redis
-from mailingest.samples import AGENT_EMAIL, AUTHSERV_ID, bulk_scenario
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import DEFAULT_NOTE
+from prometheus_client.parser import text_string_to_metric_families
+
+from mailingest.adapters.ledger import Ledger
+from mailingest.application.metrics import METRICS
+from mailingest.application.services import connect_redis
+from mailingest.config.settings import DEFAULT_NOTE
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN, require_or_skip
 from .helpers import deliver, folder_counts, outcome_problems, wait_decided
@@ -207,7 +207,9 @@ processed_folder = "Filed"
             email.message_from_bytes(m.raw)["Message-ID"].strip("<>") for m in eu.mails + us.mails
         }
         for record in uploads:
-            assert record["logger"] == "mailingest.pipeline" and record["level"] == "INFO"
+            assert (
+                record["logger"] == "mailingest.application.pipeline" and record["level"] == "INFO"
+            )
             assert record["task_name"] == "mailingest.upload_document" and record["task_id"]
             assert record["mail_id"].startswith(record["inbox"] + "/INBOX/")
             assert record["mail_id"].endswith(f"/{record['uid']}")

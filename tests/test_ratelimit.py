@@ -8,7 +8,7 @@ import threading
 import pytest
 import redis
 
-from mailingest.ratelimit import RateLimited, RateLimiter
+from mailingest.adapters.rate_limit import RateLimited, RateLimiter
 
 pytestmark = pytest.mark.servers
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from mailingest.retry import RetryPolicy
+from mailingest.core.retry import RetryPolicy
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:

@@ -21,8 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from mailingest.sandbox import (
+from mailingest_testbed.alloy_sandbox import (
     DOCUMENT_TYPES,
     AlloyLikeError,
     Faults,
@@ -1060,7 +1059,7 @@ def test_cli_module_runs_and_stops_on_sigterm() -> None:
         [
             sys.executable,
             "-m",
-            "mailingest.sandbox",
+            "mailingest_testbed.alloy_sandbox",
             "--port",
             "0",
             "--token",

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from mailingest.sealing import MAGIC, Sealer, SealingError
-from mailingest.settings import Secret
+from mailingest.adapters.encryption import MAGIC, Sealer, SealingError
+from mailingest.config.settings import Secret
 
 KEY = Secret(base64.urlsafe_b64encode(bytes(range(32))).decode())
 

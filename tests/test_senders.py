@@ -12,8 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import redis
 
-from mailingest.errors import ConfigError, ResolverError
-from mailingest.senders import (
+from mailingest.adapters.senders import (
     CsvDirectory,
     HttpLookup,
     RedisDirectory,
@@ -21,6 +20,7 @@ from mailingest.senders import (
     normalise_email,
     parse_directory,
 )
+from mailingest.core.errors import ConfigError, ResolverError
 
 ALICE = "P-aaaaaaaaaaaaaaaaaaaa"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailingest.errors import ConfigError
-from mailingest.settings import DEFAULT_NOTE, Secret, load_settings
+from mailingest.config.settings import DEFAULT_NOTE, Secret, load_settings
+from mailingest.core.errors import ConfigError
 
 BASE = {
     "MAILINGEST_IMAP_HOST": "imap.example.com",
@@ -174,7 +174,7 @@ def test_malformed_senders_file_stops_start_up(tmp_path: Path) -> None:
 
 
 def test_celery_config_matches_the_settings() -> None:
-    from mailingest.celeryconf import celery_config
+    from mailingest.application.celery_config import celery_config
 
     conf = celery_config(load_settings(BASE))
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
@@ -198,7 +198,7 @@ def test_sender_auth_on_by_default_and_opting_out_warns() -> None:
     assert off.inboxes[0].sender_auth is None and not off.inboxes[0].sender_auth_on
     assert off.sender_auth_off == ("default",)
     proc = subprocess.run(
-        [sys.executable, "-c", "import mailingest.celery"],
+        [sys.executable, "-c", "import mailingest.application.celery_app"],
         env={"PATH": "/usr/bin:/bin"} | env | {"MAILINGEST_SENDER_AUTH": "off"},
         capture_output=True,
         text=True,
@@ -381,7 +381,7 @@ def test_the_readme_documents_every_setting_and_only_real_ones(
 ) -> None:
     import re
 
-    from mailingest import settings as S
+    from mailingest.config import settings as S
 
     asked: set[str] = set()
     real_raw = S._Env.raw

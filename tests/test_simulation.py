@@ -17,15 +17,15 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import AGENT_EMAIL
+from mailingest_testbed.servers import ServerNotAvailable
 
-from mailingest.alloy import AlloyClient
-from mailingest.embedded import ServerNotAvailable
-from mailingest.errors import AlloyUnavailable
-from mailingest.ledger import Ledger
-from mailingest.pipeline import single_flight
-from mailingest.samples import AGENT_EMAIL
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import Secret
+from mailingest.adapters.alloy import AlloyClient
+from mailingest.adapters.ledger import Ledger
+from mailingest.application.pipeline import single_flight
+from mailingest.config.settings import Secret
+from mailingest.core.errors import AlloyUnavailable
 from tests.sim import threads
 from tests.sim.cli import explore, explore_parallel
 from tests.sim.clock import SimClock

@@ -1,4 +1,4 @@
-"""mailingest.sniff: what an attachment really is, from its bytes.
+"""mailingest.core.sniff: what an attachment really is, from its bytes.
 
 Every sample is built here, in memory: tiny magic-number prefixes, real
 ZIP/tar/gzip containers from the standard library, and hand-made OLE2
@@ -22,8 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailingest import sniff as sniff_module
-from mailingest.sniff import ALLOWED_KINDS, KNOWN_KINDS, SCAN_LIMIT, Sniffed, sniff
+from mailingest.core import sniff as sniff_module
+from mailingest.core.sniff import ALLOWED_KINDS, KNOWN_KINDS, SCAN_LIMIT, Sniffed, sniff
 
 # --------------------------------------------------------------------------
 # Sample builders

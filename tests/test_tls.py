@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.servers import DovecotServer, ServerNotAvailable
 
-from mailingest.alloy import AlloyClient
-from mailingest.embedded import DovecotServer, ServerNotAvailable
-from mailingest.errors import AlloyUnavailable, MailboxError
-from mailingest.inbox import Mailbox
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import InboxSettings, Secret
+from mailingest.adapters.alloy import AlloyClient
+from mailingest.adapters.imap import Mailbox
+from mailingest.config.settings import InboxSettings, Secret
+from mailingest.core.errors import AlloyUnavailable, MailboxError
 
 from .conftest import require_or_skip
 from .helpers import inbox_settings

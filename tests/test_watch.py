@@ -16,17 +16,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import bulk_scenario
+from mailingest_testbed.servers import CeleryProcess, ImapServer
 
-from mailingest import ledger as L
-from mailingest import pipeline
-from mailingest.embedded import CeleryProcess, ImapServer
-from mailingest.inbox import Mailbox
-from mailingest.ledger import Ledger
-from mailingest.runtime import build_context, connect_redis
-from mailingest.samples import bulk_scenario
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import InboxSettings, load_settings
-from mailingest.watcher import InboxWatcher
+from mailingest.adapters import ledger as L
+from mailingest.adapters.imap import Mailbox
+from mailingest.adapters.ledger import Ledger
+from mailingest.application import pipeline
+from mailingest.application.services import build_context, connect_redis
+from mailingest.application.watch import InboxWatcher
+from mailingest.config.settings import InboxSettings, load_settings
 
 from .conftest import require_or_skip
 from .helpers import (

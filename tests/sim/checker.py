@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from mailingest_testbed.alloy_sandbox import SandboxServer
 
-from mailingest import ledger as L
-from mailingest.sandbox import SandboxServer
+from mailingest.adapters import ledger as L
 
 from .scenario import Scenario
 from .world import FOLDER, PROCESSED, QUARANTINE, Folders, Stored

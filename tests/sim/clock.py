@@ -19,13 +19,13 @@ EPOCH_MS = 1_750_000_000_000  # every schedule starts here: runs do not depend o
 
 # modules that run servers or wait for them: they keep real time
 _REAL_TIME_MODULES = {
-    "mailingest.embedded",
-    "mailingest.sandbox",
-    "mailingest.demo",
-    "mailingest.oauth_sandbox",
-    "mailingest.cli",
-    "mailingest.watcher",
-    "mailingest.hollow",
+    "mailingest_testbed.servers",
+    "mailingest_testbed.alloy_sandbox",
+    "mailingest_testbed.demo",
+    "mailingest_testbed.oauth_sandbox",
+    "mailingest.application.cli",
+    "mailingest.application.watch",
+    "mailingest.core.base64_bodies",
 }
 
 
@@ -92,7 +92,7 @@ class Installed:
 def install(clock: SimClock) -> Installed:
     """Point every loaded ``mailingest`` module's ``time`` at the shim and the sandbox's
     document timestamps at the shared clock."""
-    import mailingest.sandbox as sandbox
+    import mailingest_testbed.alloy_sandbox as sandbox
 
     done = Installed()
     shim = TimeShim(clock)
@@ -107,7 +107,7 @@ def install(clock: SimClock) -> Installed:
 
 
 class _CachedTLS:
-    """``ssl`` for mailingest.inbox with ``create_default_context`` cached: loading the
+    """``ssl`` for mailingest.adapters.imap with ``create_default_context`` cached: loading the
     system CAs costs ~40 ms per IMAP connection, and the simulation's are plain TCP."""
 
     def __init__(self, real: ModuleType) -> None:
@@ -126,7 +126,7 @@ class _CachedTLS:
 
 
 def _cache_tls_contexts(done: Installed) -> None:
-    import mailingest.inbox as inbox
+    import mailingest.adapters.imap as inbox
 
     if getattr(inbox, "ssl", None) is not None and not isinstance(inbox.ssl, _CachedTLS):
         done.patch(inbox, "ssl", _CachedTLS(inbox.ssl))

@@ -153,7 +153,7 @@ def operation(request: httpx.Request) -> str:
 
 
 def _error(request: httpx.Request, minor: int, retry_after: str | None = None) -> httpx.Response:
-    from mailingest.sandbox import AlloyLikeError
+    from mailingest_testbed.alloy_sandbox import AlloyLikeError
 
     err = AlloyLikeError.of(minor, {"message": "simulated", "path": None})
     headers = {"Retry-After": retry_after} if retry_after else {}

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from mailingest import ledger as L
-from mailingest import pipeline
-from mailingest.inbox import Mailbox
-from mailingest.settings import Settings
+from mailingest.adapters import ledger as L
+from mailingest.adapters.imap import Mailbox
+from mailingest.application import pipeline
+from mailingest.config.settings import Settings
 
 from . import hooks
 

@@ -1,8 +1,8 @@
 """One schedule from a seed: draw faults and mails, run the real steps, quiesce, check.
 
 :class:`Simulation` binds the scheduler to the product: a task body is what
-``mailingest.tasks`` does in a Celery worker (``pipeline.run_step``, ``pipeline.recover``
-on an exception; ``pipeline.poll`` with ``emit`` for a poll).
+``mailingest.application.tasks`` does in a Celery worker (``pipeline.run_step``,
+``pipeline.recover`` on an exception; ``pipeline.poll`` with ``emit`` for a poll).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailingest import ledger as L
+from mailingest.adapters import ledger as L
 
 from . import checker, clock, faults, scenario
 from .checker import Violation
@@ -90,8 +90,8 @@ class Result:
 
 
 def body(ctx: Any, job: Job, emit: Callable[[list[Any]], None]) -> Outcome:
-    """A Celery task's body, as mailingest.tasks runs it."""
-    from mailingest import pipeline
+    """A Celery task's body, as mailingest.application.tasks runs it."""
+    from mailingest.application import pipeline
 
     if job.kind == "poll":
         emitted: list[Any] = []

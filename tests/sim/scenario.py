@@ -13,7 +13,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from mailingest.samples import authentication_results, jpeg_bytes, pdf_bytes, png_bytes
+from mailingest_testbed.samples import authentication_results, jpeg_bytes, pdf_bytes, png_bytes
 
 from .world import SENDERS, STRANGER
 

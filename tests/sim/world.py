@@ -18,13 +18,13 @@ from typing import Any
 
 import redis
 from imapclient import IMAPClient
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.demo import local_environment
+from mailingest_testbed.samples import AGENT_EMAIL
+from mailingest_testbed.servers import DovecotServer, RedisServer
 
-from mailingest.demo import local_environment
-from mailingest.embedded import DovecotServer, RedisServer
-from mailingest.runtime import Context, build_context
-from mailingest.samples import AGENT_EMAIL
-from mailingest.sandbox import SandboxServer
-from mailingest.settings import Settings, load_settings
+from mailingest.application.services import Context, build_context
+from mailingest.config.settings import Settings, load_settings
 
 from .hooks import Observer, SimRedis, SimTransport, hard_close, wrap_mailbox
 

@@ -134,7 +134,7 @@ counted in stats)::
                           "retry_after", "error_503", "error_500", "slow",
                           "late_commit", "refused"}}
 
-Run: ``python -m mailingest.sandbox --port 8080`` (or ``mailingest sandbox``).
+Run: ``python -m mailingest_testbed.alloy_sandbox --port 8080`` (or ``mailingest sandbox``).
 """
 
 from __future__ import annotations
@@ -169,7 +169,9 @@ from types import FrameType, TracebackType
 from typing import Any
 from urllib.parse import unquote
 
-from .documents import DOCUMENT_TYPES  # the six types Alloy allows, known in one place
+from mailingest.core.documents import (
+    DOCUMENT_TYPES,  # the six types Alloy allows, known in one place
+)
 
 __all__ = [
     "DOCUMENT_TYPES",
@@ -1542,7 +1544,7 @@ def _csv(value: str | None) -> list[str] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``mailingest sandbox`` / ``python -m mailingest.sandbox``."""
+    """Options of ``mailingest sandbox`` / ``python -m mailingest_testbed.alloy_sandbox``."""
     a = parser.add_argument
     a("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     a("--port", type=int, default=8080, help="port to bind, 0 for any free port (default 8080)")
@@ -1676,7 +1678,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mailingest.sandbox", description="Alloy document-API emulator"
+        prog="python -m mailingest_testbed.alloy_sandbox", description="Alloy document-API emulator"
     )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))

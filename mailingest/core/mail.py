@@ -60,7 +60,7 @@ from typing import TypeVar
 
 import mailparser
 
-from .hollow import Hollowed, decoded_payload, hollow, unfold
+from mailingest.core.base64_bodies import Hollowed, decoded_payload, hollow, unfold
 
 # mail-parser warns for every unnamed non-text part it takes for body text; we handle
 # those parts ourselves, so its warnings are noise in the worker's log.
@@ -132,7 +132,7 @@ def parse_mail(
     """Parse one raw RFC 822 message.
 
     ``message`` and ``hollowed``: the caller's parse of ``hollowed.raw`` (compat32,
-    see :mod:`mailingest.hollow`) when it has one; parsing a large mail is the
+    see :mod:`mailingest.core.base64_bodies`) when it has one; parsing a large mail is the
     costly part, so it is done once.
 
     Raises :class:`MailParseError` only when the input is not a mail at all:

@@ -21,18 +21,20 @@ A bad setting stops the command with one line naming it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from . import __version__
-from .errors import ConfigError, MailingestError
-from .settings import InboxSettings, Settings, load_settings
+from mailingest import __version__
+from mailingest.config.settings import InboxSettings, Settings, load_settings
+from mailingest.core.errors import ConfigError, MailingestError
 
 log = logging.getLogger("mailingest")
 
@@ -42,7 +44,7 @@ def _settings(*groups: str) -> Settings:
 
 
 def setup_logging(level: str = "info", log_format: str = "text") -> None:
-    from .logs import setup
+    from mailingest.application.logs import setup
 
     setup(level, log_format)
 
@@ -60,8 +62,8 @@ def cmd_celery(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_poll_once(args: argparse.Namespace) -> int:
-    from .runner import poll_once
-    from .runtime import build_context
+    from mailingest.application.poll_once import poll_once
+    from mailingest.application.services import build_context
 
     settings = _settings("redis", "imap", "alloy")
     setup_logging("warning" if args.json else settings.log_level, settings.log_format)
@@ -84,14 +86,29 @@ def cmd_poll_once(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _testbed(command: str, module: str) -> Any:
+    """A module of the test bed, or one line saying what to install."""
+    try:
+        return importlib.import_module(f"mailingest_testbed.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("mailingest_testbed", "pymap"):
+            raise MailingestError(
+                f"`mailingest {command}` needs the test bed, which is not installed here: "
+                "pip install ./testbed (in a clone of the repository), or run ./dev demo"
+            ) from None
+        raise
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from .sandbox import run_from_args
+    if not hasattr(args, "token"):  # the test bed was missing when the parser was built
+        _testbed("sandbox", "alloy_sandbox")
+    run_from_args = _testbed("sandbox", "alloy_sandbox").run_from_args
 
     return run_from_args(args)
 
 
 def _redis():  # type: ignore[no-untyped-def]
-    from .runtime import connect_redis
+    from mailingest.application.services import connect_redis
 
     settings = _settings("redis")
     assert settings.redis_url
@@ -99,7 +116,7 @@ def _redis():  # type: ignore[no-untyped-def]
 
 
 def cmd_senders(args: argparse.Namespace) -> int:
-    from .senders import RedisDirectory, parse_directory
+    from mailingest.adapters.senders import RedisDirectory, parse_directory
 
     directory = RedisDirectory(_redis())
     if args.action == "add":
@@ -125,8 +142,8 @@ def cmd_senders(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import ledger as L
-    from .ledger import Ledger
+    from mailingest.adapters import ledger as L
+    from mailingest.adapters.ledger import Ledger
 
     settings = _settings("redis")
     ledger = Ledger(_redis())
@@ -191,10 +208,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from . import ledger as L
-    from .pipeline import replay
-    from .runner import run_steps
-    from .runtime import build_context
+    from mailingest.adapters import ledger as L
+    from mailingest.application.pipeline import replay
+    from mailingest.application.poll_once import run_steps
+    from mailingest.application.services import build_context
 
     ctx = build_context(_settings("redis", "imap", "alloy"))
     ids = list(args.mail_id) or (ctx.ledger.mail_ids(L.FAILED) if args.failed else [])
@@ -240,12 +257,12 @@ def cmd_poll_now(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the settings (and the config file); with --connect, try every service."""
-    from . import checks
+    from mailingest.application import check_config as checks
 
     settings = _settings("redis", "imap", "alloy")
     results = checks.describe(settings)
     if args.connect:
-        from .runtime import build_context
+        from mailingest.application.services import build_context
 
         ctx = build_context(settings)
         try:
@@ -267,9 +284,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     from celery import Celery
 
-    from .inbox import Mailbox
-    from .runtime import connect_redis, token_source
-    from .watcher import Watch
+    from mailingest.adapters.imap import Mailbox
+    from mailingest.application.services import connect_redis, token_source
+    from mailingest.application.watch import Watch
 
     settings = _settings("redis", "imap")
     setup_logging(settings.log_level, settings.log_format)
@@ -307,10 +324,12 @@ def cmd_seed(args: argparse.Namespace) -> int:
     import random
     import time
 
-    from .inbox import Mailbox
-    from .runtime import connect_redis, token_source
-    from .samples import bulk_scenario, demo_scenario
-    from .senders import RedisDirectory
+    from mailingest.adapters.imap import Mailbox
+    from mailingest.application.services import connect_redis, token_source
+
+    samples = _testbed("seed", "samples")
+    bulk_scenario, demo_scenario = samples.bulk_scenario, samples.demo_scenario
+    from mailingest.adapters.senders import RedisDirectory
 
     settings = _settings("redis", "imap")
     inbox = settings.inbox(args.inbox) if args.inbox else settings.inboxes[0]
@@ -344,8 +363,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
+    run_demo = _testbed("demo", "demo").run_demo
     return run_demo(keep_running=args.keep_running, flower=args.flower, workdir=args.workdir)
 
 
@@ -380,10 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("poll-now", help="ask the running workers to poll at once")
     p.add_argument("--inbox", action="append", help="only this inbox (repeatable; default: all)")
 
-    p = sub.add_parser("sandbox", help="serve the Alloy document API emulator")
-    from .sandbox import add_arguments
-
-    add_arguments(p)
+    p = sub.add_parser("sandbox", help="serve the Alloy document API emulator (test bed)")
+    try:
+        from mailingest_testbed.alloy_sandbox import add_arguments
+    except ModuleNotFoundError:  # `mailingest sandbox` says what to install
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    else:
+        add_arguments(p)
 
     p = sub.add_parser("senders", help="edit the sender directory kept in Redis")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
-from .errors import MailboxError
-from .inbox import Mailbox
-from .settings import InboxSettings
+from mailingest.adapters.imap import Mailbox
+from mailingest.config.settings import InboxSettings
+from mailingest.core.errors import MailboxError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .settings import Settings
+from mailingest.config.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -5,8 +5,8 @@
     download  GET  /entities/{entity}/documents/{document}  -> bytes
     list      GET  /entities/{entity}/documents             -> [Document]
 
-Errors come back as :class:`~mailingest.errors.AlloyRejected` (final) or
-:class:`~mailingest.errors.AlloyUnavailable` (429, 5xx, timeouts, dropped
+Errors come back as :class:`~mailingest.core.errors.AlloyRejected` (final) or
+:class:`~mailingest.core.errors.AlloyUnavailable` (429, 5xx, timeouts, dropped
 connections: retry later, honouring ``retry_after``). The client itself does
 not sleep or retry: the caller (a Celery task, or ``poll-once``) owns the
 schedule, so a worker never blocks on a backoff.
@@ -28,10 +28,11 @@ from urllib.parse import quote
 
 import httpx
 
-from . import __version__, metrics
-from .errors import AlloyError, AlloyRejected, AlloyUnavailable
-from .ratelimit import RateLimited, RateLimiter
-from .settings import Secret
+from mailingest import __version__
+from mailingest.adapters.rate_limit import RateLimited, RateLimiter
+from mailingest.application import metrics
+from mailingest.config.settings import Secret
+from mailingest.core.errors import AlloyError, AlloyRejected, AlloyUnavailable
 
 # each operation's path as a metric label (no entity or document token in a label)
 ENDPOINTS = {

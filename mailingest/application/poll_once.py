@@ -15,10 +15,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-from . import ledger as L
-from . import pipeline
-from .pipeline import Step
-from .runtime import Context
+from mailingest.adapters import ledger as L
+from mailingest.application import pipeline
+from mailingest.application.pipeline import Step
+from mailingest.application.services import Context
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Celery tasks: thin shells over :mod:`mailingest.pipeline`, named as ops see them in Flower.
+"""Celery tasks: thin shells over :mod:`.pipeline`, named as ops see them in Flower.
 
     mailingest.poll_inbox(inbox)              -> ingest_message per new mail
     mailingest.ingest_message(mail_id)        -> describe_document per document
@@ -19,11 +19,11 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from . import pipeline
-from .celery import app, settings
-from .errors import MailingestError
-from .pipeline import Step
-from .runtime import Context, build_context
+from mailingest.application import pipeline
+from mailingest.application.celery_app import app, settings
+from mailingest.application.pipeline import Step
+from mailingest.application.services import Context, build_context
+from mailingest.core.errors import MailingestError
 
 log = logging.getLogger(__name__)
 _context: Context | None = None

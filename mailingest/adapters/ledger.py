@@ -31,8 +31,8 @@ from urllib.parse import quote, unquote
 import redis
 import redis.lock
 
-from . import keys
-from .sealing import Plain, Sealer
+from mailingest.adapters import keys
+from mailingest.adapters.encryption import Plain, Sealer
 
 QUEUED = "queued"
 PARSING = "parsing"

@@ -6,10 +6,10 @@ answer the highest UID even when it is below the range); a move uses MOVE when
 the server has it and otherwise COPY + ``\\Deleted`` + ``UID EXPUNGE`` of that
 UID only (never a plain EXPUNGE, which would remove other people's deletions).
 Every socket has a timeout; every failure surfaces as
-:class:`~mailingest.errors.MailboxError` without the password or token.
+:class:`~mailingest.core.errors.MailboxError` without the password or token.
 
 An ``xoauth2`` inbox logs in with ``AUTHENTICATE XOAUTH2`` and an access token from
-its token source (:class:`~mailingest.oauth.TokenSource`).  A refused token (expired
+its token source (:class:`~mailingest.adapters.oauth.TokenSource`).  A refused token (expired
 or revoked early at the provider) is invalidated and a fresh one tried once, on a new
 connection: servers slow down or drop a connection after a failed login.
 """
@@ -31,8 +31,8 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 from imapclient.imapclient import SocketTimeout
 
-from .errors import MailboxError
-from .settings import InboxSettings
+from mailingest.config.settings import InboxSettings
+from mailingest.core.errors import MailboxError
 
 log = logging.getLogger(__name__)
 

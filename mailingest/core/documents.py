@@ -3,7 +3,7 @@
 Alloy's ``POST /entities/<token>/documents`` takes ``name`` (without
 extension), ``extension`` and ``type`` (one of :data:`DOCUMENT_TYPES`); the
 bytes follow in a separate PUT.  This module decides those three fields for
-every attachment of a :class:`~mailingest.mail.ParsedMail`.
+every attachment of a :class:`~mailingest.core.mail.ParsedMail`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from mailingest.mail import Attachment, ParsedMail
+from mailingest.core.mail import Attachment, ParsedMail
 
 __all__ = [
     "DOCUMENT_TYPES",

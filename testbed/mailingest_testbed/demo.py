@@ -22,15 +22,27 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import ledger as L
-from .alloy import AlloyClient
-from .embedded import CeleryProcess, ImapAccount, PymapServer, RedisServer, free_port
-from .inbox import Mailbox
-from .ledger import Ledger
-from .runtime import connect_redis
-from .samples import AGENT_EMAIL, AUTHSERV_ID, ExpectedDocument, Scenario, demo_scenario
-from .sandbox import SandboxServer
-from .settings import DEFAULT_NOTE, Secret, load_settings
+from mailingest.adapters import ledger as L
+from mailingest.adapters.alloy import AlloyClient
+from mailingest.adapters.imap import Mailbox
+from mailingest.adapters.ledger import Ledger
+from mailingest.application.services import connect_redis
+from mailingest.config.settings import DEFAULT_NOTE, Secret, load_settings
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import (
+    AGENT_EMAIL,
+    AUTHSERV_ID,
+    ExpectedDocument,
+    Scenario,
+    demo_scenario,
+)
+from mailingest_testbed.servers import (
+    CeleryProcess,
+    ImapAccount,
+    PymapServer,
+    RedisServer,
+    free_port,
+)
 
 ALLOY_TOKEN, ALLOY_SECRET = "demo-workflow-token", "demo-workflow-secret"
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .authn import AuthPolicy
-from .errors import ConfigError
-from .screening import Limits
+from mailingest.core.errors import ConfigError
+from mailingest.core.screening import Limits
+from mailingest.core.sender_auth import AuthPolicy
 
 PREFIX = "MAILINGEST_"
 DEFAULT_NOTE = "Uploaded from email customer sent"
@@ -559,7 +559,9 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
     default_port = {"ssl": 993, "starttls": 143, "plain": 143}[security]
     senders_path = env.path("SENDERS_FILE")
     if senders_path is not None:
-        from .senders import parse_directory  # validated now, not at the first mail
+        from mailingest.adapters.senders import (
+            parse_directory,  # validated now, not at the first mail
+        )
 
         try:
             parse_directory(senders_path.read_text(encoding="utf-8-sig"), str(senders_path))
@@ -648,7 +650,7 @@ def _shared(env: _Env) -> Settings:
 
     staging_key = env.secret("STAGING_KEY")
     if staging_key is not None:
-        from .sealing import Sealer, SealingError
+        from mailingest.adapters.encryption import Sealer, SealingError
 
         try:
             Sealer(staging_key)
@@ -720,7 +722,7 @@ def _list(value: str | None) -> tuple[str, ...]:
 
 
 def _limits(env: _Env) -> Limits:
-    from .sniff import KNOWN_KINDS
+    from mailingest.core.sniff import KNOWN_KINDS
 
     default = Limits()
     kinds = _list(env.text("ALLOWED_TYPES")) or tuple(sorted(default.allowed_kinds))

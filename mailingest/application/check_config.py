@@ -1,7 +1,7 @@
 """``mailingest check-config``: is this configuration right, and does it reach everything?
 
 Without ``connect`` only the settings are read and validated (they already were, by
-:func:`~mailingest.settings.load_settings`) and described. With it, each service is
+:func:`~mailingest.config.settings.load_settings`) and described. With it, each service is
 tried the way a worker would use it: Redis answers PING, each inbox logs in (password
 or OAuth), its folder opens and its processed and quarantine folders are found, and
 Alloy accepts the credentials. Every check reports what it found; none stops the
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import AlloyError, MailingestError
-from .runtime import Context
-from .settings import InboxSettings, Settings, redact_url
+from mailingest.application.services import Context
+from mailingest.config.settings import InboxSettings, Settings, redact_url
+from mailingest.core.errors import AlloyError, MailingestError
 
 
 @dataclass(frozen=True)

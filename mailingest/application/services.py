@@ -11,17 +11,23 @@ from dataclasses import dataclass, field
 import httpx
 import redis
 
-from . import metrics
-from .alloy import AlloyClient
-from .errors import MailboxError
-from .inbox import Mailbox
-from .ledger import Ledger
-from .oauth import TokenSource
-from .ratelimit import RateLimiter
-from .retry import RetryPolicy
-from .sealing import Sealer
-from .senders import CsvDirectory, HttpLookup, RedisDirectory, Resolver, SenderResolver
-from .settings import InboxSettings, Settings
+from mailingest.adapters.alloy import AlloyClient
+from mailingest.adapters.encryption import Sealer
+from mailingest.adapters.imap import Mailbox
+from mailingest.adapters.ledger import Ledger
+from mailingest.adapters.oauth import TokenSource
+from mailingest.adapters.rate_limit import RateLimiter
+from mailingest.adapters.senders import (
+    CsvDirectory,
+    HttpLookup,
+    RedisDirectory,
+    Resolver,
+    SenderResolver,
+)
+from mailingest.application import metrics
+from mailingest.config.settings import InboxSettings, Settings
+from mailingest.core.errors import MailboxError
+from mailingest.core.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """XOAUTH2 access tokens for IMAP, from an OAuth2 refresh-token grant all workers share.
 
-One Redis hash per inbox (:func:`~mailingest.keys.oauth`) holds the access token, its
+One Redis hash per inbox (:func:`~mailingest.adapters.keys.oauth`) holds the access token, its
 expiry and the current refresh token, each sealed with the staging key so Redis never
 holds a token in clear, and a SHA-256 fingerprint of the *configured* refresh token:
 
 * an access token valid for more than ``refresh_margin`` seconds is used as it is;
 * otherwise one process refreshes (RFC 6749 §6) under a Redis lock
-  (:func:`~mailingest.keys.oauth_lock`); the others wait for the lock, read the hash
+  (:func:`~mailingest.adapters.keys.oauth_lock`); the others wait for the lock, read the hash
   again and use its result, so the provider sees one refresh, not one per worker;
 * a provider that rotates refresh tokens (Microsoft) answers a new one and revokes the
   old one: it is written to the hash before the access token is returned, and every
@@ -15,7 +15,7 @@ holds a token in clear, and a SHA-256 fingerprint of the *configured* refresh to
   mailbox owner consented again): it wins over the stored rotated token.  Otherwise the
   stored token wins over the configured one, which the provider may have revoked.
 
-Every failure is an :class:`~mailingest.errors.OAuthError` (a ``MailboxError``: the
+Every failure is an :class:`~mailingest.core.errors.OAuthError` (a ``MailboxError``: the
 poll is retried) that names the inbox and the token endpoint, never a token or secret.
 """
 
@@ -38,10 +38,10 @@ from urllib.parse import urlsplit
 import httpx
 import redis
 
-from . import keys
-from .errors import ConfigError, OAuthError
-from .sealing import Sealer, SealingError
-from .settings import OAuthSettings, is_loopback
+from mailingest.adapters import keys
+from mailingest.adapters.encryption import Sealer, SealingError
+from mailingest.config.settings import OAuthSettings, is_loopback
+from mailingest.core.errors import ConfigError, OAuthError
 
 __all__ = ["DEFAULT_EXPIRES_IN", "OAuthError", "TokenSource"]
 

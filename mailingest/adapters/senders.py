@@ -24,8 +24,8 @@ from typing import Any, Protocol, cast
 import httpx
 import redis
 
-from .errors import ConfigError, ResolverError
-from .keys import SENDERS
+from mailingest.adapters.keys import SENDERS
+from mailingest.core.errors import ConfigError, ResolverError
 
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+$")
 _ENTITY = re.compile(r"^[^\s/?#]{1,128}$")

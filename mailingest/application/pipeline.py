@@ -1,10 +1,10 @@
 """The steps of ingestion as plain functions: poll -> ingest -> describe -> upload -> finish.
 
-Each step takes the :class:`~mailingest.runtime.Context` and the mail id (and a
+Each step takes the :class:`~mailingest.application.services.Context` and the mail id (and a
 document index), does its work, records it in the ledger and returns the
 :class:`Step` s to run next. Who runs them is the caller's business: Celery
-tasks (:mod:`mailingest.tasks`) queue them, ``mailingest poll-once``
-(:mod:`mailingest.runner`) runs them in this process. Steps raise only
+tasks (:mod:`mailingest.application.tasks`) queue them, ``mailingest poll-once``
+(:mod:`mailingest.application.poll_once`) runs them in this process. Steps raise only
 *retryable* errors (:class:`AlloyUnavailable`, :class:`ResolverError`,
 :class:`MailboxError`); anything final is recorded (quarantine) and returned
 as the ``finish`` step.
@@ -24,10 +24,13 @@ from dataclasses import dataclass
 
 import redis
 
-from . import ledger as L
-from . import logs, metrics
-from .decisions import Step, adoption_candidates, stale, unsettled
-from .errors import (
+from mailingest.adapters import ledger as L
+from mailingest.adapters.ledger import MailRef, PlannedDocument
+from mailingest.application import logs, metrics
+from mailingest.application.services import Context
+from mailingest.config.settings import SEND_GUARD, InboxSettings
+from mailingest.core.decisions import Step, adoption_candidates, stale, unsettled
+from mailingest.core.errors import (
     AlloyRejected,
     AlloyUnavailable,
     Busy,
@@ -37,11 +40,8 @@ from .errors import (
     MailingestError,
     ResolverError,
 )
-from .ledger import MailRef, PlannedDocument
-from .mail import document_payload, message_key
-from .runtime import Context
-from .screening import Screened, screen, size_refusal
-from .settings import SEND_GUARD, InboxSettings
+from mailingest.core.mail import document_payload, message_key
+from mailingest.core.screening import Screened, screen, size_refusal
 
 log = logging.getLogger(__name__)
 

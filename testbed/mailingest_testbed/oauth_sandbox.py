@@ -25,7 +25,7 @@ Decisions:
   by default), for the retry tests; ``token_delay`` slows every grant down, so
   concurrent refreshes really overlap.
 
-Run: ``python -m mailingest.oauth_sandbox --user customer-support`` prints a refresh
+Run: ``python -m mailingest_testbed.oauth_sandbox --user customer-support`` prints a refresh
 token and serves until Ctrl-C.
 """
 
@@ -47,7 +47,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .sandbox import serve_tls
+from mailingest_testbed.alloy_sandbox import serve_tls
 
 __all__ = ["OAuthSandbox"]
 
@@ -348,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mailingest.oauth_sandbox",
+        prog="python -m mailingest_testbed.oauth_sandbox",
         description="OAuth2 refresh-token grant and introspection, for the demo",
     )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any)")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import redis
 
-from . import keys
+from mailingest.adapters import keys
 
 # KEYS[1] bucket; ARGV: rate per s, burst, max wait ms, now ms ('' = Redis' clock)
 _TAKE = """

@@ -1,6 +1,6 @@
 """The decisions of the pipeline as pure functions: no Redis, no IMAP, no HTTP.
 
-The steps in :mod:`mailingest.pipeline` read the ledger (and Alloy), call one of
+The steps in :mod:`mailingest.application.pipeline` read the ledger (and Alloy), call one of
 these, and write what it decided. Each is tested on its own without servers
 (``tests/test_decisions.py``) and explored under every interleaving by the
 simulation (``tests/sim``).
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from . import ledger as L
-from .alloy import Document
+from mailingest.adapters import ledger as L
+from mailingest.adapters.alloy import Document
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ first so a hostile mail costs as little as possible:
    before fetching, when the server reports it);
 2. structure: number of MIME parts and nesting depth (headers only, nothing decoded);
 3. the sender: ``Authentication-Results`` of the trusted receiving server
-   (:mod:`mailingest.authn`), unless the operator turned it off;
+   (:mod:`mailingest.core.sender_auth`), unless the operator turned it off;
 4. each part: zero bytes (reported, not uploaded), its size, and its real type
-   sniffed from the bytes (:mod:`mailingest.sniff`); the extension sent to Alloy
+   sniffed from the bytes (:mod:`mailingest.core.sniff`); the extension sent to Alloy
    follows the content when the name lies;
 5. the number of documents.
 
@@ -23,11 +23,11 @@ import email.policy
 from dataclasses import dataclass, field, replace
 from email.message import Message
 
-from .authn import AuthPolicy, evaluate
-from .documents import DocumentSpec, describe_attachments
-from .hollow import hollow, unfold
-from .mail import ParsedMail, parse_mail
-from .sniff import ALLOWED_KINDS, sniff
+from mailingest.core.base64_bodies import hollow, unfold
+from mailingest.core.documents import DocumentSpec, describe_attachments
+from mailingest.core.mail import ParsedMail, parse_mail
+from mailingest.core.sender_auth import AuthPolicy, evaluate
+from mailingest.core.sniff import ALLOWED_KINDS, sniff
 
 MiB = 1024 * 1024
 

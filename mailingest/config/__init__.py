@@ -1,0 +1,1 @@
+"""The one settings object, read from the environment once and validated at start-up."""
