@@ -143,3 +143,15 @@ def test_pip_install_without_extras_has_no_test_bed(tmp_path: Path) -> None:
     assert demo.returncode != 0
     (line,) = demo.stderr.strip().splitlines()
     assert "pip install ./testbed" in line and "Traceback" not in demo.stderr
+
+
+def test_the_readme_names_every_module() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    modules = [
+        *(p.relative_to(PACKAGE) for p in PACKAGE.glob("*/*.py")),
+        *(p.relative_to(ROOT) for p in (ROOT / "testbed" / "mailingest_testbed").rglob("*.py")),
+    ]
+    missing = sorted(
+        str(m) for m in modules if m.name != "__init__.py" and f"`{m.as_posix()}`" not in readme
+    )
+    assert not missing, f"the README's module table does not name {missing}"
