@@ -32,6 +32,7 @@ from mailingest.adapters import keys
 from mailingest.adapters.encryption import Sealer
 from mailingest.adapters.imap import Mailbox
 from mailingest.adapters.oauth import TokenSource
+from mailingest.application.pipeline import RETRYABLE
 from mailingest.config.settings import InboxSettings, OAuthSettings, Secret
 from mailingest.core.errors import ConfigError, MailboxError, OAuthError
 
@@ -256,7 +257,7 @@ def test_unavailable_endpoint_is_retryable(
         with pytest.raises(OAuthError) as caught:
             tokens.access_token()
         assert caught.value.status == 503 and not caught.value.needs_operator
-        assert caught.value.retryable
+        assert isinstance(caught.value, RETRYABLE)  # what the pipeline retries
         assert tokens.access_token()  # the next poll succeeds
     closed = settings(provider, "rt-x", token_url=f"http://127.0.0.1:{free_port()}/token")
     with source(redis_client, closed, timeout=2) as tokens, pytest.raises(OAuthError) as caught:

@@ -116,10 +116,10 @@ class Mailbox:
             else:  # LOGIN is ASCII-only; AUTHENTICATE PLAIN carries UTF-8
                 client.plain_login(user, password)
         except IMAPClientError as exc:
-            raise MailboxError(f"{where}: login refused ({_safe(exc)})") from None
+            raise MailboxError(f"{where}: login refused ({_error_text(exc)})") from None
         except _IMAP_ERRORS as exc:
             raise MailboxError(
-                f"{where}: cannot connect ({type(exc).__name__}: {_safe(exc)})"
+                f"{where}: cannot connect ({type(exc).__name__}: {_error_text(exc)})"
             ) from None
         self._client = client
 
@@ -156,19 +156,19 @@ class Mailbox:
                 client = self._open()
             except _IMAP_ERRORS as exc:
                 raise MailboxError(
-                    f"{where}: cannot connect ({type(exc).__name__}: {_safe(exc)})"
+                    f"{where}: cannot connect ({type(exc).__name__}: {_error_text(exc)})"
                 ) from None
             try:
                 client.oauth2_login(user, token, mech="XOAUTH2")
                 return client
             except IMAPClientError as exc:
-                refused = _safe(exc).replace(token, "********")
+                refused = _error_text(exc).replace(token, "********")
                 offered = _offers(client, "AUTH=XOAUTH2")
                 _quit(client)
             except _IMAP_ERRORS as exc:
                 _quit(client)
                 raise MailboxError(
-                    f"{where}: cannot connect ({type(exc).__name__}: {_safe(exc)})"
+                    f"{where}: cannot connect ({type(exc).__name__}: {_error_text(exc)})"
                 ) from None
             if not offered:
                 raise MailboxError(f"{where}: the server does not offer XOAUTH2 login ({refused})")
@@ -195,7 +195,7 @@ class Mailbox:
             raise
         except _IMAP_ERRORS as exc:
             raise MailboxError(
-                f"inbox {self.inbox.name}: {what} failed ({type(exc).__name__}: {_safe(exc)})"
+                f"inbox {self.inbox.name}: {what} failed ({type(exc).__name__}: {_error_text(exc)})"
             ) from None
 
     # -- IDLE (RFC 2177) ----------------------------------------------------------
@@ -326,7 +326,7 @@ class Mailbox:
         folder = client._normalise_folder(destination)  # quoted, modified UTF-7
         typ, data = client._imap._simple_command("UID", "COPY", str(uid), folder)
         if typ != "OK":
-            raise imaplib.IMAP4.error(f"COPY failed: {_text(data)}")
+            raise imaplib.IMAP4.error(f"COPY failed: {_reply_text(data)}")
         found = _COPYUID.search(b" ".join(d for d in data if isinstance(d, bytes)))
         return f"{int(found[1])}:{int(found[2])}" if found else ""
 
@@ -375,7 +375,7 @@ class Mailbox:
             return uid in self.client.search(["UID", str(uid)])
 
 
-def _text(data: object) -> str:
+def _reply_text(data: object) -> str:
     parts = data if isinstance(data, list) else [data]
     return " ".join(
         p.decode("utf-8", "replace") if isinstance(p, bytes) else str(p) for p in parts
@@ -407,7 +407,7 @@ def _offers(client: IMAPClient, capability: str) -> bool:
         return True
 
 
-def _safe(exc: BaseException) -> str:
+def _error_text(exc: BaseException) -> str:
     """An exception's text, bounded, for a message that may be logged."""
     if isinstance(exc, UnicodeError):  # its text would quote the offending (secret) value
         return "a value cannot be encoded for IMAP"

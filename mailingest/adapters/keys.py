@@ -110,3 +110,8 @@ def oauth(inbox: str) -> str:
 
 def oauth_lock(inbox: str) -> str:
     return f"{NS}:lock:oauth:{inbox}"
+
+
+def as_text(value: object) -> str:
+    """A Redis reply (bytes, or str with ``decode_responses``) as text."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -101,13 +101,9 @@ def fingerprint(refresh_token: str) -> str:
     return hashlib.sha256(refresh_token.encode("utf-8")).hexdigest()
 
 
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def _number(value: object, default: float) -> float:
     try:
-        number = float(_text(value))
+        number = float(keys.as_text(value))
     except (TypeError, ValueError):
         return default
     return number if math.isfinite(number) else default
@@ -241,7 +237,7 @@ class TokenSource:
         if value is None:
             return None
         try:
-            plain = self._sealer.open(base64.b64decode(_text(value), validate=True))
+            plain = self._sealer.open(base64.b64decode(keys.as_text(value), validate=True))
         except (binascii.Error, ValueError, SealingError):
             plain = b""
         prefix = f"{self.inbox}\n{field}\n".encode()
@@ -255,14 +251,14 @@ class TokenSource:
         return plain[len(prefix) :].decode("utf-8", "replace")
 
     def _read(self) -> _Stored:
-        fields = {_text(k): v for k, v in self._redis.hgetall(self._key).items()}
+        fields = {keys.as_text(k): v for k, v in self._redis.hgetall(self._key).items()}
         configured = fields.get(_CONFIGURED)
         return _Stored(
             access=self._open(_ACCESS, fields.get(_ACCESS)),
             expires_at=_number(fields.get(_EXPIRES_AT), 0.0),
             lifetime=_number(fields.get(_LIFETIME), 0.0),
             refresh=self._open(_REFRESH, fields.get(_REFRESH)),
-            configured=_text(configured) if configured is not None else None,
+            configured=keys.as_text(configured) if configured is not None else None,
         )
 
     def _usable(self, stored: _Stored) -> str | None:

@@ -24,15 +24,11 @@ from typing import Any, Protocol, cast
 import httpx
 import redis
 
-from mailingest.adapters.keys import SENDERS
+from mailingest.adapters.keys import SENDERS, as_text
 from mailingest.core.errors import ConfigError, ResolverError
 
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+$")
 _ENTITY = re.compile(r"^[^\s/?#]{1,128}$")
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def normalise_email(address: str) -> str:
@@ -135,7 +131,7 @@ class RedisDirectory:
             raise ResolverError(
                 f"sender directory in Redis unavailable: {type(exc).__name__}"
             ) from None
-        return None if value is None else _text(value)
+        return None if value is None else as_text(value)
 
     def add(self, email: str, entity: str) -> None:
         email = normalise_email(email)
@@ -153,7 +149,7 @@ class RedisDirectory:
 
     def items(self) -> list[tuple[str, str]]:
         raw = self.redis.hgetall(SENDERS)
-        return sorted((_text(k), _text(v)) for k, v in raw.items())
+        return sorted((as_text(k), as_text(v)) for k, v in raw.items())
 
 
 class HttpLookup:

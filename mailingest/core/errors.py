@@ -16,7 +16,8 @@
 
 Messages never contain document bytes, mail bodies, passwords or tokens:
 they name the mail (ledger key), the document (index and name) and what
-Alloy said (status, minor code, message, error token).
+Alloy said (status, minor code, message, error token). Which errors are worth
+another try is decided in one place, by the pipeline, not by attributes here.
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ class ConfigError(MailingestError):
 
 class AlloyError(MailingestError):
     """Alloy answered with an error body, or the request did not complete."""
-
-    retryable = False
 
     def __init__(
         self,
@@ -88,19 +87,13 @@ class AlloyRejected(AlloyError):
 class AlloyUnavailable(AlloyError):
     """401 (our credentials), 429, 5xx, a timeout or a dropped connection: retry later."""
 
-    retryable = True
-
 
 class ResolverError(MailingestError):
     """A sender directory or the CRM hook could not answer; retried."""
 
-    retryable = True
-
 
 class MailboxError(MailingestError):
     """The IMAP server refused a command or the connection dropped; retried."""
-
-    retryable = True
 
 
 class OAuthError(MailboxError):
@@ -164,8 +157,6 @@ class OAuthError(MailboxError):
 class Busy(MailingestError):
     """Another run (of this mail, or of another copy of it) moved the document on while
     this one looked: look again rather than act on what it saw."""
-
-    retryable = True
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         self.retry_after = retry_after

@@ -162,7 +162,7 @@ def parse_mail(
         raise MailParseError("no RFC 822 header fields")
 
     defects = _Defects()
-    for entry in _safe(lambda: parser.defects, []) or []:
+    for entry in _or_default(lambda: parser.defects, []) or []:
         if isinstance(entry, dict):
             for key, values in entry.items():
                 for value in values if isinstance(values, list) else [values]:
@@ -204,7 +204,7 @@ class _Defects:
         return tuple(self._items)
 
 
-def _safe(fn: Callable[[], _T], default: _D) -> _T | _D:
+def _or_default(fn: Callable[[], _T], default: _D) -> _T | _D:
     try:
         return fn()
     except Exception:  # header extraction must never kill the parse
@@ -219,12 +219,12 @@ def _first(value: object) -> str:
 
 
 def _subject(parser: mailparser.MailParser) -> str:
-    text = _first(_safe(lambda: parser.subject, ""))
+    text = _first(_or_default(lambda: parser.subject, ""))
     return " ".join(_unsurrogate(text).split())
 
 
 def _message_id(parser: mailparser.MailParser) -> str | None:
-    text = _unsurrogate(_first(_safe(lambda: parser.message_id, ""))).strip()
+    text = _unsurrogate(_first(_or_default(lambda: parser.message_id, ""))).strip()
     match = re.search(r"<([^<>]*)>", text)
     if match:
         text = match.group(1)
@@ -233,7 +233,7 @@ def _message_id(parser: mailparser.MailParser) -> str | None:
 
 
 def _date(parser: mailparser.MailParser) -> datetime | None:
-    value = _safe(lambda: parser.date, None)
+    value = _or_default(lambda: parser.date, None)
     if not isinstance(value, datetime):
         return None
     if value.tzinfo is None:
@@ -454,7 +454,7 @@ def _extract_parts(
         payload_list = part.get_payload()
         if part.get_content_maintype() == "message" and isinstance(payload_list, list):
             if locations is None:
-                locations = _safe(lambda: _locate(hollowed.raw, message), {})
+                locations = _or_default(lambda: _locate(hollowed.raw, message), {})
             payload = hollowed.restore(
                 _message_bytes(hollowed, part, locations or {}, defects, where)
             )

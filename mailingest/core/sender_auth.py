@@ -582,10 +582,10 @@ def _evaluate(headers: Iterable[str], from_address: str | None, policy: AuthPoli
             parsed = candidate
             break
     if parsed is None:
-        ids = ", ".join(_safe(i, 100) for i in policy.trusted_authserv_ids)
+        ids = ", ".join(_printable(i, 100) for i in policy.trusted_authserv_ids)
         return _verdict(False, f"no Authentication-Results from {ids}", None)
 
-    by = _safe(parsed.authserv_id, 100)
+    by = _printable(parsed.authserv_id, 100)
     if parsed.malformed:
         return _verdict(False, f"Authentication-Results from {by} could not be parsed", None)
 
@@ -613,7 +613,7 @@ def _evaluate(headers: Iterable[str], from_address: str | None, policy: AuthPoli
         method, result = entry.result.method, entry.result.result
         if method not in ACCEPTABLE_METHODS:
             continue
-        note = f"{method}={_safe(result, 20)}"
+        note = f"{method}={_printable(result, 20)}"
         if result == "pass":
             ok, detail = _check_pass(entry, from_domain, from_org)
             if ok:
@@ -680,7 +680,7 @@ def _dmarc_policy(entry: _Entry) -> str:
     return ""
 
 
-def _safe(text: str, limit: int) -> str:
+def _printable(text: str, limit: int) -> str:
     return _UNSAFE.sub("?", text.lower())[:limit]
 
 
