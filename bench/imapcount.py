@@ -37,15 +37,15 @@ class ImapCounter:
                 counter.commands.append(text[:160].decode("ascii", "replace"))
                 if _BODY.search(line):
                     counter.body_fetches += 1
-            return send(imap, data)
+            send(imap, data)
 
         def counted_read(imap: imaplib.IMAP4, size: int) -> bytes:
-            data = read(imap, size)
+            data: bytes = read(imap, size)
             counter.received += len(data)
             return data
 
         def counted_readline(imap: imaplib.IMAP4) -> bytes:
-            data = readline(imap)
+            data: bytes = readline(imap)
             counter.received += len(data)
             return data
 

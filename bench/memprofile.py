@@ -120,9 +120,9 @@ def top_sites(snapshot: tracemalloc.Snapshot, limit: int = 6) -> list[dict[str, 
 
 def run(floor: int) -> dict[str, Any]:
     from mailingest.application import pipeline
-    from mailingest.application.pipeline import Step
     from mailingest.application.services import build_context
     from mailingest.config.settings import load_settings
+    from mailingest.core.decisions import Step
 
     settings = load_settings().require("redis", "imap", "alloy")
     ctx = build_context(settings)

@@ -21,17 +21,20 @@ def _first(runs: list[dict[str, Any]], system: str) -> dict[str, Any]:
 
 
 def _ms(run: dict[str, Any], component: str) -> float:
-    return run.get("cpu_seconds", {}).get(component, 0.0) / run["n"] * 1000
+    n: float = run["n"]
+    return float(run.get("cpu_seconds", {}).get(component, 0.0)) / n * 1000
 
 
 def _ours_ms(run: dict[str, Any]) -> float:
-    return sum(v for k, v in run.get("cpu_seconds", {}).items() if k != MACHINE) / run["n"] * 1000
+    cpu = run.get("cpu_seconds", {})
+    n: float = run["n"]
+    return float(sum(v for k, v in cpu.items() if k != MACHINE)) / n * 1000
 
 
 def _share(summary: dict[str, Any], role: str, key: str, *needles: str) -> float:
     """Share (%) of ``role``'s samples in the rows of table ``key`` matching a needle."""
     rows = summary.get(role, {}).get(key, [])
-    return 100 * sum(v for k, v in rows if any(n in k for n in needles))
+    return 100 * float(sum(v for k, v in rows if any(n in k for n in needles)))
 
 
 def throughput(results: dict[str, Any]) -> dict[str, str]:

@@ -644,7 +644,7 @@ class Bench:
                 f"RSS peak +{step['rss_peak_above_before'] / MB:6.1f} MB"
                 f"  traced peak +{step['traced_peak_above_before'] / MB:6.1f} MB"
             )
-        return data
+        return dict(data)
 
     def phase_idle(self) -> None:
         started = time.monotonic()

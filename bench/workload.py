@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 from mailingest_testbed.samples import authentication_results
 
@@ -77,7 +78,7 @@ class MailSpec:
         return sum(d.size for d in self.docs)
 
     @classmethod
-    def from_dict(cls, d: dict) -> MailSpec:
+    def from_dict(cls, d: dict[str, Any]) -> MailSpec:
         docs = tuple(DocSpec(**x) for x in d.pop("docs"))
         return cls(**d, docs=docs)
 
@@ -227,7 +228,7 @@ def maildir_name(tag: str, index: int, size: int, vsize: int) -> str:
 # --------------------------------------------------------------------------- corpus
 
 
-def _write_one(args: tuple[str, int, int, str, tuple[int, int]]) -> dict:
+def _write_one(args: tuple[str, int, int, str, tuple[int, int]]) -> dict[str, Any]:
     directory, seed, index, tag, owner = args
     raw, spec = make_mail(seed, index, tag=tag)
     path = Path(directory) / f"{tag}{index:06d}.eml"

@@ -212,7 +212,7 @@ class AlloyClient:
     def download(self, entity: str, document: str) -> bytes:
         with self._call("download") as call:
             response = call("GET", self._path(entity, document))
-        return response.content
+        return bytes(response.content)
 
     def list(self, entity: str) -> list[Document]:
         with self._call("list") as call:

@@ -14,11 +14,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from mailingest.adapters import ledger as L
 from mailingest.application import pipeline
-from mailingest.application.pipeline import Step
 from mailingest.application.services import Context
+from mailingest.core.decisions import Step
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Summary:
         """Every mail found was processed or quarantined (and filed)."""
         return self.failed == 0 and self.pending == 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"ok": self.ok}
 
 

@@ -21,8 +21,8 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from mailingest.application import pipeline
 from mailingest.application.celery_app import app, settings
-from mailingest.application.pipeline import Step
 from mailingest.application.services import Context, build_context
+from mailingest.core.decisions import Step
 from mailingest.core.errors import MailingestError
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,10 @@ def _close_context(**_: Any) -> None:
 
 def dispatch(steps: list[Step]) -> None:
     for step in steps:
-        TASKS[step.task].apply_async(args=step.args)
+        TASKS[step.task].apply_async(args=tuple(step.args))
 
 
-def _run(task: Task, step: Step) -> None:
+def _run(task: Task[Any, Any], step: Step) -> None:
     ctx = context()
     try:
         steps = pipeline.run_step(ctx, step)
@@ -71,12 +71,12 @@ def _run(task: Task, step: Step) -> None:
 
 
 @app.task(name="mailingest.poll_inbox", bind=True)
-def poll_inbox(self: Task, inbox: str) -> int:
+def poll_inbox(self: Task[Any, Any], inbox: str) -> int:
     ctx = context()
     try:
         result = pipeline.poll(ctx, inbox, emit=dispatch)
         if result.again:
-            poll_inbox.apply_async(args=[inbox])
+            poll_inbox.apply_async(args=(inbox,))
         return result.found
     except pipeline.RETRYABLE as exc:
         log.warning("poll of inbox %s failed: %s (the next tick tries again)", inbox, exc)
@@ -84,22 +84,22 @@ def poll_inbox(self: Task, inbox: str) -> int:
 
 
 @app.task(name="mailingest.ingest_message", bind=True)
-def ingest_message(self: Task, mail_id: str) -> None:
+def ingest_message(self: Task[Any, Any], mail_id: str) -> None:
     _run(self, Step("ingest", mail_id))
 
 
 @app.task(name="mailingest.describe_document", bind=True)
-def describe_document(self: Task, mail_id: str, index: int) -> None:
+def describe_document(self: Task[Any, Any], mail_id: str, index: int) -> None:
     _run(self, Step("describe", mail_id, index))
 
 
 @app.task(name="mailingest.upload_document", bind=True)
-def upload_document(self: Task, mail_id: str, index: int) -> None:
+def upload_document(self: Task[Any, Any], mail_id: str, index: int) -> None:
     _run(self, Step("upload", mail_id, index))
 
 
 @app.task(name="mailingest.finish_message", bind=True)
-def finish_message(self: Task, mail_id: str) -> None:
+def finish_message(self: Task[Any, Any], mail_id: str) -> None:
     _run(self, Step("finish", mail_id))
 
 

@@ -189,7 +189,7 @@ def decoded_payload(part: email.message.Message, hollowed: Hollowed) -> bytes | 
     value, defects = encoded_words.decode_b(_joined(body))
     for defect in defects:
         part.policy.handle_defect(part, defect)
-    return value
+    return bytes(value)
 
 
 def _well_formed(source: bytes, start: int, end: int) -> bool:

@@ -34,4 +34,4 @@ class RetryPolicy:
 
     def longest_wait(self) -> float:
         """Upper bound of the total time spent waiting between tries."""
-        return sum(min(self.cap, self.base * 2**n) for n in range(self.max_attempts - 1))
+        return float(sum(min(self.cap, self.base * 2**n) for n in range(self.max_attempts - 1)))

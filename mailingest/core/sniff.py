@@ -258,7 +258,7 @@ def _plausible_bmp(head: bytes) -> bool:
     if len(head) < planes_at + 2:
         return False
     (planes,) = struct.unpack_from("<H", head, planes_at)
-    return planes == 1
+    return bool(planes == 1)
 
 
 # --------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def _zip_directory_bounded(data: bytes) -> bool:
         record = locator - 56
         if record >= 0 and data[record : record + 4] == b"PK\x06\x06":
             entries, cd_size = struct.unpack_from("<QQ", data, record + 32)
-    return entries <= _MAX_ZIP_ENTRIES and cd_size <= _MAX_ZIP_CD_BYTES
+    return bool(entries <= _MAX_ZIP_ENTRIES and cd_size <= _MAX_ZIP_CD_BYTES)
 
 
 # --------------------------------------------------------------------------

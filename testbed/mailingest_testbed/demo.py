@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TextIO
 
 from mailingest.adapters import ledger as L
 from mailingest.adapters.alloy import AlloyClient
@@ -169,7 +170,9 @@ def check_outcome(
     return problems
 
 
-def report(scenario: Scenario, alloy: AlloyClient, ledger: Ledger, out=sys.stdout) -> None:
+def report(
+    scenario: Scenario, alloy: AlloyClient, ledger: Ledger, out: TextIO = sys.stdout
+) -> None:
     owners = {entity: email for email, entity in scenario.senders.items()}
     print("\nWhat reached Alloy", file=out)
     print(
