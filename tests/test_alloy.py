@@ -7,6 +7,7 @@ import pytest
 from mailingest_testbed.alloy_sandbox import SandboxServer
 
 from mailingest.adapters.alloy import AlloyClient, error_from_response
+from mailingest.application.pipeline import RETRYABLE
 from mailingest.config.settings import Secret
 from mailingest.core.errors import AlloyRejected, AlloyUnavailable
 
@@ -52,7 +53,7 @@ def test_rejections_carry_what_alloy_said(sandbox: SandboxServer) -> None:
                 note_author_agent_email=None,
             )
         e = err.value
-        assert (e.status, e.minor_code, e.retryable) == (400, 4002, False)
+        assert (e.status, e.minor_code) == (400, 4002) and not isinstance(e, RETRYABLE)
         assert e.error_token and e.error_token in str(e)
         with pytest.raises(AlloyRejected) as err:
             alloy.upload(ENTITY, "D-00000000000000000000", b"x")
@@ -74,7 +75,7 @@ def test_outages_are_retryable(sandbox: SandboxServer) -> None:
         sandbox.set_faults(rate_429=0.0, error_500=1.0)
         with pytest.raises(AlloyUnavailable) as err:
             alloy.list(ENTITY)
-        assert err.value.status == 500 and err.value.retryable
+        assert err.value.status == 500 and isinstance(err.value, RETRYABLE)
         sandbox.set_faults(error_500=0.0, slow_fraction=1.0, slow_ms=1500)
         with pytest.raises(AlloyUnavailable, match="timed out"):
             alloy.list(ENTITY)
@@ -89,4 +90,4 @@ def test_error_mapping_without_a_json_body() -> None:
     assert isinstance(error, AlloyUnavailable) and error.retry_after == 12.0
     assert str(error) == "Alloy upload answered 502: Bad Gateway"
     error = error_from_response(httpx.Response(413, text=""), "upload")
-    assert isinstance(error, AlloyRejected) and not error.retryable
+    assert isinstance(error, AlloyRejected) and not isinstance(error, RETRYABLE)
