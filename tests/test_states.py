@@ -9,6 +9,9 @@ and the record a transition returns must agree with what Redis holds.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import hypothesis.strategies as st
 import pytest
 import redis
@@ -37,6 +40,18 @@ def test_the_table_names_every_state_and_only_states() -> None:
                 seen.add(target)
                 frontier.append(target)
     assert seen == set(MailState)
+
+
+def test_the_table_in_docs_is_the_codes() -> None:
+    """docs/states.md's table lists, for each state, the states the code lets it go to."""
+    text = (Path(__file__).parent.parent / "docs" / "states.md").read_text()
+    documented: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"`[a-z_]+`", cells[0]):
+            documented[cells[0].strip("`")] = set(re.findall(r"`([a-z_]+)`", cells[2]))
+    expected = {str(s): {str(t) for t in targets} for s, targets in states.TRANSITIONS.items()}
+    assert documented == expected
 
 
 @pytest.mark.parametrize(
