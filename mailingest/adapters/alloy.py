@@ -20,7 +20,6 @@ import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from mailingest.adapters.rate_limit import RateLimited, RateLimiter
 from mailingest.application import metrics
 from mailingest.config.settings import Secret
 from mailingest.core.errors import AlloyError, AlloyRejected, AlloyUnavailable
+from mailingest.core.records import Document  # Alloy's answer, as data (re-exported)
 
 # each operation's path as a metric label (no entity or document token in a label)
 ENDPOINTS = {
@@ -43,42 +43,6 @@ ENDPOINTS = {
 }
 # a well-formed entity token no customer has: check_credentials lists its documents
 CREDENTIALS_PROBE = "P-mailingestCheck00000"
-
-
-@dataclass(frozen=True)
-class Document:
-    """Alloy's document object, as far as ingestion needs it."""
-
-    token: str
-    name: str
-    extension: str
-    type: str
-    uploaded: bool
-    timestamp: int | None
-    notes: tuple[dict[str, Any], ...]
-
-    @classmethod
-    def from_json(cls, body: Any) -> Document:
-        if not isinstance(body, dict) or not isinstance(body.get("document_token"), str):
-            raise AlloyRejected("answer is not a document object", operation="parse")
-        return cls(
-            token=body["document_token"],
-            name=str(body.get("name", "")),
-            extension=str(body.get("extension", "")),
-            type=str(body.get("type", "")),
-            uploaded=bool(body.get("uploaded")),
-            timestamp=_epoch_ms(body.get("timestamp")),
-            notes=tuple(n for n in body.get("notes") or () if isinstance(n, dict)),
-        )
-
-
-def _epoch_ms(value: Any) -> int | None:
-    """Alloy's timestamps are milliseconds since the epoch; one given in seconds (below
-    10^11, i.e. before 1973 in ms) is scaled, and anything else is "unknown" (None).
-    Nothing in ingestion depends on them: adoption goes by claims, not by time."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return int(value * 1000) if value < 10**11 else int(value)
 
 
 # httpx/httpcore trace requests at DEBUG; keep the wire out of our logs

@@ -1,21 +1,14 @@
 """The ledger: what happened to every mail and every document, kept in Redis.
 
-Mail states (a mail id lives in exactly one ``mailingest:state:<state>`` set)::
+A mail id lives in exactly one ``mailingest:state:<state>`` set; the states, and which
+may go to which, are :mod:`mailingest.core.states` (diagram: ``docs/states.md``).
 
-    queued ──> parsing ──> documents_pending ──> done ─────────> (moved to Processed)
-       │          │               │
-       │          └──────> quarantined <──┘  ───────────────────> (moved to Quarantine)
-       └──────────────────────────┴────> failed   (retries exhausted; `mailingest replay`)
-
-    quarantined ──(mailingest replay)──> replayed   (moved back to the inbox: a new mail)
-
-Document states: ``planned`` -> ``described`` (has a ``document_token``) ->
-``uploaded`` (Alloy answered ``uploaded: true``).
-
-Every transition is a compare-and-set in one Lua script, so a step that runs
-twice (late acks, a redelivered task) finds the mail already moved on and
-does nothing. Mail and document bytes are staged here under a TTL and passed
-between tasks by key; they never travel through the broker.
+Every transition is a compare-and-set in one Lua script, checked against the table
+before it is sent (:class:`~mailingest.core.states.IllegalTransition`), so a step that
+runs twice (late acks, a redelivered task) finds the mail already moved on and does
+nothing. The scripts get every state name as an argument: none is spelled here. Mail
+and document bytes are staged here under a TTL and passed between tasks by key; they
+never travel through the broker.
 """
 
 from __future__ import annotations
@@ -26,49 +19,57 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote
 
 import redis
 import redis.lock
 
 from mailingest.adapters import keys
 from mailingest.adapters.encryption import Plain, Sealer
+from mailingest.core import states
+from mailingest.core.records import DocumentRecord, MailRecord, MailRef, Slot
+from mailingest.core.states import (
+    COUNTED,
+    DECIDED,
+    IN_FLIGHT,
+    MAIL_STATES,
+    DocumentState,
+    MailState,
+)
 
-QUEUED = "queued"
-PARSING = "parsing"
-DOCUMENTS_PENDING = "documents_pending"
-DONE = "done"
-QUARANTINED = "quarantined"
-FAILED = "failed"
-REPLAYED = "replayed"
-MAIL_STATES = (QUEUED, PARSING, DOCUMENTS_PENDING, DONE, QUARANTINED, FAILED, REPLAYED)
-DECIDED = (DONE, QUARANTINED)
-
-PLANNED = "planned"
-DESCRIBED = "described"
-UPLOADED = "uploaded"
-LOST = "lost"  # a quarantined mail's document whose bytes are gone: nothing left to send
+# the old names, kept for the many callers (and tests) that use ``L.QUEUED`` and kin
+QUEUED = MailState.QUEUED
+PARSING = MailState.PARSING
+DOCUMENTS_PENDING = MailState.DOCUMENTS_PENDING
+DONE = MailState.DONE
+QUARANTINED = MailState.QUARANTINED
+FAILED = MailState.FAILED
+REPLAYED = MailState.REPLAYED
+PLANNED = DocumentState.PLANNED
+DESCRIBED = DocumentState.DESCRIBED
+UPLOADED = DocumentState.UPLOADED
+LOST = DocumentState.LOST
 
 # KEYS[1] mail hash, KEYS[2] the unfiled set; ARGV[1] new state, ARGV[2] state-set prefix,
-# ARGV[3] mail id, ARGV[4] number of allowed from-states, then those states, then
-# field/value pairs. A decided mail not yet filed joins the unfiled set.
+# ARGV[3] mail id, ARGV[4] '1' when the new state is decided (a decided mail not yet filed
+# joins the unfiled set), ARGV[5] number of allowed from-states, then those states, then
+# field/value pairs. Returns the record as written (HGETALL), or 0 when it did not move.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return 0 end
-local n = tonumber(ARGV[4])
-local allowed = (n == 0)
+local n = tonumber(ARGV[5])
+local allowed = false
 for i = 1, n do
-  if ARGV[4 + i] == current then allowed = true end
+  if ARGV[5 + i] == current then allowed = true end
 end
 if not allowed then return 0 end
-local i = 5 + n
+local i = 6 + n
 while i <= #ARGV do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
 local filed = redis.call('HGET', KEYS[1], 'filed_to')
-if (ARGV[1] == 'done' or ARGV[1] == 'quarantined') and not (filed and filed ~= '') then
+if ARGV[4] == '1' and not (filed and filed ~= '') then
   redis.call('SADD', KEYS[2], ARGV[3])
 else
   redis.call('SREM', KEYS[2], ARGV[3])
@@ -77,16 +78,17 @@ if current ~= ARGV[1] then
   redis.call('SREM', ARGV[2] .. current, ARGV[3])
   redis.call('SADD', ARGV[2] .. ARGV[1], ARGV[3])
 end
-return 1
+return redis.call('HGETALL', KEYS[1])
 """
 
 
-# KEYS: mail hash, raw key, queued set; ARGV: raw, ttl, size, now, mail id, internaldate
+# KEYS: mail hash, raw key, queued set; ARGV: raw, ttl, size, now, mail id, internaldate,
+# the initial state
 _RECORD = """
 if redis.call('HEXISTS', KEYS[1], 'state') == 1 then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'size', ARGV[3],
+redis.call('HSET', KEYS[1], 'state', ARGV[7], 'size', ARGV[3],
            'created_at', ARGV[4], 'updated_at', ARGV[4], 'internaldate', ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[5])
 return 1
@@ -112,14 +114,14 @@ return ARGV[1]
 """
 
 # KEYS: slot hash, mail hash, doubt zset; ARGV: the attempt the caller saw ('' for none),
-# now, window ms, new id, slot fingerprint. {'decided', _} the mail is no longer
-# documents_pending (quarantined, failed: no new POST for it, or `finish` could move it
-# before seeing this attempt).
+# now, window ms, new id, slot fingerprint, the documents_pending state. {'decided', _}
+# the mail is no longer documents_pending (quarantined, failed: no new POST for it, or
+# `finish` could move it before seeing this attempt).
 # {'token', _} the slot has a document already; {'changed', _} another run moved it on
 # since the caller looked; {'wait', ms} the attempt in doubt may still be committed by
 # Alloy for ms more; {'go', 0} the new attempt is recorded: POST.
 _BEGIN = """
-if redis.call('HGET', KEYS[2], 'state') ~= 'documents_pending' then return {'decided', 0} end
+if redis.call('HGET', KEYS[2], 'state') ~= ARGV[6] then return {'decided', 0} end
 local token = redis.call('HGET', KEYS[1], 'token')
 if token and token ~= '' then return {'token', 0} end
 local current = redis.call('HGET', KEYS[1], 'attempt') or ''
@@ -141,9 +143,10 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# KEYS: document hash; ARGV: state, token. An uploaded document stays uploaded.
+# KEYS: document hash; ARGV: state, token, the uploaded state. An uploaded document stays
+# uploaded.
 _MIRROR = """
-if redis.call('HGET', KEYS[1], 'state') == 'uploaded' then return 0 end
+if redis.call('HGET', KEYS[1], 'state') == ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'token', ARGV[2])
 return 1
 """
@@ -200,141 +203,6 @@ class RedisClock:
                 if self._offset_ms is None:
                     return int(local * 1000)  # Redis down: the ledger call will fail anyway
         return int(local * 1000) + self._offset_ms
-
-
-@dataclass(frozen=True)
-class MailRef:
-    """Where a mail lives: (inbox, folder, UIDVALIDITY, UID)."""
-
-    inbox: str
-    folder: str
-    uidvalidity: int
-    uid: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.inbox}/{quote(self.folder, safe='')}/{self.uidvalidity}/{self.uid}"
-
-    @classmethod
-    def parse(cls, mail_id: str) -> MailRef:
-        inbox, folder, validity, uid = mail_id.split("/")
-        return cls(inbox, unquote(folder), int(validity), int(uid))
-
-
-@dataclass(frozen=True)
-class MailRecord:
-    ref: MailRef
-    state: str
-    size: int
-    message_id: str
-    sender: str
-    entity: str
-    subject: str
-    reason: str
-    documents: int
-    skipped: int
-    filed_to: str
-    created_at: int
-    updated_at: int
-    retry_at: int
-    auto_replays: int
-    requeued_at: int
-    requeues: int
-    internaldate: str  # the server's arrival time, as it gave it: identifies our copy
-    copied_uid: str  # "<uidvalidity>:<uid>" of our COPY in the destination (no MOVE)
-    moving_to: str  # the folder a MOVE/COPY was sent to, recorded before it
-
-    @property
-    def id(self) -> str:
-        return self.ref.id
-
-    @classmethod
-    def from_hash(cls, mail_id: str, h: dict[str, str]) -> MailRecord:
-        return cls(
-            ref=MailRef.parse(mail_id),
-            state=h.get("state", ""),
-            size=int(h.get("size") or 0),
-            message_id=h.get("message_id", ""),
-            sender=h.get("sender", ""),
-            entity=h.get("entity", ""),
-            subject=h.get("subject", ""),
-            reason=h.get("reason", ""),
-            documents=int(h.get("documents") or 0),
-            skipped=int(h.get("skipped") or 0),
-            filed_to=h.get("filed_to", ""),
-            created_at=int(h.get("created_at") or 0),
-            updated_at=int(h.get("updated_at") or 0),
-            retry_at=int(h.get("retry_at") or 0),
-            auto_replays=int(h.get("auto_replays") or 0),
-            requeued_at=int(h.get("requeued_at") or 0),
-            requeues=int(h.get("requeues") or 0),
-            internaldate=h.get("internaldate", ""),
-            copied_uid=h.get("copied_uid", ""),
-            moving_to=h.get("moving_to", ""),
-        )
-
-
-@dataclass(frozen=True)
-class DocumentRecord:
-    """One document of one mail; what Alloy holds for it is in its :class:`Slot`."""
-
-    mail_id: str
-    index: int
-    state: str
-    name: str
-    extension: str
-    type: str
-    content_type: str
-    size: int
-    sha256: str
-    token: str
-    fingerprint: str
-
-    @classmethod
-    def from_hash(cls, mail_id: str, index: int, h: dict[str, str]) -> DocumentRecord:
-        return cls(
-            mail_id=mail_id,
-            index=index,
-            state=h.get("state", ""),
-            name=h.get("name", ""),
-            extension=h.get("extension", ""),
-            type=h.get("type", ""),
-            content_type=h.get("content_type", ""),
-            size=int(h.get("size") or 0),
-            sha256=h.get("sha256", ""),
-            token=h.get("token", ""),
-            fingerprint=h.get("fingerprint", ""),
-        )
-
-
-@dataclass(frozen=True)
-class Slot:
-    """The one Alloy document for a document, shared by every copy of its mail (delivered
-    twice, a new UIDVALIDITY epoch, a replay): keyed by entity and fingerprint.
-
-    ``attempt`` is the POST whose outcome is in doubt (sent, no answer recorded), begun
-    at ``attempt_at``; ``token`` the Alloy document, ``uploaded`` once Alloy holds the
-    bytes, ``refused`` when Alloy refused them for good."""
-
-    entity: str
-    fingerprint: str
-    token: str
-    attempt: str
-    attempt_at: int
-    uploaded: bool
-    refused: str
-
-    @classmethod
-    def from_hash(cls, entity: str, fp: str, h: dict[str, str]) -> Slot:
-        return cls(
-            entity=entity,
-            fingerprint=fp,
-            token=h.get("token", ""),
-            attempt=h.get("attempt", ""),
-            attempt_at=int(h.get("attempt_at") or 0),
-            uploaded=h.get("uploaded") == "1",
-            refused=h.get("refused", ""),
-        )
 
 
 @dataclass(frozen=True)
@@ -434,7 +302,7 @@ class Ledger:
         anything is queued. Returns False when it was already recorded (nothing changes)."""
         recorded = bool(
             self._record(
-                keys=[keys.mail(ref.id), keys.raw(ref.id), keys.state(QUEUED)],
+                keys=[keys.mail(ref.id), keys.raw(ref.id), keys.state(states.INITIAL)],
                 args=[
                     self.sealer.seal(raw),
                     self.staging_ttl,
@@ -442,6 +310,7 @@ class Ledger:
                     self.now(),
                     ref.id,
                     internaldate,
+                    states.INITIAL,
                 ],
             )
         )
@@ -486,7 +355,7 @@ class Ledger:
     def in_flight(self, inbox: str) -> int:
         """How many of the inbox's mails are recorded but not decided yet (one round trip)."""
         pipe = self.redis.pipeline(transaction=False)
-        for state in (QUEUED, PARSING, DOCUMENTS_PENDING):
+        for state in IN_FLIGHT:
             pipe.smembers(keys.state(state))
         mine = (inbox + "/").encode()
         return sum(1 for members in pipe.execute() for m in members if m.startswith(mine))
@@ -504,17 +373,25 @@ class Ledger:
 
     def transition(
         self, mail_id: str, to: str, *, allowed: Sequence[str] = (), **fields: object
-    ) -> bool:
-        """Move a mail to ``to`` if its state is one of ``allowed`` (any if empty)."""
-        assert to in MAIL_STATES, to
+    ) -> MailRecord | None:
+        """Move a mail to ``to`` if its state is one of ``allowed`` (every state the table
+        lets go to ``to`` if empty); return the record as written, or None when the mail
+        was in another state (or has no record). Asking for a move the table does not
+        allow raises :class:`~mailingest.core.states.IllegalTransition`."""
+        froms = states.check(to, allowed)
         fields.setdefault("updated_at", self.now())
-        argv: list[Any] = [to, keys.state(""), mail_id, len(allowed), *allowed]
+        decided = "1" if to in DECIDED else "0"
+        argv: list[Any] = [to, keys.state(""), mail_id, decided, len(froms), *froms]
         for name, value in fields.items():
             argv += [name, "" if value is None else str(value)]
-        moved = bool(self._transition(keys=[keys.mail(mail_id), keys.UNFILED], args=argv))
-        if moved and to in DECIDED + (FAILED,) and self.on_decided is not None:
+        written = self._transition(keys=[keys.mail(mail_id), keys.UNFILED], args=argv)
+        if not written:
+            return None
+        flat = [_text(v) for v in written]
+        record = MailRecord.from_hash(mail_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        if to in COUNTED and self.on_decided is not None:
             self.on_decided(mail_id, to, str(fields.get("reason") or ""))
-        return moved
+        return record
 
     def add_reason(self, mail_id: str, reason: str) -> None:
         """Append to the reason of a mail already decided (one more refused document)."""
@@ -542,12 +419,11 @@ class Ledger:
         self._set(mail_id, {"filed_to": folder, "updated_at": self.now(), **fields})
         self.redis.srem(keys.UNFILED, mail_id)
 
-    def unfiled(self, inbox: str, *, idle_ms: int = 0) -> list[str]:
-        """Decided mails of ``inbox`` still waiting to be moved, untouched for ``idle_ms``."""
-        cutoff = self.now() - idle_ms
+    def unfiled(self, inbox: str) -> list[MailRecord]:
+        """The records of ``inbox``'s decided mails still waiting to be moved (the sweep
+        decides which are due: decisions.sweep)."""
         ids = sorted(_text(m) for m in self.redis.smembers(keys.UNFILED))
-        mine = [mail_id for mail_id in ids if mail_id.startswith(inbox + "/")]
-        return [r.id for r in self.records(mine) if r.updated_at <= cutoff and not r.filed_to]
+        return self.records([mail_id for mail_id in ids if mail_id.startswith(inbox + "/")])
 
     # -- documents and their slots ----------------------------------------------
     def plan_documents(
@@ -567,7 +443,13 @@ class Ledger:
         pipe.delete(keys.done(mail_id), *(keys.document(mail_id, i) for i in range(old)))
         for doc, fp, slot in zip(documents, fps, slots, strict=True):
             sha = hashlib.sha256(doc.payload).hexdigest()
-            state = UPLOADED if slot.uploaded else DESCRIBED if slot.token else PLANNED
+            state = (
+                DocumentState.UPLOADED
+                if slot.uploaded
+                else DocumentState.DESCRIBED
+                if slot.token
+                else DocumentState.PLANNED
+            )
             pipe.hset(
                 keys.document(mail_id, doc.index),
                 mapping={
@@ -582,7 +464,7 @@ class Ledger:
                     "fingerprint": fp,
                 },
             )
-            if state == UPLOADED:
+            if state == DocumentState.UPLOADED:
                 pipe.sadd(keys.done(mail_id), doc.index)
             else:
                 pipe.set(
@@ -591,13 +473,14 @@ class Ledger:
                     ex=self.staging_ttl,
                 )
         pipe.execute()
-        return self.transition(
+        moved = self.transition(
             mail_id,
-            DOCUMENTS_PENDING,
-            allowed=(PARSING,),
+            MailState.DOCUMENTS_PENDING,
+            allowed=(MailState.PARSING,),
             entity=entity,
             documents=len(documents),
         )
+        return moved is not None
 
     def slot(self, entity: str, fp: str) -> Slot:
         return Slot.from_hash(entity, fp, _decode(self.redis.hgetall(keys.slot(entity, fp))))
@@ -620,7 +503,14 @@ class Ledger:
         now = self.now()
         verdict, value = self._begin(
             keys=[keys.slot(slot.entity, slot.fingerprint), keys.mail(mail_id), doubt],
-            args=[slot.attempt, now, window_ms, attempt_id, slot.fingerprint],
+            args=[
+                slot.attempt,
+                now,
+                window_ms,
+                attempt_id,
+                slot.fingerprint,
+                MailState.DOCUMENTS_PENDING,
+            ],
         )
         go = _text(verdict) == "go"
         return Attempt(_text(verdict), attempt_id if go else "", int(value), now)
@@ -708,14 +598,19 @@ class Ledger:
     def mark_described(self, mail_id: str, index: int, token: str) -> None:
         """The document's slot has a token (mirrored on the document, for status); a
         document already uploaded stays so (a late run must not set it back)."""
-        self._mirror(keys=[keys.document(mail_id, index)], args=[DESCRIBED, token])
+        self._mirror(
+            keys=[keys.document(mail_id, index)],
+            args=[DocumentState.DESCRIBED, token, DocumentState.UPLOADED],
+        )
         self.update(mail_id)
 
     def mark_uploaded(self, mail_id: str, index: int, token: str) -> int:
         """Alloy holds the document's bytes (``uploaded: true``); drop the staged bytes;
         return how many documents of the mail are confirmed so far."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.document(mail_id, index), mapping={"state": UPLOADED, "token": token})
+        pipe.hset(
+            keys.document(mail_id, index), mapping={"state": DocumentState.UPLOADED, "token": token}
+        )
         pipe.delete(keys.blob(mail_id, index))
         pipe.sadd(keys.done(mail_id), index)
         pipe.scard(keys.done(mail_id))
@@ -726,7 +621,7 @@ class Ledger:
     def mark_lost(self, mail_id: str, index: int) -> None:
         """This mail has nothing left to send for the document (its bytes are gone). Only
         this mail's record says so: another copy that still has the bytes uploads them."""
-        self.redis.hset(keys.document(mail_id, index), "state", LOST)
+        self.redis.hset(keys.document(mail_id, index), "state", DocumentState.LOST)
 
     def confirmed(self, mail_id: str) -> int:
         return int(self.redis.scard(keys.done(mail_id)))

@@ -65,16 +65,20 @@ def _serve_metrics(**_: Any) -> None:
     """Serve /metrics from the worker's main process, which sees every pool process."""
     if not settings.metrics_port:
         return
-    from mailingest.adapters import ledger as L
+    from mailingest.adapters.ledger import Ledger
     from mailingest.application import metrics
     from mailingest.application.services import connect_redis
+    from mailingest.core.decisions import Backlog, backlog
+    from mailingest.core.states import IN_FLIGHT
 
     assert settings.redis_url is not None
-    ledger = L.Ledger(connect_redis(settings.redis_url))
+    ledger = Ledger(connect_redis(settings.redis_url))
+    inboxes = [inbox.name for inbox in settings.inboxes]
 
-    def pending() -> list[tuple[str, int]]:
-        records = ledger.mails((L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING))
-        return [(r.ref.inbox, r.created_at) for r in records]
+    def backlogs() -> dict[str, Backlog]:
+        now = ledger.now()  # the ledger's clock, as the records' timestamps
+        records = ledger.mails(IN_FLIGHT)
+        return {inbox: backlog(records, inbox, now) for inbox in inboxes}
 
-    collector = metrics.BacklogCollector([inbox.name for inbox in settings.inboxes], pending)
+    collector = metrics.BacklogCollector(inboxes, backlogs)
     metrics.serve(settings.metrics_port, collector)

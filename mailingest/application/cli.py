@@ -142,27 +142,28 @@ def cmd_senders(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mailingest.adapters import ledger as L
-    from mailingest.adapters.ledger import Ledger
+    from mailingest.adapters.ledger import Ledger, MailRecord
+    from mailingest.core import decisions
+    from mailingest.core.states import IN_FLIGHT, MailState
 
     settings = _settings("redis")
     ledger = Ledger(_redis())
     counts = ledger.counts()
-    now = L.now_ms()
+    now = ledger.now()  # the ledger's clock: the one its timestamps were taken by
     stale_ms = settings.stale_after * 1000
-    attention = ledger.mails((L.QUARANTINED, L.FAILED))
-    pending = ledger.mails((L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING))
-    stuck = [r for r in pending if now - max(r.updated_at, r.retry_at) > stale_ms]
+    attention = ledger.mails((MailState.QUARANTINED, MailState.FAILED))
+    pending = ledger.mails(IN_FLIGHT)
+    stuck = [r for r in pending if decisions.stuck(r, now, stale_ms=stale_ms)]
     polls: dict[str, dict[str, object]] = {}
     for inbox in settings.inboxes:
-        mine = [r for r in pending if r.ref.inbox == inbox.name]
-        oldest = min((r.created_at for r in mine), default=None)
+        mine = decisions.backlog(pending, inbox.name, now)
+        oldest = mine.oldest_ms
         polls[inbox.name] = dict(ledger.poll_status(inbox.name)) | {
-            "backlog": len(mine),
-            "oldest_pending_s": None if oldest is None else round((now - oldest) / 1000),
+            "backlog": mine.mails,
+            "oldest_pending_s": None if oldest is None else round(oldest / 1000),
         }
 
-    def row(r: L.MailRecord) -> dict[str, object]:
+    def row(r: MailRecord) -> dict[str, object]:
         return {
             "mail_id": r.id,
             "state": r.state,

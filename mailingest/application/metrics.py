@@ -26,10 +26,13 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
+
+from mailingest.core.decisions import Backlog
+from mailingest.core.states import MailState
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +173,11 @@ def mail_seen(inbox: str) -> None:
 def mail_decided(mail_id: str, state: str, reason: str) -> None:
     """The ledger moved a mail to a final state (called once per transition)."""
     inbox = inbox_of(mail_id)
-    if state == "done":
+    if state == MailState.DONE:
         _m().processed.labels(inbox).inc()
-    elif state == "quarantined":
+    elif state == MailState.QUARANTINED:
         _m().quarantined.labels(inbox, reason_kind(reason)).inc()
-    elif state == "failed":
+    elif state == MailState.FAILED:
         _m().failed.labels(inbox).inc()
 
 
@@ -202,11 +205,12 @@ def poll_timer(inbox: str) -> Iterator[None]:
 
 
 class BacklogCollector:
-    """Per inbox, at scrape time: mails not yet decided and the age of the oldest one."""
+    """Per inbox, at scrape time: mails not yet decided and the age of the oldest one
+    (decisions.backlog: the same backlog `mailingest status` shows)."""
 
-    def __init__(self, inboxes: Iterable[str], pending: Callable[[], Iterable[tuple[str, int]]]):
+    def __init__(self, inboxes: Iterable[str], backlogs: Callable[[], Mapping[str, Backlog]]):
         self.inboxes = tuple(inboxes)
-        self.pending = pending  # (inbox, created_at in ms) of each undecided mail
+        self.backlogs = backlogs  # each inbox's backlog, read from the ledger
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
@@ -220,15 +224,14 @@ class BacklogCollector:
             labels=["inbox"],
         )
         try:
-            pending = list(self.pending())
+            backlogs = self.backlogs()
         except Exception as exc:  # noqa: BLE001 - a scrape must answer even if Redis does not
             log.warning("metrics: cannot read the backlog (%s)", type(exc).__name__)
             return
-        now = time.time() * 1000
         for inbox in self.inboxes:
-            ages = [now - created for name, created in pending if name == inbox]
-            backlog.add_metric([inbox], len(ages))
-            oldest.add_metric([inbox], max(ages, default=0) / 1000)
+            mine = backlogs.get(inbox, Backlog(0, None))
+            backlog.add_metric([inbox], mine.mails)
+            oldest.add_metric([inbox], (mine.oldest_ms or 0) / 1000)
         yield backlog
         yield oldest
 

@@ -29,7 +29,21 @@ from mailingest.adapters.ledger import MailRef, PlannedDocument
 from mailingest.application import logs, metrics
 from mailingest.application.services import Context
 from mailingest.config.settings import SEND_GUARD, InboxSettings
-from mailingest.core.decisions import Step, adoption_candidates, stale, unsettled
+from mailingest.core import decisions
+from mailingest.core.decisions import (
+    After,
+    Ingest,
+    Step,
+    Sweep,
+    SweepPolicy,
+    adoption_candidates,
+    destination,
+    document_steps,
+    may_file,
+    must_settle,
+    unsettled,
+    with_note,
+)
 from mailingest.core.errors import (
     AlloyRejected,
     AlloyUnavailable,
@@ -42,6 +56,7 @@ from mailingest.core.errors import (
 )
 from mailingest.core.mail import document_payload, message_key
 from mailingest.core.screening import Screened, screen, size_refusal
+from mailingest.core.states import IN_FLIGHT, DocumentState, MailState
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +193,8 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
                     if ctx.ledger.record_new(ref, b""):
                         ctx.ledger.transition(
                             ref.id,
-                            L.FAILED,
-                            allowed=(L.QUEUED,),
+                            MailState.FAILED,
+                            allowed=(MailState.QUEUED,),
                             reason=f"the server returned no body for UID {uid} in 3 polls",
                         )
                     still_there.remove(uid)
@@ -190,53 +205,53 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
     return validity, found
 
 
+def _sweep_policy(ctx: Context) -> SweepPolicy:
+    settings = ctx.settings
+    return SweepPolicy(
+        stale_ms=settings.stale_after * 1000,
+        max_attempts=settings.max_attempts,
+        failed_retries=settings.failed_auto_retries,
+        failed_retry_after_ms=settings.failed_retry_after * 1000,
+        finish_grace_ms=settings.finish_grace * 1000,
+    )
+
+
 def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
+    """Read the inbox's records not yet filed, and do what decisions.sweep says with
+    each: stuck mails again, failed ones retried, decided ones filed."""
     now = ctx.ledger.now()
-    steps: list[Step] = []
+    policy = _sweep_policy(ctx)
     mine = inbox.name + "/"
-    for state in (L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING):
+    steps: list[Step] = []
+    for state in (*IN_FLIGHT, MailState.FAILED):
         ids = [mail_id for mail_id in ctx.ledger.mail_ids(state) if mail_id.startswith(mine)]
         for record in ctx.ledger.records(ids):  # one round trip for all of them
-            mail_id = record.id
-            verdict = stale(
-                record,
-                now,
-                stale_ms=ctx.settings.stale_after * 1000,
-                max_attempts=ctx.settings.max_attempts,
-            )
-            if verdict is None:
-                continue
-            if verdict.fail:
-                # a poison mail (it kills or hangs whatever runs it): stop, and say so
-                ctx.ledger.transition(
-                    mail_id,
-                    L.FAILED,
-                    allowed=(record.state,),
-                    reason=f"stuck in {record.state}: queued again {verdict.requeues} times "
-                    "without progress",
-                )
-                continue
-            log.warning("mail %s: idle in %s; queued again", mail_id, record.state)
-            # requeued_at, not updated_at: `mailingest status` still sees it as stuck
-            ctx.ledger.requeued(mail_id, verdict.requeues)
-            steps.append(Step("ingest", mail_id))
-    failed = [mail_id for mail_id in ctx.ledger.mail_ids(L.FAILED) if mail_id.startswith(mine)]
-    for record in ctx.ledger.records(failed):
-        mail_id = record.id
-        if (
-            record.auto_replays < ctx.settings.failed_auto_retries
-            and now - record.updated_at > ctx.settings.failed_retry_after * 1000
-        ):
-            log.warning("mail %s: failed %s ago; retried", mail_id, "long")
-            ctx.ledger.update(mail_id, auto_replays=record.auto_replays + 1)
-            steps += replay(ctx, mail_id)
-    # a move that failed (or whose task was lost) after the mail was decided: try again,
-    # leaving alone the ones decided moments ago whose finish_message is still queued
-    steps += [
-        Step("finish", m)
-        for m in ctx.ledger.unfiled(inbox.name, idle_ms=ctx.settings.finish_grace * 1000)
-    ]
+            steps += _swept(ctx, record, decisions.sweep(record, now, policy))
+    now = ctx.ledger.now()  # the sweep above took time: the grace counts from now
+    for record in ctx.ledger.unfiled(inbox.name):
+        steps += _swept(ctx, record, decisions.sweep(record, now, policy))
     return steps
+
+
+def _swept(ctx: Context, record: L.MailRecord, action: decisions.SweepAction) -> list[Step]:
+    mail_id = record.id
+    if action.action == Sweep.FAIL:
+        # a poison mail (it kills or hangs whatever runs it): stop, and say so
+        ctx.ledger.transition(
+            mail_id, MailState.FAILED, allowed=(record.state,), reason=action.reason
+        )
+    elif action.action == Sweep.REQUEUE:
+        log.warning("mail %s: idle in %s; queued again", mail_id, record.state)
+        # requeued_at, not updated_at: `mailingest status` still sees it as stuck
+        ctx.ledger.requeued(mail_id, action.requeues)
+        return [Step("ingest", mail_id)]
+    elif action.action == Sweep.RETRY_FAILED:
+        log.warning("mail %s: failed %s ago; retried", mail_id, "long")
+        ctx.ledger.update(mail_id, auto_replays=record.auto_replays + 1)
+        return replay(ctx, mail_id)
+    elif action.action == Sweep.FINISH:
+        return [Step("finish", mail_id)]
+    return []
 
 
 # -- ingest --------------------------------------------------------------------
@@ -245,16 +260,17 @@ def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
 def ingest(ctx: Context, mail_id: str) -> list[Step]:
     """Parse one staged mail, resolve its sender, plan its documents."""
     record = ctx.ledger.mail(mail_id)
+    action = decisions.ingest(record)
     if record is None:
         log.warning("mail %s: not in the ledger; nothing to do", mail_id)
         return []
-    if record.state == L.DOCUMENTS_PENDING:
+    if action == Ingest.DOCUMENTS:
         return _pending_steps(ctx, mail_id, record.documents)
-    if record.state in L.DECIDED:
-        return [] if record.filed_to else [Step("finish", mail_id)]
-    if record.state not in (L.QUEUED, L.PARSING):
+    if action == Ingest.FINISH:
+        return [Step("finish", mail_id)]
+    if action != Ingest.PARSE:
         return []
-    with single_flight(ctx, f"ingest:{mail_id}") as mine:
+    with single_flight(ctx, Step("ingest", mail_id).lock_name) as mine:
         if not mine:
             return []  # another run parses this mail right now
         return _ingest_locked(ctx, record)
@@ -266,12 +282,15 @@ def _ingest_locked(ctx: Context, record: L.MailRecord) -> list[Step]:
     if raw is None:
         ctx.ledger.transition(
             mail_id,
-            L.FAILED,
-            allowed=(L.QUEUED, L.PARSING),
+            MailState.FAILED,
+            allowed=(MailState.QUEUED, MailState.PARSING),
             reason=f"the mail is no longer in {record.ref.folder} (deleted or moved by hand?)",
         )
         return []
-    if not ctx.ledger.transition(mail_id, L.PARSING, allowed=(L.QUEUED, L.PARSING), reason=""):
+    parsing = ctx.ledger.transition(
+        mail_id, MailState.PARSING, allowed=(MailState.QUEUED, MailState.PARSING), reason=""
+    )
+    if parsing is None:
         return []
 
     screened = screen(raw, ctx.settings.limits, ctx.settings.inbox(record.ref.inbox).sender_auth)
@@ -338,13 +357,8 @@ def _refetch(ctx: Context, record: L.MailRecord) -> bytes | None:
 
 
 def _pending_steps(ctx: Context, mail_id: str, count: int) -> list[Step]:
-    steps: list[Step] = []
     docs = ctx.ledger.documents(mail_id, count)
-    for doc in docs:
-        if doc.state == L.PLANNED:
-            steps.append(Step("describe", mail_id, doc.index))
-        elif doc.state == L.DESCRIBED:
-            steps.append(Step("upload", mail_id, doc.index))
+    steps = document_steps(mail_id, docs)
     if not steps and len(docs) == count:
         steps += _complete(ctx, mail_id)
     return steps
@@ -354,7 +368,7 @@ def _pending_steps(ctx: Context, mail_id: str, count: int) -> list[Step]:
 
 # a mail in these states may still act on its documents: pending ones go on; a
 # quarantined one not yet moved settles what it left half-way (see decisions.unsettled)
-_ACTING = (L.DOCUMENTS_PENDING, L.QUARANTINED)
+_ACTING = (MailState.DOCUMENTS_PENDING, MailState.QUARANTINED)
 
 
 def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
@@ -376,7 +390,7 @@ def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
         return _uploaded(ctx, record, doc, slot.token)
     if slot.token:
         return [Step("upload", mail_id, index)]
-    with single_flight(ctx, f"describe:{mail_id}:{index}") as mine:
+    with single_flight(ctx, Step("describe", mail_id, index).lock_name) as mine:
         if not mine:
             return []  # another run describes this document right now
         return _describe_locked(ctx, record, doc)
@@ -393,7 +407,7 @@ def _describe_locked(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) 
     adopted = _adopt(ctx, record, doc, slot, inbox, doubt)
     if adopted is not None:
         return adopted
-    if record.state != L.DOCUMENTS_PENDING:  # settling a quarantined mail: never POST
+    if record.state != MailState.DOCUMENTS_PENDING:  # settling a quarantined mail: never POST
         if slot.attempt:
             left = slot.attempt_at + window - ctx.ledger.now()
             if left > 0:
@@ -516,10 +530,10 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
     record, doc = ctx.ledger.mail(mail_id), ctx.ledger.document(mail_id, index)
     if record is None or doc is None or record.filed_to:
         return []
-    if record.state not in (*_ACTING, L.FAILED):
+    if record.state not in (*_ACTING, MailState.FAILED):
         return []
     logs.correlate(message_id=record.message_id, document_token=doc.token)
-    if doc.state == L.UPLOADED:
+    if doc.state == DocumentState.UPLOADED:
         return _complete(ctx, mail_id)
     slot = ctx.ledger.slot(record.entity, doc.fingerprint)
     if slot.uploaded:
@@ -530,7 +544,7 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
         )
     if not slot.token:
         return [Step("describe", mail_id, index)]
-    with single_flight(ctx, f"upload:{mail_id}:{index}") as mine:
+    with single_flight(ctx, Step("upload", mail_id, index).lock_name) as mine:
         if not mine:
             return []
         data = _planned_bytes(ctx, record, doc)
@@ -587,11 +601,14 @@ def _planned_bytes(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) ->
         if raw is None
         else "no part of the mail has the planned bytes any more"
     )
-    if record.state == L.QUARANTINED:
+    if record.state == MailState.QUARANTINED:
         ctx.ledger.mark_lost(record.id, doc.index)  # nothing left to send: settle without it
         log.error("mail %s: %s", record.id, reason)
     elif ctx.ledger.transition(
-        record.id, L.FAILED, allowed=(L.DOCUMENTS_PENDING, L.FAILED), reason=reason
+        record.id,
+        MailState.FAILED,
+        allowed=(MailState.DOCUMENTS_PENDING, MailState.FAILED),
+        reason=reason,
     ):
         log.error("mail %s failed: %s", record.id, reason)
     return None
@@ -599,7 +616,7 @@ def _planned_bytes(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) ->
 
 def _uploaded(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, token: str) -> list[Step]:
     confirmed = ctx.ledger.mark_uploaded(record.id, doc.index, token)
-    if record.state == L.QUARANTINED:
+    if record.state == MailState.QUARANTINED:
         return [Step("finish", record.id)]  # one less thing for the move to wait for
     if confirmed >= record.documents:
         return _complete(ctx, record.id)
@@ -612,11 +629,16 @@ def _complete(ctx: Context, mail_id: str) -> list[Step]:
         return []
     if ctx.ledger.confirmed(mail_id) < record.documents:
         return []
-    ctx.ledger.transition(mail_id, L.DONE, allowed=(L.DOCUMENTS_PENDING,), reason="")
-    record = ctx.ledger.mail(mail_id)
-    if record is None or record.state != L.DONE or record.filed_to:
-        return []
-    return [Step("finish", mail_id)]
+    done = ctx.ledger.transition(
+        mail_id, MailState.DONE, allowed=(MailState.DOCUMENTS_PENDING,), reason=""
+    )
+    if done is None:
+        # moved on meanwhile: whoever moved it files it (done already: a finish is queued)
+        record = ctx.ledger.mail(mail_id)
+        if record is None or record.state != MailState.DONE or record.filed_to:
+            return []
+        return [Step("finish", mail_id)]
+    return [] if done.filed_to else [Step("finish", mail_id)]
 
 
 # -- decide and file ------------------------------------------------------------
@@ -624,16 +646,13 @@ def _complete(ctx: Context, mail_id: str) -> list[Step]:
 
 def quarantine(ctx: Context, mail_id: str, reason: str) -> list[Step]:
     """Record why a mail cannot be handled; it will be moved to the quarantine folder."""
-    moved = ctx.ledger.transition(
-        mail_id,
-        L.QUARANTINED,
-        allowed=(L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING, L.FAILED),
-        reason=reason,
-    )
+    record = ctx.ledger.transition(mail_id, MailState.QUARANTINED, reason=reason)
+    moved = record is not None
     if moved:
         log.warning("mail %s quarantined: %s", mail_id, reason)
-    record = ctx.ledger.mail(mail_id)
-    if record is None or record.state != L.QUARANTINED:
+    else:
+        record = ctx.ledger.mail(mail_id)  # not moved: as it is now
+    if record is None or record.state != MailState.QUARANTINED:
         return []
     if not moved and reason not in record.reason:
         # quarantined already (another document): this refusal is part of the reason too
@@ -649,13 +668,8 @@ def give_up(ctx: Context, step: Step, error: BaseException) -> list[Step]:
     if step.task == "finish":
         log.error("mail %s: moving it failed after retries: %s", step.mail_id, error)
         return []  # decided already; the next polls try the move again
-    text = str(error) if isinstance(error, MailingestError) else type(error).__name__
-    reason = f"{step.task} gave up after retries: {text}"
-    if step.index is not None:
-        reason = f"document {step.index}: {reason}"
-    if ctx.ledger.transition(
-        step.mail_id, L.FAILED, allowed=(L.QUEUED, L.PARSING, L.DOCUMENTS_PENDING), reason=reason
-    ):
+    reason = decisions.give_up_reason(step, error)
+    if ctx.ledger.transition(step.mail_id, MailState.FAILED, allowed=IN_FLIGHT, reason=reason):
         log.error("mail %s failed: %s", step.mail_id, reason)
     return []
 
@@ -668,17 +682,19 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
     inbox unless its own copy is in the destination: MOVE, or COPY (whose new UID is
     recorded) and then ``\\Deleted`` + ``UID EXPUNGE`` of that UID only."""
     record = ctx.ledger.mail(mail_id)
-    if record is None or record.state not in L.DECIDED or record.filed_to:
+    if record is None or not may_file(record):
         return []
-    if record.state != L.DONE and record.documents:
+    if must_settle(record):
         docs = ctx.ledger.documents(mail_id, record.documents)
         slots = ctx.ledger.slots(record.entity, [doc.fingerprint for doc in docs])
         waiting = unsettled(mail_id, docs, slots)
         if waiting:
             return waiting
     inbox = ctx.settings.inbox(record.ref.inbox)
-    destination = inbox.processed_folder if record.state == L.DONE else inbox.quarantine_folder
-    with single_flight(ctx, f"finish:{mail_id}") as mine:
+    target = destination(
+        record, processed=inbox.processed_folder, quarantine=inbox.quarantine_folder
+    )
+    with single_flight(ctx, Step("finish", mail_id).lock_name) as mine:
         if not mine:
             return []
         with ctx.imap(inbox.name) as box:
@@ -687,40 +703,43 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                 ctx.ledger.filed(
                     mail_id,
                     "-",
-                    reason=(record.reason + "; " if record.reason else "")
-                    + f"not moved: UIDVALIDITY of {record.ref.folder} changed",
+                    reason=with_note(
+                        record.reason, f"not moved: UIDVALIDITY of {record.ref.folder} changed"
+                    ),
                 )
                 return []
             if not box.exists(record.ref.uid):
                 # moved by an earlier run that died before recording it, or by a person:
                 # recorded as filed only if this very mail (size, arrival time) is there
                 if box.find_copy(
-                    destination,
+                    target,
                     size=record.size,
                     internaldate=record.internaldate,
                     message_id=record.message_id,
                 ):
-                    ctx.ledger.filed(mail_id, destination)
+                    ctx.ledger.filed(mail_id, target)
                 else:
                     ctx.ledger.filed(
                         mail_id,
                         "-",
-                        reason=(record.reason + "; " if record.reason else "")
-                        + f"not moved: the mail left {record.ref.folder} before "
-                        "(deleted or moved by hand?)",
+                        reason=with_note(
+                            record.reason,
+                            f"not moved: the mail left {record.ref.folder} before "
+                            "(deleted or moved by hand?)",
+                        ),
                     )
                 ctx.ledger.drop_staged(mail_id, record.documents)
                 return []
-            ctx.ledger.update(mail_id, moving_to=destination)
+            ctx.ledger.update(mail_id, moving_to=target)
             box.move(
                 record.ref.uid,
-                destination,
-                copied_uid=record.copied_uid if record.moving_to == destination else "",
+                target,
+                copied_uid=record.copied_uid if record.moving_to == target else "",
                 on_copied=lambda copied: ctx.ledger.update(mail_id, copied_uid=copied),
             )
-        ctx.ledger.filed(mail_id, destination)
+        ctx.ledger.filed(mail_id, target)
         ctx.ledger.drop_staged(mail_id, record.documents)
-    log.info("mail %s moved to %s", mail_id, destination)
+    log.info("mail %s moved to %s", mail_id, target)
     return []
 
 
@@ -736,19 +755,23 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
     record = ctx.ledger.mail(mail_id)
     if record is None:
         raise KeyError(mail_id)
-    if record.state == L.FAILED:
+    if record.state == MailState.FAILED:
         if record.documents:
-            ctx.ledger.transition(mail_id, L.DOCUMENTS_PENDING, allowed=(L.FAILED,), reason="")
+            ctx.ledger.transition(
+                mail_id, MailState.DOCUMENTS_PENDING, allowed=(MailState.FAILED,), reason=""
+            )
             return _pending_steps(ctx, mail_id, record.documents)
-        ctx.ledger.transition(mail_id, L.QUEUED, allowed=(L.FAILED,), reason="")
+        ctx.ledger.transition(mail_id, MailState.QUEUED, allowed=(MailState.FAILED,), reason="")
         return [Step("ingest", mail_id)]
-    if record.state == L.QUARANTINED:
+    if record.state == MailState.QUARANTINED:
         # an operator replays a mail once the cause is fixed: uploads Alloy refused are
         # tried again (their descriptions are still there to take the bytes)
         docs = ctx.ledger.documents(mail_id, record.documents)
         ctx.ledger.forget_refusals(record.entity, [doc.fingerprint for doc in docs])
         if not record.filed_to:  # not moved yet: still in the inbox, run it again in place
-            ctx.ledger.transition(mail_id, L.QUEUED, allowed=(L.QUARANTINED,), reason="")
+            ctx.ledger.transition(
+                mail_id, MailState.QUEUED, allowed=(MailState.QUARANTINED,), reason=""
+            )
             return [Step("ingest", mail_id)]
         if not (record.message_id or record.internaldate):
             raise MailError(
@@ -770,8 +793,8 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
             box.move(uids[0], record.ref.folder)
         ctx.ledger.transition(
             mail_id,
-            L.REPLAYED,
-            allowed=(L.QUARANTINED,),
+            MailState.REPLAYED,
+            allowed=(MailState.QUARANTINED,),
             reason=f"sent back to {record.ref.folder} (was: {record.reason})",
         )
         log.info("mail %s moved back to %s for another run", mail_id, record.ref.folder)
@@ -806,28 +829,27 @@ def recover(
     ``tries`` counts the earlier tries of this step; ``retryable`` marks errors
     the runner itself knows to be transient (a Celery soft time limit).
     """
-    if retryable or isinstance(error, RETRYABLE):
-        if not ctx.policy.exhausted(tries):
-            if isinstance(error, InDoubt) and error.retry_after is not None:
-                delay = error.retry_after  # our own window: waiting less would not help
-            else:
-                delay = ctx.policy.delay(tries, getattr(error, "retry_after", None))
-            ctx.ledger.update(step.mail_id, retry_at=ctx.ledger.now() + int(delay * 1000))
-            log.info(
-                "%s %s: %s; retry %d in %.1fs", step.task, step.mail_id, error, tries + 1, delay
-            )
-            return Recovery(delay, [])
-        return Recovery(None, give_up(ctx, step, error))
-    if step.task == "finish":  # the mail is decided: a failed move is retried by later polls
-        log.error("mail %s: move failed: %s", step.mail_id, error)
-        return Recovery(None, [])
-    if isinstance(error, MailingestError):
-        return Recovery(None, quarantine(ctx, step.mail_id, str(error)))
-    log.error("%s %s: unexpected error", step.task, step.mail_id, exc_info=error)
-    return Recovery(
-        None,
-        quarantine(ctx, step.mail_id, f"internal error in {step.task}: {type(error).__name__}"),
+    after = decisions.after_error(
+        step,
+        error,
+        tries,
+        retryable=retryable or isinstance(error, RETRYABLE),
+        policy=ctx.policy,
     )
+    if after.action == After.RETRY:
+        ctx.ledger.update(step.mail_id, retry_at=ctx.ledger.now() + int(after.delay * 1000))
+        log.info(
+            "%s %s: %s; retry %d in %.1fs", step.task, step.mail_id, error, tries + 1, after.delay
+        )
+        return Recovery(after.delay, [])
+    if after.action == After.FAIL:
+        return Recovery(None, give_up(ctx, step, error))
+    if after.action == After.KEEP_DECIDED:
+        log.error("mail %s: %s: %s", step.mail_id, after.reason, error)
+        return Recovery(None, [])
+    if after.action == After.UNEXPECTED:
+        log.error("%s %s: unexpected error", step.task, step.mail_id, exc_info=error)
+    return Recovery(None, quarantine(ctx, step.mail_id, after.reason))
 
 
 STEPS = {"ingest": ingest, "describe": describe, "upload": upload, "finish": finish}

@@ -8,11 +8,14 @@ simulation (``tests/sim``).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
-from mailingest.adapters import ledger as L
-from mailingest.adapters.alloy import Document
+from mailingest.core.errors import InDoubt, MailingestError
+from mailingest.core.records import Document, DocumentRecord, MailRecord, Slot
+from mailingest.core.retry import RetryPolicy
+from mailingest.core.states import DECIDED, IN_FLIGHT, DocumentState, MailState
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class Step:
 
 def adoption_candidates(
     listing: Sequence[Document],
-    doc: L.DocumentRecord,
+    doc: DocumentRecord,
     *,
     note: str | None,
     agent_email: str | None,
@@ -70,9 +73,7 @@ def adoption_candidates(
     return uploaded + empty
 
 
-def unsettled(
-    mail_id: str, docs: Sequence[L.DocumentRecord], slots: Sequence[L.Slot]
-) -> list[Step]:
+def unsettled(mail_id: str, docs: Sequence[DocumentRecord], slots: Sequence[Slot]) -> list[Step]:
     """What must happen before a decided mail may leave the inbox: nothing of it may be
     left half-way at Alloy. A document with a token but no bytes gets its upload; one
     whose describe is in doubt is looked for (and adopted, or found absent). Documents
@@ -80,7 +81,7 @@ def unsettled(
     (``lost``) are settled. Empty: the mail may move."""
     steps: list[Step] = []
     for doc, slot in zip(docs, slots, strict=True):
-        if slot.uploaded or slot.refused or doc.state == L.LOST:
+        if slot.uploaded or slot.refused or doc.state == DocumentState.LOST:
             continue
         if slot.token:
             steps.append(Step("upload", mail_id, doc.index))
@@ -97,14 +98,201 @@ class Stale:
     fail: bool  # True: stop, it is a poison mail
 
 
-def stale(record: L.MailRecord, now: int, *, stale_ms: int, max_attempts: int) -> Stale | None:
-    """None while the mail made progress within ``stale_ms``; else queue it again, or fail
-    it once it was queued again ``max_attempts`` times in a row without progress
-    (progress since the last requeue starts the count afresh)."""
-    if now - max(record.updated_at, record.retry_at, record.requeued_at) <= stale_ms:
+def stuck(record: MailRecord, now: int, *, stale_ms: int) -> bool:
+    """In flight and neither progress nor a planned retry for ``stale_ms``: what
+    ``mailingest status`` lists as stuck, and what the sweep queues again. A requeue by
+    the sweep is not progress: the mail stays stuck until a step moves it on."""
+    idle = now - max(record.updated_at, record.retry_at)
+    return record.state in IN_FLIGHT and idle > stale_ms
+
+
+def stale(record: MailRecord, now: int, *, stale_ms: int, max_attempts: int) -> Stale | None:
+    """None unless the mail is :func:`stuck` and was not queued again within
+    ``stale_ms``; else queue it again, or fail it once it was queued again
+    ``max_attempts`` times in a row without progress (progress since the last requeue
+    starts the count afresh)."""
+    if not stuck(record, now, stale_ms=stale_ms) or now - record.requeued_at <= stale_ms:
         return None
     progressed = record.updated_at > record.requeued_at
     count = 0 if progressed else record.requeues
     if count >= max_attempts:
         return Stale(count, fail=True)
     return Stale(count + 1, fail=False)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """An inbox's mails recorded but not decided yet, and the age of the oldest."""
+
+    mails: int
+    oldest_ms: int | None  # None: no mail in the backlog
+
+
+def backlog(records: Iterable[MailRecord], inbox: str, now: int) -> Backlog:
+    """The backlog of ``inbox``: its mails in flight, aged from when they were recorded
+    (the same for ``mailingest status`` and the metrics)."""
+    ages = [now - r.created_at for r in records if r.ref.inbox == inbox and r.state in IN_FLIGHT]
+    return Backlog(len(ages), max(ages, default=None))
+
+
+# -- the sweep ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepPolicy:
+    """The settings the sweep decides by, in milliseconds."""
+
+    stale_ms: int  # MAILINGEST_STALE_AFTER
+    max_attempts: int  # requeues in a row without progress before a mail is failed
+    failed_retries: int  # MAILINGEST_FAILED_AUTO_RETRIES
+    failed_retry_after_ms: int  # MAILINGEST_FAILED_RETRY_AFTER
+    finish_grace_ms: int  # a decided mail's own finish may still be queued this long
+
+
+class Sweep(StrEnum):
+    LEAVE = "leave"  # nothing to do
+    REQUEUE = "requeue"  # stuck: queue its ingest again (record ``requeues``)
+    FAIL = "fail"  # queued again too often without progress: a poison mail
+    RETRY_FAILED = "retry_failed"  # failed long enough ago: replay it (once more)
+    FINISH = "finish"  # decided, still in the inbox: move it
+
+
+@dataclass(frozen=True)
+class SweepAction:
+    action: Sweep
+    requeues: int = 0  # REQUEUE / FAIL: the count to record
+    reason: str = ""  # FAIL: why
+
+
+def sweep(record: MailRecord, now: int, policy: SweepPolicy) -> SweepAction:
+    """What a poll's sweep does with one of its inbox's records."""
+    if record.state in IN_FLIGHT:
+        verdict = stale(record, now, stale_ms=policy.stale_ms, max_attempts=policy.max_attempts)
+        if verdict is None:
+            return SweepAction(Sweep.LEAVE)
+        if verdict.fail:
+            reason = (
+                f"stuck in {record.state}: queued again {verdict.requeues} times without progress"
+            )
+            return SweepAction(Sweep.FAIL, verdict.requeues, reason)
+        return SweepAction(Sweep.REQUEUE, verdict.requeues)
+    if record.state == MailState.FAILED:
+        if (
+            record.auto_replays < policy.failed_retries
+            and now - record.updated_at > policy.failed_retry_after_ms
+        ):
+            return SweepAction(Sweep.RETRY_FAILED)
+        return SweepAction(Sweep.LEAVE)
+    if may_file(record) and record.updated_at <= now - policy.finish_grace_ms:
+        # a move that failed (or whose task was lost) after the mail was decided; the
+        # ones decided moments ago, whose finish is still queued, are left alone
+        return SweepAction(Sweep.FINISH)
+    return SweepAction(Sweep.LEAVE)
+
+
+# -- the steps ----------------------------------------------------------------------
+
+
+class Ingest(StrEnum):
+    NOTHING = "nothing"  # no record, or replayed: nothing to parse
+    PARSE = "parse"  # queued, or parsing (an earlier run died): parse it
+    DOCUMENTS = "documents"  # planned already: go on with its documents
+    FINISH = "finish"  # decided and not yet filed: move it
+
+
+def ingest(record: MailRecord | None) -> Ingest:
+    """What an ``ingest`` of this record does (it may run more than once)."""
+    if record is None:
+        return Ingest.NOTHING
+    if record.state == MailState.DOCUMENTS_PENDING:
+        return Ingest.DOCUMENTS
+    if record.state in DECIDED:
+        return Ingest.NOTHING if record.filed_to else Ingest.FINISH
+    if record.state in (MailState.QUEUED, MailState.PARSING):
+        return Ingest.PARSE
+    return Ingest.NOTHING
+
+
+def document_steps(mail_id: str, docs: Sequence[DocumentRecord]) -> list[Step]:
+    """The step each document of a pending mail needs next: a planned one its describe,
+    a described one its upload; uploaded (and lost) ones need none."""
+    steps: list[Step] = []
+    for doc in docs:
+        if doc.state == DocumentState.PLANNED:
+            steps.append(Step("describe", mail_id, doc.index))
+        elif doc.state == DocumentState.DESCRIBED:
+            steps.append(Step("upload", mail_id, doc.index))
+    return steps
+
+
+def may_file(record: MailRecord | None) -> bool:
+    """A decided mail not yet filed: ``finish`` may move it (once it is settled)."""
+    return record is not None and record.state in DECIDED and not record.filed_to
+
+
+def destination(record: MailRecord, *, processed: str, quarantine: str) -> str:
+    """Where ``finish`` files a decided mail: Processed when done, else Quarantine."""
+    return processed if record.state == MailState.DONE else quarantine
+
+
+def must_settle(record: MailRecord) -> bool:
+    """A decided mail that is not done may have left documents half-way at Alloy: they
+    are settled (:func:`unsettled`) before it moves."""
+    return record.state != MailState.DONE and record.documents > 0
+
+
+def with_note(reason: str, note: str) -> str:
+    """A reason with one more note appended."""
+    return (reason + "; " if reason else "") + note
+
+
+# -- after an error -----------------------------------------------------------------
+
+
+class After(StrEnum):
+    RETRY = "retry"  # run the step again in ``delay`` seconds
+    FAIL = "fail"  # retries exhausted: the mail is failed, with ``reason``
+    QUARANTINE = "quarantine"  # a final error: the mail is quarantined, with ``reason``
+    UNEXPECTED = "unexpected"  # a bug: quarantined, with ``reason``, and logged in full
+    KEEP_DECIDED = "keep_decided"  # finish failed (``reason``): it stays decided; polls retry
+
+
+@dataclass(frozen=True)
+class AfterError:
+    action: After
+    delay: float = 0.0
+    reason: str = ""
+
+
+def after_error(
+    step: Step, error: BaseException, tries: int, *, retryable: bool, policy: RetryPolicy
+) -> AfterError:
+    """Retry, give up (fail) or quarantine after ``step`` raised ``error``.
+
+    ``tries`` counts the earlier tries; ``retryable`` says the error is transient (the
+    caller knows which I/O errors are)."""
+    if retryable:
+        if not policy.exhausted(tries):
+            if isinstance(error, InDoubt) and error.retry_after is not None:
+                delay = error.retry_after  # our own window: waiting less would not help
+            else:
+                delay = policy.delay(tries, getattr(error, "retry_after", None))
+            return AfterError(After.RETRY, delay=delay)
+        if step.task == "finish":
+            return AfterError(After.KEEP_DECIDED, reason="moving it failed after retries")
+        return AfterError(After.FAIL, reason=give_up_reason(step, error))
+    if step.task == "finish":  # the mail is decided: a failed move is retried by later polls
+        return AfterError(After.KEEP_DECIDED, reason="move failed")
+    if isinstance(error, MailingestError):
+        return AfterError(After.QUARANTINE, reason=str(error))
+    return AfterError(
+        After.UNEXPECTED, reason=f"internal error in {step.task}: {type(error).__name__}"
+    )
+
+
+def give_up_reason(step: Step, error: BaseException) -> str:
+    """Why a mail failed once ``step`` ran out of tries (no text of an unknown error:
+    it may quote a mail)."""
+    text = str(error) if isinstance(error, MailingestError) else type(error).__name__
+    reason = f"{step.task} gave up after retries: {text}"
+    return reason if step.index is None else f"document {step.index}: {reason}"

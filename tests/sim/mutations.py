@@ -70,7 +70,14 @@ def _fence_without_mail(
     now = self.now()
     verdict, value = self._begin(
         keys=[L.keys.slot(slot.entity, slot.fingerprint), always, doubt],
-        args=[slot.attempt, now, window_ms, "mutant" + str(now), slot.fingerprint],
+        args=[
+            slot.attempt,
+            now,
+            window_ms,
+            "mutant" + str(now),
+            slot.fingerprint,
+            L.DOCUMENTS_PENDING,
+        ],
     )
     text = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
     return L.Attempt(text, "mutant" + str(now) if text == "go" else "", int(value), now)
