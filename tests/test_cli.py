@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 from mailingest_testbed.alloy_sandbox import SandboxServer
 from mailingest_testbed.samples import demo_scenario
-from mailingest_testbed.servers import ImapServer
+from mailingest_testbed.servers import ImapServer, free_port
+
+from mailingest.application.cli import CELERY_ABOUT, build_parser
 
 from .helpers import deliver, folder_counts, write_senders
 
@@ -101,23 +104,132 @@ def test_same_mail_delivered_twice_is_uploaded_once(
     assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 0, "Processed": 2}
 
 
-def test_unreachable_servers_give_one_line(env: dict[str, str]) -> None:
-    from mailingest_testbed.servers import free_port
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one line a command that failed wrote to stderr (never a traceback)."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
 
-    dead_redis = env | {"MAILINGEST_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    for args in (("status",), ("senders", "list")):
-        proc = run(dead_redis, *args)
-        assert proc.returncode == 1
-        assert proc.stderr.startswith("mailingest: Redis unavailable (ConnectionError")
-        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    dead_imap = env | {"MAILINGEST_IMAP_PORT": str(free_port())}
-    proc = run(dead_imap, "poll-once")
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("mailingest: inbox default (127.0.0.1:")
-    assert "Traceback" not in proc.stderr
-    assert env["MAILINGEST_IMAP_PASSWORD"] not in proc.stderr
-    status = json.loads(run(dead_imap, "status", "--json").stdout)
+
+def test_redis_unreachable_is_one_line_naming_it_and_its_address(env: dict[str, str]) -> None:
+    port = free_port()
+    dead = env | {"MAILINGEST_REDIS_URL": f"redis://:redis-pw@127.0.0.1:{port}/0"}
+    address = f"redis://:***@127.0.0.1:{port}/0"
+    for args, service in (
+        (("poll-now",), "Redis (Celery broker)"),
+        (("watch",), "Redis (Celery broker)"),
+        (("status",), "Redis"),
+        (("senders", "list"), "Redis"),
+        (("replay", "--failed"), "Redis"),
+        (("poll-once",), "Redis"),
+        (("seed", "--count", "1"), "Redis"),
+    ):
+        proc = run(dead, *args)
+        line = one_line(proc)
+        assert line.startswith(f"mailingest: {service} unavailable at {address} ("), (args, line)
+        assert "redis-pw" not in proc.stdout + proc.stderr
+
+
+def test_imap_unreachable_is_one_line_naming_the_inbox_and_its_address(
+    env: dict[str, str],
+) -> None:
+    port = free_port()
+    dead = env | {"MAILINGEST_IMAP_PORT": str(port)}
+    for args in (("poll-once",), ("seed", "--count", "1")):
+        proc = run(dead, *args)
+        line = one_line(proc)
+        assert line.startswith(f"mailingest: inbox default (127.0.0.1:{port}): cannot connect")
+        assert env["MAILINGEST_IMAP_PASSWORD"] not in proc.stdout + proc.stderr
+    status = json.loads(run(dead, "status", "--json").stdout)
     assert "cannot connect" in status["polls"]["default"]["error"]
+
+
+def test_alloy_unreachable_is_one_line_and_no_mail_is_taken(
+    env: dict[str, str], imap: ImapServer
+) -> None:
+    port = free_port()
+    dead = env | {"MAILINGEST_ALLOY_URL": f"http://127.0.0.1:{port}/v1"}
+    deliver(imap, [demo_scenario(seed=4).mails[0].raw])
+    for args in (("poll-once",), ("replay", "default/INBOX/1/1")):
+        line = one_line(run(dead, *args))
+        assert line.startswith(f"mailingest: Alloy unavailable at http://127.0.0.1:{port}/v1 (")
+    assert folder_counts(imap, "INBOX") == {"INBOX": 1}  # left where it was
+    assert sum(json.loads(run(env, "status", "--json").stdout)["counts"].values()) == 0
+
+
+def test_check_config_connect_prints_its_table_whatever_is_down(env: dict[str, str]) -> None:
+    redis_port, alloy_port = free_port(), free_port()
+    no_redis = env | {"MAILINGEST_REDIS_URL": f"redis://:redis-pw@127.0.0.1:{redis_port}/0"}
+    proc = run(no_redis, "check-config", "--connect")
+    assert proc.returncode == 1 and proc.stderr == ""
+    rows = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    assert list(rows) == ["FAIL  redis", "ok    inbox default", "ok    alloy"]
+    assert rows["FAIL  redis"].startswith(
+        f"Redis unavailable at redis://:***@127.0.0.1:{redis_port}/0 (ConnectionError"
+    )
+    assert "redis-pw" not in proc.stdout  # and Alloy was asked without the rate limiter
+
+    nothing = no_redis | {
+        "MAILINGEST_IMAP_PORT": str(free_port()),
+        "MAILINGEST_ALLOY_URL": f"http://127.0.0.1:{alloy_port}/v1",
+    }
+    proc = run(nothing, "check-config", "--connect", "--json")
+    assert proc.returncode == 1 and proc.stderr == ""
+    results = {r["check"]: r for r in json.loads(proc.stdout)}
+    assert [name for name, r in results.items() if not r["ok"]] == [
+        "redis",
+        "inbox default",
+        "alloy",
+    ]
+    assert "cannot connect" in results["inbox default"]["detail"]
+    assert results["alloy"]["detail"].startswith(
+        f"Alloy unavailable at http://127.0.0.1:{alloy_port}/v1 (connection failed"
+    )
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict:
+    """Every (sub)command of the parser by its words, e.g. ("senders", "add")."""
+    found: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[(*path, name)] = sub
+                found |= _commands(sub, (*path, name))
+    return found
+
+
+COMMANDS = _commands(build_parser())
+CELERY_OPTION = {"worker": "--concurrency", "beat": "--max-interval"}
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("words", list(COMMANDS), ids=" ".join)
+def test_help_needs_no_settings_and_describes_every_argument(words: tuple[str, ...]) -> None:
+    proc = run({}, *words, "--help")  # no MAILINGEST_* variable at all
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert proc.stdout.startswith(f"usage: mailingest {' '.join(words)} ")
+    parser = COMMANDS[words]
+    if words[0] in CELERY_OPTION:  # mailingest's own lines, then Celery's options
+        assert flat(CELERY_ABOUT[words[0]]) in flat(proc.stdout)
+        assert CELERY_OPTION[words[0]] in proc.stdout
+        return
+    assert parser.description and flat(parser.description) in flat(proc.stdout)
+    for action in parser._actions:
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help != argparse.SUPPRESS, f"{name} has no help"
+        if "%(" not in action.help:
+            assert flat(action.help) in flat(proc.stdout), name
+
+
+def test_every_command_is_covered_by_the_help_test() -> None:
+    top = {words[0] for words in COMMANDS}
+    assert {"worker", "beat", "poll-once", "senders", "check-config", "demo"} <= top
+    assert ("senders", "add") in COMMANDS
 
 
 def test_poll_now_queues_a_poll_for_the_workers(env: dict[str, str]) -> None:

@@ -26,15 +26,19 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from mailingest import __version__
 from mailingest.config.settings import InboxSettings, Settings, load_settings
 from mailingest.core.errors import ConfigError, MailingestError
+
+if TYPE_CHECKING:
+    from mailingest.application.services import Context
 
 log = logging.getLogger("mailingest")
 
@@ -52,7 +56,48 @@ def setup_logging(level: str = "info", log_format: str = "text") -> None:
 # -- commands --------------------------------------------------------------------
 
 
+CELERY_ABOUT = {
+    "worker": "Run a Celery worker: it polls the inboxes when beat (or poll-now, or watch) "
+    "asks, ingests each mail and files its documents in Alloy.",
+    "beat": "Run the scheduler that asks the workers to poll each inbox every "
+    "MAILINGEST_POLL_INTERVAL seconds (one beat per deployment; a second one waits).",
+}
+
+
+def celery_help(command: str) -> str:
+    """``mailingest worker|beat --help``: what the command does, then Celery's options.
+
+    Rendered here from Celery's own click command, with a bare Celery app, instead of
+    by ``celery -A mailingest``: that imports the app, which reads and validates the
+    settings, and help must work before there are any.
+    """
+    import click
+    from celery import Celery
+    from celery.bin.base import CLIContext
+    from celery.bin.celery import celery as celery_group
+
+    app = Celery(set_as_current=False)
+    obj = CLIContext(app=app, no_color=True, workdir=None, quiet=True)
+    parent = click.Context(celery_group, info_name="mailingest", obj=obj)
+    celery_command = celery_group.commands[command]
+    context = celery_command.make_context(command, [], parent=parent, resilient_parsing=True)
+    formatter = context.make_formatter()
+    celery_command.format_options(context, formatter)
+    level = " (default --loglevel INFO)" if command == "worker" else ""
+    about = [
+        CELERY_ABOUT[command],
+        f"The same as `celery -A mailingest {command}`{level}; it needs the complete "
+        "configuration (MAILINGEST_* variables or MAILINGEST_CONFIG, see the README). "
+        "Every option below is Celery's and is passed on as given.",
+    ]
+    paragraphs = "".join(textwrap.fill(text, 79) + "\n\n" for text in about)
+    return f"usage: mailingest {command} [CELERY OPTIONS]\n\n{paragraphs}{formatter.getvalue()}"
+
+
 def cmd_celery(args: argparse.Namespace, extra: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in extra):
+        print(celery_help(args.command), end="")
+        return 0
     _settings("redis", "imap", "alloy")
     argv = [sys.executable, "-m", "celery", "-A", "mailingest", args.command]
     if args.command == "worker" and not any(a.startswith(("-l", "--loglevel")) for a in extra):
@@ -69,7 +114,9 @@ def cmd_poll_once(args: argparse.Namespace) -> int:
     setup_logging("warning" if args.json else settings.log_level, settings.log_format)
     ctx = build_context(settings)
     try:
-        summary = poll_once(ctx, args.inbox or None)
+        with ctx.services.naming_failures():
+            ctx.services.reach_alloy()  # take no mail while Alloy cannot be reached
+            summary = poll_once(ctx, args.inbox or None)
     finally:
         ctx.close()
     if args.json:
@@ -108,17 +155,22 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _redis():  # type: ignore[no-untyped-def]
-    from mailingest.application.services import connect_redis
+    from mailingest.application.services import Services
 
-    settings = _settings("redis")
-    assert settings.redis_url
-    return connect_redis(settings.redis_url)
+    return Services(_settings("redis")).redis
 
 
 def cmd_senders(args: argparse.Namespace) -> int:
+    from mailingest.application.services import Services
+
+    with Services(_settings("redis")) as services:
+        return _senders(args, services.redis)
+
+
+def _senders(args: argparse.Namespace, client: redis.Redis) -> int:
     from mailingest.adapters.senders import RedisDirectory, parse_directory
 
-    directory = RedisDirectory(_redis())
+    directory = RedisDirectory(client)
     if args.action == "add":
         try:
             directory.add(args.email, args.entity)
@@ -209,15 +261,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from mailingest.adapters import ledger as L
-    from mailingest.application.pipeline import replay
-    from mailingest.application.poll_once import run_steps
     from mailingest.application.services import build_context
 
     ctx = build_context(_settings("redis", "imap", "alloy"))
+    try:
+        with ctx.services.naming_failures():
+            return _replay(ctx, args)
+    finally:
+        ctx.close()
+
+
+def _replay(ctx: Context, args: argparse.Namespace) -> int:
+    from mailingest.adapters import ledger as L
+    from mailingest.application.pipeline import replay
+    from mailingest.application.poll_once import run_steps
+
     ids = list(args.mail_id) or (ctx.ledger.mail_ids(L.FAILED) if args.failed else [])
     if not ids:
         raise SystemExit("mailingest: name a mail id (see `mailingest status`) or pass --failed")
+    ctx.services.reach_alloy()  # send no mail through while Alloy cannot be reached
     status = 0
     for mail_id in ids:
         try:
@@ -234,25 +296,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
             run_steps(ctx, steps)
         record = ctx.ledger.mail(mail_id)
         print(f"{mail_id}: {record.state if record else '?'}")
-    ctx.close()
     return status
 
 
 def cmd_poll_now(args: argparse.Namespace) -> int:
     """Ask the running workers to poll now (a task on the broker, like beat's)."""
-    from celery import Celery
+    from mailingest.application.services import Services
 
     settings = _settings("redis")
     names = args.inbox or [inbox.name for inbox in settings.inboxes]
     for name in names:
         settings.inbox(name)  # ConfigError for an unknown inbox
-    client = Celery(broker=settings.broker_url)
-    try:
+    with Services(settings) as services:
         for name in names:
-            client.send_task("mailingest.poll_inbox", args=[name])
+            services.broker.send_task("mailingest.poll_inbox", args=[name])
             print(f"poll of inbox {name} queued")
-    finally:
-        client.close()
     return 0
 
 
@@ -263,13 +321,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings("redis", "imap", "alloy")
     results = checks.describe(settings)
     if args.connect:
-        from mailingest.application.services import build_context
+        from mailingest.application.services import Services
 
-        ctx = build_context(settings)
-        try:
-            results = checks.connect(ctx)
-        finally:
-            ctx.close()
+        with Services(settings) as services:
+            results = checks.connect(services)
     if args.json:
         print(json.dumps([check.to_dict() for check in results], indent=2))
     else:
@@ -283,40 +338,33 @@ def cmd_watch(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from celery import Celery
-
     from mailingest.adapters.imap import Mailbox
-    from mailingest.application.services import connect_redis, token_source
+    from mailingest.application.services import Services
     from mailingest.application.watch import Watch
 
     settings = _settings("redis", "imap")
     setup_logging(settings.log_level, settings.log_format)
     names = args.inbox or [inbox.name for inbox in settings.inboxes]
     inboxes = [settings.inbox(name) for name in names]
-    assert settings.redis_url is not None
-    client = connect_redis(settings.redis_url)
-    tokens = {inbox.name: token_source(settings, inbox, client) for inbox in inboxes}
-    broker = Celery(broker=settings.broker_url)
-    sending = threading.Lock()
+    with Services(settings) as services:
+        services.reach_broker()  # where the polls are queued: stop now if it is down
+        for inbox in inboxes:
+            services.tokens(inbox.name)  # built now: a bad OAuth setting stops start-up
+        sending = threading.Lock()
 
-    def open_mailbox(inbox: InboxSettings) -> Mailbox:
-        return Mailbox(inbox, timeout=settings.imap_timeout, token_source=tokens[inbox.name])
+        def open_mailbox(inbox: InboxSettings) -> Mailbox:
+            return services.mailbox(inbox.name)
 
-    def notify(name: str) -> None:
-        with sending:
-            broker.send_task("mailingest.poll_inbox", args=[name])
-        log.info("inbox %s: new mail; poll queued", name)
+        def notify(name: str) -> None:
+            with sending:
+                services.broker.send_task("mailingest.poll_inbox", args=[name])
+            log.info("inbox %s: new mail; poll queued", name)
 
-    watch = Watch(inboxes, open_mailbox, notify, renew=settings.idle_renew)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: watch.stopping.set())
-    with watch:
-        watch.stopping.wait()
-    broker.close()
-    for source in tokens.values():
-        if source is not None:
-            source.close()
-    client.close()
+        watch = Watch(inboxes, open_mailbox, notify, renew=settings.idle_renew)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: watch.stopping.set())
+        with watch:
+            watch.stopping.wait()
     return 0
 
 
@@ -325,8 +373,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     import random
     import time
 
-    from mailingest.adapters.imap import Mailbox
-    from mailingest.application.services import connect_redis, token_source
+    from mailingest.application.services import Services
 
     samples = _testbed("seed", "samples")
     bulk_scenario, demo_scenario = samples.bulk_scenario, samples.demo_scenario
@@ -338,24 +385,20 @@ def cmd_seed(args: argparse.Namespace) -> int:
         scenario = bulk_scenario(args.count, seed=7 if args.seed is None else args.seed)
     else:
         scenario = demo_scenario(args.seed if args.seed is not None else random.randrange(2**31))
-    assert settings.redis_url is not None
     deadline = time.monotonic() + args.wait
     while True:  # with --wait, the servers may still be starting (docker compose)
-        client = connect_redis(settings.redis_url)
         try:
-            RedisDirectory(client).update(scenario.senders)
-            tokens = token_source(settings, inbox, client)
-            with Mailbox(inbox, timeout=settings.imap_timeout, token_source=tokens) as box:
-                for mail in scenario.mails:
-                    box.append(inbox.folder, mail.raw)
+            with Services(settings) as services:
+                RedisDirectory(services.redis).update(scenario.senders)
+                with services.mailbox(inbox.name) as box:
+                    for mail in scenario.mails:
+                        box.append(inbox.folder, mail.raw)
             break
-        except (MailingestError, redis.RedisError) as exc:
+        except MailingestError as exc:
             if time.monotonic() >= deadline:
                 raise
             print(f"waiting: {exc}", file=sys.stderr)
             time.sleep(2)
-        finally:
-            client.close()
     print(
         f"appended {len(scenario.mails)} mail(s) to inbox {inbox.name} ({inbox.folder}); "
         f"{len(scenario.senders)} sender(s) in the directory"
@@ -368,7 +411,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep_running=args.keep_running, flower=args.flower, workdir=args.workdir)
 
 
+def _redis_failure(exc: redis.RedisError) -> MailingestError:
+    """The one line for a Redis error that left a command as it is: the settings are
+    read again (they were read before, or Redis would not have been used) for its address."""
+    from mailingest.application.services import Services
+
+    try:
+        failure = Services(_settings("redis")).failure(exc)
+    except MailingestError:
+        failure = None
+    return failure or MailingestError(f"Redis unavailable ({type(exc).__name__}: {exc})")
+
+
 # -- parser ------------------------------------------------------------------------
+
+
+def _command(sub: Any, name: str, *, help: str, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with the line the command list shows for it."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + ".", **kw
+    )
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,25 +444,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mailingest {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser(
-        "worker", help="run a Celery worker (extra options go to celery)", add_help=False
-    )
-    sub.add_parser(
+    _command(sub, "worker", help="run a Celery worker (extra options go to celery)", add_help=False)
+    _command(
+        sub,
         "beat",
         help="run the scheduler that polls each inbox (extra options go to celery)",
         add_help=False,
     )
 
-    p = sub.add_parser(
-        "poll-once", help="one complete cycle in this process: fetch, ingest, upload, move"
+    p = _command(
+        sub, "poll-once", help="one complete cycle in this process: fetch, ingest, upload, move"
     )
     p.add_argument("--inbox", action="append", help="only this inbox (repeatable; default: all)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    p = sub.add_parser("poll-now", help="ask the running workers to poll at once")
+    p = _command(sub, "poll-now", help="ask the running workers to poll at once")
     p.add_argument("--inbox", action="append", help="only this inbox (repeatable; default: all)")
 
-    p = sub.add_parser("sandbox", help="serve the Alloy document API emulator (test bed)")
+    p = _command(sub, "sandbox", help="serve the Alloy document API emulator (test bed)")
     try:
         from mailingest_testbed.alloy_sandbox import add_arguments
     except ModuleNotFoundError:  # `mailingest sandbox` says what to install
@@ -407,35 +469,33 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_arguments(p)
 
-    p = sub.add_parser("senders", help="edit the sender directory kept in Redis")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser("add", help="map an e-mail address to an entity token or external id")
-    a.add_argument("email")
-    a.add_argument("entity")
-    a = actions.add_parser("remove", help="remove an e-mail address")
-    a.add_argument("email")
-    actions.add_parser("list", help="print the directory as CSV")
-    a = actions.add_parser(
-        "import", help="add every row of a CSV file with header email,entity_token"
+    p = _command(sub, "senders", help="edit the sender directory kept in Redis")
+    actions = p.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="what to do with the directory"
     )
-    a.add_argument("file")
+    a = _command(actions, "add", help="map an e-mail address to an entity token or external id")
+    a.add_argument("email", help="the sender's address (compared in lower case)")
+    a.add_argument("entity", help="the Alloy entity token (P-...) or the entity's external id")
+    a = _command(actions, "remove", help="remove an e-mail address")
+    a.add_argument("email", help="the sender's address to remove")
+    _command(actions, "list", help="print the directory as CSV")
+    a = _command(
+        actions, "import", help="add every row of a CSV file with header email,entity_token"
+    )
+    a.add_argument("file", help="the CSV file (header email,entity_token; UTF-8)")
 
-    p = sub.add_parser(
-        "status", help="ledger counts, and quarantined and failed mails with reasons"
-    )
+    p = _command(sub, "status", help="ledger counts, and quarantined and failed mails with reasons")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
-    p = sub.add_parser("replay", help="send quarantined or failed mails through again")
+    p = _command(sub, "replay", help="send quarantined or failed mails through again")
     p.add_argument("mail_id", nargs="*", help="mail ids as shown by `mailingest status`")
     p.add_argument("--failed", action="store_true", help="replay every failed mail")
 
-    p = sub.add_parser(
-        "watch", help="hold IMAP IDLE on each inbox and have new mail polled at once"
-    )
+    p = _command(sub, "watch", help="hold IMAP IDLE on each inbox and have new mail polled at once")
     p.add_argument("--inbox", action="append", help="watch only this inbox (repeatable)")
 
-    p = sub.add_parser(
-        "seed", help="deliver sample customer mails to an inbox and add their senders (demos)"
+    p = _command(
+        sub, "seed", help="deliver sample customer mails to an inbox and add their senders (demos)"
     )
     p.add_argument("--inbox", help="the inbox to deliver to (default: the first)")
     p.add_argument("--count", type=int, help="this many generated mails instead of the demo's")
@@ -444,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=0.0, help="retry this many seconds while servers start"
     )
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "check-config",
         help="validate the settings; with --connect also log in to Redis, each inbox and Alloy",
     )
@@ -455,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
-    p = sub.add_parser("demo", help="run the whole flow on private servers and print what happened")
+    p = _command(sub, "demo", help="run the whole flow on private servers and print what happened")
     p.add_argument("--keep-running", action="store_true", help="keep the servers up until Ctrl-C")
     p.add_argument(
         "--flower", action="store_true", help="also start Flower (if installed) on a free port"
@@ -495,8 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MailingestError as exc:
         print(f"mailingest: {exc}", file=sys.stderr)
         return 1
-    except redis.RedisError as exc:
-        print(f"mailingest: Redis unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
+    except redis.RedisError as exc:  # from Redis used outside a Services block (status)
+        print(f"mailingest: {_redis_failure(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,12 +1,20 @@
-"""The services one process needs, built once from the settings: the context every step gets."""
+"""The services one process needs, built once from the settings: the context every step gets.
+
+:class:`Services` is the one place that builds the connections (Redis, the broker,
+Alloy, IMAP mailboxes and their token sources) for every command and worker;
+:func:`build_context` adds what the pipeline's steps need on top.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import redis
@@ -25,8 +33,8 @@ from mailingest.adapters.senders import (
     SenderResolver,
 )
 from mailingest.application import metrics
-from mailingest.config.settings import InboxSettings, Settings
-from mailingest.core.errors import MailboxError
+from mailingest.config.settings import InboxSettings, Settings, redact_url
+from mailingest.core.errors import AlloyError, ConfigError, MailboxError, MailingestError
 from mailingest.core.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -44,13 +52,13 @@ class Context:
     alloy: AlloyClient
     resolvers: dict[str, SenderResolver]
     policy: RetryPolicy
+    services: Services
     closers: list = field(default_factory=list, repr=False)
 
     def senders(self, inbox_name: str) -> SenderResolver:
         """Who the senders of this inbox's mail are."""
         return self.resolvers[inbox_name]
 
-    tokens: dict[str, TokenSource] = field(default_factory=dict, repr=False)
     connections: dict[str, Mailbox] = field(default_factory=dict, repr=False)
 
     @contextmanager
@@ -83,10 +91,7 @@ class Context:
 
     def mailbox(self, inbox_name: str) -> Mailbox:
         """A new IMAP connection (unopened) to the named inbox."""
-        inbox = self.settings.inbox(inbox_name)
-        return Mailbox(
-            inbox, timeout=self.settings.imap_timeout, token_source=self.tokens.get(inbox.name)
-        )
+        return self.services.mailbox(inbox_name)
 
     def close(self) -> None:
         for box in self.connections.values():
@@ -126,6 +131,196 @@ def token_source(
     )
 
 
+class Unavailable(MailingestError):
+    """A service could not be reached (or failed): one line naming it and its address.
+
+    The address is the configured URL with any password replaced by ``***``, and the
+    underlying error's text is scrubbed of that password too, so the line is safe to
+    print and log.
+    """
+
+    def __init__(self, service: str, url: str, problem: str) -> None:
+        self.service = service
+        self.address = redact_url(url)
+        password = urlsplit(url).password
+        if password:
+            problem = problem.replace(password, "***")
+        self.problem = problem
+        super().__init__(f"{service} unavailable at {self.address} ({problem})")
+
+
+def _problem(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Services:
+    """The connections a process makes, each built from the settings on first use.
+
+    The one place that builds them for every command and worker: the Redis client,
+    the Celery broker connection (to queue polls), the Alloy client (rate limited
+    through Redis, or not: ``check-config`` must reach Alloy while Redis is down) and
+    IMAP mailboxes with their XOAUTH2 token sources (one per inbox and process: it
+    caches and refreshes the token). Nothing is contacted until it is used, so a
+    command pays only for what it needs. ``close`` ends what was built (so does
+    leaving a ``with`` block); in a ``with`` block or :meth:`naming_failures`, a failure
+    of Redis or the broker leaves as :class:`Unavailable`, one line naming the service
+    and its address.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis_client: redis.Redis | None = None,
+        alloy_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self._redis = redis_client
+        self._alloy_transport = alloy_transport
+        self._alloy: dict[bool, AlloyClient] = {}
+        self._broker: Any = None
+        self._tokens: dict[str, TokenSource | None] = {}
+        self._closers: list[Callable[[], None]] = []
+        self._lock = threading.Lock()  # watch opens mailboxes from one thread per inbox
+        if redis_client is not None:  # closed with the rest, like one built here
+            self._closers.append(redis_client.close)
+
+    @property
+    def redis_url(self) -> str:
+        if self.settings.redis_url is None:
+            raise ConfigError("MAILINGEST_REDIS_URL", "is required but not set")
+        return self.settings.redis_url
+
+    @property
+    def redis(self) -> redis.Redis:
+        with self._lock:
+            if self._redis is None:
+                self._redis = connect_redis(self.redis_url)
+                self._closers.append(self._redis.close)
+            return self._redis
+
+    def alloy(self, *, rate_limited: bool = True) -> AlloyClient:
+        """The Alloy client; ``rate_limited`` shares the Redis token bucket of all workers."""
+        settings = self.settings
+        limited = rate_limited and settings.alloy_rate > 0
+        if limited not in self._alloy:
+            limiter = (
+                RateLimiter(self.redis, rate=settings.alloy_rate, burst=settings.alloy_burst)
+                if limited
+                else None
+            )
+            client = AlloyClient(
+                settings.alloy_url,
+                settings.alloy_token,
+                settings.alloy_secret,
+                connect_timeout=settings.alloy_connect_timeout,
+                ca_file=settings.alloy_ca_file,
+                limiter=limiter,
+                read_timeout=settings.alloy_read_timeout,
+                transport=self._alloy_transport,
+            )
+            self._alloy[limited] = client
+            self._closers.append(client.close)
+        return self._alloy[limited]
+
+    @property
+    def broker(self) -> Any:
+        """A Celery client of the broker, to queue tasks for the workers (not a worker app)."""
+        if self._broker is None:
+            from celery import Celery
+
+            self._broker = Celery(broker=self.settings.broker_url, set_as_current=False)
+            self._closers.append(self._broker.close)
+        return self._broker
+
+    def tokens(self, inbox_name: str) -> TokenSource | None:
+        """The XOAUTH2 token source of the inbox (None for a password inbox)."""
+        inbox = self.settings.inbox(inbox_name)
+        if inbox.auth != "xoauth2":
+            return None
+        client = self.redis  # the token cache all workers share
+        with self._lock:
+            if inbox_name not in self._tokens:
+                source = token_source(self.settings, inbox, client)
+                self._tokens[inbox_name] = source
+                if source is not None:
+                    self._closers.append(source.close)
+            return self._tokens[inbox_name]
+
+    def mailbox(self, inbox_name: str) -> Mailbox:
+        """A new IMAP connection (unopened) to the named inbox."""
+        inbox = self.settings.inbox(inbox_name)
+        return Mailbox(
+            inbox, timeout=self.settings.imap_timeout, token_source=self.tokens(inbox_name)
+        )
+
+    def reach_redis(self) -> str:
+        """Redis's version, or :class:`Unavailable`."""
+        with self.naming_failures():
+            self.redis.ping()
+            return str(self.redis.info("server").get("redis_version", "?"))
+
+    def reach_broker(self) -> None:
+        """Raise :class:`Unavailable` unless the broker accepts a connection."""
+        with self.naming_failures(), self.broker.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1)
+
+    def reach_alloy(self, *, credentials: bool = False) -> None:
+        """Raise :class:`Unavailable` unless Alloy answers; with ``credentials``, also
+        the :class:`AlloyError` of an answer that refuses them (``check-config``).
+
+        Commands that send mail to Alloy ask first (any HTTP answer will do), so that a
+        mail is not taken from its inbox, retried and marked failed while Alloy cannot
+        be reached. The rate limiter (a Redis token bucket) is bypassed: Alloy is asked
+        even while Redis is down.
+        """
+        try:
+            self.alloy(rate_limited=False).check_credentials()
+        except AlloyError as exc:
+            if exc.status is None:  # no answer at all
+                raise Unavailable("Alloy", self.settings.alloy_url, exc.message) from None
+            if credentials:
+                raise
+
+    def failure(self, exc: BaseException) -> Unavailable | None:
+        """The one line for an error of Redis or the broker, or None for any other."""
+        from kombu.exceptions import OperationalError
+
+        if isinstance(exc, redis.RedisError):
+            return Unavailable("Redis", self.redis_url, _problem(exc))
+        if isinstance(exc, OperationalError):
+            return Unavailable(
+                "Redis (Celery broker)", self.settings.broker_url or "", _problem(exc)
+            )
+        return None
+
+    @contextmanager
+    def naming_failures(self) -> Iterator[Services]:
+        """Let a failure of Redis or the broker leave as :class:`Unavailable`."""
+        try:
+            yield self
+        except Exception as exc:
+            failure = self.failure(exc)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def __enter__(self) -> Services:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        """Close what was built; a failure of Redis or the broker leaves as Unavailable."""
+        self.close()
+        failure = self.failure(exc) if isinstance(exc, Exception) else None
+        if failure is not None:
+            raise failure from None
+
+    def close(self) -> None:
+        for close in reversed(self._closers):
+            close()
+        self._closers.clear()
+
+
 def warn_if_senders_unauthenticated(settings: Settings) -> None:
     for name in settings.sender_auth_off:
         log.warning(
@@ -147,22 +342,8 @@ def build_context(
     ``redis_client``, ``alloy_transport`` and ``clock`` (ms) replace the ones built from
     the settings: the seams the deterministic simulation (``tests/sim``) drives."""
     settings.require("redis", "imap", "alloy")
-    assert settings.redis_url is not None
-    client = redis_client if redis_client is not None else connect_redis(settings.redis_url)
-    alloy = AlloyClient(
-        settings.alloy_url,
-        settings.alloy_token,
-        settings.alloy_secret,
-        connect_timeout=settings.alloy_connect_timeout,
-        ca_file=settings.alloy_ca_file,
-        limiter=(
-            RateLimiter(client, rate=settings.alloy_rate, burst=settings.alloy_burst)
-            if settings.alloy_rate > 0
-            else None
-        ),
-        read_timeout=settings.alloy_read_timeout,
-        transport=alloy_transport,
-    )
+    services = Services(settings, redis_client=redis_client, alloy_transport=alloy_transport)
+    client = services.redis
     ctx = Context(
         settings=settings,
         redis=client,
@@ -174,16 +355,14 @@ def build_context(
             on_decided=metrics.mail_decided,
             clock=clock,
         ),
-        alloy=alloy,
+        alloy=services.alloy(),
         resolvers={inbox.name: build_resolver(inbox, client) for inbox in settings.inboxes},
         policy=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_cap),
+        services=services,
     )
-    ctx.closers += [client.close, alloy.close]
+    ctx.closers.append(services.close)
     for inbox in settings.inboxes:
-        tokens = token_source(settings, inbox, client)
-        if tokens is not None:  # one per process: it caches and refreshes the token
-            ctx.tokens[inbox.name] = tokens
-            ctx.closers.append(tokens.close)
+        services.tokens(inbox.name)  # built now: a bad OAuth setting stops start-up
     warn_if_senders_unauthenticated(settings)
     metrics.declare(inbox.name for inbox in settings.inboxes)
     return ctx
