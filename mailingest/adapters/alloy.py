@@ -31,7 +31,7 @@ import httpx
 from mailingest import __version__
 from mailingest.adapters.rate_limit import RateLimited, RateLimiter
 from mailingest.application import metrics
-from mailingest.config.settings import Secret
+from mailingest.config.secret import Secret
 from mailingest.core.errors import AlloyError, AlloyRejected, AlloyUnavailable
 
 # each operation's path as a metric label (no entity or document token in a label)

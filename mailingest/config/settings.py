@@ -6,7 +6,8 @@ secrets). A malformed value stops start-up with a :class:`ConfigError` that
 names the variable and what is wrong, in one line. Which values are *required*
 depends on the command: ``settings.require("imap", "alloy", "redis")``.
 
-Secrets are held in :class:`Secret`, whose ``repr``/``str`` never show them.
+Secrets are held in :class:`~mailingest.config.secret.Secret`, whose ``repr``/``str``
+never show them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from mailingest.adapters.encryption import Sealer, SealingError
+from mailingest.config.secret import Secret
 from mailingest.core.errors import ConfigError
 from mailingest.core.screening import Limits
 from mailingest.core.sender_auth import AuthPolicy
@@ -30,32 +33,6 @@ DEFAULT_ALLOY_URL = "https://sandbox.alloy.co/v1"
 IMAP_SECURITY = ("ssl", "starttls", "plain")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _INBOX_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class Secret:
-    """A string that never shows itself in logs, reprs or exceptions."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
 
 
 IMAP_AUTH = ("password", "xoauth2")
@@ -650,8 +627,6 @@ def _shared(env: _Env) -> Settings:
 
     staging_key = env.secret("STAGING_KEY")
     if staging_key is not None:
-        from mailingest.adapters.encryption import Sealer, SealingError
-
         try:
             Sealer(staging_key)
         except SealingError as exc:
