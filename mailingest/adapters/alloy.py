@@ -32,6 +32,7 @@ from mailingest import __version__
 from mailingest.adapters.rate_limit import RateLimited, RateLimiter
 from mailingest.application import metrics
 from mailingest.config.secret import Secret
+from mailingest.config.table import default_float
 from mailingest.core.errors import AlloyError, AlloyRejected, AlloyUnavailable
 
 # each operation's path as a metric label (no entity or document token in a label)
@@ -146,8 +147,8 @@ class AlloyClient:
         token: Secret | None,
         secret: Secret | None,
         *,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 30.0,
+        connect_timeout: float = default_float("ALLOY_CONNECT_TIMEOUT"),
+        read_timeout: float = default_float("ALLOY_READ_TIMEOUT"),
         max_connections: int = 20,
         transport: httpx.BaseTransport | None = None,
         ca_file: Path | None = None,
