@@ -15,7 +15,7 @@
 
 Configuration comes from MAILINGEST_* environment variables, or a TOML file named by
 MAILINGEST_CONFIG that the environment overrides (see the README).
-A bad setting stops the command with one line naming it.
+Bad settings stop the command with one line naming each, all of them at once.
 """
 
 from __future__ import annotations
