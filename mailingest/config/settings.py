@@ -519,8 +519,8 @@ def load_settings(
             config_path, data = _read_config(config_text)
         except ConfigError as exc:
             problems.add(exc.variable, exc.problem)
-            problems.raise_any()  # without its inboxes, what else is missing is unknown
-            raise  # pragma: no cover - raise_any raised
+            # without the file's inboxes, what else is wrong or missing cannot be told
+            raise ConfigError.of(problems.found) from None
         top, tables = _file_layers(config_path, data, problems)
         if len(tables) > 1:
             for key in _ONE_INBOX_ONLY:
