@@ -302,15 +302,18 @@ def test_check_config_describes_then_connects_and_names_what_fails(
     assert "not-the-secret" not in bad.stdout + bad.stderr
 
 
-def test_check_config_stops_on_a_bad_file_with_one_line(tmp_path: Path) -> None:
+def test_check_config_stops_on_a_bad_file_with_one_line_per_problem(tmp_path: Path) -> None:
     path = tmp_path / "mailingest.toml"
     path.write_text('[[inboxes]]\nname = "eu"\nimap_hots = "imap.example.com"\n')
     proc = run({"MAILINGEST_CONFIG": str(path)}, "check-config")
     assert proc.returncode == 2
-    assert proc.stderr == (
+    lines = proc.stderr.splitlines()
+    assert lines[0] == (
         "mailingest: configuration error: mailingest.toml: inboxes[eu].imap_hots is not a "
-        "per-inbox setting (set it at the top of the file) or unknown\n"
+        "per-inbox setting; did you mean imap_host?"
     )
+    assert "mailingest: configuration error: MAILINGEST_REDIS_URL is required but not set" in lines
+    assert all(line.startswith("mailingest: configuration error: ") for line in lines)
 
 
 def test_seed_delivers_sample_mail_that_a_poll_then_ingests(

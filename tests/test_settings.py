@@ -136,7 +136,7 @@ def test_cli_stops_with_one_line_and_no_traceback(command: list[str]) -> None:
     assert "pässwörd" not in proc.stderr
 
 
-def test_celery_app_import_stops_with_one_line() -> None:
+def test_celery_app_import_stops_with_one_line_per_problem() -> None:
     env = {"PATH": "/usr/bin:/bin", "MAILINGEST_IMAP_HOST": "x"}
     proc = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "mailingest", "inspect", "ping"],
@@ -147,10 +147,12 @@ def test_celery_app_import_stops_with_one_line() -> None:
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    assert (
-        proc.stderr
-        == "mailingest: configuration error: MAILINGEST_REDIS_URL is required but not set\n"
+    lines = proc.stderr.splitlines()
+    assert lines[0] == (
+        "mailingest: configuration error: MAILINGEST_REDIS_URL is required but not set"
     )
+    assert len(lines) == 7  # the redis URL, user, password, authserv-id, token, secret, agent
+    assert all(line.startswith("mailingest: configuration error: MAILINGEST_") for line in lines)
 
 
 def test_visibility_timeout_must_outlast_a_task_and_its_retry() -> None:
@@ -376,33 +378,215 @@ def test_oauth_needs_the_staging_key_and_https(tmp_path: Path) -> None:
         load_settings(write_config(tmp_path, text))
 
 
-def test_the_readme_documents_every_setting_and_only_real_ones(
+# -- every problem at once; names that are not settings ------------------------------
+
+ALL = ("redis", "imap", "alloy")
+EMPTY_ENVIRONMENT_PROBLEMS = [
+    ("MAILINGEST_REDIS_URL", "is required but not set"),
+    ("MAILINGEST_IMAP_HOST", "is required but not set"),
+    ("MAILINGEST_IMAP_USER", "is required but not set"),
+    ("MAILINGEST_IMAP_PASSWORD", "is required but not set"),
+    ("MAILINGEST_TRUSTED_AUTHSERV_ID", "is required while sender authentication is on"),
+    ("MAILINGEST_ALLOY_TOKEN", "is required but not set"),
+    ("MAILINGEST_ALLOY_SECRET", "is required but not set"),
+    ("MAILINGEST_AGENT_EMAIL", "is required but not set"),
+]
+
+
+def test_every_missing_setting_is_reported_at_once_from_an_empty_environment() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings({}, require=ALL)
+    problems = err.value.problems
+    assert [name for name, _ in problems] == [name for name, _ in EMPTY_ENVIRONMENT_PROBLEMS]
+    for (_, problem), (_, words) in zip(problems, EMPTY_ENVIRONMENT_PROBLEMS, strict=True):
+        assert problem.startswith(words)
+    assert str(err.value).splitlines() == err.value.lines()
+    with pytest.raises(ConfigError) as err:  # the same through Settings.require
+        load_settings({}).require(*ALL)
+    assert err.value.problems == problems
+
+
+def test_check_config_lists_every_problem_in_one_run() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailingest", "check-config"],
+        env={"PATH": "/usr/bin:/bin", "MAILINGEST_IMAP_PORT": "imap"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    named = [line.split()[3] for line in proc.stderr.splitlines()]
+    assert named == ["MAILINGEST_IMAP_PORT"] + [name for name, _ in EMPTY_ENVIRONMENT_PROBLEMS]
+    assert all(
+        line.startswith("mailingest: configuration error: ") for line in proc.stderr.splitlines()
+    )
+
+
+def test_malformed_missing_and_unknown_settings_are_reported_together() -> None:
+    env = {
+        "MAILINGEST_ALLOY_TOKN": "tok",
+        "MAILINGEST_IMAP_PORT": "99999",
+        "MAILINGEST_POLL_INTERVAL": "soon",
+        "MAILINGEST_REDIS_URL": "http://user:hunter2@x:1/0",
+        "MAILINGEST_TASK_TIME_LIMIT": "5",
+    }
+    with pytest.raises(ConfigError) as err:
+        load_settings(BASE | env, require=ALL)
+    assert err.value.lines() == [
+        "MAILINGEST_ALLOY_TOKN is not a setting; did you mean MAILINGEST_ALLOY_TOKEN?",
+        "MAILINGEST_REDIS_URL must be a redis/rediss/unix URL, got 'http://user:***@x:1/0'",
+        "MAILINGEST_TASK_TIME_LIMIT must be between 10 and 3600, got 5",
+        "MAILINGEST_IMAP_PORT must be between 1 and 65535, got 99999",
+        "MAILINGEST_POLL_INTERVAL must be a number, got 'soon'",
+    ]  # the bad Redis URL is not also "required"; the bad limit not also a bad floor
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [
+        ("MAILINGEST_ALLOY_TOKN", "MAILINGEST_ALLOY_TOKEN"),
+        ("MAILINGEST_ALLOY_TOKN_FILE", "MAILINGEST_ALLOY_TOKEN_FILE"),
+        ("MAILINGEST_STAGNG_KEY", "MAILINGEST_STAGING_KEY"),
+        ("MAILINGEST_MAX_ATTACHMENT_BYTE", "MAILINGEST_MAX_ATTACHMENT_BYTES"),
+        ("MAILINGEST_IMPA_PORT", "MAILINGEST_IMAP_PORT"),
+        ("MAILINGEST_CONFIG_FILE", "MAILINGEST_CONFIG"),
+    ],
+)
+def test_an_unknown_variable_names_the_nearest_setting(variable: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(BASE | {variable: "993"})
+    assert err.value.lines() == [f"{variable} is not a setting; did you mean {suggestion}?"]
+
+
+def test_an_unknown_variable_with_nothing_near_is_still_refused() -> None:
+    with pytest.raises(ConfigError, match="^MAILINGEST_COLOUR is not a setting .see README"):
+        load_settings(BASE | {"MAILINGEST_COLOUR": "blue"})
+
+
+def test_file_forms_service_links_and_test_knobs_are_not_unknown(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("tok\n", encoding="utf-8")
+    env = {k: v for k, v in BASE.items() if k != "MAILINGEST_ALLOY_TOKEN"} | {
+        "MAILINGEST_ALLOY_TOKEN_FILE": str(tmp_path / "token"),
+        # what Kubernetes sets in every pod for the Service mailingest-flower
+        "MAILINGEST_FLOWER_SERVICE_HOST": "10.0.0.5",
+        "MAILINGEST_FLOWER_SERVICE_PORT": "5555",
+        "MAILINGEST_FLOWER_SERVICE_PORT_HTTP": "5555",
+        "MAILINGEST_FLOWER_PORT": "tcp://10.0.0.5:5555",
+        "MAILINGEST_FLOWER_PORT_5555_TCP": "tcp://10.0.0.5:5555",
+        "MAILINGEST_FLOWER_PORT_5555_TCP_PROTO": "tcp",
+        "MAILINGEST_FLOWER_PORT_5555_TCP_PORT": "5555",
+        "MAILINGEST_FLOWER_PORT_5555_TCP_ADDR": "10.0.0.5",
+        "MAILINGEST_REQUIRE_SERVERS": "1",  # the test suite's own
+    }
+    s = load_settings(env, require=ALL)
+    assert s.alloy_token == Secret("tok")
+    # a *_PORT that is not a service link is a typo like any other
+    with pytest.raises(ConfigError, match="MAILINGEST_FLOWER_PORT is not a setting"):
+        load_settings(env | {"MAILINGEST_FLOWER_PORT": "5555"})
+
+
+def test_a_misspelt_file_key_names_the_nearest_setting(tmp_path: Path) -> None:
+    text = TWO_INBOXES.replace("poll_interval = 120", "poll_intervall = 120").replace(
+        'imap_host = "imap.us.example.com"', 'imap_hots = "imap.us.example.com"'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings(write_config(tmp_path, text))
+    assert err.value.lines() == [
+        "mailingest.toml.poll_intervall is not a mailingest setting; did you mean poll_interval?",
+        "mailingest.toml: inboxes[us].imap_hots is not a per-inbox setting; "
+        "did you mean imap_host?",
+    ]
+
+
+# -- one table: the loader, the defaults elsewhere, README.md and .env.example ---------
+
+
+def test_the_loader_reads_every_setting_of_the_table_and_no_other(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import re
-
     from mailingest.config import settings as S
+    from mailingest.config.table import SETTINGS
 
     asked: set[str] = set()
     real_raw = S._Env.raw
 
     def recording(self: S._Env, name: str, *, strip: bool = True) -> str | None:
-        asked.add(S.PREFIX + name)
+        asked.add(name)
         return real_raw(self, name, strip=strip)
 
     monkeypatch.setattr(S._Env, "raw", recording)
     load_settings(BASE)
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    shorthands = set(re.findall(r"`(_[A-Z_]+)`", readme))
-    undocumented = [
-        name
-        for name in sorted(asked)
-        if name not in readme and not any(name.endswith(short) for short in shorthands)
-    ]
-    assert undocumented == []
-    mentioned = set(re.findall(r"MAILINGEST_[A-Z_]*[A-Z](?![A-Z_*])", readme))  # not _IMAP_*
-    not_settings = {"MAILINGEST_CONFIG", "MAILINGEST_REQUIRE_SERVERS", "MAILINGEST_TEST_IMAP"}
-    unknown = sorted(
-        name for name in mentioned - asked - not_settings if name.removesuffix("_FILE") not in asked
+    assert asked == {setting.name for setting in SETTINGS if not setting.env_only}
+
+
+def test_defaults_outside_the_settings_are_the_tables() -> None:
+    import inspect
+
+    from mailingest.adapters.alloy import AlloyClient
+    from mailingest.core.retry import RetryPolicy
+    from mailingest.core.screening import Limits
+
+    s = load_settings(BASE)
+    assert Limits() == s.limits
+    assert RetryPolicy() == RetryPolicy(s.max_attempts, s.retry_base, s.retry_cap)
+    timeouts = inspect.signature(AlloyClient).parameters
+    assert timeouts["connect_timeout"].default == s.alloy_connect_timeout
+    assert timeouts["read_timeout"].default == s.alloy_read_timeout
+
+
+def test_the_core_and_the_secret_import_no_io_and_no_settings() -> None:
+    code = (
+        "import sys, mailingest.core.screening, mailingest.core.retry, mailingest.config.secret;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('redis', 'httpx', 'imapclient', 'celery', 'cryptography') "
+        "or m in ('mailingest.config.settings', 'mailingest.adapters')))"
     )
-    assert unknown == []
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    code = (
+        "import sys, mailingest.adapters.encryption;"
+        "print('mailingest.config.settings' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # no import cycle through Secret
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_and_env_example_are_written_from_the_table() -> None:
+    from mailingest.config import docs
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    hint = "differs from mailingest/config/table.py: run python -m mailingest.config.docs"
+    assert docs.with_readme_table(readme) == readme, "README.md " + hint
+    assert docs.env_example() == (ROOT / ".env.example").read_text(encoding="utf-8"), (
+        ".env.example " + hint
+    )
+
+
+def test_the_documents_list_every_setting_once_and_only_settings() -> None:
+    import re
+
+    from mailingest.config.table import SETTINGS, is_setting
+
+    names = [setting.var for setting in SETTINGS]
+    listed = re.findall(r"^(?:# )?(MAILINGEST_\w+)=", (ROOT / ".env.example").read_text(), re.M)
+    assert listed == names
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert re.findall(r"^\| `(MAILINGEST_\w+)` \|", readme, re.M) == names
+    mentioned = set(re.findall(r"MAILINGEST_[A-Z_]*[A-Z](?![A-Z_*])", readme))  # not _IMAP_*
+    examples = {"MAILINGEST_ALLOY_TOKN", "MAILINGEST_REQUIRE_SERVERS", "MAILINGEST_TEST_IMAP"}
+    assert sorted(n for n in mentioned - examples if not is_setting(n[11:])) == []
+
+
+def test_the_documents_script_checks_and_rewrites(tmp_path: Path) -> None:
+    from mailingest.config import docs
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (tmp_path / "README.md").write_text(readme.replace("| `MAILINGEST_NOTE` |", "| `NOTE` |"))
+    (tmp_path / ".env.example").write_text(docs.env_example())
+    assert docs.main(["--root", str(tmp_path), "--check"]) == 1
+    assert docs.main(["--root", str(tmp_path)]) == 0
+    assert (tmp_path / "README.md").read_text() == readme
+    assert docs.main(["--root", str(tmp_path), "--check"]) == 0

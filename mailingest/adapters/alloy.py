@@ -30,7 +30,8 @@ import httpx
 from mailingest import __version__
 from mailingest.adapters.rate_limit import RateLimited, RateLimiter
 from mailingest.application import metrics
-from mailingest.config.settings import Secret
+from mailingest.config.secret import Secret
+from mailingest.config.table import default_float
 from mailingest.core.errors import AlloyError, AlloyRejected, AlloyUnavailable
 from mailingest.core.records import Document  # Alloy's answer, as data (re-exported)
 
@@ -110,8 +111,8 @@ class AlloyClient:
         token: Secret | None,
         secret: Secret | None,
         *,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 30.0,
+        connect_timeout: float = default_float("ALLOY_CONNECT_TIMEOUT"),
+        read_timeout: float = default_float("ALLOY_READ_TIMEOUT"),
         max_connections: int = 20,
         transport: httpx.BaseTransport | None = None,
         ca_file: Path | None = None,

@@ -16,7 +16,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from mailingest.config.settings import Secret
+from mailingest.config.secret import Secret
 
 MAGIC = b"MIS1"
 TAG_BYTES = 16  # the GCM tag after the ciphertext

@@ -1,7 +1,7 @@
 """The Celery application: ``celery -A mailingest worker|beat`` finds ``app`` here.
 
 Settings are read and validated when this module is imported; a bad setting
-stops the process with one line naming it (no traceback).
+stops the process with one line naming each (no traceback).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from mailingest.core.errors import ConfigError
 
 def _load() -> Settings:
     try:
-        return load_settings().require("redis", "imap", "alloy")
+        return load_settings(require=("redis", "imap", "alloy"))
     except ConfigError as exc:
-        sys.exit(f"mailingest: configuration error: {exc}")
+        sys.exit("\n".join(f"mailingest: configuration error: {line}" for line in exc.lines()))
 
 
 settings = _load()

@@ -15,7 +15,7 @@
 
 Configuration comes from MAILINGEST_* environment variables, or a TOML file named by
 MAILINGEST_CONFIG that the environment overrides (see the README).
-A bad setting stops the command with one line naming it.
+Bad settings stop the command with one line naming each, all of them at once.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ log = logging.getLogger("mailingest")
 
 
 def _settings(*groups: str) -> Settings:
-    return load_settings().require(*groups)
+    return load_settings(require=groups)
 
 
 def setup_logging(level: str = "info", log_format: str = "text") -> None:
@@ -551,7 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return runner()
     except ConfigError as exc:
-        print(f"mailingest: configuration error: {exc}", file=sys.stderr)
+        for line in exc.lines():  # every problem at once, one line each
+            print(f"mailingest: configuration error: {line}", file=sys.stderr)
         return 2
     except MailingestError as exc:
         print(f"mailingest: {exc}", file=sys.stderr)

@@ -1,12 +1,17 @@
 """One settings object, read from the environment once and validated at start-up.
 
-Every variable is named ``MAILINGEST_*``; any of them may instead be given as
-``MAILINGEST_*_FILE`` naming a file that holds the value (Docker/Kubernetes
-secrets). A malformed value stops start-up with a :class:`ConfigError` that
-names the variable and what is wrong, in one line. Which values are *required*
-depends on the command: ``settings.require("imap", "alloy", "redis")``.
+Every variable is named ``MAILINGEST_*`` and described, with its type, default and range,
+in :mod:`mailingest.config.table`; any of them may instead be given as
+``MAILINGEST_*_FILE`` naming a file that holds the value (Docker/Kubernetes secrets).
+Bad settings stop start-up with a :class:`ConfigError` that lists *every* problem, one
+line each naming the variable (or the file's key) and what is wrong: one run shows all
+there is to fix. A ``MAILINGEST_`` variable that is no setting is one of the problems
+(with the nearest valid name): a misspelt optional setting would otherwise keep its
+default without a word. Which values are *required* depends on the command:
+``load_settings(require=("imap", "alloy", "redis"))``.
 
-Secrets are held in :class:`Secret`, whose ``repr``/``str`` never show them.
+Secrets are held in :class:`~mailingest.config.secret.Secret`, whose ``repr``/``str``
+never show them.
 """
 
 from __future__ import annotations
@@ -15,50 +20,33 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from mailingest.adapters.encryption import Sealer, SealingError
+from mailingest.config.secret import Secret
+from mailingest.config.table import (
+    BY_NAME,
+    INBOX_KEYS,
+    PREFIX,
+    default,
+    default_float,
+    is_setting,
+    nearest,
+    unknown_variable,
+    valid_names,
+)
 from mailingest.core.errors import ConfigError
 from mailingest.core.screening import Limits
 from mailingest.core.sender_auth import AuthPolicy
 
-PREFIX = "MAILINGEST_"
-DEFAULT_NOTE = "Uploaded from email customer sent"
-DEFAULT_ALLOY_URL = "https://sandbox.alloy.co/v1"
-IMAP_SECURITY = ("ssl", "starttls", "plain")
+DEFAULT_NOTE = str(default("NOTE"))
+DEFAULT_ALLOY_URL = str(default("ALLOY_URL"))
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _INBOX_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-
-class Secret:
-    """A string that never shows itself in logs, reprs or exceptions."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-
-IMAP_AUTH = ("password", "xoauth2")
 # Token endpoints of the two providers most support mailboxes live on; any other
 # OAuth2 server is given by MAILINGEST_OAUTH_TOKEN_URL.
 OAUTH_PROVIDERS = {
@@ -153,8 +141,8 @@ class Settings:
     retry_base: float
     retry_cap: float
     log_level: str
-    log_format: str = "text"
-    idle_renew: float = 300.0  # seconds between IDLE renewals of `mailingest watch`
+    log_format: str = str(default("LOG_FORMAT"))
+    idle_renew: float = default_float("IDLE_RENEW")  # between IDLE renewals of `watch`
     metrics_port: int | None = None
     config_file: Path | None = None
 
@@ -182,84 +170,96 @@ class Settings:
         return tuple(inbox.name for inbox in self.inboxes if not inbox.sender_auth_on)
 
     def require(self, *groups: str) -> Settings:
-        """Raise ConfigError naming the first missing setting of these groups."""
-        missing = "is required but not set"
-        needed: list[tuple[str, object, str]] = []
-        for group in groups:
-            if group == "redis":
-                needed.append((PREFIX + "REDIS_URL", self.redis_url, missing))
-            elif group == "imap":
-                for inbox in self.inboxes:
-                    needed += [
-                        (inbox.setting("IMAP_HOST"), inbox.host, missing),
-                        (inbox.setting("IMAP_USER"), inbox.user, missing),
-                    ]
-                    if inbox.auth == "password":
-                        needed.append((inbox.setting("IMAP_PASSWORD"), inbox.password, missing))
-                    needed.append(
-                        (
-                            inbox.setting("TRUSTED_AUTHSERV_ID"),
-                            inbox.sender_auth is not None or not inbox.sender_auth_on,
-                            "is required while sender authentication is on: the authserv-id "
-                            "your receiving server writes in Authentication-Results "
-                            "(or set MAILINGEST_SENDER_AUTH=off)",
-                        )
-                    )
-            elif group == "alloy":
-                needed += [
-                    (PREFIX + "ALLOY_TOKEN", self.alloy_token, missing),
-                    (PREFIX + "ALLOY_SECRET", self.alloy_secret, missing),
-                ]
-                needed += [
-                    (inbox.setting("AGENT_EMAIL"), inbox.agent_email, missing)
-                    for inbox in self.inboxes
-                ]
-            else:  # pragma: no cover - programming error
-                raise ValueError(group)
-        for name, value, problem in needed:
-            if not value:
-                raise ConfigError(name, problem)
+        """Raise ConfigError naming every missing setting of these groups."""
+        missing = _missing(self, groups, skip=frozenset())
+        if missing:
+            raise ConfigError.of(missing)
         return self
+
+
+# -- what is missing -------------------------------------------------------------
+
+_IS_MISSING = "is required but not set"
+Key = tuple[str, str]  # (inbox origin, setting name): which value had a problem
+
+
+def _missing(settings: Settings, groups: Iterable[str], skip: frozenset[Key]) -> list[Problem]:
+    """The settings these groups of commands need that are not set, except those whose
+    value was already reported as malformed (``skip``)."""
+    needed: list[tuple[Key, str, object, str]] = []
+    for group in groups:
+        if group == "redis":
+            needed.append((("", "REDIS_URL"), PREFIX + "REDIS_URL", settings.redis_url, ""))
+        elif group == "imap":
+            for inbox in settings.inboxes:
+                names = ["IMAP_HOST", "IMAP_USER"]
+                names += ["IMAP_PASSWORD"] if inbox.auth == "password" else []
+                values: dict[str, object] = {
+                    "IMAP_HOST": inbox.host,
+                    "IMAP_USER": inbox.user,
+                    "IMAP_PASSWORD": inbox.password,
+                }
+                needed += [
+                    ((inbox.origin, name), inbox.setting(name), values[name], "") for name in names
+                ]
+                needed.append(
+                    (
+                        (inbox.origin, "TRUSTED_AUTHSERV_ID"),
+                        inbox.setting("TRUSTED_AUTHSERV_ID"),
+                        inbox.sender_auth is not None or not inbox.sender_auth_on,
+                        "is required while sender authentication is on: the authserv-id "
+                        "your receiving server writes in Authentication-Results "
+                        "(or set MAILINGEST_SENDER_AUTH=off)",
+                    )
+                )
+        elif group == "alloy":
+            for name, value in (
+                ("ALLOY_TOKEN", settings.alloy_token),
+                ("ALLOY_SECRET", settings.alloy_secret),
+            ):
+                needed.append((("", name), PREFIX + name, value, ""))
+            needed += [
+                (
+                    (inbox.origin, "AGENT_EMAIL"),
+                    inbox.setting("AGENT_EMAIL"),
+                    inbox.agent_email,
+                    "",
+                )
+                for inbox in settings.inboxes
+            ]
+        else:  # pragma: no cover - programming error
+            raise ValueError(group)
+    return [
+        (label, problem or _IS_MISSING)
+        for key, label, value, problem in needed
+        if not value and key not in skip
+    ]
 
 
 # -- reading ---------------------------------------------------------------
 
-# The settings each inbox has for itself; every other setting is shared by all inboxes.
-INBOX_KEYS = frozenset(
-    {
-        "INBOX_NAME",
-        "IMAP_HOST",
-        "IMAP_PORT",
-        "IMAP_USER",
-        "IMAP_PASSWORD",
-        "IMAP_SECURITY",
-        "IMAP_FOLDER",
-        "IMAP_CA_FILE",
-        "IMAP_AUTH",
-        "OAUTH_PROVIDER",
-        "OAUTH_TENANT",
-        "OAUTH_TOKEN_URL",
-        "OAUTH_CLIENT_ID",
-        "OAUTH_CLIENT_SECRET",
-        "OAUTH_REFRESH_TOKEN",
-        "OAUTH_SCOPE",
-        "OAUTH_CA_FILE",
-        "PROCESSED_FOLDER",
-        "QUARANTINE_FOLDER",
-        "AGENT_EMAIL",
-        "NOTE",
-        "POLL_INTERVAL",
-        "SENDERS_FILE",
-        "CRM_URL",
-        "SENDER_AUTH",
-        "TRUSTED_AUTHSERV_ID",
-        "SENDER_DOMAINS",
-    }
-)
 # An account's identity: from the environment it would make every inbox of a file the same.
 _ONE_INBOX_ONLY = ("INBOX_NAME", "IMAP_USER", "IMAP_PASSWORD", "OAUTH_REFRESH_TOKEN")
 
 Layer = dict[str, tuple[str, str]]  # variable -> (value, how an error names it)
+Problem = tuple[str, str]  # (how the setting is named, what is wrong)
+
+
+class Problems:
+    """Every problem found while reading, each once, in the order found."""
+
+    def __init__(self) -> None:
+        self.found: list[Problem] = []
+        self.failed: set[Key] = set()  # values reported here: not also "required"
+
+    def add(self, label: str, problem: str, key: Key = ("", "")) -> None:
+        if (label, problem) not in self.found:
+            self.found.append((label, problem))
+        self.failed.add(key)
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise ConfigError.of(self.found)
 
 
 def _overlay(below: Layer, above: Layer) -> Layer:
@@ -273,15 +273,14 @@ def _overlay(below: Layer, above: Layer) -> Layer:
 
 
 class _Env:
-    """Reads MAILINGEST_* values from layered sources, following NAME_FILE indirection.
+    """Reads MAILINGEST_* values from layered sources, following NAME_FILE indirection,
+    and parses each as :mod:`mailingest.config.table` says. A malformed value is added
+    to ``problems`` and read as its default, so that reading goes on to find the rest."""
 
-    Records every name it was asked for, so that a file's unknown keys can be refused.
-    """
-
-    def __init__(self, values: Layer, origin: str = "") -> None:
+    def __init__(self, values: Layer, problems: Problems, origin: str = "") -> None:
         self.values = values
+        self.problems = problems
         self.origin = origin  # the file table an inbox comes from, to name what it lacks
-        self.asked: set[str] = set()
 
     def label(self, name: str) -> str:
         """How an error names setting ``name``: the variable, or the file and key it came from."""
@@ -291,71 +290,89 @@ class _Env:
                 return self.values[form][1]
         return f"{self.origin}.{name.lower()}" if self.origin else var
 
+    def fail(self, name: str, problem: str, label: str | None = None) -> None:
+        self.problems.add(label or self.label(name), problem, (self.origin, name))
+
+    def failed(self, *names: str) -> bool:
+        return any((self.origin, name) in self.problems.failed for name in names)
+
     def _get(self, var: str) -> str | None:
         entry = self.values.get(var)
         return entry[0] if entry else None
 
     def raw(self, name: str, *, strip: bool = True) -> str | None:
+        """The text given for ``name``, None when unset (or unreadable: reported)."""
         var = PREFIX + name
-        self.asked.update((var, var + "_FILE"))
         direct = self._get(var)
         path = self._get(var + "_FILE")
         if direct not in (None, "") and path not in (None, ""):
-            raise ConfigError(
-                self.values[var][1], f"is set both directly and via {var}_FILE; set one"
+            self.fail(
+                name, f"is set both directly and via {var}_FILE; set one", self.values[var][1]
             )
+            return None
         if path:
             where = self.values[var + "_FILE"][1]
             try:
                 return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
             except OSError as exc:
-                raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
+                self.fail(name, f"cannot read {path}: {exc.strerror}", where)
             except UnicodeDecodeError:
-                raise ConfigError(where, f"{path} is not UTF-8 text") from None
+                self.fail(name, f"{path} is not UTF-8 text", where)
+            return None
         if direct is None or direct.strip() == "":
             return None
         return direct.strip() if strip else direct
 
-    def text(self, name: str, default: str | None = None) -> str | None:
+    def text(self, name: str) -> str | None:
         value = self.raw(name)
-        return default if value is None else value
+        fallback = BY_NAME[name].default
+        return str(fallback) if value is None and fallback is not None else value
 
     def secret(self, name: str) -> Secret | None:
         value = self.raw(name, strip=False)  # a password may begin or end with a space
         return None if value is None else Secret(value)
 
     def number(
-        self, name: str, default: float, *, minimum: float, maximum: float, integer: bool = False
+        self, name: str, fallback: float | None = None, *, minimum: float | None = None
     ) -> float:
+        """A number in the table's range (``minimum`` when it depends on another setting);
+        ``fallback`` is the default when the table's depends on other settings."""
+        setting = BY_NAME[name]
+        given = setting.default if fallback is None else fallback
+        assert isinstance(given, int | float), name
+        low = setting.minimum if minimum is None else minimum
+        assert low is not None and setting.maximum is not None, name
         value = self.raw(name)
         if value is None:
-            return default
+            return given
+        integer = setting.kind == "integer"
         try:
             number = int(value) if integer else float(value)
         except ValueError:
             kind = "an integer" if integer else "a number"
-            raise ConfigError(self.label(name), f"must be {kind}, got {value!r}") from None
-        if not (minimum <= number <= maximum):
-            raise ConfigError(
-                self.label(name), f"must be between {minimum:g} and {maximum:g}, got {value}"
-            )
+            self.fail(name, f"must be {kind}, got {value!r}")
+            return given
+        if not (low <= number <= setting.maximum):
+            self.fail(name, f"must be between {low:g} and {setting.maximum:g}, got {value}")
+            return given
         return number
 
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
-        return int(self.number(name, default, minimum=minimum, maximum=maximum, integer=True))
+    def integer(self, name: str, fallback: int | None = None, *, minimum: int | None = None) -> int:
+        return int(self.number(name, fallback, minimum=minimum))
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = (self.raw(name) or default).lower()
-        if value not in choices:
-            raise ConfigError(
-                self.label(name), f"must be one of {', '.join(choices)}, got {value!r}"
-            )
+    def choice(self, name: str) -> str:
+        setting = BY_NAME[name]
+        value = (self.raw(name) or str(setting.default)).lower()
+        if value not in setting.choices:
+            self.fail(name, f"must be one of {', '.join(setting.choices)}, got {value!r}")
+            return str(setting.default)
         return value
 
     def email(self, name: str) -> str | None:
         value = self.raw(name)
         if value is not None and not _EMAIL.match(value):
-            raise ConfigError(self.label(name), f"must be an e-mail address, got {value!r}")
+            self.fail(name, f"must be an e-mail address, got {value!r}")
+            return None
         return value.lower() if value else None
 
     def path(self, name: str) -> Path | None:
@@ -363,31 +380,47 @@ class _Env:
         if value is None:
             return None
         if not Path(value).is_file():
-            raise ConfigError(self.label(name), f"{value} is not a readable file")
+            self.fail(name, f"{value} is not a readable file")
+            return None
         return Path(value)
 
-    def folder(self, name: str, default: str) -> str:
-        value = self.text(name, default) or default
+    def folder(self, name: str) -> str:
+        value = self.text(name) or str(BY_NAME[name].default)
         if any(ch in value for ch in "\r\n\0"):
-            raise ConfigError(self.label(name), "must not contain line breaks or NUL")
+            self.fail(name, "must not contain line breaks or NUL")
+            return str(BY_NAME[name].default)
         return value
 
-    def url(self, name: str, schemes: tuple[str, ...], default: str | None = None) -> str | None:
-        value = self.text(name, default)
-        if value:
-            _check_url(self.label(name), value, schemes)
+    def url(self, name: str) -> str | None:
+        value = self.text(name)
+        problem = _url_problem(value, BY_NAME[name].schemes) if value else None
+        if problem:
+            self.fail(name, problem)
+            fallback = BY_NAME[name].default
+            return None if fallback is None else str(fallback)
         return value
 
-
-def _environment_layer(environ: Mapping[str, str]) -> Layer:
-    return {
-        var: (value, var)
-        for var, value in environ.items()
-        if var.startswith(PREFIX) and var != PREFIX + "CONFIG" and value.strip() != ""
-    }
+    def list(self, name: str) -> tuple[str, ...]:
+        return _list(self.text(name))
 
 
-def _file_layer(table: Mapping[str, object], where: str, base_dir: Path) -> Layer:
+def _environment_layer(environ: Mapping[str, str], problems: Problems) -> Layer:
+    """The prefixed variables, each a setting, or reported with the setting it resembles."""
+    layer: Layer = {}
+    for var, value in environ.items():
+        if not var.startswith(PREFIX):
+            continue
+        problem = unknown_variable(var, value)
+        if problem:
+            problems.add(var, problem)
+        elif var != PREFIX + "CONFIG" and value.strip() != "":
+            layer[var] = (value, var)
+    return layer
+
+
+def _file_layer(
+    table: Mapping[str, object], where: str, base_dir: Path, problems: Problems
+) -> Layer:
     """A TOML table as variables: ``poll_interval = 30`` is ``MAILINGEST_POLL_INTERVAL``.
 
     Relative paths (``*_file`` keys) are taken from the file's directory.
@@ -396,7 +429,8 @@ def _file_layer(table: Mapping[str, object], where: str, base_dir: Path) -> Laye
     for key, value in table.items():
         label = f"{where}.{key}"
         if not re.fullmatch(r"[a-z][a-z0-9_]*", key):
-            raise ConfigError(label, "is not a setting name (lower case, digits and '_')")
+            problems.add(label, "is not a mailingest setting (keys are lower case)")
+            continue
         if isinstance(value, bool):
             text = "on" if value else "off"
         elif isinstance(value, int | float | str):
@@ -406,9 +440,10 @@ def _file_layer(table: Mapping[str, object], where: str, base_dir: Path) -> Laye
         ):
             text = ",".join(str(v) for v in value)
         else:
-            raise ConfigError(
+            problems.add(
                 label, f"must be a string, number, boolean or list, got {type(value).__name__}"
             )
+            continue
         if key.endswith("_file") and text and not Path(text).is_absolute():
             text = str(base_dir / text)
         layer[PREFIX + key.upper()] = (text, label)
@@ -437,15 +472,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_url(var: str, value: str, schemes: tuple[str, ...]) -> str:
+def _url_problem(value: str, schemes: tuple[str, ...]) -> str | None:
     parts = urlsplit(value)
     if parts.scheme not in schemes or not (parts.hostname or parts.scheme == "unix"):
-        raise ConfigError(var, f"must be a {'/'.join(schemes)} URL, got {_redact_url(value)!r}")
+        return f"must be a {'/'.join(schemes)} URL, got {_redact_url(value)!r}"
     try:
         parts.port  # noqa: B018 - validates the port
     except ValueError:
-        raise ConfigError(var, f"has an invalid port in {_redact_url(value)!r}") from None
-    return value
+        return f"has an invalid port in {_redact_url(value)!r}"
+    return None
 
 
 def _redact_url(url: str) -> str:
@@ -461,71 +496,99 @@ def _redact_url(url: str) -> str:
 redact_url = _redact_url
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build and validate the settings; raise ConfigError on the first bad value.
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, require: Iterable[str] = ()
+) -> Settings:
+    """Build and validate the settings; raise ConfigError listing every problem.
 
     Without ``MAILINGEST_CONFIG`` the environment describes one inbox. With it, the
     TOML file's top-level keys are settings for everything (``redis_url = ...``) and
     each ``[[inboxes]]`` table one inbox; the environment overrides the file.
+    ``require`` names the groups of settings the command needs (see
+    :meth:`Settings.require`): what they lack is reported with the rest.
     """
     environ = os.environ if environ is None else environ
-    env_layer = _environment_layer(environ)
+    problems = Problems()
+    env_layer = _environment_layer(environ, problems)
     config_text = (environ.get(PREFIX + "CONFIG") or "").strip()
     top: Layer = {}
     tables: list[tuple[str, Layer]] = []
     config_path: Path | None = None
     if config_text:
-        config_path, data = _read_config(config_text)
-        where, base_dir = config_path.name, config_path.resolve().parent
-        inboxes = data.pop("inboxes", [])
-        if not isinstance(inboxes, list) or not all(isinstance(t, dict) for t in inboxes):
-            raise ConfigError(f"{where}: inboxes", "must be a list of tables ([[inboxes]])")
-        top = _file_layer(data, where, base_dir)
-        for number, table in enumerate(inboxes, 1):
-            table = dict(table)
-            name = table.pop("name", None)
-            label = f"{where}: inboxes[{name if isinstance(name, str) else number}]"
-            layer = _file_layer(table, label, base_dir)
-            if name is not None:
-                layer[PREFIX + "INBOX_NAME"] = (str(name), f"{label}.name")
-            tables.append((label, layer))
+        try:
+            config_path, data = _read_config(config_text)
+        except ConfigError as exc:
+            problems.add(exc.variable, exc.problem)
+            # without the file's inboxes, what else is wrong or missing cannot be told
+            raise ConfigError.of(problems.found) from None
+        top, tables = _file_layers(config_path, data, problems)
         if len(tables) > 1:
             for key in _ONE_INBOX_ONLY:
                 for form in (PREFIX + key, PREFIX + key + "_FILE"):
                     if form in env_layer:
-                        raise ConfigError(
+                        problems.add(
                             form,
-                            f"cannot apply to every inbox of {where}; set it per inbox there",
+                            f"cannot apply to every inbox of {config_path.name}; "
+                            "set it per inbox there",
                         )
 
-    env = _Env(_overlay(top, env_layer))
+    env = _Env(_overlay(top, env_layer), problems)
     settings = _shared(env)
-    readers = [env]
     inbox_list: list[InboxSettings] = []
     for label, layer in tables or [("", {})]:
-        inbox_env = _Env(_overlay(_overlay(top, layer), env_layer), label)
+        inbox_env = _Env(_overlay(_overlay(top, layer), env_layer), problems, label)
         inbox_list.append(_inbox(inbox_env, label))
-        readers.append(inbox_env)
-        _refuse_shared_keys(layer, INBOX_KEYS)
-    _refuse_unknown_keys(top, readers)
     _check_inboxes(inbox_list, settings.staging_key, env)
-    return replace(settings, inboxes=tuple(inbox_list), config_file=config_path)
+    settings = replace(settings, inboxes=tuple(inbox_list), config_file=config_path)
+    problems.found += _missing(settings, require, frozenset(problems.failed))
+    problems.raise_any()
+    return settings
 
 
-def _refuse_shared_keys(layer: Layer, allowed: frozenset[str]) -> None:
+def _file_layers(
+    path: Path, data: dict[str, object], problems: Problems
+) -> tuple[Layer, list[tuple[str, Layer]]]:
+    """The file's top level, and each ``[[inboxes]]`` table with how errors name it."""
+    where, base_dir = path.name, path.resolve().parent
+    inboxes = data.pop("inboxes", [])
+    if not isinstance(inboxes, list) or not all(isinstance(t, dict) for t in inboxes):
+        problems.add(f"{where}: inboxes", "must be a list of tables ([[inboxes]])")
+        inboxes = []
+    top = _file_layer(data, where, base_dir, problems)
+    for var, (_, label) in top.items():
+        name = var.removeprefix(PREFIX)
+        if not is_setting(name, in_file=True):
+            guess = nearest(name, valid_names(in_file=True))
+            problems.add(
+                label,
+                "is not a mailingest setting"
+                + (f"; did you mean {guess.lower()}?" if guess else ""),
+            )
+    tables: list[tuple[str, Layer]] = []
+    for number, table in enumerate(inboxes, 1):
+        table = dict(table)
+        name = table.pop("name", None)
+        label = f"{where}: inboxes[{name if isinstance(name, str) else number}]"
+        layer = _file_layer(table, label, base_dir, problems)
+        _refuse_shared_keys(layer, problems)
+        if name is not None:
+            layer[PREFIX + "INBOX_NAME"] = (str(name), f"{label}.name")
+        tables.append((label, layer))
+    return top, tables
+
+
+def _refuse_shared_keys(layer: Layer, problems: Problems) -> None:
+    """An inbox table holds per-inbox settings only: a shared one is for every inbox."""
     for var, (_, label) in layer.items():
         name = var.removeprefix(PREFIX)
-        if name not in allowed and name.removesuffix("_FILE") not in allowed:
-            raise ConfigError(
-                label, "is not a per-inbox setting (set it at the top of the file) or unknown"
-            )
-
-
-def _refuse_unknown_keys(top: Layer, readers: list[_Env]) -> None:
-    asked = set().union(*(reader.asked for reader in readers))
-    for var, (_, label) in top.items():
-        if var not in asked:
-            raise ConfigError(label, "is not a mailingest setting")
+        if name in INBOX_KEYS or name.removesuffix("_FILE") in INBOX_KEYS:
+            continue
+        if is_setting(name, in_file=True):
+            problems.add(label, "is not a per-inbox setting (set it at the top of the file)")
+            continue
+        guess = nearest(name, valid_names(per_inbox=True, in_file=True))
+        hint = f"; did you mean {guess.lower()}?" if guess else " (or unknown)"
+        problems.add(label, "is not a per-inbox setting" + hint)
 
 
 def _check_inboxes(inboxes: list[InboxSettings], staging_key: Secret | None, env: _Env) -> None:
@@ -533,18 +596,18 @@ def _check_inboxes(inboxes: list[InboxSettings], staging_key: Secret | None, env
     places: dict[tuple[object, ...], InboxSettings] = {}
     for inbox in inboxes:
         if inbox.name in seen:
-            raise ConfigError(inbox.setting("INBOX_NAME"), f"{inbox.name!r} names two inboxes")
+            env.problems.add(inbox.setting("INBOX_NAME"), f"{inbox.name!r} names two inboxes")
         seen[inbox.name] = inbox
         place = (inbox.host, inbox.port, (inbox.user or "").lower(), inbox.folder)
         if inbox.host and inbox.user and place in places:
-            raise ConfigError(
+            env.problems.add(
                 inbox.setting("IMAP_FOLDER"),
                 f"inboxes {places[place].name!r} and {inbox.name!r} read the same folder",
             )
         places[place] = inbox
-        if inbox.auth == "xoauth2" and staging_key is None:
-            raise ConfigError(
-                env.label("STAGING_KEY"),
+        if inbox.auth == "xoauth2" and staging_key is None and not env.failed("STAGING_KEY"):
+            env.fail(
+                "STAGING_KEY",
                 f"is required for inbox {inbox.name!r} (imap_auth=xoauth2): refreshed OAuth "
                 "tokens are kept in Redis encrypted with it",
             )
@@ -552,10 +615,10 @@ def _check_inboxes(inboxes: list[InboxSettings], staging_key: Secret | None, env
 
 def _inbox(env: _Env, origin: str) -> InboxSettings:
     """One inbox's settings (its own keys, else the shared defaults)."""
-    name = env.text("INBOX_NAME", "default") or "default"
+    name = env.text("INBOX_NAME") or "default"
     if not _INBOX_NAME.match(name):
-        raise ConfigError(env.label("INBOX_NAME"), "must be 1-64 letters, digits, '-' or '_'")
-    security = env.choice("IMAP_SECURITY", "ssl", IMAP_SECURITY)
+        env.fail("INBOX_NAME", "must be 1-64 letters, digits, '-' or '_'")
+    security = env.choice("IMAP_SECURITY")
     default_port = {"ssl": 993, "starttls": 143, "plain": 143}[security]
     senders_path = env.path("SENDERS_FILE")
     if senders_path is not None:
@@ -566,33 +629,35 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
         try:
             parse_directory(senders_path.read_text(encoding="utf-8-sig"), str(senders_path))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ConfigError(env.label("SENDERS_FILE"), str(exc)) from None
+            env.fail("SENDERS_FILE", str(exc))
     sender_auth, sender_auth_on = _sender_auth(env)
     inbox = InboxSettings(
         name=name,
         host=env.text("IMAP_HOST"),
-        port=env.integer("IMAP_PORT", default_port, minimum=1, maximum=65535),
+        port=env.integer("IMAP_PORT", default_port),
         user=env.text("IMAP_USER"),
         password=env.secret("IMAP_PASSWORD"),
         security=security,
-        folder=env.folder("IMAP_FOLDER", "INBOX"),
-        processed_folder=env.folder("PROCESSED_FOLDER", "Processed"),
-        quarantine_folder=env.folder("QUARANTINE_FOLDER", "Quarantine"),
+        folder=env.folder("IMAP_FOLDER"),
+        processed_folder=env.folder("PROCESSED_FOLDER"),
+        quarantine_folder=env.folder("QUARANTINE_FOLDER"),
         agent_email=env.email("AGENT_EMAIL"),
-        note=env.text("NOTE", DEFAULT_NOTE) or DEFAULT_NOTE,
-        poll_interval=env.number("POLL_INTERVAL", 60.0, minimum=1, maximum=86400),
+        note=env.text("NOTE") or DEFAULT_NOTE,
+        poll_interval=env.number("POLL_INTERVAL"),
         ca_file=env.path("IMAP_CA_FILE"),
-        auth=env.choice("IMAP_AUTH", "password", IMAP_AUTH),
+        auth=env.choice("IMAP_AUTH"),
         oauth=_oauth(env),
         senders_file=senders_path,
-        crm_url=env.url("CRM_URL", ("https", "http")),
+        crm_url=env.url("CRM_URL"),
         sender_auth=sender_auth,
         sender_auth_on=sender_auth_on,
         origin=origin,
     )
-    if len({inbox.folder, inbox.processed_folder, inbox.quarantine_folder}) != 3:
-        raise ConfigError(
-            env.label("PROCESSED_FOLDER"),
+    folders = ("IMAP_FOLDER", "PROCESSED_FOLDER", "QUARANTINE_FOLDER")
+    distinct = {inbox.folder, inbox.processed_folder, inbox.quarantine_folder}
+    if len(distinct) != 3 and not env.failed(*folders):
+        env.fail(
+            "PROCESSED_FOLDER",
             "the inbox, processed and quarantine folders must be three different folders",
         )
     return inbox
@@ -600,9 +665,9 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
 
 def _oauth(env: _Env) -> OAuthSettings | None:
     """The refresh-token grant of an ``imap_auth = xoauth2`` inbox (every key is read)."""
-    auth = env.choice("IMAP_AUTH", "password", IMAP_AUTH)
-    provider = env.choice("OAUTH_PROVIDER", "custom", ("custom", *OAUTH_PROVIDERS))
-    tenant = env.text("OAUTH_TENANT", "common") or "common"
+    auth = env.choice("IMAP_AUTH")
+    provider = env.choice("OAUTH_PROVIDER")
+    tenant = env.text("OAUTH_TENANT") or str(default("OAUTH_TENANT"))
     token_url = env.text("OAUTH_TOKEN_URL")
     client_id = env.text("OAUTH_CLIENT_ID")
     client_secret = env.secret("OAUTH_CLIENT_SECRET")
@@ -611,69 +676,67 @@ def _oauth(env: _Env) -> OAuthSettings | None:
     ca_file = env.path("OAUTH_CA_FILE")
     if auth != "xoauth2":
         return None
+    ok = True
     if not re.fullmatch(r"[A-Za-z0-9.-]{1,100}", tenant):
-        raise ConfigError(env.label("OAUTH_TENANT"), "must be a tenant id or domain name")
+        env.fail("OAUTH_TENANT", "must be a tenant id or domain name")
+        ok = False
     if provider != "custom":
         default_url, default_scope = OAUTH_PROVIDERS[provider]
         token_url = token_url or default_url.format(tenant=tenant)
         scope = scope or default_scope
+    problem = None
     if not token_url:
-        raise ConfigError(
-            env.label("OAUTH_TOKEN_URL"),
-            "is required for imap_auth=xoauth2 (or set oauth_provider = google or microsoft)",
-        )
-    _check_url(env.label("OAUTH_TOKEN_URL"), token_url, ("https", "http"))
-    host = urlsplit(token_url).hostname or ""
-    if urlsplit(token_url).scheme == "http" and not is_loopback(host):
-        raise ConfigError(
-            env.label("OAUTH_TOKEN_URL"),
-            "must use https (plain http is allowed only to a loopback address)",
-        )
+        problem = "is required for imap_auth=xoauth2 (or set oauth_provider = google or microsoft)"
+    elif _url_problem(token_url, BY_NAME["OAUTH_TOKEN_URL"].schemes):
+        problem = _url_problem(token_url, BY_NAME["OAUTH_TOKEN_URL"].schemes)
+    elif urlsplit(token_url).scheme == "http" and not is_loopback(
+        urlsplit(token_url).hostname or ""
+    ):
+        problem = "must use https (plain http is allowed only to a loopback address)"
+    if problem:
+        env.fail("OAUTH_TOKEN_URL", problem)
     for name, value in (("OAUTH_CLIENT_ID", client_id), ("OAUTH_REFRESH_TOKEN", refresh_token)):
-        if not value:
-            raise ConfigError(env.label(name), "is required for imap_auth=xoauth2")
-    assert client_id is not None and refresh_token is not None
+        if not value and not env.failed(name):
+            env.fail(name, "is required for imap_auth=xoauth2")
+    if not (ok and token_url and client_id and refresh_token) or problem:
+        return None
     return OAuthSettings(token_url, client_id, client_secret, refresh_token, scope, ca_file)
 
 
 def _shared(env: _Env) -> Settings:
     """The settings every inbox shares (``inboxes`` is filled in by the caller)."""
-    alloy_url = env.url("ALLOY_URL", ("https", "http"), DEFAULT_ALLOY_URL) or DEFAULT_ALLOY_URL
+    alloy_url = env.url("ALLOY_URL") or DEFAULT_ALLOY_URL
     parts = urlsplit(alloy_url)
     if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
-        raise ConfigError(
-            env.label("ALLOY_URL"),
-            "must use https (plain http is allowed only to a loopback address)",
-        )
-    redis_url = env.url("REDIS_URL", ("redis", "rediss", "unix"))
-    broker_url = env.url("BROKER_URL", ("redis", "rediss", "unix")) or redis_url
+        env.fail("ALLOY_URL", "must use https (plain http is allowed only to a loopback address)")
+    redis_url = env.url("REDIS_URL")
+    broker_url = env.url("BROKER_URL") or redis_url
 
     staging_key = env.secret("STAGING_KEY")
     if staging_key is not None:
-        from mailingest.adapters.encryption import Sealer, SealingError
-
         try:
             Sealer(staging_key)
         except SealingError as exc:
-            raise ConfigError(env.label("STAGING_KEY"), str(exc)) from None
+            env.fail("STAGING_KEY", str(exc))
     # requests per second to Alloy, shared by every worker; 0 turns the limit off
-    alloy_rate = env.number("ALLOY_RATE", 25.0, minimum=0, maximum=100_000)
-    task_time_limit = env.integer("TASK_TIME_LIMIT", 300, minimum=10, maximum=3600)
-    retry_cap = env.number("RETRY_CAP", 300.0, minimum=0.01, maximum=6 * 3600)
+    alloy_rate = env.number("ALLOY_RATE")
+    task_time_limit = env.integer("TASK_TIME_LIMIT")
+    retry_cap = env.number("RETRY_CAP")
     # Redis hands an unacknowledged task to another worker after the visibility timeout:
     # it must outlast the longest task plus the longest retry countdown it may wait out,
     # or tasks run twice while the first run is still going.
     floor = int(task_time_limit + retry_cap + 30)
-    visibility_timeout = env.integer(
-        "VISIBILITY_TIMEOUT", max(3600, floor), minimum=1, maximum=7 * 86400
-    )
-    if visibility_timeout < floor:
-        raise ConfigError(
-            env.label("VISIBILITY_TIMEOUT"),
+    visibility_timeout = env.integer("VISIBILITY_TIMEOUT", max(3600, floor))
+    if visibility_timeout < floor and not env.failed(
+        "TASK_TIME_LIMIT", "RETRY_CAP", "VISIBILITY_TIMEOUT"
+    ):
+        env.fail(
+            "VISIBILITY_TIMEOUT",
             f"must be at least {floor} s (task time limit {task_time_limit} s + retry cap "
             f"{retry_cap:g} s + 30 s), got {visibility_timeout}",
         )
-    metrics_port = env.integer("METRICS_PORT", 0, minimum=0, maximum=65535)
+    stale_floor = None if env.failed("TASK_TIME_LIMIT") else task_time_limit
+    metrics_port = env.integer("METRICS_PORT")
     return Settings(
         inboxes=(),
         alloy_url=alloy_url.rstrip("/"),
@@ -681,38 +744,31 @@ def _shared(env: _Env) -> Settings:
         alloy_secret=env.secret("ALLOY_SECRET"),
         alloy_ca_file=env.path("ALLOY_CA_FILE"),
         alloy_rate=alloy_rate,
-        alloy_burst=env.integer(
-            "ALLOY_BURST", max(1, int(alloy_rate * 2)), minimum=1, maximum=100_000
-        ),
-        alloy_connect_timeout=env.number("ALLOY_CONNECT_TIMEOUT", 5.0, minimum=0.1, maximum=120),
-        alloy_read_timeout=env.number("ALLOY_READ_TIMEOUT", 30.0, minimum=0.1, maximum=600),
-        alloy_commit_horizon=env.number("ALLOY_COMMIT_HORIZON", 60.0, minimum=0, maximum=3600),
+        alloy_burst=env.integer("ALLOY_BURST", max(1, int(alloy_rate * 2))),
+        alloy_connect_timeout=env.number("ALLOY_CONNECT_TIMEOUT"),
+        alloy_read_timeout=env.number("ALLOY_READ_TIMEOUT"),
+        alloy_commit_horizon=env.number("ALLOY_COMMIT_HORIZON"),
         redis_url=redis_url,
         broker_url=broker_url,
-        imap_timeout=env.number("IMAP_TIMEOUT", 30.0, minimum=1, maximum=600),
-        fetch_batch=env.integer("FETCH_BATCH", 50, minimum=1, maximum=500),
-        fetch_bytes=env.integer(
-            "FETCH_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024, maximum=2**31
-        ),
-        poll_limit=env.integer("POLL_LIMIT", 500, minimum=1, maximum=100_000),
+        imap_timeout=env.number("IMAP_TIMEOUT"),
+        fetch_batch=env.integer("FETCH_BATCH"),
+        fetch_bytes=env.integer("FETCH_BYTES"),
+        poll_limit=env.integer("POLL_LIMIT"),
         task_time_limit=task_time_limit,
         visibility_timeout=visibility_timeout,
-        stale_after=env.integer(
-            "STALE_AFTER", 2 * task_time_limit, minimum=task_time_limit, maximum=7 * 86400
-        ),
-        finish_grace=env.integer("FINISH_GRACE", 60, minimum=0, maximum=86400),
-        failed_retry_after=env.integer("FAILED_RETRY_AFTER", 3600, minimum=1, maximum=7 * 86400),
-        failed_auto_retries=env.integer("FAILED_AUTO_RETRIES", 3, minimum=0, maximum=100),
+        stale_after=env.integer("STALE_AFTER", 2 * task_time_limit, minimum=stale_floor),
+        finish_grace=env.integer("FINISH_GRACE"),
+        failed_retry_after=env.integer("FAILED_RETRY_AFTER"),
+        failed_auto_retries=env.integer("FAILED_AUTO_RETRIES"),
         limits=_limits(env),
-        staging_ttl=env.integer("STAGING_TTL", 7 * 86400, minimum=60, maximum=90 * 86400),
+        staging_ttl=env.integer("STAGING_TTL"),
         staging_key=staging_key,
-        max_attempts=env.integer("MAX_ATTEMPTS", 8, minimum=1, maximum=100),
-        retry_base=env.number("RETRY_BASE", 2.0, minimum=0.01, maximum=3600),
+        max_attempts=env.integer("MAX_ATTEMPTS"),
+        retry_base=env.number("RETRY_BASE"),
         retry_cap=retry_cap,
-        log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
-        log_format=env.choice("LOG_FORMAT", "text", ("text", "json")),
-        # under the 29 minutes servers allow an IDLE (RFC 2177), and under most NAT timeouts
-        idle_renew=env.number("IDLE_RENEW", 300.0, minimum=1, maximum=1740),
+        log_level=env.choice("LOG_LEVEL"),
+        log_format=env.choice("LOG_FORMAT"),
+        idle_renew=env.number("IDLE_RENEW"),
         metrics_port=metrics_port or None,
     )
 
@@ -724,44 +780,43 @@ def _list(value: str | None) -> tuple[str, ...]:
 def _limits(env: _Env) -> Limits:
     from mailingest.core.sniff import KNOWN_KINDS
 
-    default = Limits()
-    kinds = _list(env.text("ALLOWED_TYPES")) or tuple(sorted(default.allowed_kinds))
+    kinds = env.list("ALLOWED_TYPES")
     unknown = [k for k in kinds if k not in KNOWN_KINDS]
     if unknown:
-        raise ConfigError(
-            env.label("ALLOWED_TYPES"),
+        env.fail(
+            "ALLOWED_TYPES",
             f"names unknown type(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_KINDS))}",
         )
-    mib = 1024 * 1024
+        kinds = _list(str(default("ALLOWED_TYPES")))
     return Limits(
-        max_message_bytes=env.integer("MAX_MESSAGE_BYTES", 40 * mib, minimum=1024, maximum=2**31),
-        max_parts=env.integer("MAX_PARTS", 100, minimum=1, maximum=100_000),
-        max_depth=env.integer("MAX_DEPTH", 10, minimum=1, maximum=1000),
-        max_attachment_bytes=env.integer(
-            "MAX_ATTACHMENT_BYTES", 25 * mib, minimum=1024, maximum=2**31
-        ),
-        max_documents=env.integer("MAX_DOCUMENTS", 20, minimum=1, maximum=10_000),
-        allowed_kinds=frozenset(kinds),
-        inline_image_floor=env.integer("INLINE_IMAGE_FLOOR", 4096, minimum=0, maximum=10 * mib),
+        max_message_bytes=env.integer("MAX_MESSAGE_BYTES"),
+        max_parts=env.integer("MAX_PARTS"),
+        max_depth=env.integer("MAX_DEPTH"),
+        max_attachment_bytes=env.integer("MAX_ATTACHMENT_BYTES"),
+        max_documents=env.integer("MAX_DOCUMENTS"),
+        allowed_kinds=frozenset(kinds or _list(str(default("ALLOWED_TYPES")))),
+        inline_image_floor=env.integer("INLINE_IMAGE_FLOOR"),
     )
 
 
 def _sender_auth(env: _Env) -> tuple[AuthPolicy | None, bool]:
     """The inbox's sender authentication: (policy or None, whether it is on)."""
-    mode = _list(env.text("SENDER_AUTH", "dmarc"))
-    ids = _list(env.text("TRUSTED_AUTHSERV_ID"))
-    domains = _list(env.text("SENDER_DOMAINS"))
+    mode = env.list("SENDER_AUTH")
+    ids = env.list("TRUSTED_AUTHSERV_ID")
+    domains = env.list("SENDER_DOMAINS")
     if mode == ("off",):
         return None, False
     bad = [m for m in mode if m not in ("dmarc", "dkim", "spf")]
     if bad or not mode:
-        raise ConfigError(
-            env.label("SENDER_AUTH"),
+        env.fail(
+            "SENDER_AUTH",
             f"must be 'off' or a list of dmarc, dkim, spf; got {env.text('SENDER_AUTH')!r}",
         )
+        return None, False  # reported: not also "authserv-id required"
     if not ids:
         return None, True  # required by the commands that read mail (Settings.require)
     try:
         return AuthPolicy(trusted_authserv_ids=ids, accept=mode, allowed_domains=domains), True
     except ValueError as exc:
-        raise ConfigError(env.label("SENDER_DOMAINS"), str(exc)) from None
+        env.fail("SENDER_DOMAINS", str(exc))
+        return None, False

@@ -1,7 +1,7 @@
 """Every failure mailingest names, and what an operator needs to act on it.
 
     MailingestError
-    ├── ConfigError              a setting is missing or malformed (stops start-up)
+    ├── ConfigError              settings are missing or malformed, all listed (stops start-up)
     ├── AlloyError               Alloy answered an error, or could not be reached
     │   ├── AlloyRejected        4xx other than 401/429: final, the mail is quarantined
     │   └── AlloyUnavailable     401, 429, 5xx, timeout, connection error: retried
@@ -22,6 +22,7 @@ another try is decided in one place, by the pipeline, not by attributes here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 
@@ -30,12 +31,23 @@ class MailingestError(Exception):
 
 
 class ConfigError(MailingestError):
-    """A setting is missing or malformed; ``str()`` is the one line to print."""
+    """Settings are missing or malformed: ``problems`` holds each as (setting, what is
+    wrong), all found at once so that one run shows everything to fix. ``str()`` is one
+    line per problem, each naming its setting (``variable``/``problem``: the first)."""
 
-    def __init__(self, variable: str, problem: str) -> None:
+    def __init__(self, variable: str, problem: str, *more: tuple[str, str]) -> None:
+        self.problems: tuple[tuple[str, str], ...] = ((variable, problem), *more)
         self.variable = variable
         self.problem = problem
-        super().__init__(f"{variable} {problem}")
+        super().__init__("\n".join(self.lines()))
+
+    @classmethod
+    def of(cls, problems: Sequence[tuple[str, str]]) -> ConfigError:
+        (variable, problem), *more = problems
+        return cls(variable, problem, *more)
+
+    def lines(self) -> list[str]:
+        return [f"{variable} {problem}" for variable, problem in self.problems]
 
 
 class AlloyError(MailingestError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from mailingest.config.table import default_float, default_int
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -16,9 +18,10 @@ class RetryPolicy:
     up to ``cap``.
     """
 
-    max_attempts: int = 8
-    base: float = 2.0
-    cap: float = 300.0
+    # the settings' defaults (MAILINGEST_MAX_ATTEMPTS, _RETRY_BASE, _RETRY_CAP)
+    max_attempts: int = default_int("MAX_ATTEMPTS")
+    base: float = default_float("RETRY_BASE")
+    cap: float = default_float("RETRY_CAP")
 
     def delay(
         self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None

@@ -23,27 +23,26 @@ import email.policy
 from dataclasses import dataclass, field, replace
 from email.message import Message
 
+from mailingest.config.table import default, default_int
 from mailingest.core.base64_bodies import hollow, unfold
 from mailingest.core.documents import DocumentSpec, describe_attachments
 from mailingest.core.mail import ParsedMail, parse_mail
 from mailingest.core.sender_auth import AuthPolicy, evaluate
-from mailingest.core.sniff import ALLOWED_KINDS, sniff
-
-MiB = 1024 * 1024
+from mailingest.core.sniff import sniff
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_message_bytes: int = 40 * MiB
-    max_parts: int = 100
-    max_depth: int = 10
-    max_attachment_bytes: int = 25 * MiB
-    max_documents: int = 20
-    # what sniff allows, less RTF: it carries embedded objects, and customers
-    # do not send identity documents as RTF
-    allowed_kinds: frozenset[str] = ALLOWED_KINDS - {"rtf"}
-    inline_image_floor: int = 4096
-    max_header_bytes: int = 256 * 1024
+    """What one mail may be; the defaults are the settings' (:mod:`mailingest.config.table`)."""
+
+    max_message_bytes: int = default_int("MAX_MESSAGE_BYTES")
+    max_parts: int = default_int("MAX_PARTS")
+    max_depth: int = default_int("MAX_DEPTH")
+    max_attachment_bytes: int = default_int("MAX_ATTACHMENT_BYTES")
+    max_documents: int = default_int("MAX_DOCUMENTS")
+    allowed_kinds: frozenset[str] = frozenset(str(default("ALLOWED_TYPES")).split(","))
+    inline_image_floor: int = default_int("INLINE_IMAGE_FLOOR")
+    max_header_bytes: int = 256 * 1024  # not a setting
 
 
 @dataclass(frozen=True)
