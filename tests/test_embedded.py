@@ -299,7 +299,7 @@ def test_pymap_runs_in_process(tmp_path: Path) -> None:
 
 @pytest.mark.servers
 def test_without_dovecot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(embedded, "_dovecot_binary", lambda: None)
+    monkeypatch.setattr(embedded.dovecot, "_dovecot_binary", lambda: None)
     with pytest.raises(ServerNotAvailable, match="install dovecot-imapd"):
         start_imap_server(tmp_path, "dovecot")
     server = start_imap_server(tmp_path, "auto")

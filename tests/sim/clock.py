@@ -92,7 +92,7 @@ class Installed:
 def install(clock: SimClock) -> Installed:
     """Point every loaded ``mailingest`` module's ``time`` at the shim and the sandbox's
     document timestamps at the shared clock."""
-    import mailingest_testbed.alloy_sandbox as sandbox
+    import mailingest_testbed.alloy_sandbox.model as sandbox
 
     done = Installed()
     shim = TimeShim(clock)
