@@ -826,7 +826,7 @@ def _seed_ledger(
 ) -> None:
     """The ledger of an inbox whose every mail was processed: ``done``, filed, documents
     uploaded, the watermark at the last UID, written in the ledger's own format."""
-    from mailingest.adapters.ledger import MailRef
+    from mailingest.core.records import MailRef
 
     now = L.now_ms() - 86_400_000
     pipe = client.pipeline(transaction=False)

@@ -34,6 +34,7 @@ from mailingest_testbed.servers import CeleryProcess, DovecotServer, RedisServer
 
 from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
+from mailingest.core.states import MAIL_STATES
 
 from .workload import DocSpec, MailSpec, expected_index
 
@@ -300,11 +301,11 @@ def poll_now(broker_url: str, inbox: str = INBOX) -> None:
 
 def ledger_counts(client: redis.Redis) -> dict[str, int]:
     pipe = client.pipeline(transaction=False)
-    for state in L.MAIL_STATES:
+    for state in MAIL_STATES:
         pipe.scard(keys.state(state))
     pipe.scard(keys.UNFILED)
     values = [int(v) for v in pipe.execute()]
-    return dict(zip([*L.MAIL_STATES, "unfiled"], values, strict=True))
+    return dict(zip([*MAIL_STATES, "unfiled"], values, strict=True))
 
 
 def wait_filed(

@@ -282,7 +282,8 @@ class Ledger:
     # -- polling -------------------------------------------------------------
     def poll_lock(self, inbox: str, *, timeout: float) -> redis.lock.Lock:
         """Single flight for one inbox's poll; expires by itself if its holder dies."""
-        return self.redis.lock(keys.poll_lock(inbox), timeout=timeout)
+        lock: redis.lock.Lock = self.redis.lock(keys.poll_lock(inbox), timeout=timeout)
+        return lock
 
     def ask_repoll(self, inbox: str, *, ttl: float) -> None:
         """A poll was asked for while another ran: the running one polls once more."""
@@ -323,7 +324,8 @@ class Ledger:
 
     def step_lock(self, name: str, *, timeout: float) -> redis.lock.Lock:
         """Single flight of one step of one mail (``ingest:<id>``, ``describe:<id>:<n>``)."""
-        return self.redis.lock(keys.step_lock(name), timeout=timeout)
+        lock: redis.lock.Lock = self.redis.lock(keys.step_lock(name), timeout=timeout)
+        return lock
 
     def record_poll(self, inbox: str, *, found: int, error: str = "") -> None:
         fields: dict[Any, Any] = {"at": self.now(), "found": found, "error": error}

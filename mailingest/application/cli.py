@@ -27,7 +27,8 @@ import logging
 import os
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,10 +152,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         _testbed("sandbox", "alloy_sandbox")
     run_from_args = _testbed("sandbox", "alloy_sandbox").run_from_args
 
-    return run_from_args(args)
+    status: int = run_from_args(args)
+    return status
 
 
-def _redis():  # type: ignore[no-untyped-def]
+def _redis() -> redis.Redis:
     from mailingest.application.services import Services
 
     return Services(_settings("redis")).redis
@@ -194,8 +196,9 @@ def _senders(args: argparse.Namespace, client: redis.Redis) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mailingest.adapters.ledger import Ledger, MailRecord
+    from mailingest.adapters.ledger import Ledger
     from mailingest.core import decisions
+    from mailingest.core.records import MailRecord
     from mailingest.core.states import IN_FLIGHT, MailState
 
     settings = _settings("redis")
@@ -408,7 +411,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     run_demo = _testbed("demo", "demo").run_demo
-    return run_demo(keep_running=args.keep_running, flower=args.flower, workdir=args.workdir)
+    status: int = run_demo(keep_running=args.keep_running, flower=args.flower, workdir=args.workdir)
+    return status
 
 
 def _redis_failure(exc: redis.RedisError) -> MailingestError:
@@ -530,12 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    runner: Callable[[], int]
     if argv and argv[0] in ("worker", "beat"):
         args, extra = parser.parse_args(argv[:1]), argv[1:]
-        runner = lambda: cmd_celery(args, extra)  # noqa: E731
+        runner = partial(cmd_celery, args, extra)
     else:
         args = parser.parse_args(argv)
-        commands = {
+        commands: dict[str, Callable[[argparse.Namespace], int]] = {
             "poll-once": cmd_poll_once,
             "poll-now": cmd_poll_now,
             "sandbox": cmd_sandbox,
@@ -547,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": cmd_seed,
             "watch": cmd_watch,
         }
-        runner = lambda: commands[args.command](args)  # noqa: E731
+        runner = partial(commands[args.command], args)
     try:
         return runner()
     except ConfigError as exc:

@@ -245,8 +245,8 @@ def serve(port: int, collector: BacklogCollector, host: str = "0.0.0.0") -> Any:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    registry.register(collector)  # type: ignore[arg-type]
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(collector)
     start_http_server(port, addr=host, registry=registry)
     log.info("metrics served on %s:%d/metrics", host, port)
     return registry

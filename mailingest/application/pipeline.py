@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import redis
 
 from mailingest.adapters import ledger as L
-from mailingest.adapters.ledger import MailRef, PlannedDocument
+from mailingest.adapters.ledger import PlannedDocument
 from mailingest.application import logs, metrics
 from mailingest.application.services import Context
 from mailingest.config.settings import SEND_GUARD, InboxSettings
@@ -55,6 +55,7 @@ from mailingest.core.errors import (
     ResolverError,
 )
 from mailingest.core.mail import document_payload, message_key
+from mailingest.core.records import DocumentRecord, MailRecord, MailRef, Slot
 from mailingest.core.screening import Screened, screen, size_refusal
 from mailingest.core.states import IN_FLIGHT, DocumentState, MailState
 
@@ -233,7 +234,7 @@ def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
     return steps
 
 
-def _swept(ctx: Context, record: L.MailRecord, action: decisions.SweepAction) -> list[Step]:
+def _swept(ctx: Context, record: MailRecord, action: decisions.SweepAction) -> list[Step]:
     mail_id = record.id
     if action.action == Sweep.FAIL:
         # a poison mail (it kills or hangs whatever runs it): stop, and say so
@@ -276,7 +277,7 @@ def ingest(ctx: Context, mail_id: str) -> list[Step]:
         return _ingest_locked(ctx, record)
 
 
-def _ingest_locked(ctx: Context, record: L.MailRecord) -> list[Step]:
+def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
     mail_id = record.id
     raw = ctx.ledger.raw(mail_id) or _refetch(ctx, record)
     if raw is None:
@@ -343,7 +344,7 @@ def _planned(screened: Screened) -> list[PlannedDocument]:
     ]
 
 
-def _refetch(ctx: Context, record: L.MailRecord) -> bytes | None:
+def _refetch(ctx: Context, record: MailRecord) -> bytes | None:
     """The mail's bytes from the server, when the staged copy expired; None if it is gone."""
     with ctx.imap(record.ref.inbox) as box:
         if box.select(record.ref.folder) != record.ref.uidvalidity:
@@ -396,7 +397,7 @@ def describe(ctx: Context, mail_id: str, index: int) -> list[Step]:
         return _describe_locked(ctx, record, doc)
 
 
-def _describe_locked(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) -> list[Step]:
+def _describe_locked(ctx: Context, record: MailRecord, doc: DocumentRecord) -> list[Step]:
     mail_id, index = record.id, doc.index
     slot = ctx.ledger.slot(record.entity, doc.fingerprint)  # as it is now, under the lock
     if slot.token:
@@ -473,7 +474,7 @@ def _in_doubt(index: int, left_ms: int) -> str:
     )
 
 
-def _wait_for_others(ctx: Context, doubt: str, slot: L.Slot, index: int) -> None:
+def _wait_for_others(ctx: Context, doubt: str, slot: Slot, index: int) -> None:
     """Raise InDoubt while another document of this name, extension and type for this
     entity has a describe that may still become an Alloy document: a description of that
     name adopted, or a new one made, before it settles could leave it without a slot."""
@@ -488,9 +489,9 @@ def _wait_for_others(ctx: Context, doubt: str, slot: L.Slot, index: int) -> None
 
 def _adopt(
     ctx: Context,
-    record: L.MailRecord,
-    doc: L.DocumentRecord,
-    slot: L.Slot,
+    record: MailRecord,
+    doc: DocumentRecord,
+    slot: Slot,
     inbox: InboxSettings,
     doubt: str,
 ) -> list[Step] | None:
@@ -570,7 +571,7 @@ def upload(ctx: Context, mail_id: str, index: int) -> list[Step]:
 
 
 def _confirm_uploaded(
-    ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, slot: L.Slot
+    ctx: Context, record: MailRecord, doc: DocumentRecord, slot: Slot
 ) -> list[Step]:
     """A PUT answered 409: count it only if Alloy holds exactly our bytes for the token."""
     held = ctx.alloy.download(record.entity, slot.token)
@@ -584,7 +585,7 @@ def _confirm_uploaded(
     return _uploaded(ctx, record, doc, slot.token)
 
 
-def _planned_bytes(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) -> bytes | None:
+def _planned_bytes(ctx: Context, record: MailRecord, doc: DocumentRecord) -> bytes | None:
     """The document's bytes, exactly as planned (by SHA-256): staged, else re-extracted
     from the mail (never screened again: settings may have changed). None when they
     cannot be had; the mail is then failed (or, if quarantined, the document ``lost``)."""
@@ -614,7 +615,7 @@ def _planned_bytes(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord) ->
     return None
 
 
-def _uploaded(ctx: Context, record: L.MailRecord, doc: L.DocumentRecord, token: str) -> list[Step]:
+def _uploaded(ctx: Context, record: MailRecord, doc: DocumentRecord, token: str) -> list[Step]:
     confirmed = ctx.ledger.mark_uploaded(record.id, doc.index, token)
     if record.state == MailState.QUARANTINED:
         return [Step("finish", record.id)]  # one less thing for the move to wait for
@@ -860,5 +861,7 @@ def run_step(ctx: Context, step: Step) -> list[Step]:
     ref = MailRef.parse(step.mail_id)
     with logs.correlated(inbox=ref.inbox, mail_id=step.mail_id, uid=ref.uid, document=step.index):
         if step.index is None:
-            return fn(ctx, step.mail_id)  # type: ignore[operator]
-        return fn(ctx, step.mail_id, step.index)  # type: ignore[operator]
+            steps: list[Step] = fn(ctx, step.mail_id)  # type: ignore[operator]
+        else:
+            steps = fn(ctx, step.mail_id, step.index)  # type: ignore[operator]
+        return steps

@@ -53,7 +53,7 @@ class Context:
     resolvers: dict[str, SenderResolver]
     policy: RetryPolicy
     services: Services
-    closers: list = field(default_factory=list, repr=False)
+    closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def senders(self, inbox_name: str) -> SenderResolver:
         """Who the senders of this inbox's mail are."""

@@ -28,7 +28,9 @@ from mailingest.adapters.alloy import AlloyClient
 from mailingest.adapters.imap import Mailbox
 from mailingest.adapters.ledger import Ledger
 from mailingest.application.services import connect_redis
-from mailingest.config.settings import DEFAULT_NOTE, Secret, load_settings
+from mailingest.config.secret import Secret
+from mailingest.config.settings import DEFAULT_NOTE, load_settings
+from mailingest.core.states import DECIDED, MAIL_STATES
 from mailingest_testbed.alloy_sandbox import SandboxServer
 from mailingest_testbed.samples import (
     AGENT_EMAIL,
@@ -92,8 +94,8 @@ def deliver(env: Mapping[str, str], scenario: Scenario) -> None:
 def wait_until_decided(ledger: Ledger, expected: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        records = ledger.mails(L.MAIL_STATES)
-        filed = [r for r in records if r.state in L.DECIDED and r.filed_to]
+        records = ledger.mails(MAIL_STATES)
+        filed = [r for r in records if r.state in DECIDED and r.filed_to]
         if len(filed) >= expected:
             return True
         time.sleep(0.3)
