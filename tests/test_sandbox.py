@@ -1091,20 +1091,15 @@ def test_cli_module_runs_and_stops_on_sigterm() -> None:
 
 
 @pytest.mark.servers
-def test_throughput_sanity(sandbox: SandboxServer, capsys: pytest.CaptureFixture[str]) -> None:
-    n = 2000
+def test_many_describes_over_one_keep_alive_connection_are_all_stored(
+    sandbox: SandboxServer,
+) -> None:
+    """(Its speed: ``python -m bench micro``.)"""
+    n = 200
     with hx(sandbox.url) as c:
-        describe(c)  # warm the connection
-        t0 = time.perf_counter()
         for _ in range(n):
-            c.post(docs_path(), json=BODY)
-        elapsed = time.perf_counter() - t0
-    assert sandbox.state.stats()["documents"] == n + 1
-    with capsys.disabled():
-        print(
-            f"\nsandbox: {n} describes over one keep-alive connection: "
-            f"{n / elapsed:.0f} req/s ({elapsed * 1000 / n:.2f} ms/req)"
-        )
+            assert c.post(docs_path(), json=BODY).status_code == 200
+    assert sandbox.state.stats()["documents"] == n
 
 
 @pytest.mark.servers
