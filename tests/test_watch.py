@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from .helpers import (
     inbox_settings,
     outcome_problems,
     wait_decided,
+    wait_until,
 )
 from .proxy import Proxy
 
@@ -71,14 +71,6 @@ def watch(inbox: InboxSettings, recorder: Recorder, *, renew: float = 60.0, time
 
 def message(n: int) -> bytes:
     return f"From: a@example.com\r\nSubject: {n}\r\nMessage-ID: <{n}@t>\r\n\r\nhello\r\n".encode()
-
-
-def wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 def test_new_mail_is_noticed_while_idling(imap: ImapServer) -> None:
