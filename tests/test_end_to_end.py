@@ -30,6 +30,7 @@ from .helpers import (
 pytestmark = pytest.mark.servers
 
 
+@pytest.mark.slow
 def test_worker_and_beat_ingest_every_document(
     env: dict[str, str],
     imap: ImapServer,
@@ -95,6 +96,7 @@ def uploading(env: dict[str, str]) -> bool:
     return any(t["name"] == "mailingest.upload_document" for ts in active.values() for t in ts)
 
 
+@pytest.mark.slow
 def test_sigterm_lets_the_upload_in_flight_finish(
     env: dict[str, str],
     imap: ImapServer,

@@ -282,6 +282,7 @@ def test_2b_a_vanished_mail_is_not_recorded_as_filed_because_another_shares_its_
 # -- 3. a POST that Alloy commits late ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_3_a_describe_alloy_commits_late_is_waited_for_not_sent_again(
     ctx: Context, env: dict[str, str], imap: ImapServer, sandbox: SandboxServer
 ) -> None:

@@ -61,6 +61,7 @@ class Monitor:
                     return
 
 
+@pytest.mark.slow
 def test_no_secret_or_document_bytes_in_redis_or_logs(tmp_path: Path) -> None:
     try:
         imap = start_imap_server(

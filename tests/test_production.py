@@ -64,6 +64,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
     )
 
 
+@pytest.mark.slow
 def test_two_inboxes_from_one_file_end_to_end_with_metrics(
     redis_url: str, imap: ImapServer, tmp_path: Path
 ) -> None:
@@ -224,6 +225,7 @@ processed_folder = "Filed"
         us_imap.stop()
 
 
+@pytest.mark.slow
 def test_flower_shows_every_task_with_readable_harmless_arguments_and_serves_metrics(
     env: dict[str, str],
     imap: ImapServer,

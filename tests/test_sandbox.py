@@ -645,6 +645,7 @@ def http_date(r: httpx.Response) -> float:
     return parsedate_to_datetime(r.headers["date"]).timestamp()
 
 
+@pytest.mark.slow
 @pytest.mark.servers
 def test_late_commit_times_out_client_then_applies() -> None:
     faults = Faults(late_commit_fraction=1.0, late_commit_ms=700)
@@ -675,6 +676,7 @@ def test_late_commit_times_out_client_then_applies() -> None:
     assert stats["statuses"].get("200", 0) == stats["requests_total"]
 
 
+@pytest.mark.slow
 @pytest.mark.servers
 def test_late_commit_put_stores_bytes_after_delay() -> None:
     with SandboxServer() as sb, hx(sb.url) as c:

@@ -89,6 +89,7 @@ def test_new_mail_is_noticed_while_idling(imap: ImapServer) -> None:
     assert not thread.is_alive()  # stop is seen within about a second
 
 
+@pytest.mark.slow
 def test_a_kicked_session_reconnects_and_catches_up(imap: ImapServer) -> None:
     if imap.kind != "dovecot":
         require_or_skip("doveadm kick needs Dovecot")
@@ -107,6 +108,7 @@ def test_a_kicked_session_reconnects_and_catches_up(imap: ImapServer) -> None:
         thread.join(10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["cut", "close"])
 def test_a_silently_dropped_connection_is_detected_and_replaced(imap: ImapServer, how: str) -> None:
     """``cut``: the network swallows everything (found at the next renewal, when DONE gets
@@ -166,6 +168,7 @@ def test_a_poll_asked_for_during_a_poll_makes_it_poll_again(
         ctx.close()
 
 
+@pytest.mark.slow
 def test_watch_command_gets_mail_ingested_without_beat(
     env: dict[str, str],
     imap: ImapServer,
