@@ -1,9 +1,13 @@
-"""``python -m bench``: see bench/README.md."""
+"""``python -m bench``: see bench/README.md. ``python -m bench micro``: bench/micro.py."""
 
 import contextlib
 import sys
 
-from .run import main
-
 with contextlib.suppress(KeyboardInterrupt):
+    if sys.argv[1:2] == ["micro"]:
+        from .micro import main as micro
+
+        sys.exit(micro(sys.argv[2:]))
+    from .run import main
+
     sys.exit(main())

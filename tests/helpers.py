@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from imapclient import IMAPClient
 from mailingest_testbed.demo import check_outcome
@@ -112,12 +113,29 @@ def dovecot_without(workdir: Path, capability: str) -> DovecotServer:
     ).start()
 
 
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 20.0, what: str = "") -> T:
+    """Poll ``condition`` until it returns something truthy, and return that; fail after
+    ``timeout`` seconds naming ``what``. Tests wait on a condition, never on a sleep: how
+    long a step takes depends on the machine's load."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {timeout}s: {what or condition}")
+        time.sleep(0.02)
+
+
 def wait_decided(ledger: Ledger, count: int, timeout: float = 120) -> list[L.MailRecord]:
     """Wait until ``count`` mails are decided and moved out of the inbox; their records."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def decided() -> list[L.MailRecord]:
         records = ledger.mails(L.MAIL_STATES)
-        if sum(1 for r in records if r.state in L.DECIDED and r.filed_to) >= count:
-            return records
-        time.sleep(0.2)
-    raise AssertionError(f"not decided in {timeout}s: {ledger.counts()}")
+        done = sum(1 for r in records if r.state in L.DECIDED and r.filed_to)
+        return records if done >= count else []
+
+    return wait_until(decided, timeout, f"{count} mails decided ({ledger.counts()})")

@@ -601,6 +601,7 @@ _POLICIES = st.sampled_from(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(headers=st.lists(_HEADER, max_size=5), address=_ADDRESS, policy=_POLICIES)
 def test_evaluate_never_raises(headers: list[str], address: str | None, policy: AuthPolicy) -> None:

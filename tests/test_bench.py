@@ -41,3 +41,17 @@ def test_the_workload_is_deterministic_and_accepted_as_sent() -> None:
         (d.name, d.extension) for d in spec.docs
     )
     assert [len(d.payload) for d in result.documents] == [d.size for d in spec.docs]
+
+
+def test_the_micro_benchmarks_run() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "micro", "--describes", "20", "--sniff-mb", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sandbox, sniffed = proc.stdout.splitlines()
+    assert sandbox.startswith("sandbox: 20 describes") and "req/s" in sandbox
+    assert sniffed.startswith("sniff on 1 MB: random=unknown") and "pdf=pdf" in sniffed

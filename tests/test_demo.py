@@ -15,6 +15,7 @@ from .conftest import require_or_skip
 pytestmark = pytest.mark.servers
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         require_or_skip("redis-server is not installed")

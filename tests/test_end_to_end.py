@@ -23,12 +23,14 @@ from .helpers import (
     outcome_problems,
     seen_flags,
     wait_decided,
+    wait_until,
     write_senders,
 )
 
 pytestmark = pytest.mark.servers
 
 
+@pytest.mark.slow
 def test_worker_and_beat_ingest_every_document(
     env: dict[str, str],
     imap: ImapServer,
@@ -50,9 +52,7 @@ def test_worker_and_beat_ingest_every_document(
         records = wait_decided(ledger, len(scenario.mails))
         stats_after = sandbox.state.stats()
         polled = ledger.poll_status("default")["at"]
-        deadline = time.monotonic() + 30
-        while ledger.poll_status("default")["at"] == polled and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: ledger.poll_status("default")["at"] != polled, 30, "a second poll")
         second = ledger.poll_status("default")
         assert second["at"] != polled and second["found"] == "0" and not second["error"]
         assert sandbox.state.stats()["requests_total"] == stats_after["requests_total"]
@@ -80,6 +80,23 @@ def test_worker_and_beat_ingest_every_document(
         assert env[secret] not in log_text, secret
 
 
+def described(ledger: Ledger, mail_id: str) -> bool:
+    doc = ledger.document(mail_id, 0)
+    return doc is not None and bool(doc.token)
+
+
+def uploading(env: dict[str, str]) -> bool:
+    """Whether a worker is running upload_document now (asked as ops would: Celery's
+    remote control, ``celery inspect active``)."""
+    client = Celery(broker=env["MAILINGEST_REDIS_URL"])
+    try:
+        active = client.control.inspect(timeout=1.0, limit=1).active() or {}
+    finally:
+        client.close()
+    return any(t["name"] == "mailingest.upload_document" for ts in active.values() for t in ts)
+
+
+@pytest.mark.slow
 def test_sigterm_lets_the_upload_in_flight_finish(
     env: dict[str, str],
     imap: ImapServer,
@@ -101,21 +118,13 @@ def test_sigterm_lets_the_upload_in_flight_finish(
         client = Celery(broker=env["MAILINGEST_REDIS_URL"])  # a bare client, as ops would
         client.send_task("mailingest.poll_inbox", args=["default"])
         client.close()
-        mail_id = ""
-        deadline = time.monotonic() + 30
-        while not mail_id and time.monotonic() < deadline:
-            ids = ledger.mail_ids(L.DOCUMENTS_PENDING)
-            mail_id = ids[0] if ids else ""
-            time.sleep(0.05)
+        mail_id = wait_until(
+            lambda: next(iter(ledger.mail_ids(L.DOCUMENTS_PENDING)), ""), 30, "the mail recorded"
+        )
         step = Step("ingest", mail_id)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            doc = ledger.document(step.mail_id, 0)
-            if doc is not None and doc.token:
-                break
-            time.sleep(0.05)
-        assert doc is not None and doc.token, "the describe did not happen"
-        time.sleep(1.0)  # the upload is now waiting on the slow sandbox
+        wait_until(lambda: described(ledger, step.mail_id), 30, "the describe")
+        wait_until(lambda: uploading(env), 30, "the upload running on the worker")
+        # the upload now waits on the slow sandbox (3 s): SIGTERM lands in the middle of it
         assert ledger.document(step.mail_id, 0).state == L.DESCRIBED  # type: ignore[union-attr]
         stopped = time.monotonic()
         worker.stop(timeout=30)  # SIGTERM to the main process, then wait

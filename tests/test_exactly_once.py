@@ -9,7 +9,6 @@ neighbours under every interleaving; these tests pin each one down by name.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -48,7 +47,13 @@ from mailingest.config.settings import load_settings
 from mailingest.core.decisions import stale
 from mailingest.core.errors import AlloyUnavailable, Busy, InDoubt
 
-from .helpers import deliver, dovecot_without_move, folder_counts, inbox_settings
+from .helpers import (
+    deliver,
+    dovecot_without_move,
+    folder_counts,
+    inbox_settings,
+    wait_until,
+)
 
 pytestmark = pytest.mark.servers
 
@@ -277,6 +282,7 @@ def test_2b_a_vanished_mail_is_not_recorded_as_filed_because_another_shares_its_
 # -- 3. a POST that Alloy commits late ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_3_a_describe_alloy_commits_late_is_waited_for_not_sent_again(
     ctx: Context, env: dict[str, str], imap: ImapServer, sandbox: SandboxServer
 ) -> None:
@@ -299,10 +305,11 @@ def test_3_a_describe_alloy_commits_late_is_waited_for_not_sent_again(
         drain(fast, [Step("describe", mail_id, 0)])  # after the window: adopted
     finally:
         fast.close()
-    deadline = time.monotonic() + 15  # the held POST has landed before the invariant
-    while sandbox.state.stats()["faults"].get("late_commit", 0) < 1:
-        assert time.monotonic() < deadline, "the held POST was never applied"
-        time.sleep(0.05)
+    wait_until(  # the held POST has landed before the invariant
+        lambda: sandbox.state.stats()["faults"].get("late_commit", 0) >= 1,
+        15,
+        "the held POST applied",
+    )
     (only,) = documents_at(sandbox)
     assert only["uploaded"]
     assert sandbox.state.stats()["requests"].get("POST /v1/entities/{entity}/documents") == 1

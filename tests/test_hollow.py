@@ -115,6 +115,7 @@ def test_sample_mails_parse_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
         both_ways(mail.raw, monkeypatch)
 
 
+@pytest.mark.slow
 @settings(
     max_examples=120,
     deadline=10000,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import os
 import threading
-import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from mailingest.adapters import ledger as L
 from mailingest.adapters.ledger import Ledger
 
 from .conftest import require_or_skip
-from .helpers import deliver
+from .helpers import deliver, wait_until
 
 pytestmark = pytest.mark.servers
 
@@ -62,6 +61,7 @@ class Monitor:
                     return
 
 
+@pytest.mark.slow
 def test_no_secret_or_document_bytes_in_redis_or_logs(tmp_path: Path) -> None:
     try:
         imap = start_imap_server(
@@ -107,11 +107,7 @@ def test_no_secret_or_document_bytes_in_redis_or_logs(tmp_path: Path) -> None:
         with worker, beat:
             deliver(imap, [msg.as_bytes()])
             ledger = Ledger(redis.Redis.from_url(redis_server.url))
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if any(r.filed_to for r in ledger.mails([L.DONE])):
-                    break
-                time.sleep(0.2)
+            wait_until(lambda: any(r.filed_to for r in ledger.mails([L.DONE])), 60, "filed")
             assert [r.filed_to for r in ledger.mails([L.DONE])] == ["Processed"]
         monitor.stop.set()
         redis.Redis.from_url(redis_server.url).ping()  # wakes the monitor to see the stop

@@ -127,6 +127,7 @@ def test_two_pollers_at_once_upload_each_document_once(
     }
 
 
+@pytest.mark.slow
 def test_slow_answers_past_the_timeout_leave_no_extra_document(
     env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
 ) -> None:
@@ -174,6 +175,7 @@ def test_a_step_for_a_mail_not_in_the_ledger_does_nothing(
     assert sandbox.state.stats()["requests_total"] == 0
 
 
+@pytest.mark.slow
 def test_two_lost_describes_of_same_named_documents_get_their_own_tokens(
     env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
 ) -> None:

@@ -168,6 +168,7 @@ def test_imap_server_restart_between_polls(
     assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 0, "Processed": 3}
 
 
+@pytest.mark.slow
 def test_copy_fallback_does_not_copy_twice_after_a_crash(tmp_path: Path) -> None:
     """A run died after COPY, before STORE/EXPUNGE, having recorded the COPYUID: the next
     move finds that very copy in the destination and only removes the original."""

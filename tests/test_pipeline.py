@@ -98,6 +98,7 @@ def test_alloy_refusal_quarantines_with_what_alloy_said(
         ctx.close()
 
 
+@pytest.mark.slow
 def test_outage_is_retried_then_succeeds(
     env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
 ) -> None:

@@ -13,7 +13,6 @@ import email
 import json
 import os
 import re
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,7 +36,7 @@ from mailingest.application.services import connect_redis
 from mailingest.config.settings import DEFAULT_NOTE
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN, require_or_skip
-from .helpers import deliver, folder_counts, outcome_problems, wait_decided
+from .helpers import deliver, folder_counts, outcome_problems, wait_decided, wait_until
 
 pytestmark = pytest.mark.servers
 
@@ -65,6 +64,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
     )
 
 
+@pytest.mark.slow
 def test_two_inboxes_from_one_file_end_to_end_with_metrics(
     redis_url: str, imap: ImapServer, tmp_path: Path
 ) -> None:
@@ -225,6 +225,7 @@ processed_folder = "Filed"
         us_imap.stop()
 
 
+@pytest.mark.slow
 def test_flower_shows_every_task_with_readable_harmless_arguments_and_serves_metrics(
     env: dict[str, str],
     imap: ImapServer,
@@ -258,12 +259,13 @@ def test_flower_shows_every_task_with_readable_harmless_arguments_and_serves_met
             return exc.code, b""
 
     with flower, worker:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def flower_up() -> bool:
             with contextlib.suppress(OSError):
-                if get("/healthcheck")[0] == 200:
-                    break
-            time.sleep(0.2)
+                return get("/healthcheck")[0] == 200
+            return False
+
+        wait_until(flower_up, 30, "Flower answering /healthcheck")
         client = Celery(broker=env["MAILINGEST_REDIS_URL"])
         client.send_task("mailingest.poll_inbox", args=["default"])
         client.close()
@@ -274,17 +276,14 @@ def test_flower_shows_every_task_with_readable_harmless_arguments_and_serves_met
             "mailingest.upload_document": len(scenario.expected_documents),
             "mailingest.finish_message": 3,
         }
-        tasks: dict[str, dict[str, object]] = {}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def all_seen() -> dict[str, dict[str, object]]:
             status, body = get("/api/tasks", header)
             tasks = json.loads(body) if status == 200 else {}
             names = [str(t["name"]) for t in tasks.values() if t.get("state") == "SUCCESS"]
-            if all(names.count(n) >= c for n, c in expected.items()):
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"Flower saw {sorted(names)}")
+            return tasks if all(names.count(n) >= c for n, c in expected.items()) else {}
+
+        tasks = wait_until(all_seen, 60, f"Flower showing {expected}")
         assert get("/api/tasks")[0] == 401  # basic auth is required
         metrics_status, metrics_body = get("/metrics", header)
     mail_id = r"'default/INBOX/\d+/\d+'"

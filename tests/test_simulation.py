@@ -229,6 +229,7 @@ def world() -> Iterator[World]:
     started.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.servers
 def test_a_seed_replays_the_same_schedule(world: World) -> None:
     """The same seed on the same world, before and after other schedules: the same trace
@@ -242,6 +243,7 @@ def test_a_seed_replays_the_same_schedule(world: World) -> None:
 # -- the budget ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.servers
 @pytest.mark.timeout(3600)
 def test_simulation_budget() -> None:
@@ -278,6 +280,7 @@ def test_reproducing_command_names_the_seed() -> None:
 MUTATION_LIMIT = int(os.environ.get("MAILINGEST_SIM_MUTATION_LIMIT", "1000"))
 
 
+@pytest.mark.slow
 @pytest.mark.servers
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", sorted(MUTATIONS))

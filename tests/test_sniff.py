@@ -14,7 +14,6 @@ import lzma
 import os
 import struct
 import tarfile
-import time
 import zipfile
 from collections.abc import Callable
 
@@ -675,19 +674,17 @@ def test_sniff_never_raises_and_is_consistent(data: bytes, declared: str, filena
         assert result == sniff(data)
 
 
-def test_timing_on_25_mb(capsys: pytest.CaptureFixture[str]) -> None:
-    """Bounded work: printed, not asserted (machines differ)."""
+def test_25_mb_inputs_are_told_apart_by_their_head() -> None:
+    """Large inputs get the kind their first bytes give (the time it takes, bounded by the
+    head it reads: ``python -m bench micro``)."""
     random_buffer = os.urandom(25 * 1024 * 1024)
-    report = []
-    for label, data in (
-        ("random", random_buffer),
-        ("pdf", b"%PDF-1.7\n" + random_buffer),
-        ("text", b"a" * (25 * 1024 * 1024)),
-        ("ole", make_ole(["WordDocument"]) + random_buffer),
-    ):
-        start = time.perf_counter()
-        result = sniff(data)
-        elapsed = time.perf_counter() - start
-        report.append(f"{label}={result.kind} {elapsed * 1e3:.3f} ms")
-    with capsys.disabled():
-        print(f"\nsniff on 25 MB: {', '.join(report)}")
+    kinds = {
+        label: sniff(data).kind
+        for label, data in (
+            ("random", random_buffer),
+            ("pdf", b"%PDF-1.7\n" + random_buffer),
+            ("text", b"a" * (25 * 1024 * 1024)),
+            ("ole", make_ole(["WordDocument"]) + random_buffer),
+        )
+    }
+    assert kinds == {"random": "unknown", "pdf": "pdf", "text": "txt", "ole": "doc"}

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from .helpers import (
     inbox_settings,
     outcome_problems,
     wait_decided,
+    wait_until,
 )
 from .proxy import Proxy
 
@@ -73,14 +73,6 @@ def message(n: int) -> bytes:
     return f"From: a@example.com\r\nSubject: {n}\r\nMessage-ID: <{n}@t>\r\n\r\nhello\r\n".encode()
 
 
-def wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
-
-
 def test_new_mail_is_noticed_while_idling(imap: ImapServer) -> None:
     recorder = Recorder()
     watcher, stop, thread = watch(inbox_settings(imap.account), recorder)
@@ -97,6 +89,7 @@ def test_new_mail_is_noticed_while_idling(imap: ImapServer) -> None:
     assert not thread.is_alive()  # stop is seen within about a second
 
 
+@pytest.mark.slow
 def test_a_kicked_session_reconnects_and_catches_up(imap: ImapServer) -> None:
     if imap.kind != "dovecot":
         require_or_skip("doveadm kick needs Dovecot")
@@ -115,6 +108,7 @@ def test_a_kicked_session_reconnects_and_catches_up(imap: ImapServer) -> None:
         thread.join(10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["cut", "close"])
 def test_a_silently_dropped_connection_is_detected_and_replaced(imap: ImapServer, how: str) -> None:
     """``cut``: the network swallows everything (found at the next renewal, when DONE gets
@@ -174,6 +168,7 @@ def test_a_poll_asked_for_during_a_poll_makes_it_poll_again(
         ctx.close()
 
 
+@pytest.mark.slow
 def test_watch_command_gets_mail_ingested_without_beat(
     env: dict[str, str],
     imap: ImapServer,

@@ -1,0 +1,1 @@
+"""The deployment files, checked without Docker or Kubernetes (nothing is started)."""
