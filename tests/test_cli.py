@@ -30,6 +30,7 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # seconds: left out of ./dev test --quick
 def test_unknown_sender_added_then_replayed(
     env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
 ) -> None:
@@ -113,6 +114,7 @@ def one_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # seconds: left out of ./dev test --quick
 def test_redis_unreachable_is_one_line_naming_it_and_its_address(env: dict[str, str]) -> None:
     port = free_port()
     dead = env | {"MAILINGEST_REDIS_URL": f"redis://:redis-pw@127.0.0.1:{port}/0"}
@@ -316,6 +318,7 @@ def test_check_config_stops_on_a_bad_file_with_one_line_per_problem(tmp_path: Pa
     assert all(line.startswith("mailingest: configuration error: ") for line in lines)
 
 
+@pytest.mark.slow  # seconds: left out of ./dev test --quick
 def test_seed_delivers_sample_mail_that_a_poll_then_ingests(
     env: dict[str, str], imap: ImapServer, sandbox: SandboxServer
 ) -> None:

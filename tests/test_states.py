@@ -134,6 +134,7 @@ class LedgerTransitions(RuleBasedStateMachine):
             assert (mail in unfiled) == (state in DECIDED and mail not in self.filed)
 
 
+@pytest.mark.slow  # seconds: left out of ./dev test --quick
 def test_ledger_transitions_follow_the_table(redis_client: redis.Redis) -> None:
     LedgerTransitions.client = redis_client
     run_state_machine_as_test(

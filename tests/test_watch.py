@@ -73,6 +73,7 @@ def message(n: int) -> bytes:
     return f"From: a@example.com\r\nSubject: {n}\r\nMessage-ID: <{n}@t>\r\n\r\nhello\r\n".encode()
 
 
+@pytest.mark.slow  # seconds: left out of ./dev test --quick
 def test_new_mail_is_noticed_while_idling(imap: ImapServer) -> None:
     recorder = Recorder()
     watcher, stop, thread = watch(inbox_settings(imap.account), recorder)
