@@ -57,8 +57,8 @@ class PySpy:
         argv = [binary, "record", "--idle", "--format", "raw", "-r", str(self.rate)]
         argv += ["--nonblocking", "-o", str(self.out)]
         if command is not None:
-            return argv + ["--", *command]
-        return argv + ["--subprocesses", "--pid", str(self.pid)]
+            return [*argv, "--", *command]
+        return [*argv, "--subprocesses", "--pid", str(self.pid)]
 
     def start(self) -> PySpy:
         log = open(self.out.with_suffix(".log"), "wb")  # noqa: SIM115 - owned by the child

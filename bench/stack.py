@@ -536,7 +536,7 @@ def verify(
     if folders.get(processed, 0) != len(specs):
         problems.append(f"{folders.get(processed, 0)} mails in {processed}, expected {len(specs)}")
     if len(problems) > 12:
-        problems = problems[:12] + [f"... and {len(problems) - 12} more"]
+        problems = [*problems[:12], f"... and {len(problems) - 12} more"]
     return problems
 
 
@@ -563,7 +563,9 @@ def machine() -> dict[str, Any]:
 
     def version(argv: list[str], pattern: str) -> str:
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout
+            out = subprocess.run(
+                argv, check=False, capture_output=True, text=True, timeout=20
+            ).stdout
         except OSError:
             return "?"
         match = re.search(pattern, out)
@@ -581,7 +583,7 @@ def machine() -> dict[str, Any]:
     def git(*argv: str) -> str:
         try:
             return subprocess.run(
-                ["git", *argv], cwd=repo, capture_output=True, text=True, timeout=20
+                ["git", *argv], check=False, cwd=repo, capture_output=True, text=True, timeout=20
             ).stdout.strip()
         except OSError:
             return "?"

@@ -99,7 +99,7 @@ def senders_csv(seed: int) -> str:
 
 
 def log_uniform(rng: random.Random, low: int = MIN_SIZE, high: int = MAX_SIZE) -> int:
-    return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+    return round(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
 def content(extension: str, size: int, rng: random.Random) -> bytes:

@@ -183,7 +183,7 @@ def test_concurrent_workers_refresh_exactly_once(redis_client: redis.Redis, redi
                 with source(client, oauth) as tokens:
                     barrier.wait()
                     results.append(tokens.access_token())
-            except BaseException as exc:  # reported below
+            except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
             finally:
                 client.close()

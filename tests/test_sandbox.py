@@ -235,21 +235,20 @@ def test_invalid_json_and_non_object(client: httpx.Client, sandbox: SandboxServe
 
 @pytest.mark.servers
 def test_auth_required_when_configured() -> None:
-    with SandboxServer(token="tok", secret="sec") as sb:
-        with hx(sb.url) as c:
-            r = c.post(docs_path(), json=BODY)
-            assert_error(r, 401, 4011)
-            assert r.headers["www-authenticate"].lower().startswith("basic")
-            assert_error(c.post(docs_path(), json=BODY, auth=("tok", "wrong")), 401, 4011)
-            assert_error(c.get(docs_path(), auth=("other", "sec")), 401, 4011)
-            assert_error(c.get(docs_path(), headers={"Authorization": "Basic !!!"}), 401, 4011)
-            assert_error(c.get(docs_path(), headers={"Authorization": "Bearer x"}), 401, 4011)
-            assert_error(c.get(f"{sb.admin_url}/stats"), 401, 4011)
-            assert sb.state.stats()["documents"] == 0
-            assert c.post(docs_path(), json=BODY, auth=("tok", "sec")).status_code == 200
-            stats = c.get(f"{sb.admin_url}/stats", auth=("tok", "sec")).json()
-            assert stats["documents"] == 1
-            assert stats["statuses"] == {"401": 5, "200": 1}
+    with SandboxServer(token="tok", secret="sec") as sb, hx(sb.url) as c:
+        r = c.post(docs_path(), json=BODY)
+        assert_error(r, 401, 4011)
+        assert r.headers["www-authenticate"].lower().startswith("basic")
+        assert_error(c.post(docs_path(), json=BODY, auth=("tok", "wrong")), 401, 4011)
+        assert_error(c.get(docs_path(), auth=("other", "sec")), 401, 4011)
+        assert_error(c.get(docs_path(), headers={"Authorization": "Basic !!!"}), 401, 4011)
+        assert_error(c.get(docs_path(), headers={"Authorization": "Bearer x"}), 401, 4011)
+        assert_error(c.get(f"{sb.admin_url}/stats"), 401, 4011)
+        assert sb.state.stats()["documents"] == 0
+        assert c.post(docs_path(), json=BODY, auth=("tok", "sec")).status_code == 200
+        stats = c.get(f"{sb.admin_url}/stats", auth=("tok", "sec")).json()
+        assert stats["documents"] == 1
+        assert stats["statuses"] == {"401": 5, "200": 1}
 
 
 def test_token_without_secret_is_rejected() -> None:
@@ -393,7 +392,7 @@ def test_concurrent_clients_consistent_state(sandbox: SandboxServer) -> None:
                         f"{docs_path(entity)}/{tok}", content=f"{i}-{j}".encode(), headers=OCTET
                     )
                     assert r.status_code == 200
-        except Exception as exc:  # reported below
+        except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
@@ -508,12 +507,11 @@ def test_raw_bad_content_length(sandbox: SandboxServer) -> None:
 
 @pytest.mark.servers
 def test_error_500_nothing_stored() -> None:
-    with SandboxServer(faults=Faults(error_500=1.0, seed=7)) as sb:
-        with hx(sb.url) as c:
-            for _ in range(10):
-                assert_error(c.post(docs_path(), json=BODY), 500, 5000)
-            assert_error(c.get(docs_path()), 500, 5000)
-            stats = c.get(f"{sb.admin_url}/stats").json()  # admin is never faulted
+    with SandboxServer(faults=Faults(error_500=1.0, seed=7)) as sb, hx(sb.url) as c:
+        for _ in range(10):
+            assert_error(c.post(docs_path(), json=BODY), 500, 5000)
+        assert_error(c.get(docs_path()), 500, 5000)
+        stats = c.get(f"{sb.admin_url}/stats").json()  # admin is never faulted
     assert stats["documents"] == 0
     assert stats["faults"]["error_500"] == 11
     assert stats["statuses"] == {"500": 11}

@@ -30,11 +30,11 @@ def test_parse_directory_normalises_and_names_bad_lines() -> None:
         "email,entity_token\n  Alice@Example.COM , P-aaaaaaaaaaaaaaaaaaaa \n\nbob@x.org,crm-4711\n"
     )
     assert parse_directory(text, "f.csv") == {"alice@example.com": ALICE, "bob@x.org": "crm-4711"}
-    with pytest.raises(ValueError, match="f.csv:3: not an e-mail address"):
+    with pytest.raises(ValueError, match=r"f.csv:3: not an e-mail address"):
         parse_directory("email,entity_token\na@b.c,P-1\nnot-an-address,P-2\n", "f.csv")
     with pytest.raises(ValueError, match="header"):
         parse_directory("mail,entity\n", "f.csv")
-    with pytest.raises(ValueError, match="f.csv:2: not an entity"):
+    with pytest.raises(ValueError, match=r"f.csv:2: not an entity"):
         parse_directory("email,entity_token\na@b.c,has space\n", "f.csv")
 
 
@@ -80,7 +80,7 @@ def crm() -> Iterator[tuple[str, dict]]:
     state: dict = {"status": 200, "calls": 0}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             state["calls"] += 1
             email = parse_qs(urlsplit(self.path).query).get("email", [""])[0]
             if state["status"] != 200:

@@ -189,7 +189,7 @@ def test_celery_config_matches_the_settings() -> None:
 
 def test_sender_auth_on_by_default_and_opting_out_warns() -> None:
     env = {k: v for k, v in BASE.items() if k != "MAILINGEST_TRUSTED_AUTHSERV_ID"}
-    with pytest.raises(ConfigError, match="^MAILINGEST_TRUSTED_AUTHSERV_ID is required while"):
+    with pytest.raises(ConfigError, match=r"^MAILINGEST_TRUSTED_AUTHSERV_ID is required while"):
         load_settings(env).require("imap")
     with pytest.raises(ConfigError, match="MAILINGEST_SENDER_AUTH must be 'off' or a list"):
         load_settings(BASE | {"MAILINGEST_SENDER_AUTH": "dmark"})
@@ -362,7 +362,7 @@ def test_two_inboxes_on_one_folder_are_refused(tmp_path: Path) -> None:
 
 def test_identity_variables_cannot_apply_to_several_inboxes(tmp_path: Path) -> None:
     env = write_config(tmp_path) | {"MAILINGEST_IMAP_PASSWORD": "one-for-all"}
-    with pytest.raises(ConfigError, match="^MAILINGEST_IMAP_PASSWORD cannot apply to every"):
+    with pytest.raises(ConfigError, match=r"^MAILINGEST_IMAP_PASSWORD cannot apply to every"):
         load_settings(env)
 
 
@@ -459,7 +459,7 @@ def test_an_unknown_variable_names_the_nearest_setting(variable: str, suggestion
 
 
 def test_an_unknown_variable_with_nothing_near_is_still_refused() -> None:
-    with pytest.raises(ConfigError, match="^MAILINGEST_COLOUR is not a setting .see README"):
+    with pytest.raises(ConfigError, match=r"^MAILINGEST_COLOUR is not a setting .see README"):
         load_settings(BASE | {"MAILINGEST_COLOUR": "blue"})
 
 

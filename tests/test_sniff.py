@@ -263,10 +263,10 @@ def test_each_kind(builder: Callable[[], bytes], kind: str, mime: str, extension
 
 
 def test_allowed_kinds_are_documents_and_images() -> None:
-    assert ALLOWED_KINDS == {
+    assert {
         "pdf", "jpeg", "png", "gif", "tiff", "heic", "avif", "webp", "bmp",
         "docx", "xlsx", "odt", "doc", "rtf", "txt", "eml",
-    }  # fmt: skip
+    } == ALLOWED_KINDS  # fmt: skip
     assert ALLOWED_KINDS < KNOWN_KINDS
     refused = KNOWN_KINDS - ALLOWED_KINDS
     assert refused == {
@@ -437,7 +437,7 @@ def test_zip64_record_declaring_a_huge_directory_is_refused() -> None:
     data = docx()
     eocd = data[-22:]
     assert eocd.startswith(b"PK\x05\x06")
-    entries, cd_size, cd_offset = struct.unpack_from("<HII", eocd, 10)
+    entries, _cd_size, cd_offset = struct.unpack_from("<HII", eocd, 10)
     record_at = len(data) - 22
     record = struct.pack(
         "<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, 1 << 40, cd_offset
@@ -470,7 +470,7 @@ def test_ole_directory_chain_is_followed() -> None:
     # directory sector, which is not adjacent to the first.
     streams = ["WordDocument", "1Table", "Data", "SummaryInformation", "Storage:Macros"]
     assert sniff(make_ole(streams, dir_sectors=(1, 3))).kind == "macro"
-    assert sniff(make_ole(streams[:-1] + ["Other"], dir_sectors=(3, 1))).kind == "doc"
+    assert sniff(make_ole([*streams[:-1], "Other"], dir_sectors=(3, 1))).kind == "doc"
 
 
 def test_ole_directory_loop_terminates() -> None:

@@ -31,7 +31,7 @@ def test_imap_certificate_is_verified(tmp_path: Path) -> None:
     except ServerNotAvailable as exc:
         require_or_skip(str(exc))
     try:
-        with pytest.raises(MailboxError, match="CERTIFICATE_VERIFY_FAILED|certificate verify"):
+        with pytest.raises(MailboxError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
             Mailbox(inbox_for(server, None)).connect()  # untrusted: refused, no bypass
         with Mailbox(inbox_for(server, ca)) as box:  # the private CA added: accepted
             assert box.select("INBOX") > 0

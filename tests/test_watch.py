@@ -139,7 +139,7 @@ def test_a_server_without_idle_is_left_to_beat(tmp_path: Path) -> None:
     server = dovecot_without(tmp_path, "IDLE")
     try:
         recorder = Recorder()
-        watcher, stop, thread = watch(inbox_settings(server.account), recorder)
+        watcher, _stop, thread = watch(inbox_settings(server.account), recorder)
         thread.join(20)
         assert not thread.is_alive() and watcher.idle_supported is False
         assert recorder.calls == []  # beat's polling is the fallback

@@ -16,6 +16,7 @@ connection: servers slow down or drop a connection after a failed login.
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import logging
 import re
@@ -393,10 +394,8 @@ def _quit(client: IMAPClient) -> None:
     try:
         client.logout()
     except Exception:  # noqa: BLE001 - the connection is going away either way
-        try:
+        with contextlib.suppress(Exception):  # going away either way
             client.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def _offers(client: IMAPClient, capability: str) -> bool:

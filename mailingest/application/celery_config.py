@@ -13,7 +13,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     # limit plus the longest retry countdown, or Redis delivers tasks twice.
     hard = settings.task_time_limit
     soft = hard - max(5, hard // 5)
-    loop = min(5.0, min(inbox.poll_interval for inbox in settings.inboxes))
+    loop = min(5.0, *(inbox.poll_interval for inbox in settings.inboxes))
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,

@@ -405,7 +405,7 @@ def _describe_locked(ctx: Context, record: MailRecord, doc: DocumentRecord) -> l
     inbox = ctx.settings.inbox(record.ref.inbox)
     window = ctx.settings.in_doubt_ms
     doubt = L.doubt_key(record.entity, doc)
-    adopted = _adopt(ctx, record, doc, slot, inbox, doubt)
+    adopted = _adopt(ctx, record, doc, slot, inbox=inbox, doubt=doubt)
     if adopted is not None:
         return adopted
     if record.state != MailState.DOCUMENTS_PENDING:  # settling a quarantined mail: never POST
@@ -492,6 +492,7 @@ def _adopt(
     record: MailRecord,
     doc: DocumentRecord,
     slot: Slot,
+    *,
     inbox: InboxSettings,
     doubt: str,
 ) -> list[Step] | None:

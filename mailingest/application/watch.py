@@ -72,7 +72,7 @@ class InboxWatcher:
                 self._session()
             except MailboxError as exc:
                 log.warning("inbox %s: IDLE connection lost: %s", self.inbox.name, exc)
-            except Exception:  # noqa: BLE001 - a watcher must outlive any surprise
+            except Exception:
                 log.exception("inbox %s: IDLE watcher error", self.inbox.name)
             if self.stop.is_set() or self.idle_supported is False:
                 return

@@ -565,8 +565,8 @@ def _file_layers(
                 + (f"; did you mean {guess.lower()}?" if guess else ""),
             )
     tables: list[tuple[str, Layer]] = []
-    for number, table in enumerate(inboxes, 1):
-        table = dict(table)
+    for number, declared in enumerate(inboxes, 1):
+        table = dict(declared)
         name = table.pop("name", None)
         label = f"{where}: inboxes[{name if isinstance(name, str) else number}]"
         layer = _file_layer(table, label, base_dir, problems)

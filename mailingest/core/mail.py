@@ -207,7 +207,7 @@ class _Defects:
 def _or_default(fn: Callable[[], _T], default: _D) -> _T | _D:
     try:
         return fn()
-    except Exception:  # header extraction must never kill the parse
+    except Exception:  # noqa: BLE001 - header extraction must never kill the parse
         return default
 
 
@@ -252,8 +252,8 @@ def _sender(message: email.message.Message, defects: _Defects) -> str | None:
     if not values:
         return None
     addresses: list[str] = []
-    for _name, address in getaddresses(values):
-        address = address.strip().lower()
+    for _name, given in getaddresses(values):
+        address = given.strip().lower()
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain or any(c.isspace() for c in address):
             continue
@@ -357,7 +357,7 @@ def _walk_leaves(message: email.message.Message) -> Iterator[_Leaf]:
 def _disposition(part: email.message.Message) -> str | None:
     try:
         value = part.get_content_disposition()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a malformed header must not cost us the part
         return None
     return value.strip().lower() if value else None
 
@@ -404,7 +404,7 @@ def _filename(part: email.message.Message, defects: _Defects, where: str) -> str
         text = str(value)
     try:
         text = _decode_encoded_words(text)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoding failure: keep the name as declared
         defects.add(f"{where}: filename not decodable ({exc}); kept as declared")
     text = text.strip()
     return text or None
@@ -428,7 +428,7 @@ def _extract_parts(
         disposition = _disposition(part)
         try:
             filename = _filename(part, defects, where)
-        except Exception as exc:  # a filename must never cost us the part
+        except Exception as exc:  # noqa: BLE001 - a filename must never cost us the part
             defects.add(f"{where}: filename unreadable ({type(exc).__name__})")
             filename = None
         content_id = _content_id(part)
@@ -506,7 +506,7 @@ def _payload_bytes(
         data = decoded_payload(part, hollowed)
         if data is None:
             data = part.get_payload(decode=True)
-    except Exception as exc:  # one bad part must not kill the mail
+    except Exception as exc:  # noqa: BLE001 - one bad part must not kill the mail
         defects.add(f"{where}: payload not decodable ({type(exc).__name__}); raw bytes kept")
         raw_payload = part.get_payload()
         data = hollowed.restore(
@@ -528,7 +528,7 @@ def _inner_subject_filename(data: bytes) -> str | None:
         if subject is None:
             return None
         subject = " ".join(_decode_encoded_words(subject).split())
-    except Exception:  # no name is better than no document
+    except Exception:  # noqa: BLE001 - no name is better than no document
         return None
     subject = subject.replace("/", "-").replace("\\", "-")
     return f"{subject}.eml" if subject else None
@@ -636,7 +636,7 @@ def _parses_to(data: bytes, expected: list[tuple[object, ...]], hollowed: Hollow
         message = email.message_from_bytes(data)
         unfold(message, hollowed)
         return _signature(message) == expected
-    except Exception:  # whatever goes wrong, it did not verify
+    except Exception:  # noqa: BLE001 - whatever goes wrong, it did not verify
         return False
 
 
@@ -693,7 +693,7 @@ def _message_bytes(
 
     try:
         expected: list[tuple[object, ...]] | None = _signature(inner)
-    except Exception:
+    except Exception:  # noqa: BLE001 - no signature: the check is skipped, not failed
         expected = None
     if sliced is not None and expected is not None and location is not None:
         # The stdlib leaves the line break that belongs to the next boundary
@@ -730,7 +730,7 @@ def _message_bytes(
 def _as_bytes(message: email.message.Message) -> bytes | None:
     try:
         return message.as_bytes()
-    except Exception:  # e.g. a header the generator cannot fold
+    except Exception:  # noqa: BLE001 - e.g. a header the generator cannot fold
         return None
 
 

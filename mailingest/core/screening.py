@@ -155,8 +155,10 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
             )
         if found.extension != spec.extension:
             notes.append(f"{label}: content is {found.kind}, sent as .{found.extension}")
-            spec = replace(spec, extension=found.extension, content_type=found.mime)
-        documents.append(Document(spec, data, found.kind))
+            named = replace(spec, extension=found.extension, content_type=found.mime)
+        else:
+            named = spec
+        documents.append(Document(named, data, found.kind))
     if len(documents) > limits.max_documents:
         return Screened(
             mail,

@@ -149,7 +149,7 @@ def sniff(data: bytes, *, declared_type: str = "", filename: str = "") -> Sniffe
     """
     try:
         return _sniff(bytes(data), declared_type)
-    except Exception:  # fail closed on anything a parser did not foresee
+    except Exception:  # noqa: BLE001 - fail closed on anything a parser did not foresee
         return _result("unknown")
 
 
@@ -301,7 +301,7 @@ def _zip(data: bytes) -> Sniffed:
                 and archive.read(mimetype).strip() == _ODT_MIME
             ):
                 return _result("odt")
-    except Exception:  # BadZipFile, struct.error, encrypted member, bad CRC...
+    except Exception:  # noqa: BLE001 - BadZipFile, struct.error, encrypted member, bad CRC...
         return _result("zip")
     return _result("zip")
 
@@ -503,8 +503,8 @@ def _looks_like_headers(text: bytes, truncated: bool) -> bool:
     if len(lines) > 1 and lines[0].startswith(b"From "):  # mbox separator
         lines = lines[1:]
     headers = 0
-    for line in lines:
-        line = line.rstrip(b"\r")
+    for raw_line in lines:
+        line = raw_line.rstrip(b"\r")
         if not line:
             return headers > 0
         if b"\x00" in line:

@@ -288,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
     def sandbox(self) -> OAuthSandbox:
         return self.server.sandbox  # type: ignore[attr-defined, no-any-return]
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: request lines would carry tokens in GET queries
 
     def _form(self) -> dict[str, str] | None:
@@ -319,7 +319,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib's name
+    def do_POST(self) -> None:
         path = urlsplit(self.path).path
         form = self._form()
         if form is None:
@@ -332,7 +332,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, {"error": "not_found"})
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib's name
+    def do_GET(self) -> None:
         parts = urlsplit(self.path)
         if parts.path == "/introspect":
             query = parse_qs(parts.query)

@@ -189,7 +189,7 @@ def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
 
 def is_ours(image: str) -> bool:
     """The image built from deploy/Dockerfile (kustomize renames it)."""
-    name = image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
+    name = image.rsplit("/", 1)[-1].split("@", maxsplit=1)[0].split(":", maxsplit=1)[0]
     return name == "mailingest"
 
 

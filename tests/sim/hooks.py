@@ -11,6 +11,7 @@ Checkpoints only happen in simulated threads; the harness's own calls pass strai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -291,10 +292,8 @@ def hard_close(box: Any) -> None:
     client = box.__dict__.get("_client")
     box.__dict__["_client"] = None
     if client is not None:
-        try:
+        with contextlib.suppress(Exception):  # already gone
             client.shutdown()
-        except Exception:  # noqa: BLE001 - already gone
-            pass
 
 
 def mailbox_class(base: type) -> type:

@@ -365,7 +365,7 @@ class Scheduler:
             pipe.pttl(key)
         values = pipe.execute()
         snap = [(k, values[2 * i + 1], values[2 * i]) for i, k in enumerate(keys)]
-        self.snapshots = (self.snapshots + [(self.clock.now_ms, snap)])[-4:]
+        self.snapshots = ([*self.snapshots, (self.clock.now_ms, snap)])[-4:]
 
     def rollback(self) -> str:
         """Redis restarts from an older state (a host crash with appendfsync everysec):

@@ -8,6 +8,7 @@ empty sandbox and fresh folders; the workers' contexts (and their IMAP logins) a
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -177,10 +178,8 @@ class World:
             for ctx in server.contexts.values():
                 self.discard(ctx)
             server.contexts.clear()
-            try:
+            with contextlib.suppress(Exception):  # going away either way
                 server.admin.logout()
-            except Exception:  # noqa: BLE001
-                pass
             server.dovecot.stop()
         if self.sandbox is not None:
             self.sandbox.stop()
@@ -227,7 +226,7 @@ class World:
             settings,
             redis_client=client,
             alloy_transport=SimTransport(self.relay),
-            clock=lambda: self.clock(),
+            clock=self.clock,
         )
         make = ctx.mailbox
         ctx.mailbox = lambda name: wrap_mailbox(make(name))  # type: ignore[method-assign]
@@ -285,7 +284,7 @@ class World:
                 server.admin.create_folder(FOLDER)
                 server.admin.folder_status(FOLDER, [b"UIDVALIDITY"])
                 return
-            except Exception:  # noqa: BLE001 - a race inside Dovecot: log in again, retry
+            except Exception:
                 if attempt == 5:
                     raise
                 self.relogin(variant)
@@ -293,10 +292,8 @@ class World:
 
     def relogin(self, variant: str) -> None:
         server = self.servers[variant]
-        try:
+        with contextlib.suppress(Exception):  # already broken
             server.admin.logout()
-        except Exception:  # noqa: BLE001 - already broken
-            pass
         server.admin = _admin(server.dovecot)
 
     def unselect_kept(self, variant: str) -> None:
@@ -340,7 +337,7 @@ class Folders:
             try:
                 answer = self.admin.append(FOLDER, raw, flags=flags)
                 break
-            except Exception:  # noqa: BLE001 - "deleted under us" just after a re-CREATE
+            except Exception:
                 if attempt == 5:
                     raise
                 self.world.relogin(self.variant)
@@ -357,7 +354,7 @@ class Folders:
         for attempt in range(6):
             try:
                 return self._contents(folder)
-            except Exception:  # noqa: BLE001 - a Dovecot race just after a re-CREATE
+            except Exception:
                 if attempt == 5:
                     raise
                 self.world.relogin(self.variant)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import contextlib
 import hmac
 import json
 import socket
@@ -82,7 +83,7 @@ class _Headers:
     with the (slow) e-mail parser; it offers what the handler uses.
     """
 
-    __slots__ = ("_items", "_first")
+    __slots__ = ("_first", "_items")
 
     def __init__(self, items: builtins.list[tuple[str, str]]) -> None:
         self._items = items
@@ -240,10 +241,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif "keep-alive" in conntype:  # also HTTP/1.0 keep-alive, echoed in _write
             self.close_connection = False
         expect = (headers.get("Expect") or "").lower()
-        if expect == "100-continue" and version >= "HTTP/1.1":
-            if not self.handle_expect_100():
-                return False
-        return True
+        return not (
+            expect == "100-continue" and version >= "HTTP/1.1" and not self.handle_expect_100()
+        )
 
     # -- body -------------------------------------------------------------------
     def _start_body(self) -> None:
@@ -452,10 +452,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _drop(self) -> None:
         self._discard_body()
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def _v1(self, sub: str) -> None:
         sb = self._sb()
@@ -529,7 +527,7 @@ class _Handler(BaseHTTPRequestHandler):
             ctype = "application/json"
         except _ClientGone:
             raise
-        except Exception as exc:  # a bug in the sandbox: still answer in Alloy's shape
+        except Exception as exc:  # noqa: BLE001 - a bug in the sandbox: still answer in Alloy's shape
             bug = AlloyLikeError.of(5000, {"message": repr(exc), "path": None})
             status, body, headers = bug.status, self._error_body(bug), bug.headers
             ctype = "application/json"

@@ -8,6 +8,7 @@ connection on ``stop`` so no handler outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import socket
@@ -152,10 +153,8 @@ class SandboxServer:
         with self._conns_lock:
             conns = list(self._conns)
         for c in conns:  # close keep-alive connections so no handler outlives the server
-            try:
+            with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def __enter__(self) -> SandboxServer:
         return self.start()

@@ -28,9 +28,9 @@ from .pymap import PymapServer
 from .redis import RedisServer
 
 __all__ = [
-    "CeleryProcess",
     "DEFAULT_IMAP_PASSWORD",
     "DEFAULT_IMAP_USER",
+    "CeleryProcess",
     "DovecotServer",
     "ImapAccount",
     "ImapServer",

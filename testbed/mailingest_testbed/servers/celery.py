@@ -115,10 +115,8 @@ class CeleryProcess:
             # shutdown lets the pool finish the tasks it runs before it exits.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (pool children)
         with contextlib.suppress(subprocess.TimeoutExpired):

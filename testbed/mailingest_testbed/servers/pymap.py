@@ -122,7 +122,7 @@ class PymapServer(ImapServer):
         if self.running:
             return self
         try:
-            import pymap.backend.dict  # noqa: F401
+            import pymap.backend.dict
             import pymap.imap  # noqa: F401
         except ImportError as exc:
             raise ServerNotAvailable(f"pymap is not installed: pip install pymap ({exc})") from exc
