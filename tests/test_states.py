@@ -146,3 +146,31 @@ def test_ledger_transitions_follow_the_table(redis_client: redis.Redis) -> None:
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+def test_state_names_are_spelled_in_states_py_only() -> None:
+    """No other module writes a mail state as a literal: not Python, not the Lua scripts
+    (which receive the names from Python as arguments)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "mailingest"
+    names = {state.value for state in MailState}
+    # a verb in an error message, not a state ("the token request failed")
+    allowed = {("adapters/oauth.py", "failed")}
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        where = path.relative_to(package).as_posix()
+        if where == "core/states.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            if node.value in names and (where, node.value) not in allowed:
+                found.append(f"{where}:{node.lineno}: {node.value!r}")
+            found += [
+                f"{where}:{node.lineno}: Lua names {name!r}"
+                for name in names
+                if f"'{name}'" in node.value or f'"{name}"' in node.value
+            ]
+    assert not found, "\n".join(found)
