@@ -18,6 +18,7 @@ import pytest
 
 from mailingest.adapters import ledger as L
 from mailingest.adapters.imap import Mailbox
+from mailingest.adapters.ledger import scripts as ledger_scripts
 from mailingest.application import pipeline
 from mailingest.config.settings import Settings
 
@@ -133,13 +134,13 @@ def mutated(name: str) -> Iterator[None]:
         elif name == "updates-need-a-record":
             patch.setattr(L.Ledger, "_set", _hset_anyway)
             # and record_new again takes any hash for a record, state or not
-            old = L._RECORD.replace(
+            old = ledger_scripts.RECORD.replace(
                 "if redis.call('HEXISTS', KEYS[1], 'state') == 1 then return 0 end\n"
                 "redis.call('DEL', KEYS[1])",
                 "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end",
             )
-            assert old != L._RECORD
-            patch.setattr(L, "_RECORD", old)
+            assert old != ledger_scripts.RECORD
+            patch.setattr(ledger_scripts, "RECORD", old)
         elif name == "fence-on-pending-mail":
             patch.setattr(L.Ledger, "begin_attempt", _fence_without_mail)
         yield

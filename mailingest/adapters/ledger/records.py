@@ -1,22 +1,14 @@
-"""The ledger: what happened to every mail and every document, kept in Redis.
+"""Mail and document records, and the slots that say what Alloy holds for a document.
 
-A mail id lives in exactly one ``mailingest:state:<state>`` set; the states, and which
-may go to which, are :mod:`mailingest.core.states` (diagram: ``docs/states.md``).
-
-Every transition is a compare-and-set in one Lua script, checked against the table
-before it is sent (:class:`~mailingest.core.states.IllegalTransition`), so a step that
-runs twice (late acks, a redelivered task) finds the mail already moved on and does
-nothing. The scripts get every state name as an argument: none is spelled here. Mail
-and document bytes are staged here under a TTL and passed between tasks by key; they
-never travel through the broker.
-"""
+Every transition is a compare-and-set in one Lua script, checked against the table of
+:mod:`mailingest.core.states` before it is sent, so a step that runs twice finds the
+mail already moved on and does nothing."""
 
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +16,7 @@ import redis
 import redis.lock
 
 from mailingest.adapters import keys
-from mailingest.adapters.encryption import Plain, Sealer
+from mailingest.adapters.ledger.base import Store, decode
 from mailingest.core import states
 from mailingest.core.records import DocumentRecord, MailRecord, MailRef, Slot
 from mailingest.core.states import (
@@ -35,174 +27,6 @@ from mailingest.core.states import (
     DocumentState,
     MailState,
 )
-
-# the old names, kept for the many callers (and tests) that use ``L.QUEUED`` and kin
-QUEUED = MailState.QUEUED
-PARSING = MailState.PARSING
-DOCUMENTS_PENDING = MailState.DOCUMENTS_PENDING
-DONE = MailState.DONE
-QUARANTINED = MailState.QUARANTINED
-FAILED = MailState.FAILED
-REPLAYED = MailState.REPLAYED
-PLANNED = DocumentState.PLANNED
-DESCRIBED = DocumentState.DESCRIBED
-UPLOADED = DocumentState.UPLOADED
-LOST = DocumentState.LOST
-
-# KEYS[1] mail hash, KEYS[2] the unfiled set; ARGV[1] new state, ARGV[2] state-set prefix,
-# ARGV[3] mail id, ARGV[4] '1' when the new state is decided (a decided mail not yet filed
-# joins the unfiled set), ARGV[5] number of allowed from-states, then those states, then
-# field/value pairs. Returns the record as written (HGETALL), or 0 when it did not move.
-_TRANSITION = """
-local current = redis.call('HGET', KEYS[1], 'state')
-if not current then return 0 end
-local n = tonumber(ARGV[5])
-local allowed = false
-for i = 1, n do
-  if ARGV[5 + i] == current then allowed = true end
-end
-if not allowed then return 0 end
-local i = 6 + n
-while i <= #ARGV do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-redis.call('HSET', KEYS[1], 'state', ARGV[1])
-local filed = redis.call('HGET', KEYS[1], 'filed_to')
-if ARGV[4] == '1' and not (filed and filed ~= '') then
-  redis.call('SADD', KEYS[2], ARGV[3])
-else
-  redis.call('SREM', KEYS[2], ARGV[3])
-end
-if current ~= ARGV[1] then
-  redis.call('SREM', ARGV[2] .. current, ARGV[3])
-  redis.call('SADD', ARGV[2] .. ARGV[1], ARGV[3])
-end
-return redis.call('HGETALL', KEYS[1])
-"""
-
-
-# KEYS: mail hash, raw key, queued set; ARGV: raw, ttl, size, now, mail id, internaldate,
-# the initial state
-_RECORD = """
-if redis.call('HEXISTS', KEYS[1], 'state') == 1 then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-redis.call('HSET', KEYS[1], 'state', ARGV[7], 'size', ARGV[3],
-           'created_at', ARGV[4], 'updated_at', ARGV[4], 'internaldate', ARGV[6])
-redis.call('SADD', KEYS[3], ARGV[5])
-return 1
-"""
-
-# KEYS: slot hash, token claim, doubt zset; ARGV: token, the attempt this token answers
-# ('' for an adopted one), slot fingerprint. The slot's first token wins, and a token
-# belongs to one slot only: '' when another slot already claimed it. The attempt the token
-# answers is settled; an attempt still in doubt while another document was adopted stays
-# in doubt (others with the same name wait for it: it may still become a document).
-_CLAIM = """
-local current = redis.call('HGET', KEYS[1], 'token')
-if current and current ~= '' then return current end
-local owner = redis.call('GET', KEYS[2])
-if owner and owner ~= KEYS[1] then return '' end
-redis.call('SET', KEYS[2], KEYS[1])
-redis.call('HSET', KEYS[1], 'token', ARGV[1])
-if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'attempt') == ARGV[2] then
-  redis.call('HSET', KEYS[1], 'attempt', '', 'attempt_at', '')
-  redis.call('ZREM', KEYS[3], ARGV[3])
-end
-return ARGV[1]
-"""
-
-# KEYS: slot hash, mail hash, doubt zset; ARGV: the attempt the caller saw ('' for none),
-# now, window ms, new id, slot fingerprint, the documents_pending state. {'decided', _}
-# the mail is no longer documents_pending (quarantined, failed: no new POST for it, or
-# `finish` could move it before seeing this attempt).
-# {'token', _} the slot has a document already; {'changed', _} another run moved it on
-# since the caller looked; {'wait', ms} the attempt in doubt may still be committed by
-# Alloy for ms more; {'go', 0} the new attempt is recorded: POST.
-_BEGIN = """
-if redis.call('HGET', KEYS[2], 'state') ~= ARGV[6] then return {'decided', 0} end
-local token = redis.call('HGET', KEYS[1], 'token')
-if token and token ~= '' then return {'token', 0} end
-local current = redis.call('HGET', KEYS[1], 'attempt') or ''
-if current ~= ARGV[1] then return {'changed', 0} end
-local now = tonumber(ARGV[2])
-if current ~= '' then
-  local left = tonumber(redis.call('HGET', KEYS[1], 'attempt_at') or '0') + tonumber(ARGV[3]) - now
-  if left > 0 then return {'wait', left} end
-end
-redis.call('HSET', KEYS[1], 'attempt', ARGV[4], 'attempt_at', ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
-return {'go', 0}
-"""
-
-# KEYS: mail hash; ARGV: field/value pairs. Only a record that exists (has a state).
-_UPDATE = """
-if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
-
-# KEYS: document hash; ARGV: state, token, the uploaded state. An uploaded document stays
-# uploaded.
-_MIRROR = """
-if redis.call('HGET', KEYS[1], 'state') == ARGV[3] then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'token', ARGV[2])
-return 1
-"""
-
-# KEYS: mail hash; ARGV: reason. Appended once (a retried step does not repeat it).
-_ADD_REASON = """
-local current = redis.call('HGET', KEYS[1], 'reason') or ''
-if string.find(current, ARGV[1], 1, true) then return 0 end
-if current == '' then redis.call('HSET', KEYS[1], 'reason', ARGV[1])
-else redis.call('HSET', KEYS[1], 'reason', current .. '; ' .. ARGV[1]) end
-return 1
-"""
-
-# KEYS: slot hash, doubt zset; ARGV: attempt id, slot fingerprint. Only that attempt is
-# cleared (a later one stays).
-_CLEAR_ATTEMPT = """
-if redis.call('HGET', KEYS[1], 'attempt') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'attempt', '', 'attempt_at', '')
-  redis.call('ZREM', KEYS[2], ARGV[2])
-end
-return 1
-"""
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class RedisClock:
-    """Milliseconds on Redis's clock: one clock for every worker of the ledger.
-
-    Workers on different hosts disagree about the time; comparing one worker's
-    timestamp with another's (is this mail stale? is this attempt past its
-    window?) would inherit their skew. The offset to Redis's ``TIME`` is measured
-    on first use and again every ``resync`` seconds (one round trip), so reading
-    the clock costs nothing."""
-
-    def __init__(self, client: redis.Redis, *, resync: float = 300.0) -> None:
-        self.client = client
-        self.resync = resync
-        self._offset_ms: int | None = None
-        self._synced_at = 0.0
-
-    def __call__(self) -> int:
-        local = time.time()
-        if self._offset_ms is None or time.monotonic() - self._synced_at > self.resync:
-            try:
-                seconds, micros = self.client.time()
-                self._offset_ms = int(seconds * 1000 + micros // 1000) - int(
-                    (local + time.time()) * 500
-                )
-                self._synced_at = time.monotonic()
-            except redis.RedisError:
-                if self._offset_ms is None:
-                    return int(local * 1000)  # Redis down: the ledger call will fail anyway
-        return int(local * 1000) + self._offset_ms
 
 
 @dataclass(frozen=True)
@@ -244,57 +68,8 @@ def doubt_key(entity: str, doc: DocumentRecord) -> str:
     return keys.doubt(entity, doc.name, doc.extension, doc.type)
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _decode(h: Any) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in h.items()}
-
-
-class Ledger:
-    def __init__(
-        self,
-        client: redis.Redis,
-        *,
-        staging_ttl: int = 7 * 86400,
-        sealer: Sealer | Plain | None = None,
-        on_recorded: Callable[[MailRef], None] | None = None,
-        on_decided: Callable[[str, str, str], None] | None = None,
-        clock: Callable[[], int] | None = None,
-    ) -> None:
-        self.redis = client
-        self.now = clock or RedisClock(client)  # ms; one clock for all workers
-        self.staging_ttl = staging_ttl
-        self.sealer = sealer or Plain()  # staged bytes encrypted at rest when a key is set
-        # told once per mail recorded, and once per move to a final state (the metrics)
-        self.on_recorded = on_recorded
-        self.on_decided = on_decided
-        self._transition = client.register_script(_TRANSITION)
-        self._record = client.register_script(_RECORD)
-        self._claim = client.register_script(_CLAIM)
-        self._begin = client.register_script(_BEGIN)
-        self._clear_attempt = client.register_script(_CLEAR_ATTEMPT)
-        self._add_reason = client.register_script(_ADD_REASON)
-        self._update = client.register_script(_UPDATE)
-        self._mirror = client.register_script(_MIRROR)
-
-    # -- polling -------------------------------------------------------------
-    def poll_lock(self, inbox: str, *, timeout: float) -> redis.lock.Lock:
-        """Single flight for one inbox's poll; expires by itself if its holder dies."""
-        lock: redis.lock.Lock = self.redis.lock(keys.poll_lock(inbox), timeout=timeout)
-        return lock
-
-    def ask_repoll(self, inbox: str, *, ttl: float) -> None:
-        """A poll was asked for while another ran: the running one polls once more."""
-        self.redis.set(keys.repoll(inbox), 1, px=int(ttl * 1000))
-
-    def take_repoll(self, inbox: str) -> bool:
-        return bool(self.redis.delete(keys.repoll(inbox)))
-
-    def watermark(self, inbox: str, folder: str, uidvalidity: int) -> int:
-        value = self.redis.get(keys.watermark(inbox, folder, uidvalidity))
-        return int(value) if value else 0
+class MailRecords(Store):
+    """The ledger's records of mails, documents and slots."""
 
     def record_new(
         self, ref: MailRef, raw: bytes, *, size: int = 0, internaldate: str = ""
@@ -319,40 +94,14 @@ class Ledger:
             self.on_recorded(ref)
         return recorded
 
-    def restage(self, mail_id: str, raw: bytes) -> None:
-        self.redis.set(keys.raw(mail_id), self.sealer.seal(raw), ex=self.staging_ttl)
-
     def step_lock(self, name: str, *, timeout: float) -> redis.lock.Lock:
         """Single flight of one step of one mail (``ingest:<id>``, ``describe:<id>:<n>``)."""
         lock: redis.lock.Lock = self.redis.lock(keys.step_lock(name), timeout=timeout)
         return lock
 
-    def record_poll(self, inbox: str, *, found: int, error: str = "") -> None:
-        fields: dict[Any, Any] = {"at": self.now(), "found": found, "error": error}
-        if not error:
-            fields["ok_at"] = fields["at"]
-        self.redis.hset(keys.poll_status(inbox), mapping=fields)
-
-    def poll_status(self, inbox: str) -> dict[str, str]:
-        return _decode(self.redis.hgetall(keys.poll_status(inbox)))
-
-    def advance_watermark(self, inbox: str, folder: str, uidvalidity: int, uid: int) -> None:
-        key = keys.watermark(inbox, folder, uidvalidity)
-        current = self.redis.get(key)
-        if current is None or int(current) < uid:
-            self.redis.set(key, uid)
-
-    def raw(self, mail_id: str) -> bytes | None:
-        value = self.redis.get(keys.raw(mail_id))
-        return self.sealer.open(value) if isinstance(value, bytes) else None
-
-    def drop_raw(self, mail_id: str) -> None:
-        self.redis.delete(keys.raw(mail_id))
-
-    # -- mail state ----------------------------------------------------------
     def mail(self, mail_id: str) -> MailRecord | None:
         h = self.redis.hgetall(keys.mail(mail_id))
-        return MailRecord.from_hash(mail_id, _decode(h)) if h else None
+        return MailRecord.from_hash(mail_id, decode(h)) if h else None
 
     def in_flight(self, inbox: str) -> int:
         """How many of the inbox's mails are recorded but not decided yet (one round trip)."""
@@ -368,7 +117,7 @@ class Ledger:
         for mail_id in mail_ids:
             pipe.hgetall(keys.mail(mail_id))
         return [
-            MailRecord.from_hash(mail_id, _decode(h))
+            MailRecord.from_hash(mail_id, decode(h))
             for mail_id, h in zip(mail_ids, pipe.execute(), strict=True)
             if h
         ]
@@ -389,7 +138,7 @@ class Ledger:
         written = self._transition(keys=[keys.mail(mail_id), keys.UNFILED], args=argv)
         if not written:
             return None
-        flat = [_text(v) for v in written]
+        flat = [keys.as_text(v) for v in written]
         record = MailRecord.from_hash(mail_id, dict(zip(flat[::2], flat[1::2], strict=True)))
         if to in COUNTED and self.on_decided is not None:
             self.on_decided(mail_id, to, str(fields.get("reason") or ""))
@@ -424,10 +173,9 @@ class Ledger:
     def unfiled(self, inbox: str) -> list[MailRecord]:
         """The records of ``inbox``'s decided mails still waiting to be moved (the sweep
         decides which are due: decisions.sweep)."""
-        ids = sorted(_text(m) for m in self.redis.smembers(keys.UNFILED))
+        ids = sorted(keys.as_text(m) for m in self.redis.smembers(keys.UNFILED))
         return self.records([mail_id for mail_id in ids if mail_id.startswith(inbox + "/")])
 
-    # -- documents and their slots ----------------------------------------------
     def plan_documents(
         self, mail_id: str, message_key: str, entity: str, documents: Sequence[PlannedDocument]
     ) -> bool:
@@ -485,15 +233,14 @@ class Ledger:
         return moved is not None
 
     def slot(self, entity: str, fp: str) -> Slot:
-        return Slot.from_hash(entity, fp, _decode(self.redis.hgetall(keys.slot(entity, fp))))
+        return Slot.from_hash(entity, fp, decode(self.redis.hgetall(keys.slot(entity, fp))))
 
     def slots(self, entity: str, fps: Sequence[str]) -> list[Slot]:
         pipe = self.redis.pipeline(transaction=False)
         for fp in fps:
             pipe.hgetall(keys.slot(entity, fp))
         return [
-            Slot.from_hash(entity, fp, _decode(h))
-            for fp, h in zip(fps, pipe.execute(), strict=True)
+            Slot.from_hash(entity, fp, decode(h)) for fp, h in zip(fps, pipe.execute(), strict=True)
         ]
 
     def begin_attempt(self, slot: Slot, mail_id: str, doubt: str, *, window_ms: int) -> Attempt:
@@ -514,8 +261,8 @@ class Ledger:
                 MailState.DOCUMENTS_PENDING,
             ],
         )
-        go = _text(verdict) == "go"
-        return Attempt(_text(verdict), attempt_id if go else "", int(value), now)
+        go = keys.as_text(verdict) == "go"
+        return Attempt(keys.as_text(verdict), attempt_id if go else "", int(value), now)
 
     def attempt_failed(self, slot: Slot, doubt: str, attempt_id: str) -> None:
         """The POST of ``attempt_id`` is known not to have been applied (refused, rate
@@ -533,14 +280,16 @@ class Ledger:
         now = self.now()
         self.redis.zremrangebyscore(doubt, "-inf", now - window_ms)
         entries: Any = self.redis.zrange(doubt, 0, -1, withscores=True)
-        begun = [int(score) for member, score in entries if _text(member) != slot.fingerprint]
+        begun = [
+            int(score) for member, score in entries if keys.as_text(member) != slot.fingerprint
+        ]
         return max((at + window_ms - now for at in begun), default=0)
 
     def claim(self, slot: Slot, token: str, doubt: str, *, answers: str = "") -> str:
         """Record ``token`` as the slot's Alloy document unless the slot has one; return
         the slot's token, or "" when ``token`` already belongs to another slot.
         ``answers``: the attempt whose POST answered with this token (it is settled)."""
-        return _text(
+        return keys.as_text(
             self._claim(
                 keys=[
                     keys.slot(slot.entity, slot.fingerprint),
@@ -569,33 +318,19 @@ class Ledger:
         for fp in fps:
             self.redis.hdel(keys.slot(entity, fp), "refused")
 
-    def unfetchable(self, inbox: str, uidvalidity: int, uid: int) -> int:
-        """Count one more poll that found ``uid`` but got no body for it."""
-        key = keys.unfetchable(inbox, uidvalidity, uid)
-        count = int(self.redis.incr(key))
-        self.redis.expire(key, 7 * 86400)
-        return count
-
     def document(self, mail_id: str, index: int) -> DocumentRecord | None:
         h = self.redis.hgetall(keys.document(mail_id, index))
-        return DocumentRecord.from_hash(mail_id, index, _decode(h)) if h else None
+        return DocumentRecord.from_hash(mail_id, index, decode(h)) if h else None
 
     def documents(self, mail_id: str, count: int) -> list[DocumentRecord]:
         pipe = self.redis.pipeline(transaction=False)
         for index in range(count):
             pipe.hgetall(keys.document(mail_id, index))
         return [
-            DocumentRecord.from_hash(mail_id, i, _decode(h))
+            DocumentRecord.from_hash(mail_id, i, decode(h))
             for i, h in enumerate(pipe.execute())
             if h
         ]
-
-    def restage_blob(self, mail_id: str, index: int, payload: bytes) -> None:
-        self.redis.set(keys.blob(mail_id, index), self.sealer.seal(payload), ex=self.staging_ttl)
-
-    def blob(self, mail_id: str, index: int) -> bytes | None:
-        value = self.redis.get(keys.blob(mail_id, index))
-        return self.sealer.open(value) if isinstance(value, bytes) else None
 
     def mark_described(self, mail_id: str, index: int, token: str) -> None:
         """The document's slot has a token (mirrored on the document, for status); a
@@ -628,11 +363,6 @@ class Ledger:
     def confirmed(self, mail_id: str) -> int:
         return int(self.redis.scard(keys.done(mail_id)))
 
-    def drop_staged(self, mail_id: str, count: int) -> None:
-        """Forget the mail's and its documents' bytes (once it left the inbox)."""
-        self.redis.delete(keys.raw(mail_id), *(keys.blob(mail_id, i) for i in range(count)))
-
-    # -- reporting -----------------------------------------------------------
     def counts(self) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)
         for state in MAIL_STATES:
@@ -640,7 +370,7 @@ class Ledger:
         return dict(zip(MAIL_STATES, (int(n) for n in pipe.execute()), strict=True))
 
     def mail_ids(self, state: str) -> list[str]:
-        return sorted(_text(m) for m in self.redis.smembers(keys.state(state)))
+        return sorted(keys.as_text(m) for m in self.redis.smembers(keys.state(state)))
 
     def mails(self, states: Iterable[str]) -> list[MailRecord]:
         ids = [mail_id for state in states for mail_id in self.mail_ids(state)]

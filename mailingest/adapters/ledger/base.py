@@ -1,0 +1,50 @@
+"""What the ledger's three parts share: the Redis client, the clock, the staging key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import redis.lock
+
+from mailingest.adapters import keys
+from mailingest.adapters.encryption import Plain, Sealer
+from mailingest.adapters.ledger import scripts
+from mailingest.adapters.ledger.clock import RedisClock
+from mailingest.core.records import MailRef
+
+
+def decode(h: Any) -> dict[str, str]:
+    """A Redis hash as text."""
+    return {keys.as_text(k): keys.as_text(v) for k, v in h.items()}
+
+
+class Store:
+    """The Redis client and what every part of the ledger reads through it."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        staging_ttl: int = 7 * 86400,
+        sealer: Sealer | Plain | None = None,
+        on_recorded: Callable[[MailRef], None] | None = None,
+        on_decided: Callable[[str, str, str], None] | None = None,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        self.redis = client
+        self.now = clock or RedisClock(client)  # ms; one clock for all workers
+        self.staging_ttl = staging_ttl
+        self.sealer = sealer or Plain()  # staged bytes encrypted at rest when a key is set
+        # told once per mail recorded, and once per move to a final state (the metrics)
+        self.on_recorded = on_recorded
+        self.on_decided = on_decided
+        self._transition = client.register_script(scripts.TRANSITION)
+        self._record = client.register_script(scripts.RECORD)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._begin = client.register_script(scripts.BEGIN)
+        self._clear_attempt = client.register_script(scripts.CLEAR_ATTEMPT)
+        self._add_reason = client.register_script(scripts.ADD_REASON)
+        self._update = client.register_script(scripts.UPDATE)
+        self._mirror = client.register_script(scripts.MIRROR)
