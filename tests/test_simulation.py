@@ -287,8 +287,12 @@ MUTATION_LIMIT = int(os.environ.get("MAILINGEST_SIM_MUTATION_LIMIT", "1000"))
 def test_each_fix_switched_off_is_caught_with_a_seed(name: str) -> None:
     """Switch one fix off (tests/sim/mutations.py): the simulation reports a violation
     within MAILINGEST_SIM_MUTATION_LIMIT schedules, with the seed that reproduces it."""
+    from tests.sim import mutations
+
+    mutations.BROKEN.clear()
     with mutated(name):
         tally = explore(range(MUTATION_LIMIT), stop_after=1)
+    assert not mutations.BROKEN, f"{name}: the mutation itself crashed: {mutations.BROKEN[:3]}"
     assert tally.failures, f"{name} ({MUTATIONS[name]}): no violation in {tally.explored}"
     first = tally.failures[0]
     seed = int(first.split(":", 1)[0].split()[1])

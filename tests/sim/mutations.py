@@ -9,6 +9,7 @@ test that proves them instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
 from mailingest.adapters.imap import Mailbox
 from mailingest.adapters.ledger import scripts as ledger_scripts
@@ -49,18 +51,38 @@ def _old_move(self: Mailbox, uid: int, destination: str, **_: Any) -> None:
         client.uid_expunge([uid])
 
 
+# A mutation that crashes tests nothing: its step fails and is recovered like any error,
+# so "no violation" would be read as "caught by nothing". Every replacement records such
+# a crash here, and the mutation test fails on it.
+BROKEN: list[str] = []
+
+
+def _guarded(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (AttributeError, NameError, TypeError, KeyError) as exc:
+            BROKEN.append(f"{fn.__name__}: {type(exc).__name__}: {exc}")
+            raise
+
+    return run
+
+
+@_guarded
 def _unfenced_begin(
     self: L.Ledger, slot: L.Slot, mail_id: str, doubt: str, *, window_ms: int
 ) -> L.Attempt:
     """No compare-and-set: record the attempt and go, whatever the slot says."""
     attempt = "unfenced"
     self.redis.hset(
-        f"{L.keys.slot(slot.entity, slot.fingerprint)}",
+        f"{keys.slot(slot.entity, slot.fingerprint)}",
         mapping={"attempt": attempt, "attempt_at": self.now()},
     )
     return L.Attempt("go", attempt, 0, self.now())
 
 
+@_guarded
 def _fence_without_mail(
     self: L.Ledger, slot: L.Slot, mail_id: str, doubt: str, *, window_ms: int
 ) -> L.Attempt:
@@ -70,7 +92,7 @@ def _fence_without_mail(
     self.redis.hset(always, "state", L.DOCUMENTS_PENDING)
     now = self.now()
     verdict, value = self._begin(
-        keys=[L.keys.slot(slot.entity, slot.fingerprint), always, doubt],
+        keys=[keys.slot(slot.entity, slot.fingerprint), always, doubt],
         args=[
             slot.attempt,
             now,
@@ -84,8 +106,9 @@ def _fence_without_mail(
     return L.Attempt(text, "mutant" + str(now) if text == "go" else "", int(value), now)
 
 
+@_guarded
 def _hset_anyway(self: L.Ledger, mail_id: str, fields: dict[str, object]) -> bool:
-    self.redis.hset(L.keys.mail(mail_id), mapping={k: str(v) for k, v in fields.items()})
+    self.redis.hset(keys.mail(mail_id), mapping={k: str(v) for k, v in fields.items()})
     return True
 
 
