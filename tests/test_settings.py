@@ -480,6 +480,20 @@ def test_file_forms_service_links_and_test_knobs_are_not_unknown(tmp_path: Path)
     }
     s = load_settings(env, require=ALL)
     assert s.alloy_token == Secret("tok")
+    # and for a Service named plain mailingest (found by review: it stopped every pod)
+    plain = {
+        "MAILINGEST_SERVICE_HOST": "10.0.0.7",
+        "MAILINGEST_SERVICE_PORT": "9808",
+        "MAILINGEST_SERVICE_PORT_METRICS": "9808",
+        "MAILINGEST_PORT": "tcp://10.0.0.7:9808",
+        "MAILINGEST_PORT_9808_TCP": "tcp://10.0.0.7:9808",
+        "MAILINGEST_PORT_9808_TCP_PROTO": "tcp",
+        "MAILINGEST_PORT_9808_TCP_PORT": "9808",
+        "MAILINGEST_PORT_9808_TCP_ADDR": "10.0.0.7",
+    }
+    assert load_settings(env | plain, require=ALL).alloy_token == Secret("tok")
+    with pytest.raises(ConfigError, match="MAILINGEST_PORT is not a setting"):
+        load_settings(env | {"MAILINGEST_PORT": "9808"})
     # a *_PORT that is not a service link is a typo like any other
     with pytest.raises(ConfigError, match="MAILINGEST_FLOWER_PORT is not a setting"):
         load_settings(env | {"MAILINGEST_FLOWER_PORT": "5555"})

@@ -687,9 +687,10 @@ NOT_SETTINGS = frozenset(
     }
 )
 # The variables Kubernetes sets for every Service of the namespace (service links): a
-# Service named mailingest-flower gives MAILINGEST_FLOWER_SERVICE_HOST and the like.
+# Service named mailingest-flower gives MAILINGEST_FLOWER_SERVICE_HOST and the like, one
+# named plain mailingest gives MAILINGEST_SERVICE_HOST, MAILINGEST_PORT_9808_TCP...
 _SERVICE_LINK = re.compile(
-    r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"([A-Z0-9_]+_)?(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
     r"|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)"
 )
 _SERVICE_LINK_PORT = re.compile(r"(tcp|udp|sctp)://\S+")  # FOO_PORT=tcp://10.0.0.11:6379
@@ -755,7 +756,7 @@ def unknown_variable(var: str, value: str) -> str | None:
         return None
     if _SERVICE_LINK.fullmatch(name):
         return None
-    if name.endswith("_PORT") and _SERVICE_LINK_PORT.fullmatch(value.strip()):
+    if (name == "PORT" or name.endswith("_PORT")) and _SERVICE_LINK_PORT.fullmatch(value.strip()):
         return None
     stem = name.removesuffix("_FILE")
     guess = nearest(name, valid_names()) or (stem if stem in BY_NAME else None)
