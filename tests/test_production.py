@@ -240,6 +240,7 @@ def test_flower_shows_every_task_with_readable_harmless_arguments_and_serves_met
     port = free_port()
     auth = "ops:flower-pass-9"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | env
+    child_env["MAILINGEST_TASK_EVENTS"] = "on"  # where Flower runs (off, it shows nothing)
     worker = CeleryProcess("worker", child_env, tmp_path / "worker.log", ["--concurrency", "2"])
     flower = CeleryProcess(
         "flower",

@@ -185,6 +185,12 @@ def test_celery_config_matches_the_settings() -> None:
     assert conf["broker_transport_options"]["visibility_timeout"] >= 300 + 300
     assert conf["beat_scheduler"] == "redbeat.RedBeatScheduler"
     assert conf["beat_schedule"]["poll-default"]["args"] == ("default",)
+    # task events (Flower's food) only where asked for: elsewhere they are Redis traffic
+    assert not conf["worker_send_task_events"] and not conf["task_send_sent_event"]
+    on = celery_config(load_settings(BASE | {"MAILINGEST_TASK_EVENTS": "on"}))
+    assert on["worker_send_task_events"] and on["task_send_sent_event"]
+    with pytest.raises(ConfigError, match="MAILINGEST_TASK_EVENTS"):
+        load_settings(BASE | {"MAILINGEST_TASK_EVENTS": "yes"})
 
 
 def test_sender_auth_on_by_default_and_opting_out_warns() -> None:

@@ -33,8 +33,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": hard,
         "task_serializer": "json",
         "accept_content": ["json"],
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # task events are what Flower shows; where no Flower listens they are only Redis
+        # traffic (a PUBLISH per task state), so they are a setting, on where Flower runs
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         "worker_hijack_root_logger": True,
         "beat_schedule": {
             f"poll-{inbox.name}": {

@@ -144,6 +144,7 @@ class Settings:
     log_format: str = str(default("LOG_FORMAT"))
     idle_renew: float = default_float("IDLE_RENEW")  # between IDLE renewals of `watch`
     metrics_port: int | None = None
+    task_events: bool = False  # Celery task events, for Flower
     config_file: Path | None = None
 
     @property
@@ -770,6 +771,7 @@ def _shared(env: _Env) -> Settings:
         log_format=env.choice("LOG_FORMAT"),
         idle_renew=env.number("IDLE_RENEW"),
         metrics_port=metrics_port or None,
+        task_events=env.choice("TASK_EVENTS") == "on",
     )
 
 

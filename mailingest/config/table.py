@@ -525,6 +525,15 @@ SETTINGS: tuple[Setting, ...] = (
         example="json",
     ),
     Setting(
+        "TASK_EVENTS",
+        "choice",
+        "`on`: workers send Celery task events, which Flower shows (on wherever Flower runs); "
+        "`off` saves a few Redis PUBLISHes per task",
+        default="off",
+        choices=("off", "on"),
+        example="on",
+    ),
+    Setting(
         "LOG_LEVEL",
         "choice",
         "the least important log records written",

@@ -217,6 +217,8 @@ def run_demo(
     ):
         account = imap.account
         env = local_environment(redis_server.url, account, sandbox.url, senders_file)
+        if flower:  # Flower shows what the workers' task events tell it
+            env["MAILINGEST_TASK_EVENTS"] = "on"
         print(f"  private Redis     {redis_server.url}")
         print(f"  IMAP server       {account.host}:{account.port} (pymap, user {account.user})")
         print(f"  Alloy sandbox     {sandbox.url}")
