@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from mailingest_testbed.alloy_sandbox import SandboxServer
 from mailingest_testbed.samples import demo_scenario
 from mailingest_testbed.servers import ImapServer, free_port
 
+from mailingest.adapters.ledger.leases import worker_name
 from mailingest.application.cli import CELERY_ABOUT, build_parser
 
 from .helpers import deliver, folder_counts, write_senders
@@ -269,6 +271,38 @@ def test_status_shows_backlog_and_oldest_pending(
     assert status["polls"]["default"]["backlog"] == 3
     assert status["polls"]["default"]["oldest_pending_s"] >= 0
     assert "backlog 3, oldest pending" in run(env, "status").stdout
+
+
+def test_status_tells_a_mail_in_progress_from_a_stalled_one(
+    env: dict[str, str], imap: ImapServer, senders_file: Path
+) -> None:
+    """Two mails idle for a minute: one a live worker holds the lease of (a slow
+    upload), one no one holds while the broker's queue is empty (its task was lost)."""
+    from mailingest.adapters import keys
+    from mailingest.application.pipeline import poll
+    from mailingest.application.services import build_context
+    from mailingest.config.settings import load_settings
+
+    scenario = demo_scenario(seed=13)
+    write_senders(senders_file, scenario)
+    deliver(imap, [m.raw for m in scenario.mails[:2]])
+    ctx = build_context(load_settings(env), heartbeat=False)
+    try:
+        working, lost = sorted(step.mail_id for step in poll(ctx, "default").steps)
+        for mail_id in (working, lost):
+            ctx.ledger.update(mail_id, updated_at=ctx.ledger.now() - 60_000)
+        lease = ctx.leases.acquire(keys.step_lock(f"ingest:{working}"))
+        assert lease is not None
+        status = json.loads(run(env, "status", "--json").stdout)
+        text = run(env, "status").stdout
+    finally:
+        ctx.close()
+    assert [r["mail_id"] for r in status["in_progress"]] == [working]
+    assert status["in_progress"][0]["lease_held_by"] == worker_name()
+    assert [r["mail_id"] for r in status["stalled"]] == [lost]
+    held = rf"in progress  {working}  queued for 6\ds \(lease held by worker {worker_name()}\)"
+    assert re.search(held, text), text
+    assert re.search(rf"stalled      {lost}  queued for 6\ds, no lease held", text), text
 
 
 def test_check_config_describes_then_connects_and_names_what_fails(

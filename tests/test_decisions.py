@@ -9,6 +9,7 @@ from mailingest.core.decisions import (
     After,
     Backlog,
     Ingest,
+    Liveness,
     Step,
     Sweep,
     SweepAction,
@@ -40,57 +41,89 @@ def slot(**fields: object) -> Slot:
 # -- stuck and stale -------------------------------------------------------------------
 
 STALE_MS = 10 * MIN
+LEASE_MS = 15_000
+POLICY = SweepPolicy(
+    stale_ms=STALE_MS,
+    lease_ms=LEASE_MS,
+    max_attempts=3,
+    failed_retries=2,
+    failed_retry_after_ms=60 * MIN,
+    finish_grace_ms=MIN,
+)
+EMPTY = Liveness(leased=False, queued_since=None)  # no lease, nothing waits in the queue
 
 
 @pytest.mark.parametrize(
-    ("state", "fields", "expected"),
+    ("state", "fields", "live", "expected"),
     [
-        (MailState.QUEUED, {"updated_at": NOW - 11 * MIN}, True),
-        (MailState.PARSING, {"updated_at": NOW - 11 * MIN}, True),
-        (MailState.DOCUMENTS_PENDING, {"updated_at": NOW - 11 * MIN}, True),
-        (MailState.QUEUED, {"updated_at": NOW - 10 * MIN}, False),  # exactly at the limit
-        (MailState.QUEUED, {"updated_at": NOW - 11 * MIN, "retry_at": NOW - MIN}, False),
-        (MailState.QUEUED, {"updated_at": NOW - 11 * MIN, "retry_at": NOW + MIN}, False),
-        # a requeue is not progress: still stuck
-        (MailState.QUEUED, {"updated_at": NOW - 11 * MIN, "requeued_at": NOW - MIN}, True),
-        (MailState.DONE, {"updated_at": 0}, False),
-        (MailState.QUARANTINED, {"updated_at": 0}, False),
-        (MailState.FAILED, {"updated_at": 0}, False),
-        (MailState.REPLAYED, {"updated_at": 0}, False),
+        # no lease, its task gone from the queue: stalled after two leases
+        (MailState.QUEUED, {"updated_at": NOW - 31_000}, EMPTY, True),
+        (MailState.PARSING, {"updated_at": NOW - 31_000}, EMPTY, True),
+        (MailState.DOCUMENTS_PENDING, {"updated_at": NOW - 31_000}, EMPTY, True),
+        (MailState.QUEUED, {"updated_at": NOW - 30_000}, EMPTY, False),  # exactly at it
+        # a lease is held: a live worker runs a step of it, however long
+        (MailState.DOCUMENTS_PENDING, {"updated_at": NOW - 11 * MIN}, Liveness(True, None), False),
+        # tasks sent before (or within a lease after) its last activity still wait
+        (MailState.QUEUED, {"updated_at": NOW - 5 * MIN}, Liveness(False, NOW - 6 * MIN), False),
+        (MailState.QUEUED, {"updated_at": NOW - 60_000}, Liveness(False, NOW - 50_000), False),
+        # ... but only up to the backstop
+        (MailState.QUEUED, {"updated_at": NOW - 11 * MIN}, Liveness(False, NOW - 12 * MIN), True),
+        # every task waiting was sent well after its last activity: its own is gone
+        (MailState.QUEUED, {"updated_at": NOW - 60_000}, Liveness(False, NOW - 40_000), True),
+        # the queue's age unknown (0): only the backstop
+        (MailState.QUEUED, {"updated_at": NOW - 9 * MIN}, Liveness(False, 0), False),
+        (MailState.QUEUED, {"updated_at": NOW - 11 * MIN}, Liveness(False, 0), True),
+        # a planned retry, or a requeue, restarts the clock
+        (MailState.QUEUED, {"updated_at": NOW - 11 * MIN, "retry_at": NOW - 10_000}, EMPTY, False),
+        (MailState.QUEUED, {"updated_at": NOW - 11 * MIN, "retry_at": NOW + MIN}, EMPTY, False),
+        (
+            MailState.QUEUED,
+            {"updated_at": NOW - 11 * MIN, "requeued_at": NOW - 10_000},
+            EMPTY,
+            False,
+        ),
+        (
+            MailState.QUEUED,
+            {"updated_at": NOW - 11 * MIN, "requeued_at": NOW - 31_000},
+            EMPTY,
+            True,
+        ),
+        (MailState.DONE, {"updated_at": 0}, EMPTY, False),
+        (MailState.QUARANTINED, {"updated_at": 0}, EMPTY, False),
+        (MailState.FAILED, {"updated_at": 0}, EMPTY, False),
+        (MailState.REPLAYED, {"updated_at": 0}, EMPTY, False),
     ],
 )
-def test_stuck(state: str, fields: dict[str, int], expected: bool) -> None:
-    assert decisions.stuck(record(state, **fields), NOW, stale_ms=STALE_MS) is expected
+def test_stuck(state: str, fields: dict[str, int], live: Liveness, expected: bool) -> None:
+    assert decisions.stuck(record(state, **fields), NOW, policy=POLICY, live=live) is expected
 
 
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"updated_at": NOW - MIN}, None),
-        ({"updated_at": NOW - 11 * MIN}, decisions.Stale(1, fail=False)),
+        ({"updated_at": NOW - 10_000}, None),
+        ({"updated_at": NOW - MIN}, decisions.Stale(1, fail=False)),
         # requeued recently: wait for that run
-        ({"updated_at": NOW - 30 * MIN, "requeued_at": NOW - 5 * MIN, "requeues": 1}, None),
-        # requeued long ago, no progress since: count on
+        ({"updated_at": NOW - 30 * MIN, "requeued_at": NOW - 5_000, "requeues": 1}, None),
+        # requeued a while ago, no progress since: count on
         (
-            {"updated_at": NOW - 30 * MIN, "requeued_at": NOW - 20 * MIN, "requeues": 2},
+            {"updated_at": NOW - 30 * MIN, "requeued_at": NOW - MIN, "requeues": 2},
             decisions.Stale(3, fail=False),
         ),
         # progress since the last requeue starts afresh
         (
-            {"updated_at": NOW - 15 * MIN, "requeued_at": NOW - 20 * MIN, "requeues": 3},
+            {"updated_at": NOW - MIN, "requeued_at": NOW - 2 * MIN, "requeues": 3},
             decisions.Stale(1, fail=False),
         ),
         # the budget used without progress: a poison mail
         (
-            {"updated_at": NOW - 90 * MIN, "requeued_at": NOW - 20 * MIN, "requeues": 3},
+            {"updated_at": NOW - 90 * MIN, "requeued_at": NOW - MIN, "requeues": 3},
             decisions.Stale(3, fail=True),
         ),
     ],
 )
 def test_stale(fields: dict[str, int], expected: decisions.Stale | None) -> None:
-    verdict = decisions.stale(
-        record(MailState.PARSING, **fields), NOW, stale_ms=STALE_MS, max_attempts=3
-    )
+    verdict = decisions.stale(record(MailState.PARSING, **fields), NOW, policy=POLICY, live=EMPTY)
     assert verdict == expected
 
 
@@ -111,14 +144,6 @@ def test_backlog_counts_only_the_inboxs_mails_in_flight_and_ages_the_oldest() ->
 
 
 # -- the sweep -----------------------------------------------------------------------
-
-POLICY = SweepPolicy(
-    stale_ms=STALE_MS,
-    max_attempts=3,
-    failed_retries=2,
-    failed_retry_after_ms=60 * MIN,
-    finish_grace_ms=MIN,
-)
 
 
 @pytest.mark.parametrize(

@@ -132,3 +132,60 @@ def test_sigterm_lets_the_upload_in_flight_finish(
     assert waited > 1.0  # it did wait for the upload
     assert ledger.document(step.mail_id, 0).state == L.UPLOADED  # type: ignore[union-attr]
     assert sandbox.state.stats()["uploaded"] == 1
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_upload_frees_its_mail_within_a_minute(
+    env: dict[str, str],
+    imap: ImapServer,
+    sandbox: SandboxServer,
+    senders_file: Path,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a whole worker (main process and pool) while its upload waits on a slow
+    Alloy: the task stays unacknowledged in Redis for the visibility timeout and the
+    backstop (STALE_AFTER) is ten minutes, so only the lapsed lease can bring the mail
+    back. It does, within a minute, through beat's sweep; the document is uploaded once."""
+    scenario = bulk_scenario(1, seed=52)
+    write_senders(senders_file, scenario)
+    deliver(imap, [scenario.mails[0].raw])
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | env
+    child_env |= {
+        "MAILINGEST_ALLOY_READ_TIMEOUT": "30",
+        "MAILINGEST_LEASE": "3",
+        "MAILINGEST_STALE_AFTER": "600",
+        "MAILINGEST_VISIBILITY_TIMEOUT": "3600",
+        "MAILINGEST_POLL_INTERVAL": "30",  # polls are rare: the sweep runs every lease
+    }
+    first = CeleryProcess("worker", child_env, tmp_path / "worker1.log", ["--concurrency", "1"])
+    second = CeleryProcess("worker", child_env, tmp_path / "worker2.log", ["--concurrency", "1"])
+    beat = CeleryProcess("beat", child_env, tmp_path / "beat.log")
+    ledger = Ledger(connect_redis(env["MAILINGEST_REDIS_URL"]))
+    sandbox.set_faults(latency_ms=10_000)  # every request waits on Alloy
+    with beat:
+        first.start()
+        try:
+            mail_id = wait_until(
+                lambda: next(iter(ledger.mail_ids(L.DOCUMENTS_PENDING)), ""), 60, "the mail"
+            )
+            upload = f"mailingest:lock:step:upload:{mail_id}:0"
+            wait_until(lambda: ledger.redis.exists(upload), 90, "the upload's lease")
+            time.sleep(4)  # longer than a lease: the heartbeat renews it
+            assert ledger.redis.exists(upload), "a running step's lease lapsed"
+        finally:
+            first.kill()  # SIGKILL to the worker's process group
+        killed = time.monotonic()
+        sandbox.set_faults(latency_ms=0)
+        with second:
+            record = wait_until(
+                lambda: (r := ledger.mail(mail_id)) and r.filed_to and r,
+                120,
+                "the mail filed after the kill",
+            )
+            recovered = time.monotonic() - killed
+    print(f"filed {recovered:.1f} s after the kill (lease 3 s, sweep every 3 s)")
+    assert record.state == L.DONE and record.filed_to == "Processed"
+    assert recovered < 60, f"the mail moved again only {recovered:.0f} s after the kill"
+    assert "stalled in documents_pending" in (tmp_path / "worker2.log").read_text()
+    stats = sandbox.state.stats()
+    assert stats["documents"] == stats["uploaded"] == len(scenario.expected_documents)

@@ -44,7 +44,7 @@ from mailingest.application.pipeline import (
 from mailingest.application.poll_once import poll_once, run_steps
 from mailingest.application.services import Context, build_context
 from mailingest.config.settings import load_settings
-from mailingest.core.decisions import stale
+from mailingest.core.decisions import Liveness, SweepPolicy, stale
 from mailingest.core.errors import AlloyUnavailable, Busy, InDoubt
 
 from .helpers import (
@@ -529,16 +529,25 @@ def test_10_a_mail_that_progresses_between_requeues_is_never_failed_as_stuck() -
         h = {"state": L.DOCUMENTS_PENDING} | {k: str(v) for k, v in fields.items()}
         return L.MailRecord.from_hash("default/INBOX/1/1", h)
 
-    now, stale_ms = 10_000_000, 600_000
+    now = 10_000_000
+    policy = SweepPolicy(
+        stale_ms=600_000,
+        lease_ms=15_000,
+        max_attempts=8,
+        failed_retries=0,
+        failed_retry_after_ms=0,
+        finish_grace_ms=0,
+    )
+    live = Liveness(leased=False, queued_since=None)
     # requeued 8 times over its life, but it moved on after the last requeue
     progressing = record(requeues=8, requeued_at=now - 900_000, updated_at=now - 700_000)
-    verdict = stale(progressing, now, stale_ms=stale_ms, max_attempts=8)
+    verdict = stale(progressing, now, policy=policy, live=live)
     assert verdict is not None and not verdict.fail and verdict.requeues == 1
     # queued again 8 times in a row without any progress: a poison mail
     stuck = record(requeues=8, requeued_at=now - 700_000, updated_at=now - 5_000_000)
-    verdict = stale(stuck, now, stale_ms=stale_ms, max_attempts=8)
+    verdict = stale(stuck, now, policy=policy, live=live)
     assert verdict is not None and verdict.fail
-    assert stale(record(updated_at=now - 1000), now, stale_ms=stale_ms, max_attempts=8) is None
+    assert stale(record(updated_at=now - 1000), now, policy=policy, live=live) is None
 
 
 def test_10b_the_sweep_requeues_a_progressing_mail_instead_of_failing_it(

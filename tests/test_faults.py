@@ -60,6 +60,7 @@ from mailingest_testbed.servers import (
 from mailingest.adapters import ledger as L
 from mailingest.adapters.ledger import Ledger
 from mailingest.application.services import connect_redis
+from mailingest.core.decisions import last_activity
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN
 from .helpers import deliver, dovecot_without
@@ -381,6 +382,7 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
         max_attempts="12",
         task_time_limit="20",
         visibility_timeout="60",
+        lease="5",  # a killed worker's mails move again 5 s (its lease) + a sweep later
         stale_after="30",
         finish_grace="5",
         failed_retry_after="10",
@@ -400,6 +402,7 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
     ledger_client = connect_redis(redis_server.url)
     ledger = Ledger(ledger_client)
     outcome: dict[str, int] = {}
+    longest_still: list = [0, "", ""]  # ms, mail id, state
     try:
         for process in workers + beats:
             process.start()
@@ -410,8 +413,15 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
             time.sleep(1)
             try:
                 records = ledger.mails(L.MAIL_STATES)
+                now = ledger.now()
             except Exception:  # noqa: BLE001 - Redis is being restarted
                 continue
+            # how long a mail in flight sat still: no progress, no planned retry
+            for r in records:
+                if r.state in L.IN_FLIGHT:
+                    still = now - last_activity(r)
+                    if still > longest_still[0]:
+                        longest_still[:] = [still, r.id, r.state]
             # a failed mail still has automatic retries left: not settled yet
             settled = [
                 r
@@ -461,6 +471,11 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
     ]
     report = _report(
         chaos.counts, stats, outcome, scenario, deliveries, check, processing, polls_sent
+    )
+    report += (
+        f"\n\nLongest time a mail in flight sat still (no progress, no planned retry): "
+        f"{longest_still[0] / 1000:.1f} s ({longest_still[1]} in {longest_still[2]}); "
+        "MAILINGEST_LEASE 5 s, the sweep every poll (1 s)."
     )
     print("\n" + report)
     if problems:

@@ -193,6 +193,20 @@ def test_celery_config_matches_the_settings() -> None:
         load_settings(BASE | {"MAILINGEST_TASK_EVENTS": "yes"})
 
 
+def test_beat_sweeps_every_lease_where_polls_are_rarer() -> None:
+    from mailingest.application.celery_config import celery_config
+
+    rare = celery_config(load_settings(BASE | {"MAILINGEST_POLL_INTERVAL": "60"}))["beat_schedule"]
+    assert rare["sweep-default"]["task"] == "mailingest.sweep_inbox"
+    assert rare["sweep-default"]["schedule"] == 15.0  # MAILINGEST_LEASE's default
+    often = celery_config(
+        load_settings(BASE | {"MAILINGEST_POLL_INTERVAL": "2", "MAILINGEST_LEASE": "5"})
+    )["beat_schedule"]
+    assert "sweep-default" not in often  # every poll sweeps already
+    with pytest.raises(ConfigError, match="MAILINGEST_LEASE"):
+        load_settings(BASE | {"MAILINGEST_LEASE": "1"})
+
+
 def test_sender_auth_on_by_default_and_opting_out_warns() -> None:
     env = {k: v for k, v in BASE.items() if k != "MAILINGEST_TRUSTED_AUTHSERV_ID"}
     with pytest.raises(ConfigError, match=r"^MAILINGEST_TRUSTED_AUTHSERV_ID is required while"):

@@ -23,6 +23,7 @@ from mailingest_testbed.servers import ServerNotAvailable
 
 from mailingest.adapters.alloy import AlloyClient
 from mailingest.adapters.ledger import Ledger
+from mailingest.adapters.ledger.leases import Leases
 from mailingest.application.pipeline import single_flight
 from mailingest.config.settings import Secret
 from mailingest.core.errors import AlloyUnavailable
@@ -137,7 +138,8 @@ def test_a_crash_leaves_the_lock_held(redis_url: str) -> None:
     client = SimRedis.from_url(redis_url)
     raw = redis.Redis.from_url(redis_url)
     ctx = SimpleNamespace(
-        ledger=Ledger(client, clock=lambda: 0), settings=SimpleNamespace(task_time_limit=300)
+        ledger=Ledger(client, clock=lambda: 0),
+        leases=Leases(client, lease_ms=15_000, heartbeat=False),
     )
 
     def step() -> None:
@@ -150,7 +152,7 @@ def test_a_crash_leaves_the_lock_held(redis_url: str) -> None:
         actor.resume("crash" if actor.label.startswith("GET") else "go")
     assert actor.crashed_at == "GET blob"
     assert raw.exists("mailingest:lock:step:upload:m:0")
-    assert raw.ttl("mailingest:lock:step:upload:m:0") > 300
+    assert 10 < raw.ttl("mailingest:lock:step:upload:m:0") <= 15  # a lease: no one renews it
 
     finished = threads.Actor("again", step)  # the same step, not killed: it releases it
     raw.delete("mailingest:lock:step:upload:m:0")
@@ -169,6 +171,9 @@ class HoldEveryDescribe:
 
     def on_lock(self, key: bytes, token: bytes, ttl_ms: int) -> None:
         pass
+
+    def queue_since(self) -> int | None:
+        return None
 
     def network_fault(self, operation: str) -> str:
         return "late" if operation == "describe" else "none"

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 from celery import Celery
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    before_task_publish,
     celeryd_init,
     worker_init,
 )
 
+from mailingest.adapters.broker_queue import SENT_HEADER
 from mailingest.application.celery_config import celery_config
 from mailingest.config.settings import Settings, load_settings
 from mailingest.core.errors import ConfigError
@@ -40,6 +43,14 @@ for _name in settings.sender_auth_off:
     )
 app = Celery("mailingest", include=["mailingest.application.tasks"])
 app.conf.update(celery_config(settings))
+
+
+@before_task_publish.connect
+def _stamp_sent(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Every task carries when it was sent: the sweep reads the oldest waiting one's
+    (adapters.broker_queue). Hosts' clocks are assumed NTP-close (well within a lease)."""
+    if headers is not None:
+        headers.setdefault(SENT_HEADER, int(time.time() * 1000))
 
 
 @after_setup_logger.connect

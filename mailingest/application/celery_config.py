@@ -6,6 +6,9 @@ from typing import Any
 
 from mailingest.config.settings import Settings
 
+# the broker queues mailingest's tasks wait in (the sweep reads their age)
+QUEUES = ("celery",)
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     # A task never runs longer than the hard limit (the soft one raises inside it first,
@@ -38,13 +41,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": settings.task_events,
         "worker_hijack_root_logger": True,
-        "beat_schedule": {
-            f"poll-{inbox.name}": {
-                "task": "mailingest.poll_inbox",
-                "schedule": inbox.poll_interval,
-                "args": (inbox.name,),
-                "options": {"expires": inbox.poll_interval},
-            }
-            for inbox in settings.inboxes
-        },
+        "beat_schedule": beat_schedule(settings),
     }
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """A poll of each inbox every POLL_INTERVAL; where that is longer than a lease, a
+    sweep every lease too, so a mail a dead worker held moves again within a minute."""
+    schedule: dict[str, dict[str, Any]] = {}
+    for inbox in settings.inboxes:
+        schedule[f"poll-{inbox.name}"] = {
+            "task": "mailingest.poll_inbox",
+            "schedule": inbox.poll_interval,
+            "args": (inbox.name,),
+            "options": {"expires": inbox.poll_interval},
+        }
+        if inbox.poll_interval > settings.lease:
+            schedule[f"sweep-{inbox.name}"] = {
+                "task": "mailingest.sweep_inbox",
+                "schedule": float(settings.lease),
+                "args": (inbox.name,),
+                "options": {"expires": float(settings.lease)},
+            }
+    return schedule

@@ -197,18 +197,37 @@ def _senders(args: argparse.Namespace, client: redis.Redis) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from mailingest.adapters.ledger import Ledger
+    from mailingest.adapters.ledger.leases import Leases
+    from mailingest.application.pipeline import sweep_policy
+    from mailingest.application.services import Services
     from mailingest.core import decisions
     from mailingest.core.records import MailRecord
     from mailingest.core.states import IN_FLIGHT, MailState
 
     settings = _settings("redis")
-    ledger = Ledger(_redis())
+    client = _redis()
+    ledger = Ledger(client)
     counts = ledger.counts()
     now = ledger.now()  # the ledger's clock: the one its timestamps were taken by
-    stale_ms = settings.stale_after * 1000
     attention = ledger.mails((MailState.QUARANTINED, MailState.FAILED))
     pending = ledger.mails(IN_FLIGHT)
-    stuck = [r for r in pending if decisions.stuck(r, now, stale_ms=stale_ms)]
+    # what the sweep knows, read the same way: who holds a lease, how old the queue is
+    policy = sweep_policy(settings)
+    holders = Leases(client, lease_ms=policy.lease_ms, heartbeat=False).mail_holders(
+        [(r.id, r.documents) for r in pending]
+    )
+    since = Services(settings).broker_queue.oldest_sent_ms() if pending else None
+    stalled = [
+        r
+        for r in pending
+        if decisions.stuck(r, now, policy=policy, live=decisions.Liveness(r.id in holders, since))
+    ]
+    # a step running for more than two leases (a slow Alloy): alive, not stalled
+    working = [
+        r
+        for r in pending
+        if r.id in holders and now - decisions.last_activity(r) > 2 * policy.lease_ms
+    ]
     polls: dict[str, dict[str, object]] = {}
     for inbox in settings.inboxes:
         mine = decisions.backlog(pending, inbox.name, now)
@@ -226,7 +245,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "reason": r.reason,
             "filed_to": r.filed_to,
             "updated_at": r.updated_at,
-        }
+        } | ({"lease_held_by": holders[r.id]} if r.id in holders else {})
 
     if args.json:
         print(
@@ -235,7 +254,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "counts": counts,
                     "polls": polls,
                     "attention": [row(r) for r in attention],
-                    "stuck": [row(r) for r in stuck],
+                    "stalled": [row(r) for r in stalled],
+                    "in_progress": [row(r) for r in working],
                 },
                 indent=2,
             )
@@ -255,10 +275,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"inbox {name}: {last_ok}{backlog}{error}")
     for record in attention:
         print(f"{record.state:12} {record.id}  {record.sender or '-'}  {record.reason}")
-    for record in stuck:
+    for record in working:
+        idle = (now - decisions.last_activity(record)) / 1000
         print(
-            f"{'stuck':12} {record.id}  {record.state} for "
-            f"{(now - record.updated_at) / 1000:.0f}s (the next poll queues it again)"
+            f"{'in progress':12} {record.id}  {record.state} for {idle:.0f}s "
+            f"(lease held by worker {holders[record.id]})"
+        )
+    for record in stalled:
+        idle = (now - decisions.last_activity(record)) / 1000
+        print(
+            f"{'stalled':12} {record.id}  {record.state} for {idle:.0f}s, no lease held "
+            "(the next sweep queues it again)"
         )
     return 0
 

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import redis
 
+from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
 from mailingest.adapters.ledger import PlannedDocument
 from mailingest.application import logs, metrics
 from mailingest.application.services import Context
-from mailingest.config.settings import SEND_GUARD, InboxSettings
+from mailingest.config.settings import SEND_GUARD, InboxSettings, Settings
 from mailingest.core import decisions
 from mailingest.core.decisions import (
     After,
@@ -76,20 +77,19 @@ class PollResult:
 
 @contextmanager
 def single_flight(ctx: Context, name: str) -> Iterator[bool]:
-    """Hold a lock for one step of one mail; yields False when another run holds it.
+    """Hold the lease on one step of one mail; yields False when another run holds it.
 
-    The lock outlives the task's hard time limit, so a run killed mid-step
-    (kill -9, lost worker) blocks its step until the lock expires; the sweep in
-    :func:`poll` then queues the mail again.
+    The lease is renewed by this process's heartbeat while the step runs, and lapses
+    ``MAILINGEST_LEASE`` seconds after a holder dies (kill -9, a lost host): the sweep
+    then sees the mail is not being worked on and queues it again.
     """
-    lock = ctx.ledger.step_lock(name, timeout=ctx.settings.task_time_limit + 30)
-    acquired = lock.acquire(blocking=False)
+    lease = ctx.leases.acquire(keys.step_lock(name))
     try:
-        yield acquired
+        yield lease is not None
     finally:
-        if acquired:
-            with suppress(Exception):  # expired meanwhile: nothing of ours to release
-                lock.release()
+        if lease is not None:
+            with suppress(Exception):  # Redis away: the lease lapses by itself
+                ctx.leases.release(lease)
 
 
 # -- poll ----------------------------------------------------------------------
@@ -113,8 +113,8 @@ def poll(ctx: Context, inbox_name: str, emit: Emit | None = None) -> PollResult:
             (emit or collected.extend)(steps)
 
     hold = ctx.settings.task_time_limit + 30
-    lock = ctx.ledger.poll_lock(inbox.name, timeout=hold)
-    if not lock.acquire(blocking=False):
+    lease = ctx.leases.acquire(keys.poll_lock(inbox.name))
+    if lease is None:
         # mail may have arrived after the running poll searched: it polls once more
         ctx.ledger.ask_repoll(inbox.name, ttl=hold)
         log.info("inbox %s: another poll is running; it will poll again", inbox.name)
@@ -129,8 +129,8 @@ def poll(ctx: Context, inbox_name: str, emit: Emit | None = None) -> PollResult:
         ctx.ledger.record_poll(inbox.name, found=0, error=str(exc))
         raise
     finally:
-        with suppress(Exception):  # expired: the next poll may already hold it
-            lock.release()
+        with suppress(Exception):  # Redis away: the lease lapses by itself
+            ctx.leases.release(lease)
     ctx.ledger.record_poll(inbox.name, found=found)
     log.info("polled inbox %s: %d new mail(s)", inbox.name, found)
     return PollResult(inbox.name, validity, found, tuple(collected), again=again)
@@ -206,10 +206,10 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
     return validity, found
 
 
-def _sweep_policy(ctx: Context) -> SweepPolicy:
-    settings = ctx.settings
+def sweep_policy(settings: Settings) -> SweepPolicy:
     return SweepPolicy(
         stale_ms=settings.stale_after * 1000,
+        lease_ms=settings.lease * 1000,
         max_attempts=settings.max_attempts,
         failed_retries=settings.failed_auto_retries,
         failed_retry_after_ms=settings.failed_retry_after * 1000,
@@ -217,17 +217,52 @@ def _sweep_policy(ctx: Context) -> SweepPolicy:
     )
 
 
+def sweep(ctx: Context, inbox_name: str) -> list[Step]:
+    """The sweep alone, between polls (beat runs it every lease when polls are rarer):
+    under the poll's lease, so it never runs beside a poll (which sweeps at its end)."""
+    inbox = ctx.settings.inbox(inbox_name)
+    lease = ctx.leases.acquire(keys.poll_lock(inbox.name))
+    if lease is None:
+        return []  # a poll runs: it sweeps when it is done
+    try:
+        return _sweep(ctx, inbox)
+    finally:
+        with suppress(Exception):  # Redis away: the lease lapses by itself
+            ctx.leases.release(lease)
+
+
+def liveness(
+    ctx: Context, records: list[MailRecord], now: int, policy: SweepPolicy
+) -> dict[str, decisions.Liveness]:
+    """What the sweep must know of the mails it may find stuck: those idle for two
+    leases (the others cannot be), with their leases and the broker queue's age."""
+    idle = [
+        r
+        for r in records
+        if r.state in IN_FLIGHT
+        and now - decisions.last_activity(r) > min(2 * policy.lease_ms, policy.stale_ms)
+    ]
+    if not idle:
+        return {}
+    held = ctx.leases.mail_holders([(r.id, r.documents) for r in idle])
+    since = ctx.queue_since()
+    return {r.id: decisions.Liveness(leased=r.id in held, queued_since=since) for r in idle}
+
+
 def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
     """Read the inbox's records not yet filed, and do what decisions.sweep says with
-    each: stuck mails again, failed ones retried, decided ones filed."""
+    each: stalled mails again, failed ones retried, decided ones filed."""
     now = ctx.ledger.now()
-    policy = _sweep_policy(ctx)
+    policy = sweep_policy(ctx.settings)
     mine = inbox.name + "/"
     steps: list[Step] = []
     for state in (*IN_FLIGHT, MailState.FAILED):
         ids = [mail_id for mail_id in ctx.ledger.mail_ids(state) if mail_id.startswith(mine)]
-        for record in ctx.ledger.records(ids):  # one round trip for all of them
-            steps += _swept(ctx, record, decisions.sweep(record, now, policy))
+        records = ctx.ledger.records(ids)  # one round trip for all of them
+        live = liveness(ctx, records, now, policy)
+        for record in records:
+            action = decisions.sweep(record, now, policy, live.get(record.id))
+            steps += _swept(ctx, record, action)
     now = ctx.ledger.now()  # the sweep above took time: the grace counts from now
     for record in ctx.ledger.unfiled(inbox.name):
         steps += _swept(ctx, record, decisions.sweep(record, now, policy))
@@ -242,7 +277,11 @@ def _swept(ctx: Context, record: MailRecord, action: decisions.SweepAction) -> l
             mail_id, MailState.FAILED, allowed=(record.state,), reason=action.reason
         )
     elif action.action == Sweep.REQUEUE:
-        log.warning("mail %s: idle in %s; queued again", mail_id, record.state)
+        log.warning(
+            "mail %s: stalled in %s (no lease held, its task gone); queued again",
+            mail_id,
+            record.state,
+        )
         # requeued_at, not updated_at: `mailingest status` still sees it as stuck
         ctx.ledger.requeued(mail_id, action.requeues)
         return [Step("ingest", mail_id)]

@@ -20,9 +20,11 @@ import httpx
 import redis
 
 from mailingest.adapters.alloy import AlloyClient
+from mailingest.adapters.broker_queue import BrokerQueue
 from mailingest.adapters.encryption import Sealer
 from mailingest.adapters.imap import Mailbox
 from mailingest.adapters.ledger import Ledger
+from mailingest.adapters.ledger.leases import Leases
 from mailingest.adapters.oauth import TokenSource
 from mailingest.adapters.rate_limit import RateLimiter
 from mailingest.adapters.senders import (
@@ -33,6 +35,7 @@ from mailingest.adapters.senders import (
     SenderResolver,
 )
 from mailingest.application import metrics
+from mailingest.application.celery_config import QUEUES
 from mailingest.config.settings import InboxSettings, Settings, redact_url
 from mailingest.core.errors import AlloyError, ConfigError, MailboxError, MailingestError
 from mailingest.core.retry import RetryPolicy
@@ -53,6 +56,8 @@ class Context:
     resolvers: dict[str, SenderResolver]
     policy: RetryPolicy
     services: Services
+    leases: Leases
+    queue_since: Callable[[], int | None]  # decisions.Liveness.queued_since, read now
     closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def senders(self, inbox_name: str) -> SenderResolver:
@@ -224,6 +229,17 @@ class Services:
         return self._alloy[limited]
 
     @property
+    def broker_queue(self) -> BrokerQueue:
+        """The broker's task queues, read for their age (a Redis broker; else unknown)."""
+        url = self.settings.broker_url or ""
+        client = None
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            client = self.redis if url == self.settings.redis_url else connect_redis(url)
+            if client is not self.redis:
+                self._closers.append(client.close)
+        return BrokerQueue(client, QUEUES)
+
+    @property
     def broker(self) -> Any:
         """A Celery client of the broker, to queue tasks for the workers (not a worker app)."""
         if self._broker is None:
@@ -336,14 +352,18 @@ def build_context(
     redis_client: redis.Redis | None = None,
     alloy_transport: httpx.BaseTransport | None = None,
     clock: Callable[[], int] | None = None,
+    heartbeat: bool = True,
+    queue_since: Callable[[], int | None] | None = None,
 ) -> Context:
     """Everything a worker process needs; call after fork, once per process.
 
-    ``redis_client``, ``alloy_transport`` and ``clock`` (ms) replace the ones built from
-    the settings: the seams the deterministic simulation (``tests/sim``) drives."""
+    ``redis_client``, ``alloy_transport``, ``clock`` (ms), ``heartbeat`` (False: no
+    thread renews leases) and ``queue_since`` replace the ones built from the settings:
+    the seams the deterministic simulation (``tests/sim``) drives."""
     settings.require("redis", "imap", "alloy")
     services = Services(settings, redis_client=redis_client, alloy_transport=alloy_transport)
     client = services.redis
+    leases = Leases(client, lease_ms=settings.lease * 1000, heartbeat=heartbeat)
     ctx = Context(
         settings=settings,
         redis=client,
@@ -359,7 +379,10 @@ def build_context(
         resolvers={inbox.name: build_resolver(inbox, client) for inbox in settings.inboxes},
         policy=RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_cap),
         services=services,
+        leases=leases,
+        queue_since=queue_since or services.broker_queue.oldest_sent_ms,
     )
+    ctx.closers.append(leases.close)
     ctx.closers.append(services.close)
     for inbox in settings.inboxes:
         services.tokens(inbox.name)  # built now: a bad OAuth setting stops start-up

@@ -1,6 +1,7 @@
 """Celery tasks: thin shells over :mod:`.pipeline`, named as ops see them in Flower.
 
     mailingest.poll_inbox(inbox)              -> ingest_message per new mail
+    mailingest.sweep_inbox(inbox)             -> the step a stalled or decided mail needs
     mailingest.ingest_message(mail_id)        -> describe_document per document
     mailingest.describe_document(mail_id, i)  -> upload_document
     mailingest.upload_document(mail_id, i)    -> finish_message once all are uploaded
@@ -81,6 +82,20 @@ def poll_inbox(self: Task[Any, Any], inbox: str) -> int:
     except pipeline.RETRYABLE as exc:
         log.warning("poll of inbox %s failed: %s (the next tick tries again)", inbox, exc)
         return 0
+
+
+@app.task(name="mailingest.sweep_inbox", bind=True)
+def sweep_inbox(self: Task[Any, Any], inbox: str) -> int:
+    """Between polls (beat sends it every MAILINGEST_LEASE seconds when polls are
+    rarer): queue stalled mails again, retry failed ones, file decided ones."""
+    ctx = context()
+    try:
+        steps = pipeline.sweep(ctx, inbox)
+    except pipeline.RETRYABLE as exc:
+        log.warning("sweep of inbox %s failed: %s (the next one tries again)", inbox, exc)
+        return 0
+    dispatch(steps)
+    return len(steps)
 
 
 @app.task(name="mailingest.ingest_message", bind=True)

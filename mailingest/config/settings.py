@@ -130,6 +130,7 @@ class Settings:
     poll_limit: int
     task_time_limit: int
     visibility_timeout: int
+    lease: int
     stale_after: int
     finish_grace: int
     failed_retry_after: int
@@ -757,6 +758,7 @@ def _shared(env: _Env) -> Settings:
         poll_limit=env.integer("POLL_LIMIT"),
         task_time_limit=task_time_limit,
         visibility_timeout=visibility_timeout,
+        lease=env.integer("LEASE"),
         stale_after=env.integer("STALE_AFTER", 2 * task_time_limit, minimum=stale_floor),
         finish_grace=env.integer("FINISH_GRACE"),
         failed_retry_after=env.integer("FAILED_RETRY_AFTER"),

@@ -551,6 +551,16 @@ SETTINGS: tuple[Setting, ...] = (
         unit=SECONDS,
     ),
     Setting(
+        "LEASE",
+        "integer",
+        "how long a running step's or poll's lease lasts unrenewed (its process renews it "
+        "every third of that); a worker killed mid-step frees its mails this long after",
+        default=15,
+        minimum=3,
+        maximum=300,
+        unit=SECONDS,
+    ),
+    Setting(
         "VISIBILITY_TIMEOUT",
         "integer",
         "how long before Redis hands an unacknowledged task to another worker; at least "
@@ -563,7 +573,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "STALE_AFTER",
         "integer",
-        "how long a mail may sit idle before a poll queues it again",
+        "backstop: how long a mail no lease holds may wait while tasks queued before it "
+        "still wait too, before the sweep queues it again",
         default_text="2 x task time limit",
         minimum=10,
         maximum=7 * DAY,

@@ -98,24 +98,52 @@ class Stale:
     fail: bool  # True: stop, it is a poison mail
 
 
-def stuck(record: MailRecord, now: int, *, stale_ms: int) -> bool:
-    """In flight and neither progress nor a planned retry for ``stale_ms``: what
-    ``mailingest status`` lists as stuck, and what the sweep queues again. A requeue by
-    the sweep is not progress: the mail stays stuck until a step moves it on."""
-    idle = now - max(record.updated_at, record.retry_at)
-    return record.state in IN_FLIGHT and idle > stale_ms
+@dataclass(frozen=True)
+class Liveness:
+    """Who may still move a mail on, read just before deciding about it.
+
+    ``leased``: a step of it holds a lease now (a live worker runs it, or one that died
+    less than a lease ago). ``queued_since``: when the oldest task still waiting in the
+    broker was sent (ms), None when none waits; a task of this mail sent before that has
+    left the queue (FIFO): it runs, ran, or was lost. Unknown is 0: anything may wait."""
+
+    leased: bool = False
+    queued_since: int | None = 0
 
 
-def stale(record: MailRecord, now: int, *, stale_ms: int, max_attempts: int) -> Stale | None:
-    """None unless the mail is :func:`stuck` and was not queued again within
-    ``stale_ms``; else queue it again, or fail it once it was queued again
-    ``max_attempts`` times in a row without progress (progress since the last requeue
-    starts the count afresh)."""
-    if not stuck(record, now, stale_ms=stale_ms) or now - record.requeued_at <= stale_ms:
+def last_activity(record: MailRecord) -> int:
+    """When the mail last moved, was retried or was queued again (ms)."""
+    return max(record.updated_at, record.retry_at, record.requeued_at)
+
+
+def stuck(record: MailRecord, now: int, *, policy: SweepPolicy, live: Liveness) -> bool:
+    """In flight, no lease held, and idle for longer than any task of it can be waiting:
+    what ``mailingest status`` lists as stalled, and what the sweep queues again.
+
+    Idle for two leases while nothing queued before (or soon after) its last activity
+    still waits in the broker: its task ran without moving it, or was lost with a
+    killed worker or a crashed Redis. Idle longer than ``stale_ms`` in any case: the
+    backstop when a deep queue hides whether its task is still there."""
+    if record.state not in IN_FLIGHT or live.leased:
+        return False
+    last = last_activity(record)
+    idle = now - last
+    if idle > policy.stale_ms:
+        return True
+    # a task is sent just after the write that makes it: within a lease of it
+    drained = live.queued_since is None or live.queued_since > last + policy.lease_ms
+    return idle > 2 * policy.lease_ms and drained
+
+
+def stale(record: MailRecord, now: int, *, policy: SweepPolicy, live: Liveness) -> Stale | None:
+    """None unless the mail is :func:`stuck`; else queue it again, or fail it once it
+    was queued again ``max_attempts`` times in a row without progress (progress since
+    the last requeue starts the count afresh)."""
+    if not stuck(record, now, policy=policy, live=live):
         return None
     progressed = record.updated_at > record.requeued_at
     count = 0 if progressed else record.requeues
-    if count >= max_attempts:
+    if count >= policy.max_attempts:
         return Stale(count, fail=True)
     return Stale(count + 1, fail=False)
 
@@ -142,7 +170,8 @@ def backlog(records: Iterable[MailRecord], inbox: str, now: int) -> Backlog:
 class SweepPolicy:
     """The settings the sweep decides by, in milliseconds."""
 
-    stale_ms: int  # MAILINGEST_STALE_AFTER
+    stale_ms: int  # MAILINGEST_STALE_AFTER: the backstop
+    lease_ms: int  # MAILINGEST_LEASE
     max_attempts: int  # requeues in a row without progress before a mail is failed
     failed_retries: int  # MAILINGEST_FAILED_AUTO_RETRIES
     failed_retry_after_ms: int  # MAILINGEST_FAILED_RETRY_AFTER
@@ -164,10 +193,12 @@ class SweepAction:
     reason: str = ""  # FAIL: why
 
 
-def sweep(record: MailRecord, now: int, policy: SweepPolicy) -> SweepAction:
-    """What a poll's sweep does with one of its inbox's records."""
+def sweep(
+    record: MailRecord, now: int, policy: SweepPolicy, live: Liveness | None = None
+) -> SweepAction:
+    """What the sweep does with one of its inbox's records."""
     if record.state in IN_FLIGHT:
-        verdict = stale(record, now, stale_ms=policy.stale_ms, max_attempts=policy.max_attempts)
+        verdict = stale(record, now, policy=policy, live=live or Liveness())
         if verdict is None:
             return SweepAction(Sweep.LEAVE)
         if verdict.fail:

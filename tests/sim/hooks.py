@@ -37,6 +37,8 @@ class Observer(Protocol):
 
     def hold(self, held: HeldRequest) -> None: ...
 
+    def queue_since(self) -> int | None: ...
+
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

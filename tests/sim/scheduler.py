@@ -41,6 +41,7 @@ class Job:
     tries: int = 0
     due: int = 0
     seq: int = 0
+    sent: int = -1  # when it was queued (the header mailingest stamps on publish)
 
 
 @dataclass
@@ -188,6 +189,8 @@ class Scheduler:
     def enqueue(self, job: Job, *, faults: bool = True) -> None:
         self._seq += 1
         job.seq = self._seq
+        if job.sent < 0:
+            job.sent = self.clock.now_ms
         self.enqueued += 1
         if faults and not self.healed and self.budget > 0 and job.kind != "poll":
             if self.plan.has("drop_task") and self.rng.random() < self.plan.p_task:
@@ -202,6 +205,12 @@ class Scheduler:
                 twin.seq = self._seq
                 self.queue.append(twin)
         self.queue.append(job)
+
+    def queue_since(self) -> int | None:
+        """When the oldest task waiting for a worker was sent (the broker queue's tail);
+        tasks due later are a worker's countdowns, not in the queue."""
+        now = self.clock.now_ms
+        return min((j.sent for j in self.queue if j.due <= now), default=None)
 
     def emit(self, steps: list[Any]) -> None:
         for step in steps:

@@ -78,6 +78,9 @@ class Relay:
         assert self.target is not None
         self.target.hold(held)
 
+    def queue_since(self) -> int | None:
+        return self.target.queue_since() if self.target is not None else None
+
 
 @dataclass
 class Server:
@@ -227,6 +230,8 @@ class World:
             redis_client=client,
             alloy_transport=SimTransport(self.relay),
             clock=self.clock,
+            heartbeat=False,  # the scheduler keeps a running thread's leases (it would renew)
+            queue_since=self.relay.queue_since,
         )
         make = ctx.mailbox
         ctx.mailbox = lambda name: wrap_mailbox(make(name))  # type: ignore[method-assign]

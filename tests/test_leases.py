@@ -1,0 +1,124 @@
+"""Leases against a real Redis: taken once, renewed by the heartbeat, lapsing when the
+holder dies (a real process killed with SIGKILL), and read back by the sweep and status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import redis
+
+from mailingest.adapters import keys
+from mailingest.adapters.ledger.leases import Leases, step_lease_keys, worker_name
+from mailingest.core.decisions import Step
+
+pytestmark = pytest.mark.servers
+
+MAIL = "default/INBOX/7/42"
+
+
+def test_one_holder_at_a_time_and_the_token_names_it(redis_client: redis.Redis) -> None:
+    leases = Leases(redis_client, lease_ms=5_000, heartbeat=False)
+    key = keys.step_lock(Step("upload", MAIL, 1).lock_name)
+    first = leases.acquire(key)
+    assert first is not None
+    assert leases.acquire(key) is None  # held: a second run stands back
+    assert 0 < redis_client.pttl(key) <= 5_000
+    assert leases.holders([key, key + ":other"]) == [worker_name(), None]
+    assert leases.mail_holders([(MAIL, 2), ("default/INBOX/7/43", 2)]) == {MAIL: worker_name()}
+    leases.release(first)
+    assert not redis_client.exists(key)
+    assert leases.acquire(key) is not None
+
+
+def test_release_never_frees_a_lease_another_holder_took(redis_client: redis.Redis) -> None:
+    leases = Leases(redis_client, lease_ms=5_000, heartbeat=False)
+    key = keys.step_lock(Step("describe", MAIL, 0).lock_name)
+    mine = leases.acquire(key)
+    assert mine is not None
+    redis_client.set(key, "other-host:1:abc", px=5_000)  # it lapsed and another run took it
+    leases.release(mine)
+    assert redis_client.get(key) == b"other-host:1:abc"
+
+
+def test_the_heartbeat_keeps_a_lease_alive_past_its_length(redis_client: redis.Redis) -> None:
+    beating = Leases(redis_client, lease_ms=1_200, heartbeat=True)
+    silent = Leases(redis_client, lease_ms=1_200, heartbeat=False)
+    kept = beating.acquire("mailingest:lock:step:test:kept")
+    lapsing = silent.acquire("mailingest:lock:step:test:lapsing")
+    assert kept is not None and lapsing is not None
+    time.sleep(3.0)  # 2.5 leases
+    assert redis_client.exists("mailingest:lock:step:test:kept")
+    assert not redis_client.exists("mailingest:lock:step:test:lapsing")
+    assert not kept.lost
+    beating.release(kept)
+    beating.close()
+
+
+def test_a_renewal_says_when_a_lease_was_lost(redis_client: redis.Redis) -> None:
+    leases = Leases(redis_client, lease_ms=5_000, heartbeat=False)
+    kept = leases.acquire("mailingest:lock:step:test:a")
+    taken = leases.acquire("mailingest:lock:step:test:b")
+    assert kept is not None and taken is not None
+    redis_client.set("mailingest:lock:step:test:b", "someone-else:1:x")
+    assert leases.renew() == 2
+    assert not kept.lost and taken.lost
+    assert leases.renew() == 1  # the lost one is no longer renewed
+
+
+def test_step_lease_keys_cover_every_step_of_a_mail() -> None:
+    names = step_lease_keys(MAIL, 2)
+    assert sorted(names) == sorted(
+        keys.step_lock(step.lock_name)
+        for step in (
+            Step("ingest", MAIL),
+            Step("finish", MAIL),
+            Step("describe", MAIL, 0),
+            Step("upload", MAIL, 0),
+            Step("describe", MAIL, 1),
+            Step("upload", MAIL, 1),
+        )
+    )
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time, redis
+    from mailingest.adapters.ledger.leases import Leases
+    leases = Leases(redis.Redis.from_url(sys.argv[1]), lease_ms=int(sys.argv[2]))
+    assert leases.acquire(sys.argv[3]) is not None
+    print("held", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_holder_killed_with_sigkill_loses_its_lease_within_one_lease(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    key = "mailingest:lock:step:test:killed"
+    lease_ms = 1_500
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, redis_url, str(lease_ms), key],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        time.sleep(2 * lease_ms / 1000)  # alive: its heartbeat renews it
+        assert redis_client.exists(key), "a live holder's lease lapsed"
+        os.kill(holder.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while redis_client.exists(key) and time.monotonic() - killed < 10:
+            time.sleep(0.05)
+        lapsed = time.monotonic() - killed
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not redis_client.exists(key)
+    assert lapsed <= lease_ms / 1000 + 0.5
