@@ -189,3 +189,44 @@ def test_a_worker_killed_mid_upload_frees_its_mail_within_a_minute(
     assert "stalled in documents_pending" in (tmp_path / "worker2.log").read_text()
     stats = sandbox.state.stats()
     assert stats["documents"] == stats["uploaded"] == len(scenario.expected_documents)
+
+
+@pytest.mark.slow
+def test_network_steps_run_on_a_thread_pool_worker_and_parsing_on_prefork(
+    env: dict[str, str],
+    imap: ImapServer,
+    sandbox: SandboxServer,
+    senders_file: Path,
+    tmp_path: Path,
+) -> None:
+    """The deployment of docker-compose.yml: a prefork worker on queue "celery" (poll,
+    ingest, sweep) and a thread-pool worker on "io" (describe, upload, move), with Alloy
+    answering every request after 1 s. Each kind of task runs where it belongs and every
+    document is at Alloy once."""
+    scenario = bulk_scenario(6, seed=53)
+    write_senders(senders_file, scenario)
+    deliver(imap, [m.raw for m in scenario.mails])
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")} | env
+    cpu = CeleryProcess(
+        "worker", child_env, tmp_path / "cpu.log", ["--concurrency", "1", "--queues", "celery"]
+    )
+    io = CeleryProcess(
+        "worker",
+        child_env,
+        tmp_path / "io.log",
+        ["--pool", "threads", "--concurrency", "8", "--queues", "io"],
+    )
+    beat = CeleryProcess("beat", child_env, tmp_path / "beat.log")
+    sandbox.set_faults(latency_ms=1000)
+    with cpu, io, beat:
+        ledger = Ledger(connect_redis(env["MAILINGEST_REDIS_URL"]))
+        records = wait_decided(ledger, len(scenario.mails))
+    assert L.DONE in {r.state for r in records}
+    assert outcome_problems(env, scenario) == []  # each mail where the scenario expects it
+    stats = sandbox.state.stats()
+    assert stats["documents"] == stats["uploaded"] == len(scenario.expected_documents)
+    cpu_log, io_log = (tmp_path / "cpu.log").read_text(), (tmp_path / "io.log").read_text()
+    for task in ("describe_document", "upload_document", "finish_message"):
+        assert f"mailingest.{task}[" in io_log and f"mailingest.{task}[" not in cpu_log, task
+    for task in ("poll_inbox", "ingest_message"):
+        assert f"mailingest.{task}[" in cpu_log and f"mailingest.{task}[" not in io_log, task

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu import Queue
+
 from mailingest.config.settings import Settings
 
-# the broker queues mailingest's tasks wait in (the sweep reads their age)
-QUEUES = ("celery",)
+# The broker queues mailingest's tasks wait in (the sweep reads their age). Steps that
+# mostly wait on the network (Alloy, the IMAP move) go to "io", which a thread-pool
+# worker can serve many at a time; polling, parsing and the sweep stay on "celery"
+# (prefork: one CPU-bound step per process). A worker started without -Q serves both.
+CPU_QUEUE = "celery"
+IO_QUEUE = "io"
+QUEUES = (CPU_QUEUE, IO_QUEUE)
+IO_TASKS = (
+    "mailingest.describe_document",
+    "mailingest.upload_document",
+    "mailingest.finish_message",
+)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -28,6 +40,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redbeat_key_prefix": "mailingest:redbeat",
         "redbeat_lock_timeout": max(30, int(loop * 6)),
         "beat_max_loop_interval": loop,
+        "task_default_queue": CPU_QUEUE,
+        "task_queues": [Queue(name, routing_key=name) for name in QUEUES],
+        "task_routes": {name: {"queue": IO_QUEUE, "routing_key": IO_QUEUE} for name in IO_TASKS},
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,

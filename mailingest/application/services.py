@@ -64,7 +64,9 @@ class Context:
         """Who the senders of this inbox's mail are."""
         return self.resolvers[inbox_name]
 
-    connections: dict[str, Mailbox] = field(default_factory=dict, repr=False)
+    # kept connections per inbox: one per thread at most (a thread-pool worker runs
+    # several steps at once; list.pop and append are atomic)
+    connections: dict[str, list[Mailbox]] = field(default_factory=dict, repr=False)
 
     @contextmanager
     def imap(self, inbox_name: str) -> Iterator[Mailbox]:
@@ -73,9 +75,14 @@ class Context:
         Logging in costs round trips (and providers cap connections per account), so
         a connection that ended its last use cleanly is kept for the next one. One the
         server spoke on meanwhile (a BYE, a restart) or idle for a while is checked with
-        NOOP first; one whose use raised is closed, never reused.
+        NOOP first; one whose use raised is closed, never reused. Each use has its
+        connection to itself: threads running at once each take their own.
         """
-        box = self.connections.pop(inbox_name, None)
+        kept = self.connections.setdefault(inbox_name, [])
+        try:
+            box: Mailbox | None = kept.pop()
+        except IndexError:
+            box = None
         idle = time.monotonic() - (box.last_used if box else 0)
         if box is not None and (box.server_spoke() or idle > REUSE_CHECK_AFTER):
             try:
@@ -92,15 +99,16 @@ class Context:
             box.close()
             raise
         box.last_used = time.monotonic()
-        self.connections[inbox_name] = box
+        kept.append(box)
 
     def mailbox(self, inbox_name: str) -> Mailbox:
         """A new IMAP connection (unopened) to the named inbox."""
         return self.services.mailbox(inbox_name)
 
     def close(self) -> None:
-        for box in self.connections.values():
-            box.close()
+        for kept in self.connections.values():
+            for box in kept:
+                box.close()
         self.connections.clear()
         for close in reversed(self.closers):
             close()

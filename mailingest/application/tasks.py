@@ -14,6 +14,7 @@ a document index: nothing sensitive, readable in Flower. Bytes stay in Redis.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import Task
@@ -30,12 +31,18 @@ log = logging.getLogger(__name__)
 _context: Context | None = None
 
 
+_building = threading.Lock()
+
+
 def context() -> Context:
-    """This process's services, built on first use (after the worker forked)."""
+    """This process's services, built on first use (after the worker forked); shared by
+    the threads of a thread-pool worker (its clients are thread-safe, and each IMAP use
+    takes its own connection)."""
     global _context
-    if _context is None:
-        _context = build_context(settings)
-    return _context
+    with _building:
+        if _context is None:
+            _context = build_context(settings)
+        return _context
 
 
 @worker_process_init.connect

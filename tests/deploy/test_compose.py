@@ -317,3 +317,20 @@ def test_env_example_names_real_settings_and_everything_needed(tmp_path: Path) -
     load_settings({"MAILINGEST_CONFIG": str(config)}).require(*ALL_GROUPS)
     others = {k for k in values if not k.startswith("MAILINGEST_")}
     assert others <= {"COMPOSE_PROFILES", "FLOWER_BASIC_AUTH", "FLOWER_PUBLISH"}, others
+
+
+def test_compose_serves_every_queue_cpu_on_prefork_and_io_on_threads() -> None:
+    from mailingest.application.celery_config import CPU_QUEUE, IO_QUEUE, QUEUES
+
+    prod = compose_services("prod")
+    served: dict[str, list[str]] = {}
+    for name in ("worker", "worker-io"):
+        argv = prod[name]["command"]
+        queues = argv[argv.index("--queues") + 1].split(",")
+        pool = argv[argv.index("--pool") + 1] if "--pool" in argv else "prefork"
+        for queue in queues:
+            served.setdefault(queue, []).append(pool)
+    assert served == {CPU_QUEUE: ["prefork"], IO_QUEUE: ["threads"]}
+    assert set(served) == set(QUEUES), "a queue no worker serves would hold its tasks forever"
+    demo = compose_services("demo")["demo-worker"]["command"]
+    assert "--queues" not in demo, "the demo's one worker serves every queue"

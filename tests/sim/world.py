@@ -239,8 +239,9 @@ class World:
 
     def discard(self, ctx: Context) -> None:
         """Close a context as a dying process would: sockets dropped, no goodbyes."""
-        for box in list(ctx.connections.values()):
-            hard_close(box)
+        for kept in list(ctx.connections.values()):
+            for box in kept:
+                hard_close(box)
         ctx.connections.clear()
         try:
             ctx.alloy.close()
@@ -305,15 +306,16 @@ class World:
         """Kept (idle) connections leave the selected folder, so deleting it cannot drop
         them; a connection that fails is closed (reconnecting is not a checkpoint)."""
         for ctx in self.servers[variant].contexts.values():
-            for name, box in list(ctx.connections.items()):
-                client = box.__dict__.get("_client")
-                try:
-                    if client is None:
-                        raise OSError("closed")
-                    client.select_folder("INBOX", readonly=True)
-                except Exception:  # noqa: BLE001
-                    hard_close(box)
-                    ctx.connections.pop(name, None)
+            for kept in ctx.connections.values():
+                for box in list(kept):
+                    client = box.__dict__.get("_client")
+                    try:
+                        if client is None:
+                            raise OSError("closed")
+                        client.select_folder("INBOX", readonly=True)
+                    except Exception:  # noqa: BLE001
+                        hard_close(box)
+                        kept.remove(box)
 
 
 @dataclass(frozen=True)
