@@ -418,3 +418,42 @@ def test_step_lock_names() -> None:
     assert Step("ingest", MAIL).lock_name == f"ingest:{MAIL}"
     assert Step("upload", MAIL, 3).lock_name == f"upload:{MAIL}:3"
     assert Step("upload", MAIL, 3).args == (MAIL, 3)
+
+
+# -- chaining -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("step", "following", "runs", "queued"),
+    [
+        # a describe goes on with its own upload; another document's step is queued
+        (
+            Step("describe", MAIL, 0),
+            [Step("describe", MAIL, 1), Step("upload", MAIL, 0)],
+            Step("upload", MAIL, 0),
+            [Step("describe", MAIL, 1)],
+        ),
+        # the last upload goes on with the move of its mail
+        (Step("upload", MAIL, 1), [Step("finish", MAIL)], Step("finish", MAIL), []),
+        # a refused describe quarantines: its move follows in the same task
+        (Step("describe", MAIL, 0), [Step("finish", MAIL)], Step("finish", MAIL), []),
+        # never another document's upload, never another mail
+        (Step("describe", MAIL, 0), [Step("upload", MAIL, 1)], None, [Step("upload", MAIL, 1)]),
+        (
+            Step("upload", MAIL, 0),
+            [Step("finish", "x/INBOX/1/2")],
+            None,
+            [Step("finish", "x/INBOX/1/2")],
+        ),
+        # a parse's describes are queued, for the I/O workers, in parallel
+        (
+            Step("ingest", MAIL),
+            [Step("describe", MAIL, 0), Step("finish", MAIL)],
+            None,
+            [Step("describe", MAIL, 0), Step("finish", MAIL)],
+        ),
+        (Step("finish", MAIL), [], None, []),
+    ],
+)
+def test_chained(step: Step, following: list[Step], runs: Step | None, queued: list[Step]) -> None:
+    assert decisions.chained(step, following) == (runs, queued)

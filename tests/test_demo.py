@@ -45,7 +45,7 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     assert "sender not authenticated: dmarc=fail" in out
     # the worker and beat ran through the `mailingest worker|beat` wrappers
     worker_log = (tmp_path / "demo" / "worker.log").read_text()
-    assert "mailingest.upload_document" in worker_log and "ready." in worker_log
+    assert "mailingest.describe_document" in worker_log and "ready." in worker_log
     assert (
         "Scheduler: Sending due task poll-default" in (tmp_path / "demo" / "beat.log").read_text()
     )

@@ -75,7 +75,7 @@ def test_worker_and_beat_ingest_every_document(
     documents = len(scenario.expected_documents)
     assert stats_after["uploaded"] == stats_after["documents"] == documents
     log_text = (tmp_path / "worker.log").read_text()
-    assert "mailingest.upload_document" in log_text
+    assert "mailingest.describe_document" in log_text
     for secret in ("MAILINGEST_IMAP_PASSWORD", "MAILINGEST_ALLOY_TOKEN", "MAILINGEST_ALLOY_SECRET"):
         assert env[secret] not in log_text, secret
 
@@ -83,17 +83,6 @@ def test_worker_and_beat_ingest_every_document(
 def described(ledger: Ledger, mail_id: str) -> bool:
     doc = ledger.document(mail_id, 0)
     return doc is not None and bool(doc.token)
-
-
-def uploading(env: dict[str, str]) -> bool:
-    """Whether a worker is running upload_document now (asked as ops would: Celery's
-    remote control, ``celery inspect active``)."""
-    client = Celery(broker=env["MAILINGEST_REDIS_URL"])
-    try:
-        active = client.control.inspect(timeout=1.0, limit=1).active() or {}
-    finally:
-        client.close()
-    return any(t["name"] == "mailingest.upload_document" for ts in active.values() for t in ts)
 
 
 @pytest.mark.slow
@@ -123,7 +112,8 @@ def test_sigterm_lets_the_upload_in_flight_finish(
         )
         step = Step("ingest", mail_id)
         wait_until(lambda: described(ledger, step.mail_id), 30, "the describe")
-        wait_until(lambda: uploading(env), 30, "the upload running on the worker")
+        upload = f"mailingest:lock:step:upload:{step.mail_id}:0"
+        wait_until(lambda: ledger.redis.exists(upload), 30, "the upload running on the worker")
         # the upload now waits on the slow sandbox (3 s): SIGTERM lands in the middle of it
         assert ledger.document(step.mail_id, 0).state == L.DESCRIBED  # type: ignore[union-attr]
         stopped = time.monotonic()
@@ -226,7 +216,12 @@ def test_network_steps_run_on_a_thread_pool_worker_and_parsing_on_prefork(
     stats = sandbox.state.stats()
     assert stats["documents"] == stats["uploaded"] == len(scenario.expected_documents)
     cpu_log, io_log = (tmp_path / "cpu.log").read_text(), (tmp_path / "io.log").read_text()
+    # describe tasks (which go on with their upload, and with the move of a mail's last
+    # document) and any upload or move queued on its own run on the thread pool
+    assert "mailingest.describe_document[" in io_log
     for task in ("describe_document", "upload_document", "finish_message"):
-        assert f"mailingest.{task}[" in io_log and f"mailingest.{task}[" not in cpu_log, task
+        assert f"mailingest.{task}[" not in cpu_log, task
+    for line in ("document 0 uploaded (", "moved to Processed"):
+        assert line in io_log and line not in cpu_log, line
     for task in ("poll_inbox", "ingest_message"):
         assert f"mailingest.{task}[" in cpu_log and f"mailingest.{task}[" not in io_log, task

@@ -121,7 +121,7 @@ def test_no_secret_or_document_bytes_in_redis_or_logs(tmp_path: Path) -> None:
     (doc,) = sandbox.state.list(entity)
     assert DOCUMENT_MARK in sandbox.state.download(entity, doc["document_token"])
     assert len(monitor.lines) > 100  # the capture saw the traffic
-    assert any("mailingest.upload_document" in line for line in monitor.lines)
+    assert any("mailingest.describe_document" in line for line in monitor.lines)
     logs = (tmp_path / "worker.log").read_text() + (tmp_path / "beat.log").read_text()
     planted = [
         IMAP_PASSWORD,

@@ -256,6 +256,30 @@ def document_steps(mail_id: str, docs: Sequence[DocumentRecord]) -> list[Step]:
     return steps
 
 
+# at most this many steps run one after another in one task
+CHAIN_LIMIT = 4
+
+
+def chained(step: Step, following: Sequence[Step]) -> tuple[Step | None, list[Step]]:
+    """Of the steps that follow ``step``, the one the same task runs next, and the rest
+    to queue. A document's describe goes on with its own upload, and the step that
+    decides a mail (its last upload, a refusal) goes on with its move: the next step of
+    the same thing, on the same kind of worker, without a trip through the broker. The
+    describes a parse plans are queued (in parallel, on the I/O workers)."""
+    if step.task not in ("describe", "upload", "finish"):
+        return None, list(following)
+    for i, candidate in enumerate(following):
+        same_document = (
+            candidate.task == "upload"
+            and step.task == "describe"
+            and (candidate.mail_id, candidate.index) == (step.mail_id, step.index)
+        )
+        files_it = candidate.task == "finish" and candidate.mail_id == step.mail_id
+        if same_document or files_it:
+            return candidate, [*following[:i], *following[i + 1 :]]
+    return None, list(following)
+
+
 def may_file(record: MailRecord | None) -> bool:
     """A decided mail not yet filed: ``finish`` may move it (once it is settled)."""
     return record is not None and record.state in DECIDED and not record.filed_to
