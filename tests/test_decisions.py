@@ -457,3 +457,21 @@ def test_step_lock_names() -> None:
 )
 def test_chained(step: Step, following: list[Step], runs: Step | None, queued: list[Step]) -> None:
     assert decisions.chained(step, following) == (runs, queued)
+
+
+# -- fetch batches ----------------------------------------------------------------------
+
+
+def test_fetch_batches_start_small_and_double_up_to_the_count() -> None:
+    uids = list(range(1, 41))
+    sizes = dict.fromkeys(uids, 1000)
+    batches = list(decisions.fetch_batches(uids, sizes, 10, 10**9))
+    assert [len(b) for b in batches] == [2, 4, 8, 10, 10, 6]
+    assert [uid for b in batches for uid in b] == uids  # in order, each once
+
+
+def test_fetch_batches_keep_to_the_byte_budget_and_never_leave_a_big_mail_out() -> None:
+    sizes = {1: 10, 2: 10, 3: 10, 4: 50, 5: 60, 6: 10}
+    batches = list(decisions.fetch_batches(list(sizes), sizes, 50, 55))
+    assert batches == [[1, 2], [3], [4], [5], [6]]
+    assert list(decisions.fetch_batches([], {}, 50, 55)) == []

@@ -136,20 +136,6 @@ def poll(ctx: Context, inbox_name: str, emit: Emit | None = None) -> PollResult:
     return PollResult(inbox.name, validity, found, tuple(collected), again=again)
 
 
-def _batches(uids: list[int], sizes: dict[int, int], count: int, size: int) -> Iterator[list[int]]:
-    """Consecutive UIDs, at most ``count`` mails and about ``size`` bytes per batch."""
-    batch: list[int] = []
-    total = 0
-    for uid in uids:
-        if batch and (len(batch) >= count or total + sizes.get(uid, 0) > size):
-            yield batch
-            batch, total = [], 0
-        batch.append(uid)
-        total += sizes.get(uid, 0)
-    if batch:
-        yield batch
-
-
 def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]:
     settings = ctx.settings
     deadline = time.monotonic() + settings.task_time_limit / 2
@@ -173,7 +159,9 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
                 out(quarantine(ctx, ref.id, size_refusal(sizes[uid], settings.limits)))
         refused = set(too_big)
         uids = [u for u in uids if u not in refused]
-        for chunk in _batches(uids, sizes, settings.fetch_batch, settings.fetch_bytes):
+        for chunk in decisions.fetch_batches(
+            uids, sizes, settings.fetch_batch, settings.fetch_bytes
+        ):
             fetched = box.fetch(chunk)
             steps = []
             for mail in fetched:

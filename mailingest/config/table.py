@@ -645,7 +645,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "FETCH_BATCH",
         "integer",
-        "mails per IMAP FETCH at most",
+        "mails per IMAP FETCH at most (a poll starts at 2 and doubles, so the first mails "
+        "reach the workers at once)",
         default=50,
         minimum=1,
         maximum=500,

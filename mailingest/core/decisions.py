@@ -8,7 +8,7 @@ simulation (``tests/sim``).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -161,6 +161,31 @@ def backlog(records: Iterable[MailRecord], inbox: str, now: int) -> Backlog:
     (the same for ``mailingest status`` and the metrics)."""
     ages = [now - r.created_at for r in records if r.ref.inbox == inbox and r.state in IN_FLIGHT]
     return Backlog(len(ages), max(ages, default=None))
+
+
+# -- the poll -----------------------------------------------------------------------
+
+FIRST_BATCH = 2  # mails in a poll's first FETCH: the workers start on them at once
+
+
+def fetch_batches(
+    uids: Sequence[int], sizes: Mapping[int, int], count: int, size: int
+) -> Iterator[list[int]]:
+    """Consecutive UIDs in batches of at most ``count`` mails and about ``size`` bytes,
+    starting small and doubling: the first mails of a backlog reach the workers after
+    one small FETCH, the rest in batches big enough to cost few round trips."""
+    batch: list[int] = []
+    total = 0
+    limit = min(FIRST_BATCH, count)
+    for uid in uids:
+        if batch and (len(batch) >= limit or total + sizes.get(uid, 0) > size):
+            yield batch
+            batch, total = [], 0
+            limit = min(2 * limit, count)
+        batch.append(uid)
+        total += sizes.get(uid, 0)
+    if batch:
+        yield batch
 
 
 # -- the sweep ----------------------------------------------------------------------
