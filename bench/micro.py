@@ -6,16 +6,21 @@ here and the tests keep what they assert. Figures go to stdout, one line each:
 
 * ``sandbox``: describes over one keep-alive connection to the Alloy sandbox (req/s);
 * ``sniff``: ``sniff()`` on 25 MB inputs of several kinds (it reads a bounded head, so
-  the time should not grow with the size).
+  the time should not grow with the size);
+* ``parsers``: redis-py's reply parsers side by side on a private redis-server: a 2 MB
+  GET (a staged document) and a 30-field HGETALL (a ledger record), pure Python vs
+  hiredis (why ``hiredis`` is a dependency).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import time
 import zipfile
+from collections.abc import Callable
 
 import httpx
 from mailingest_testbed.alloy_sandbox import SandboxServer
@@ -77,6 +82,46 @@ def sniff_25_mb(size_mb: int) -> str:
     return f"sniff on {size_mb} MB: {', '.join(report)}"
 
 
+def reply_parsers(rounds: int = 5) -> str:
+    """Best of ``rounds``: a 2 MB GET and a 30-field HGETALL with each reply parser."""
+    import tempfile
+    from pathlib import Path
+
+    import redis
+    from mailingest_testbed.servers import RedisServer
+    from redis._parsers import _HiredisParser, _RESP2Parser
+
+    with tempfile.TemporaryDirectory() as scratch:
+        server = RedisServer(Path(scratch)).start()
+        try:
+            report = []
+            for label, parser in (("python", _RESP2Parser), ("hiredis", _HiredisParser)):
+                client = redis.Redis.from_url(server.url, parser_class=parser)
+                client.set("blob", os.urandom(2_000_000))
+                client.hset("record", mapping={f"field{i}": "x" * 12 for i in range(30)})
+                timings = []
+                for command, n in (
+                    (functools.partial(client.get, "blob"), 50),
+                    (functools.partial(client.hgetall, "record"), 2000),
+                ):
+                    best = min(_per_call(command, n) for _ in range(rounds))
+                    timings.append(best * 1e6)
+                client.close()
+                report.append(
+                    f"{label}: GET 2 MB {timings[0]:.0f} us, HGETALL 30 fields {timings[1]:.0f} us"
+                )
+            return "reply parsers: " + "; ".join(report)
+        finally:
+            server.stop()
+
+
+def _per_call(command: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        command()
+    return (time.perf_counter() - start) / n
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench micro",
@@ -87,4 +132,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(sandbox_describes(args.describes), flush=True)
     print(sniff_25_mb(args.sniff_mb), flush=True)
+    print(reply_parsers(), flush=True)
     return 0
