@@ -122,3 +122,40 @@ def test_a_holder_killed_with_sigkill_loses_its_lease_within_one_lease(
         holder.wait()
     assert not redis_client.exists(key)
     assert lapsed <= lease_ms / 1000 + 0.5
+
+
+def test_a_lease_held_past_its_maximum_is_let_lapse(redis_client: redis.Redis) -> None:
+    """A thread pool enforces no task time limit: a step hung on a trickling answer
+    would hold its lease for ever, and its mail would never be swept. Past the longest
+    a step may run, the heartbeat stops renewing it."""
+    leases = Leases(redis_client, lease_ms=5_000, heartbeat=False, max_hold_ms=200)
+    hung = leases.acquire("mailingest:lock:step:test:hung")
+    assert hung is not None
+    assert leases.renew() == 1 and not hung.lost
+    time.sleep(0.3)
+    assert leases.renew() == 0 and hung.lost  # no longer renewed: it lapses in one lease
+
+
+def test_a_renewal_never_drops_a_newer_lease_on_the_same_key(redis_client: redis.Redis) -> None:
+    """The step released its lease and took the key again while a renewal was on its way:
+    the renewal reports the old token lost, and must not forget the new lease."""
+    leases = Leases(redis_client, lease_ms=5_000, heartbeat=False)
+    key = "mailingest:lock:step:test:again"
+    old = leases.acquire(key)
+    assert old is not None
+    real = leases._renew
+
+    def release_and_retake_first(**kw: object) -> object:
+        leases.release(old)
+        again = leases.acquire(key)
+        assert again is not None
+        news.append(again)
+        return real(**kw)
+
+    news: list = []
+    leases._renew = release_and_retake_first  # type: ignore[method-assign]
+    leases.renew()
+    leases._renew = real  # type: ignore[method-assign]
+    (new,) = news
+    assert not new.lost
+    assert leases.renew() == 1  # still held, still renewed

@@ -76,6 +76,8 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
                 "task": "mailingest.sweep_inbox",
                 "schedule": float(settings.lease),
                 "args": (inbox.name,),
-                "options": {"expires": float(settings.lease)},
+                # a sweep still runs when a deep queue delays it (that is when mails
+                # stall); the ones that bunch up return at once (pipeline.sweep)
+                "options": {"expires": float(settings.stale_after)},
             }
     return schedule

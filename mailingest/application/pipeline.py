@@ -209,6 +209,8 @@ def sweep(ctx: Context, inbox_name: str) -> list[Step]:
     """The sweep alone, between polls (beat runs it every lease when polls are rarer):
     under the poll's lease, so it never runs beside a poll (which sweeps at its end)."""
     inbox = ctx.settings.inbox(inbox_name)
+    if ctx.ledger.now() - ctx.ledger.swept_at(inbox.name) < ctx.settings.lease * 500:
+        return []  # swept less than half a lease ago (sweeps late in a deep queue bunch up)
     lease = ctx.leases.acquire(keys.poll_lock(inbox.name))
     if lease is None:
         return []  # a poll runs: it sweeps when it is done
@@ -248,12 +250,22 @@ def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
         ids = [mail_id for mail_id in ctx.ledger.mail_ids(state) if mail_id.startswith(mine)]
         records = ctx.ledger.records(ids)  # one round trip for all of them
         live = liveness(ctx, records, now, policy)
+        if live:
+            # read again after the leases: a step that wrote its progress and released
+            # its lease between the two reads is seen with that progress
+            fresh = {r.id: r for r in ctx.ledger.records(list(live))}
+            records = [
+                fresh[r.id] if r.id in live else r
+                for r in records
+                if r.id in fresh or r.id not in live
+            ]
         for record in records:
             action = decisions.sweep(record, now, policy, live.get(record.id))
             steps += _swept(ctx, record, action)
     now = ctx.ledger.now()  # the sweep above took time: the grace counts from now
     for record in ctx.ledger.unfiled(inbox.name):
         steps += _swept(ctx, record, decisions.sweep(record, now, policy))
+    ctx.ledger.record_sweep(inbox.name)
     return steps
 
 

@@ -371,7 +371,12 @@ def build_context(
     settings.require("redis", "imap", "alloy")
     services = Services(settings, redis_client=redis_client, alloy_transport=alloy_transport)
     client = services.redis
-    leases = Leases(client, lease_ms=settings.lease * 1000, heartbeat=heartbeat)
+    leases = Leases(
+        client,
+        lease_ms=settings.lease * 1000,
+        heartbeat=heartbeat,
+        max_hold_ms=(settings.task_time_limit + 30) * 1000,
+    )
     ctx = Context(
         settings=settings,
         redis=client,

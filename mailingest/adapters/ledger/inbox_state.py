@@ -43,6 +43,13 @@ class InboxState(Store):
             fields["ok_at"] = fields["at"]
         self.redis.hset(keys.poll_status(inbox), mapping=fields)
 
+    def record_sweep(self, inbox: str) -> None:
+        self.redis.hset(keys.poll_status(inbox), "swept_at", self.now())
+
+    def swept_at(self, inbox: str) -> int:
+        """When the inbox was last swept (ms on the ledger's clock; 0: never)."""
+        return int(self.redis.hget(keys.poll_status(inbox), "swept_at") or 0)
+
     def poll_status(self, inbox: str) -> dict[str, str]:
         return decode(self.redis.hgetall(keys.poll_status(inbox)))
 

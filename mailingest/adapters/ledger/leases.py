@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,14 +71,25 @@ class Lease:
     key: str
     token: str
     lost: bool = False  # the heartbeat found it taken or gone
+    taken: float = 0.0  # time.monotonic() when it was taken
 
 
 class Leases:
     """Take, renew and give back leases; read who holds one."""
 
-    def __init__(self, client: redis.Redis, *, lease_ms: int, heartbeat: bool = True) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        lease_ms: int,
+        heartbeat: bool = True,
+        max_hold_ms: int | None = None,
+    ) -> None:
         self.redis = client
         self.lease_ms = lease_ms
+        # no step runs longer than the task time limit; a lease held longer than this
+        # is a hung holder (a thread pool enforces no time limit): it is let lapse
+        self.max_hold_ms = max_hold_ms
         self._held: dict[str, Lease] = {}
         self._guard = threading.Lock()
         self._renew = client.register_script(RENEW)
@@ -89,7 +101,7 @@ class Leases:
         token = f"{worker_name()}:{uuid.uuid4().hex[:12]}"
         if not self.redis.set(key, token, nx=True, px=self.lease_ms):
             return None
-        lease = Lease(key, token)
+        lease = Lease(key, token, taken=time.monotonic())
         with self._guard:
             self._held[key] = lease
         if self._heartbeat is not None:
@@ -98,13 +110,25 @@ class Leases:
 
     def release(self, lease: Lease) -> None:
         with self._guard:
-            self._held.pop(lease.key, None)
+            if self._held.get(lease.key) is lease:  # not a newer lease on the same key
+                del self._held[lease.key]
         self._release(keys=[lease.key], args=[lease.token])
 
     def renew(self) -> int:
         """Renew every lease this process holds (one round trip); return how many."""
         with self._guard:
             held = list(self._held.values())
+            if self.max_hold_ms is not None:
+                limit = time.monotonic() - self.max_hold_ms / 1000
+                for lease in [h for h in held if h.taken < limit]:
+                    del self._held[lease.key]
+                    lease.lost = True
+                    log.error(
+                        "lease %s held for more than %d s: no longer renewed (a hung step?)",
+                        lease.key,
+                        self.max_hold_ms // 1000,
+                    )
+                held = [h for h in held if not h.lost]
         if not held:
             return 0
         lost = self._renew(
@@ -112,9 +136,11 @@ class Leases:
         )
         for position in lost:
             lease = held[int(position) - 1]
-            lease.lost = True
             with self._guard:
-                self._held.pop(lease.key, None)
+                if self._held.get(lease.key) is not lease:
+                    continue  # released meanwhile (and perhaps taken again): not lost
+                del self._held[lease.key]
+            lease.lost = True
             log.warning("lease %s lapsed while held (a pause longer than the lease?)", lease.key)
         return len(held)
 

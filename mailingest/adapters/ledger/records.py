@@ -186,10 +186,18 @@ class MailRecords(Store):
         The slots hold what Alloy has; the mail's document records are its plan, made
         afresh each time it is planned (a replay, a run after a crash): a document the
         slot already has uploaded counts as uploaded at once."""
-        old = int(self.redis.hget(keys.mail(mail_id), "documents") or 0)
         fps = [fingerprint(message_key, doc) for doc in documents]
         slots = self.slots(entity, fps)
         pipe = self.redis.pipeline(transaction=True)
+        # fenced: a run frozen past its lease must not rewrite the plan (and the done
+        # set, and the staged bytes) of a mail another run planned and moved on since
+        pipe.watch(keys.mail(mail_id))  # type: ignore[no-untyped-call]
+        state, count = pipe.hmget(keys.mail(mail_id), ["state", "documents"])
+        if keys.as_text(state or b"") != MailState.PARSING:
+            pipe.reset()
+            return False
+        old = int(count or 0)
+        pipe.multi()
         pipe.delete(keys.done(mail_id), *(keys.document(mail_id, i) for i in range(old)))
         for doc, fp, slot in zip(documents, fps, slots, strict=True):
             sha = hashlib.sha256(doc.payload).hexdigest()
@@ -222,7 +230,10 @@ class MailRecords(Store):
                     self.sealer.seal(doc.payload),
                     ex=self.staging_ttl,
                 )
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            return False  # the mail changed meanwhile: whoever changed it goes on
         moved = self.transition(
             mail_id,
             MailState.DOCUMENTS_PENDING,
