@@ -30,10 +30,11 @@ _context: Context | None = None
 
 
 def context() -> Context:
-    """This process's services, built on first use (after the worker forked)."""
+    """This process's services, built on first use (after the worker forked); its Redis
+    commands wait out an outage of about a minute (a step caught by it then finishes)."""
     global _context
     if _context is None:
-        _context = build_context(settings)
+        _context = build_context(settings, ride_out=True)
     return _context
 
 
