@@ -197,6 +197,52 @@ def test_a_beat_meeting_a_refused_password_does_not_ride_it_out(
         scheduler.close()
 
 
+# -- watch's poll sender, in this process ------------------------------------------------
+
+
+def test_the_poll_sender_holds_polls_while_the_broker_is_away(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Requests made while sending fails become one poll per inbox, sent once it works;
+    one line when the broker went, one when it is back; IDLE never waits on it."""
+    import threading
+
+    from mailingest.application.watch import PollSender
+
+    caplog.set_level(logging.INFO)
+    away = threading.Event()
+    away.set()
+    sent: list[str] = []
+
+    def send(name: str) -> None:
+        if away.is_set():
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Refused.")
+        sent.append(name)
+
+    stop = threading.Event()
+    sender = PollSender(send, stop, broker="the broker (Redis) at redis://127.0.0.1:1/0")
+    thread = threading.Thread(target=sender.run, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        for name in ("eu", "us", "eu", "eu"):
+            sender.request(name)  # returns at once, whatever the broker does
+        assert time.monotonic() - started < 0.1
+        wait_until(lambda: sender.outage.away, 5)
+        time.sleep(2.5)  # a few tries, each failing
+        assert sent == []
+        away.clear()
+        wait_until(lambda: sorted(sent) == ["eu", "us"], 15, "the held polls sent")
+        time.sleep(1.5)
+        assert sorted(sent) == ["eu", "us"]  # one poll per inbox, not one per request
+    finally:
+        stop.set()
+        thread.join(5)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([line for line in lines if "unreachable (" in line]) == 1, lines
+    assert len([line for line in lines if "reachable again after" in line]) == 1, lines
+
+
 # -- start-up: a configuration error is not an outage -----------------------------------
 
 
@@ -279,11 +325,11 @@ def test_beat_survives_a_redis_restart_and_one_beat_polls_again(
     beats = [CeleryProcess("beat", env, tmp_path / f"beat{i}.log", via_cli=True) for i in (1, 2)]
     try:
         worker.start()
-        for beat in beats:
-            beat.start()
-            time.sleep(1)  # the first one takes the lock
+        beats[0].start()
+        wait_until(lambda: "Acquired lock" in text(beats[0].log_path), 30, "the lock")
+        beats[1].start()  # waits for the lock
+        wait_until(lambda: "another beat holds the lock" in text(beats[1].log_path), 30)
         wait_until(lambda: ledger.poll_status("default").get("ok_at"), 30, "a first poll")
-        assert "Acquired lock" in text(beats[0].log_path)
         private_redis.kill()
         time.sleep(40)  # longer than the lock (30 s): it expires while Redis is away
         assert all(beat.running() for beat in beats)
@@ -357,6 +403,44 @@ def poll_now(env: dict[str, str]) -> None:
     subprocess.run(
         [sys.executable, "-m", "mailingest", "poll-now"], env=env, check=True, timeout=60
     )
+
+
+@pytest.mark.slow
+def test_polls_failing_while_dovecot_is_down_are_logged_once_and_their_end_once(
+    private_redis: RedisServer, sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    """Beat polls every second; Dovecot is away for a few seconds: every one of those
+    polls fails (each tick tries again), the log says it once, and once that a poll
+    succeeded again."""
+    try:
+        dovecot = DovecotServer(tmp_path / "imap").start()
+    except ServerNotAvailable as exc:
+        require_or_skip(str(exc))
+    senders = tmp_path / "senders.csv"
+    senders.write_text("email,entity_token\n", encoding="utf-8")
+    env = environment(private_redis.url, dovecot, sandbox, senders, poll_interval="1")
+    ledger = Ledger(connect_redis(private_redis.url))
+    worker = CeleryProcess("worker", env, tmp_path / "worker.log", ["--concurrency", "1"])
+    beat = CeleryProcess("beat", env, tmp_path / "beat.log", via_cli=True)
+    try:
+        worker.start()
+        beat.start()
+        wait_until(lambda: ledger.poll_status("default").get("ok_at"), 30, "a first poll")
+        dovecot.stop()
+        wait_until(lambda: text(worker.log_path).count("poll of inbox default failed"), 30)
+        time.sleep(5)  # a few more ticks, each poll failing
+        dovecot.start()
+        wait_until(lambda: "a poll succeeded again" in text(worker.log_path), 30)
+        time.sleep(3)
+        failed = ledger.poll_status("default")
+        assert not failed.get("error") and beat.running() and worker.running()
+    finally:
+        beat.stop()
+        worker.stop()
+        dovecot.stop()
+        ledger.redis.close()
+    log = text(worker.log_path)
+    one_line_each(log, "poll of inbox default failed", "a poll succeeded again")
 
 
 @pytest.mark.slow

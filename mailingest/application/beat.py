@@ -32,6 +32,7 @@ from typing import Any
 from celery.beat import Scheduler as CeleryScheduler
 from celery.beat import SchedulingError
 from celery.signals import beat_init
+from kombu.exceptions import OperationalError
 from redbeat.schedulers import (
     LUA_EXTEND_TO_SCRIPT,
     RedBeatScheduler,
@@ -81,8 +82,16 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]  # RedBeat ships no typ
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            self.outage.failed(Unavailable("Redis", self.redis_url, problem(exc)).problem)
+            self.outage.failed(self._problem(exc))
             return self.backoff.delay()
+
+    def _problem(self, exc: BaseException) -> str:
+        """The error, without a password: Redis's, or the broker's if sending failed."""
+        if isinstance(exc, OperationalError):  # kombu's: a task could not be sent
+            broker = str(self.app.conf.broker_url or "")
+            scrubbed = Unavailable("Redis (Celery broker)", broker, problem(exc)).problem
+            return f"sending to the broker at {redact_url(broker)}: {scrubbed}"
+        return Unavailable("Redis", self.redis_url, problem(exc)).problem
 
     def _tick(self, min: Any, **kwargs: Any) -> float:
         if self.outage.away:
@@ -145,7 +154,7 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]  # RedBeat ships no typ
                 log.warning(
                     "beat: the lock %s was not released (%s); it expires within %s s",
                     self.lock_key,
-                    Unavailable("Redis", self.redis_url, problem(exc)).problem,
+                    self._problem(exc),
                     self.lock_timeout,
                 )
         CeleryScheduler.close(self)  # not RedBeat's: it would release the lock again
