@@ -31,9 +31,9 @@ def install() -> None:
     from kombu.transport import redis as kombu_redis
 
     channel: Any = kombu_redis.Channel  # _connparams is not in kombu's type stubs
-    original = channel._connparams
-    if getattr(original, MARK, False):
-        return
+    original = getattr(channel, "_connparams", None)
+    if original is None or getattr(original, MARK, False):
+        return  # a kombu without it (the test of a busy worker through a restart tells)
 
     @wraps(original)
     def _connparams(self: Any, asynchronous: bool = False) -> Any:
