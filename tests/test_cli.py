@@ -124,6 +124,7 @@ def test_redis_unreachable_is_one_line_naming_it_and_its_address(env: dict[str, 
     for args, service in (
         (("poll-now",), "Redis (Celery broker)"),
         (("watch",), "Redis (Celery broker)"),
+        (("beat",), "Redis"),
         (("status",), "Redis"),
         (("senders", "list"), "Redis"),
         (("replay", "--failed"), "Redis"),

@@ -183,7 +183,7 @@ def test_celery_config_matches_the_settings() -> None:
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["task_time_limit"] == 300 and conf["task_soft_time_limit"] < 300
     assert conf["broker_transport_options"]["visibility_timeout"] >= 300 + 300
-    assert conf["beat_scheduler"] == "redbeat.RedBeatScheduler"
+    assert conf["beat_scheduler"] == "mailingest.application.beat:Scheduler"
     assert conf["beat_schedule"]["poll-default"]["args"] == ("default",)
     # task events (Flower's food) only where asked for: elsewhere they are Redis traffic
     assert not conf["worker_send_task_events"] and not conf["task_send_sent_event"]

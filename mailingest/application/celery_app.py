@@ -21,6 +21,7 @@ from celery.signals import (
 )
 
 from mailingest.adapters.broker_queue import SENT_HEADER
+from mailingest.application import broker_fix
 from mailingest.application.celery_config import celery_config
 from mailingest.config.settings import Settings, load_settings
 from mailingest.core.errors import ConfigError
@@ -43,6 +44,19 @@ for _name in settings.sender_auth_off:
     )
 app = Celery("mailingest", include=["mailingest.application.tasks"])
 app.conf.update(celery_config(settings))
+broker_fix.install()  # a busy worker survives a Redis restart (see the module)
+
+
+def _not_the_cancel_warning(record: logging.LogRecord) -> bool:
+    """On every lost broker connection Celery 5 warns, in seven lines, that Celery 6 will
+    cancel the running tasks by default; mailingest keeps them running on purpose
+    (``worker_cancel_long_running_tasks_on_connection_loss`` in celery_config), so the log
+    keeps its one line for the loss. (A filter on the logger Celery sends warnings to: it
+    sets its own warning filters to "always" after any of ours.)"""
+    return "worker_cancel_long_running_tasks_on_connection_loss" not in record.getMessage()
+
+
+logging.getLogger("py.warnings").addFilter(_not_the_cancel_warning)
 
 
 @before_task_publish.connect

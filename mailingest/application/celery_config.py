@@ -6,6 +6,7 @@ from typing import Any
 
 from kombu import Queue
 
+from mailingest.application.services import REDIS_OPTIONS
 from mailingest.config.settings import Settings
 
 # The broker queues mailingest's tasks wait in (the sweep reads their age). Steps that
@@ -21,6 +22,16 @@ IO_TASKS = (
     "mailingest.finish_message",
 )
 
+# Sending a task (a step queuing the next one, beat's polls) rides out a broker outage of
+# about a minute: kombu reconnects up to 12 times, 0.5 s apart at first, then 1 s more each
+# time up to 5 s (about 50 s of waits, plus each reconnection's own few seconds).
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 12,
+    "interval_start": 0.5,
+    "interval_step": 1.0,
+    "interval_max": 5.0,
+}
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     # A task never runs longer than the hard limit (the soft one raises inside it first,
@@ -32,11 +43,23 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
+        # a worker that lost its broker reconnects (2 s, 4 s, ... then every 30 s) for
+        # about 45 minutes before it gives up and exits (Celery's defaults, said here)
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": 100,
+        # a task running when the connection is lost keeps running (its Redis commands
+        # wait for Redis: services.connect_redis); its ack is lost with the connection,
+        # so Redis hands it out again after the visibility timeout, and it finds its
+        # work done. Said here, it also keeps Celery's warning about it out of the log.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
         # RedBeat keeps the schedule in Redis under a lock: a second beat waits for
-        # the first to die (its lock to expire) instead of polling every inbox twice
-        "beat_scheduler": "redbeat.RedBeatScheduler",
+        # the first to die (its lock to expire) instead of polling every inbox twice;
+        # mailingest's subclass rides out an outage of Redis instead of exiting
+        "beat_scheduler": "mailingest.application.beat:Scheduler",
         "redbeat_redis_url": settings.redis_url,
+        "redbeat_redis_options": dict(REDIS_OPTIONS),
         "redbeat_key_prefix": "mailingest:redbeat",
         "redbeat_lock_timeout": max(30, int(loop * 6)),
         "beat_max_loop_interval": loop,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from mailingest import __version__
-from mailingest.config.settings import InboxSettings, Settings, load_settings
+from mailingest.config.settings import InboxSettings, Settings, load_settings, redact_url
 from mailingest.core.errors import ConfigError, MailingestError
 
 if TYPE_CHECKING:
@@ -99,12 +99,36 @@ def cmd_celery(args: argparse.Namespace, extra: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in extra):
         print(celery_help(args.command), end="")
         return 0
-    _settings("redis", "imap", "alloy")
+    settings = _settings("redis", "imap", "alloy")
+    check_redis_at_start(settings, wait=args.command == "worker")
     argv = [sys.executable, "-m", "celery", "-A", "mailingest", args.command]
     if args.command == "worker" and not any(a.startswith(("-l", "--loglevel")) for a in extra):
         argv += ["--loglevel", "INFO"]
     os.execv(sys.executable, argv + extra)
     return 0  # pragma: no cover
+
+
+def check_redis_at_start(settings: Settings, *, wait: bool) -> None:
+    """Before a worker or beat starts: Redis (and the broker, if another) must answer.
+
+    Once running, both ride out an outage; at start-up a configuration error stops them
+    with one line (a refused password, a wrong database), as does, for beat, a Redis that
+    does not answer at all (a wrong address, or down). A worker (``wait``) instead waits
+    for a Redis that is not up yet, as Celery does (``broker_connection_retry_on_startup``:
+    Compose and Kubernetes may start it first).
+    """
+    from mailingest.application.services import Services, is_outage
+
+    with Services(settings) as services:
+        try:
+            services.redis.ping()
+            if settings.broker_url != settings.redis_url:
+                with services.broker.connection_for_write() as connection:
+                    connection.ensure_connection(max_retries=1)
+        except Exception as exc:
+            if wait and is_outage(exc):
+                return
+            raise  # one line, naming the service and its address (Services.__exit__)
 
 
 def cmd_poll_once(args: argparse.Namespace) -> int:
@@ -366,7 +390,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     """Hold IMAP IDLE on each inbox; ask the workers to poll as soon as mail arrives."""
     import signal
-    import threading
 
     from mailingest.adapters.imap import Mailbox
     from mailingest.application.services import Services
@@ -377,20 +400,30 @@ def cmd_watch(args: argparse.Namespace) -> int:
     names = args.inbox or [inbox.name for inbox in settings.inboxes]
     inboxes = [settings.inbox(name) for name in names]
     with Services(settings) as services:
-        services.reach_broker()  # where the polls are queued: stop now if it is down
+        # where the polls are queued: stop now if it does not answer (a wrong address or
+        # password, or down); once running, an outage of it is ridden out (PollSender)
+        services.reach_broker()
         for inbox in inboxes:
             services.tokens(inbox.name)  # built now: a bad OAuth setting stops start-up
-        sending = threading.Lock()
 
         def open_mailbox(inbox: InboxSettings) -> Mailbox:
             return services.mailbox(inbox.name)
 
-        def notify(name: str) -> None:
-            with sending:
-                services.broker.send_task("mailingest.poll_inbox", args=[name])
-            log.info("inbox %s: new mail; poll queued", name)
+        def send(name: str) -> None:  # from the one PollSender thread
+            services.broker.send_task("mailingest.poll_inbox", args=[name])
 
-        watch = Watch(inboxes, open_mailbox, notify, renew=settings.idle_renew)
+        def describe(exc: BaseException) -> str:
+            failure = services.failure(exc)  # the address masked, the password scrubbed
+            return failure.problem if failure else type(exc).__name__
+
+        watch = Watch(
+            inboxes,
+            open_mailbox,
+            send,
+            renew=settings.idle_renew,
+            broker=f"the broker (Redis) at {redact_url(settings.broker_url or '')}",
+            describe=describe,
+        )
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: watch.stopping.set())
         with watch:

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
 
 from mailingest.adapters.alloy import AlloyClient
 from mailingest.adapters.broker_queue import BrokerQueue
@@ -35,7 +37,6 @@ from mailingest.adapters.senders import (
     SenderResolver,
 )
 from mailingest.application import metrics
-from mailingest.application.celery_config import QUEUES
 from mailingest.config.settings import InboxSettings, Settings, redact_url
 from mailingest.core.errors import AlloyError, ConfigError, MailboxError, MailingestError
 from mailingest.core.retry import RetryPolicy
@@ -115,10 +116,34 @@ class Context:
         self.closers.clear()
 
 
-def connect_redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30
-    )
+# The Redis options of every client mailingest builds (RedBeat's too: celery_config): a dead
+# socket is found by the timeouts, a connection idle for 30 s is checked (PING) before use.
+REDIS_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 30,
+    "socket_connect_timeout": 10,
+    "health_check_interval": 30,
+}
+
+# A worker's commands ride out a Redis outage of about a minute (a restart, a failover):
+# each command that cannot reach Redis is tried again up to this many times, after 0.25-0.5 s
+# at first, doubling to 2.5-5 s (redis-py's equal jitter), 54-108 s in all. A step
+# caught by the outage then finishes once Redis is back (its locks released, its next step
+# queued) instead of failing and waiting for the sweep. A command whose answer the outage
+# cut off may be applied twice, as with redis-py's own (shorter) retries: the ledger's
+# moves are compare-and-set scripts that find the work done, sets and hashes are written
+# the same again; only the count of polls that got no body for a UID may gain one.
+OUTAGE_RETRIES = 24
+
+
+def outage_retry() -> Retry:
+    return Retry(EqualJitterBackoff(cap=5.0, base=0.25), OUTAGE_RETRIES)
+
+
+def connect_redis(url: str, *, ride_out: bool = False) -> redis.Redis:
+    """A Redis client; ``ride_out`` (a worker's tasks) waits out an outage of about a
+    minute in each command, instead of failing after a few seconds (commands, checks)."""
+    retry = {"retry": outage_retry()} if ride_out else {}
+    return redis.Redis.from_url(url, **REDIS_OPTIONS, **retry)
 
 
 def build_resolver(inbox: InboxSettings, client: redis.Redis) -> SenderResolver:
@@ -162,8 +187,30 @@ class Unavailable(MailingestError):
         super().__init__(f"{service} unavailable at {self.address} ({problem})")
 
 
-def _problem(exc: BaseException) -> str:
+def problem(exc: BaseException) -> str:
+    """An error as ``Type: text`` (the text may hold a URL: pass it through
+    :class:`Unavailable` before it is logged)."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether an error of Redis or the broker passes once the server answers again.
+
+    A refused, dropped or timed-out connection, a Redis loading its data after a restart
+    (``LOADING``) and a replica that is not yet the primary (``READONLY``, during a
+    failover) are outages: the long-running processes ride them out. A refused password
+    (``AuthenticationError``, also a ``ConnectionError`` to redis-py) and every other
+    answer of a server that works are not.
+    """
+    from kombu.exceptions import OperationalError
+
+    if isinstance(exc, redis.AuthenticationError):
+        return False
+    if isinstance(exc, OperationalError):  # kombu's wrapper of what the transport raised
+        return exc.__cause__ is None or is_outage(exc.__cause__)
+    return isinstance(
+        exc, (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OSError)
+    )
 
 
 class Services:
@@ -186,8 +233,10 @@ class Services:
         *,
         redis_client: redis.Redis | None = None,
         alloy_transport: httpx.BaseTransport | None = None,
+        ride_out: bool = False,
     ) -> None:
         self.settings = settings
+        self.ride_out = ride_out  # Redis commands wait out an outage (connect_redis)
         self._redis = redis_client
         self._alloy_transport = alloy_transport
         self._alloy: dict[bool, AlloyClient] = {}
@@ -208,7 +257,7 @@ class Services:
     def redis(self) -> redis.Redis:
         with self._lock:
             if self._redis is None:
-                self._redis = connect_redis(self.redis_url)
+                self._redis = connect_redis(self.redis_url, ride_out=self.ride_out)
                 self._closers.append(self._redis.close)
             return self._redis
 
@@ -245,6 +294,8 @@ class Services:
             client = self.redis if url == self.settings.redis_url else connect_redis(url)
             if client is not self.redis:
                 self._closers.append(client.close)
+        from mailingest.application.celery_config import QUEUES  # it imports this module
+
         return BrokerQueue(client, QUEUES)
 
     @property
@@ -311,10 +362,10 @@ class Services:
         from kombu.exceptions import OperationalError
 
         if isinstance(exc, redis.RedisError):
-            return Unavailable("Redis", self.redis_url, _problem(exc))
+            return Unavailable("Redis", self.redis_url, problem(exc))
         if isinstance(exc, OperationalError):
             return Unavailable(
-                "Redis (Celery broker)", self.settings.broker_url or "", _problem(exc)
+                "Redis (Celery broker)", self.settings.broker_url or "", problem(exc)
             )
         return None
 
@@ -362,14 +413,19 @@ def build_context(
     clock: Callable[[], int] | None = None,
     heartbeat: bool = True,
     queue_since: Callable[[], int | None] | None = None,
+    ride_out: bool = False,
 ) -> Context:
     """Everything a worker process needs; call after fork, once per process.
 
     ``redis_client``, ``alloy_transport``, ``clock`` (ms), ``heartbeat`` (False: no
     thread renews leases) and ``queue_since`` replace the ones built from the settings:
-    the seams the deterministic simulation (``tests/sim``) drives."""
+    the seams the deterministic simulation (``tests/sim``) drives.
+    ``ride_out``: Redis commands wait out an outage of about a minute (the worker's tasks;
+    a command run from a shell fails within seconds instead)."""
     settings.require("redis", "imap", "alloy")
-    services = Services(settings, redis_client=redis_client, alloy_transport=alloy_transport)
+    services = Services(
+        settings, redis_client=redis_client, alloy_transport=alloy_transport, ride_out=ride_out
+    )
     client = services.redis
     leases = Leases(
         client,

@@ -40,11 +40,12 @@ _building = threading.Lock()
 def context() -> Context:
     """This process's services, built on first use (after the worker forked); shared by
     the threads of a thread-pool worker (its clients are thread-safe, and each IMAP use
-    takes its own connection)."""
+    takes its own connection). Its Redis commands wait out an outage of about a minute
+    (a step caught by it then finishes)."""
     global _context
     with _building:
         if _context is None:
-            _context = build_context(settings)
+            _context = build_context(settings, ride_out=True)
         return _context
 
 
@@ -104,15 +105,30 @@ def _recover(ctx: Context, step: Step, exc: Exception, tries: int) -> pipeline.R
 
 @app.task(name="mailingest.poll_inbox", bind=True)
 def poll_inbox(self: Task[Any, Any], inbox: str) -> int:
+    """Poll the inbox. While its server is away every tick's poll fails; the log says so
+    once, when the first fails, and once more when one succeeds again (the last poll's
+    outcome is in the ledger, so this holds across all the workers)."""
     ctx = context()
+    before = ctx.ledger.poll_status(inbox)
+    failing = bool(before.get("error"))  # the last poll failed: this was logged then
     try:
         result = pipeline.poll(ctx, inbox, emit=dispatch)
-        if result.again:
-            poll_inbox.apply_async(args=(inbox,))
-        return result.found
     except pipeline.RETRYABLE as exc:
-        log.warning("poll of inbox %s failed: %s (the next tick tries again)", inbox, exc)
+        log.log(
+            logging.DEBUG if failing else logging.WARNING,
+            "poll of inbox %s failed: %s (each tick tries again; logged once until a poll "
+            "succeeds)",
+            inbox,
+            exc,
+        )
         return 0
+    if failing and not result.skipped:
+        last_good = int(before.get("ok_at") or 0)
+        since = f", {(ctx.ledger.now() - last_good) / 1000:.0f} s after the last good one"
+        log.warning("inbox %s: a poll succeeded again%s", inbox, since if last_good else "")
+    if result.again:
+        poll_inbox.apply_async(args=(inbox,))
+    return result.found
 
 
 @app.task(name="mailingest.sweep_inbox", bind=True)

@@ -1,37 +1,50 @@
 """``mailingest watch``: IMAP IDLE on every inbox, so new mail is polled within a second.
 
 One thread per inbox holds a connection in IDLE (RFC 2177). When the server says
-mail arrived (``EXISTS``), the watcher asks the workers to poll that inbox, the
-same task beat sends, so everything after it is the ordinary, tested path; a poll
-asked for while another runs makes the running one poll again. Beat keeps
-polling at ``POLL_INTERVAL`` as the safety net: a watcher that is down, or a
-server without IDLE, costs latency, never mail.
+mail arrived (``EXISTS``), the watcher asks for a poll of that inbox, the same task
+beat sends, so everything after it is the ordinary, tested path; a poll asked for
+while another runs makes the running one poll again. Beat keeps polling at
+``POLL_INTERVAL`` as the safety net: a watcher that is down, or a server without
+IDLE, costs latency, never mail.
 
-A connection is taken for dead, and made again with backoff (1 s doubling to
-60 s, with jitter), when the server says ``BYE``; when the socket hit end of file
-(``idle_check`` then returns at once with nothing); or when IDLE is renewed (DONE,
-NOOP, IDLE, every ``MAILINGEST_IDLE_RENEW`` seconds, well inside the 29 minutes
-servers allow) and the server does not answer within the IMAP timeout: that is
-how a connection dropped without a word (a NAT timeout, a pulled cable) shows.
-After every (re)connection the inbox is polled once, for what came meanwhile.
+A connection is taken for dead, and made again with backoff (1 s doubling to 15 s,
+with jitter; to 60 s once the server has been away for 5 minutes), when the server
+says ``BYE``; when the socket hit end of file (``idle_check`` then returns at once
+with nothing); or when IDLE is renewed (DONE, NOOP, IDLE, every
+``MAILINGEST_IDLE_RENEW`` seconds, well inside the 29 minutes servers allow) and the
+server does not answer within the IMAP timeout: that is how a connection dropped
+without a word (a NAT timeout, a pulled cable) shows. After every (re)connection the
+inbox is polled once, for what came meanwhile. The log says in one line that the
+connection was lost (and why) and in one line that it was made again (and after how
+long), however many tries it took (:class:`~mailingest.application.outage.Outage`).
+
+The polls are queued on the broker by one :class:`PollSender` thread, never by an IDLE
+session itself: while the broker (Redis) does not answer, the polls asked for are held,
+one per inbox, and sent when it answers again (with backoff, 1 s doubling to 5 s), and
+IDLE goes on meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import redis
+
 from mailingest.adapters.imap import Mailbox
+from mailingest.application.outage import Backoff, Outage
 from mailingest.config.settings import InboxSettings
 from mailingest.core.errors import MailboxError
 
 log = logging.getLogger(__name__)
 
-BACKOFF_FIRST, BACKOFF_CAP = 1.0, 60.0
+# IMAP reconnections: 1 s doubling to 15 s; to 60 s once the server has been away this long
+BACKOFF_FIRST, BACKOFF_CAP, BACKOFF_CAP_LONG, LONG_OUTAGE = 1.0, 15.0, 60.0, 300.0
+# queuing polls while the broker does not answer: 1 s doubling to 5 s
+SEND_BACKOFF_FIRST, SEND_BACKOFF_CAP = 1.0, 5.0
 CHECK_EVERY = 1.0  # seconds per idle_check: how quickly a stop request is seen
 EMPTY_WAKEUPS = 3  # idle_check returning at once with nothing, in a row: the socket hit EOF
 
@@ -62,26 +75,37 @@ class InboxWatcher:
         self.sessions = 0  # connections made (for status and tests)
         self.idle_supported: bool | None = None
         self.idling = False  # an IDLE command is running now
+        self.backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP)
+        self.outage = Outage(
+            f"inbox {inbox.name}: IDLE connection",
+            log,
+            gone="lost",
+            back="made again",
+            retrying=f"reconnecting with backoff (every {BACKOFF_CAP:g} s at most)",
+        )
 
     def run(self) -> None:
         """Until ``stop`` is set: watch, and reconnect with backoff when the connection dies."""
-        delay = BACKOFF_FIRST
         while not self.stop.is_set():
             started = time.monotonic()
             try:
                 self._session()
-            except MailboxError as exc:
-                log.warning("inbox %s: IDLE connection lost: %s", self.inbox.name, exc)
-            except Exception:
+            except MailboxError as exc:  # its text names the inbox and never a password
+                self.outage.failed(str(exc))
+            except redis.RedisError as exc:  # an XOAUTH2 inbox's token cache is in Redis
+                self.outage.failed(f"its OAuth token cache in Redis: {type(exc).__name__}")
+            except Exception as exc:
                 log.exception("inbox %s: IDLE watcher error", self.inbox.name)
+                self.outage.failed(type(exc).__name__)
             if self.stop.is_set() or self.idle_supported is False:
                 return
             if time.monotonic() - started > 2 * BACKOFF_CAP:
-                delay = BACKOFF_FIRST  # the last connection was good for a while
-            wait = delay * random.uniform(0.5, 1.0)
-            log.info("inbox %s: reconnecting in %.1fs", self.inbox.name, wait)
+                self.backoff.reset()  # the last connection was good for a while
+            if self.outage.lasted() > LONG_OUTAGE:
+                self.backoff.cap = BACKOFF_CAP_LONG
+            wait = self.backoff.delay()
+            log.debug("inbox %s: reconnecting in %.1fs", self.inbox.name, wait)
             self.stop.wait(wait)
-            delay = min(delay * 2, BACKOFF_CAP)
 
     def _session(self) -> None:
         with self.open_mailbox() as box:
@@ -95,6 +119,8 @@ class InboxWatcher:
                 )
                 return
             self.sessions += 1
+            self.outage.answered()
+            self.backoff.cap = BACKOFF_CAP
             log.info("inbox %s: watching %s with IDLE", self.inbox.name, self.inbox.folder)
             self.notify(self.inbox.name)  # whatever came while we were not watching
             while not self.stop.is_set():
@@ -141,26 +167,92 @@ def _new_mail(responses: Sequence[tuple[object, ...]]) -> bool:
     return any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses)
 
 
+class PollSender:
+    """Queues the polls the watchers ask for, from its own thread, riding out the broker.
+
+    ``request(inbox)`` returns at once, so an IDLE session never waits on the broker.
+    ``send(inbox)`` queues the poll task (it may raise while the broker is away). A
+    request is kept until it is sent: while the broker does not answer, the requests of
+    an inbox make one poll (a poll takes all new mail), sent when it answers again; the
+    log says once that it went (``describe`` gives the error's text, free of passwords)
+    and once that it is back.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[str], None],
+        stop: threading.Event,
+        *,
+        broker: str = "the broker",
+        describe: Callable[[BaseException], str] = lambda exc: type(exc).__name__,
+    ) -> None:
+        self.send = send
+        self.stop = stop
+        self.describe = describe
+        self.pending: dict[str, None] = {}  # inbox names, in the order asked
+        self.changed = threading.Condition()
+        self.sent = 0  # polls queued (for tests)
+        self.backoff = Backoff(SEND_BACKOFF_FIRST, SEND_BACKOFF_CAP)
+        self.outage = Outage(
+            f"watch: {broker}",
+            log,
+            retrying="the polls asked for are held and queued when it answers",
+        )
+
+    def request(self, inbox: str) -> None:
+        with self.changed:
+            self.pending[inbox] = None
+            self.changed.notify_all()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with self.changed:
+                self.changed.wait_for(lambda: bool(self.pending), timeout=CHECK_EVERY)
+                if not self.pending:
+                    continue
+                name = next(iter(self.pending))
+                del self.pending[name]  # asked again while it is sent: sent again
+            try:
+                self.send(name)
+            except Exception as exc:  # noqa: BLE001 - held and tried again, whatever failed
+                self.request(name)
+                self.outage.failed(self.describe(exc))
+                self.stop.wait(self.backoff.delay())
+                continue
+            self.sent += 1
+            if self.outage.answered() is not None:
+                self.backoff.reset()
+            log.info("inbox %s: new mail; poll queued", name)
+
+
 class Watch:
-    """A watcher thread per inbox; ``stop()`` ends them all within about a second."""
+    """A watcher thread per inbox and the poll sender; ``stop()`` ends them all within
+    about a second."""
 
     def __init__(
         self,
         inboxes: Sequence[InboxSettings],
         open_mailbox: Callable[[InboxSettings], Mailbox],
-        notify: Callable[[str], None],
+        send: Callable[[str], None],
         *,
         renew: float = 300.0,
+        broker: str = "the broker",
+        describe: Callable[[BaseException], str] = lambda exc: type(exc).__name__,
     ) -> None:
         self.stopping = threading.Event()
+        self.sender = PollSender(send, self.stopping, broker=broker, describe=describe)
         self.watchers = [
-            InboxWatcher(inbox, partial(open_mailbox, inbox), notify, self.stopping, renew=renew)
+            InboxWatcher(
+                inbox, partial(open_mailbox, inbox), self.sender.request, self.stopping, renew=renew
+            )
             for inbox in inboxes
         ]
         self.threads = [
             threading.Thread(target=w.run, name=f"watch-{w.inbox.name}", daemon=True)
             for w in self.watchers
         ]
+        sender = threading.Thread(target=self.sender.run, name="watch-polls", daemon=True)
+        self.threads.append(sender)
 
     def start(self) -> Watch:
         for thread in self.threads:
