@@ -52,6 +52,7 @@ def test_the_micro_benchmarks_run() -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    sandbox, sniffed = proc.stdout.splitlines()
+    sandbox, sniffed, parsers = proc.stdout.splitlines()
     assert sandbox.startswith("sandbox: 20 describes") and "req/s" in sandbox
     assert sniffed.startswith("sniff on 1 MB: random=unknown") and "pdf=pdf" in sniffed
+    assert parsers.startswith("reply parsers: python: GET 2 MB ") and "; hiredis: " in parsers
