@@ -69,6 +69,11 @@ class Context:
         a connection that ended its last use cleanly is kept for the next one. One the
         server spoke on meanwhile (a BYE, a restart) or idle for a while is checked with
         NOOP first; one whose use raised is closed, never reused.
+
+        A kept connection keeps its selected folder too, but that NOOP does not vouch
+        for it: a folder deleted and made again under the session answers a NOOP with
+        a NO on Dovecot and with nothing on pymap, and both then act on the new folder
+        by name. Mailbox.select_mail vouches for it before a mail is acted on.
         """
         box = self.connections.pop(inbox_name, None)
         idle = time.monotonic() - (box.last_used if box else 0)
