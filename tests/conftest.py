@@ -91,7 +91,10 @@ def imap(imap_server: ImapServer) -> ImapServer:
             if uids:
                 client.delete_messages(uids)
                 client.expunge()
-            client.unselect_folder()
+            if client.has_capability("UNSELECT"):
+                client.unselect_folder()
+            else:  # pymap: CLOSE (it would expunge, and nothing is left to)
+                client.close_folder()
     for _flags, _delim, name in sorted(client.list_folders(), key=lambda f: -len(f[2])):
         if name.upper() != "INBOX":
             client.delete_folder(name)

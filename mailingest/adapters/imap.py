@@ -5,6 +5,10 @@ mail is found with ``UID SEARCH UID <watermark+1>:*`` and filtered (servers
 answer the highest UID even when it is below the range); a move uses MOVE when
 the server has it and otherwise COPY + ``\\Deleted`` + ``UID EXPUNGE`` of that
 UID only (never a plain EXPUNGE, which would remove other people's deletions).
+A connection keeps its folder selected between uses: a move on a kept selection sends
+no SELECT and no search, only a NOOP and a ``UID FETCH`` of the mail's size in one round
+trip, which vouch for the selection and the mail (:meth:`Mailbox.select_mail`); the
+move's answer names the mail's new UID (UIDPLUS ``COPYUID``).
 Every socket has a timeout; every failure surfaces as
 :class:`~mailingest.core.errors.MailboxError` without the password or token.
 
@@ -31,6 +35,7 @@ from typing import Protocol
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 from imapclient.imapclient import SocketTimeout
+from imapclient.response_parser import parse_fetch_response
 
 from mailingest.config.settings import InboxSettings
 from mailingest.core.errors import MailboxError
@@ -67,7 +72,38 @@ class Fetched:
     internaldate: str = ""  # the server's arrival time, ISO 8601 as it gave it
 
 
-_COPYUID = re.compile(rb"\[COPYUID (\d+) [^ \]]+ (\d+)\]", re.IGNORECASE)
+# a COPY's or MOVE's answer (UIDPLUS, RFC 4315 and 6851): the destination's UIDVALIDITY,
+# then the UIDs moved and their new UIDs, in the same order
+_COPYUID = re.compile(rb"\[COPYUID (\d+) ([\d:,]+) ([\d:,]+)\]", re.IGNORECASE)
+
+# untagged answers that leave the selected folder as it was: new mail, flags, expunges,
+# a plain OK. Anything else (NO, BAD, BYE, a UIDVALIDITY, CLOSED or READ-ONLY code, a
+# SELECT sent behind our back) and a kept selection is not trusted: SELECT again.
+_CALM = frozenset({"EXISTS", "RECENT", "EXPUNGE", "FETCH", "VANISHED", "OK"})
+
+
+@dataclass(frozen=True)
+class Selection:
+    """:meth:`Mailbox.select_mail`'s answer: the folder's UIDVALIDITY, and whether the
+    mail is in it."""
+
+    uidvalidity: int
+    present: bool
+
+
+@dataclass(frozen=True)
+class Moved:
+    """What the answer to a move says.
+
+    ``to`` is the mail's ``<uidvalidity>:<uid>`` in the destination, when the server named
+    it (UIDPLUS ``COPYUID``). ``missed``: nothing of ours moved, the UID was not in the
+    selected folder (a server whose answers named the new UID before, on this connection
+    and into this destination, named none). Neither: the server answered OK without
+    naming a new UID; the caller saw the mail there just before (as before issue 12).
+    """
+
+    to: str = ""
+    missed: bool = False
 
 
 class Mailbox:
@@ -84,7 +120,13 @@ class Mailbox:
         self.timeout = timeout
         self.token_source = token_source  # required when inbox.auth == "xoauth2"
         self._client: IMAPClient | None = None
+        # the folder this connection has selected read-write and its UIDVALIDITY, from
+        # the SELECT's answer; None whenever that may no longer hold (see select)
         self._selected: str | None = None
+        self._validity = 0
+        # destinations whose move answers named the new UID on this connection (COPYUID):
+        # there, an answer that names none of ours means the mail was not there
+        self._names_moves: set[str] = set()
         self.last_used = 0.0  # monotonic time its last user let it go (Context.imap)
         self._known_folders: set[str] = set()  # folders this connection saw exist
 
@@ -103,6 +145,7 @@ class Mailbox:
         return self._client
 
     def connect(self) -> None:
+        self._forget_selection()
         inbox = self.inbox
         if inbox.auth == "xoauth2":
             self._client = self._connect_xoauth2()
@@ -185,6 +228,8 @@ class Mailbox:
     def close(self) -> None:
         client, self._client = self._client, None
         self._known_folders.clear()
+        self._forget_selection()
+        self._names_moves.clear()
         if client is not None:
             _quit(client)
 
@@ -193,8 +238,10 @@ class Mailbox:
         try:
             yield
         except MailboxError:
+            self._forget_selection()
             raise
         except _IMAP_ERRORS as exc:
+            self._forget_selection()  # whatever the server made of it, SELECT again
             raise MailboxError(
                 f"inbox {self.inbox.name}: {what} failed ({type(exc).__name__}: {_error_text(exc)})"
             ) from None
@@ -233,11 +280,81 @@ class Mailbox:
 
     # -- folders ---------------------------------------------------------------
     def select(self, folder: str) -> int:
-        """Select ``folder`` read-write; return its UIDVALIDITY."""
+        """Select ``folder`` read-write (always a SELECT); return its UIDVALIDITY. The
+        selection is remembered for :meth:`select_mail`."""
         with self._errors(f"SELECT {folder!r}"):
-            info = self.client.select_folder(folder)
-        self._selected = folder
-        return int(info[b"UIDVALIDITY"])
+            return self._select(folder)
+
+    def select_mail(self, folder: str, uid: int, *, size: int = 0) -> Selection:
+        """Select ``folder`` to act on its mail ``uid``: the folder's UIDVALIDITY, and
+        whether the mail is there.
+
+        A connection that has ``folder`` selected read-write already does not select it
+        again. A NOOP and ``UID FETCH <uid> (RFC822.SIZE)``, sent together (one round
+        trip), vouch for the kept selection: their answers must leave the folder as it
+        was (only new mail, flags, expunges: ``_CALM``), find the UID, and find it
+        ``size`` bytes long (the size recorded when the mail was fetched; 0: not
+        compared). Otherwise the folder is selected again and the UID looked at once
+        more. A folder deleted and made again under a session (a restore) is acted on
+        by name by both Dovecot and pymap, the new folder's mail of that UID moved:
+        Dovecot says so only in a full sync (the NOOP's answer has a NO; a FETCH still
+        answers the old mail's size), pymap says nothing but the FETCH answers the new
+        mail's size. The NOOP also brings mail that came since into the view. After a
+        fresh SELECT the UID is this mail whatever its size: UIDs are never reused
+        within one UIDVALIDITY.
+        """
+        with self._errors(f"SELECT {folder!r}"):
+            if self._selected == folder and self._calm():
+                seen = self._noop_and_size(uid)
+                if self._calm() and seen is not None and (not size or seen == size):
+                    return Selection(self._validity, True)
+            validity = self._select(folder)
+            return Selection(validity, self._size_of(uid) is not None)
+
+    def _select(self, folder: str) -> int:
+        """``SELECT``, remembered with the UIDVALIDITY it answered."""
+        self._forget_selection()
+        info = self.client.select_folder(folder)
+        validity = int(info[b"UIDVALIDITY"])
+        self.client._imap.untagged_responses.clear()  # read: what comes later is news
+        self._selected, self._validity = folder, validity
+        return validity
+
+    def _forget_selection(self) -> None:
+        self._selected, self._validity = None, 0
+
+    def _calm(self) -> bool:
+        """Whether the remembered selection still holds as far as the server said since
+        (also in a NOOP of Context.imap); what it said is cleared, as it would otherwise
+        pile up between SELECTs."""
+        imap = self.client._imap
+        calm = (
+            imap.state == "SELECTED"
+            and not imap.is_readonly
+            and set(imap.untagged_responses) <= _CALM
+        )
+        imap.untagged_responses.clear()
+        if not calm:
+            self._forget_selection()
+        return calm
+
+    def _size_of(self, uid: int) -> int | None:
+        """``UID FETCH <uid> (RFC822.SIZE)``: its size, or None when it is not there."""
+        return _size(self.client.fetch([uid], ["RFC822.SIZE"]).get(uid))
+
+    def _noop_and_size(self, uid: int) -> int | None:
+        """NOOP and ``UID FETCH <uid> (RFC822.SIZE)`` pipelined (RFC 9051 5.5: the two
+        may run in any order; neither changes anything); the size, or None. Whatever
+        else came back stays in imaplib's untagged responses for :meth:`_calm`."""
+        imap = self.client._imap
+        tags = [("NOOP", imap._command("NOOP"))]
+        tags.append(("FETCH", imap._command("UID", "FETCH", str(uid), "(RFC822.SIZE)")))
+        answers = [(name, *imap._command_complete(name, tag)) for name, tag in tags]
+        for name, typ, data in answers:
+            if typ != "OK":
+                raise imaplib.IMAP4.error(f"{name} failed: {_reply_text(data)}")
+        lines = imap.untagged_responses.pop("FETCH", [])
+        return _size(parse_fetch_response(lines, True, True).get(uid))
 
     def folder_exists(self, folder: str) -> bool:
         with self._errors(f"LIST {folder!r}"):
@@ -292,25 +409,38 @@ class Mailbox:
         *,
         copied_uid: str = "",
         on_copied: Callable[[str], None] | None = None,
-    ) -> None:
+    ) -> Moved:
         """Move one mail of the selected folder; a UID that is already gone is not an error.
 
+        What moved is read from the answer: UIDPLUS servers name the new UID (``COPYUID``,
+        in the untagged OK that RFC 6851 sends before the EXPUNGE, or in the tagged OK).
+        Once a destination's answers named it on this connection, an answer naming none
+        of ours means the UID was not there (``missed``). The caller looks first
+        (:meth:`select_mail`, :meth:`find_copy`): on servers that never name it, that look
+        is all there is, as before issue 12.
+
         Without MOVE: COPY, ``\\Deleted``, ``UID EXPUNGE`` of that UID only. The COPY's
-        answer names the new UID (UIDPLUS ``COPYUID``), handed to ``on_copied`` to record
-        before the original is removed; a later run given it as ``copied_uid`` (one that
-        died after the COPY) does not copy again when that UID is in the destination.
-        Nothing else skips the COPY: a search could find another mail with the same
-        Message-ID, and then this one would be expunged without a copy. A run that dies
-        between an unanswered COPY and the expunge copies again: a second copy in the
-        destination, never a lost mail.
+        answer names the new UID, handed to ``on_copied`` to record before the original
+        is removed; a later run given it as ``copied_uid`` (one that died after the COPY)
+        does not copy again when that UID is in the destination. Nothing else skips the
+        COPY: a search could find another mail with the same Message-ID, and then this
+        one would be expunged without a copy. A COPY that names nothing where copies are
+        named removes nothing. A run that dies between an unanswered COPY and the expunge
+        copies again: a second copy in the destination, never a lost mail.
         """
         with self._errors(f"MOVE to {destination!r}"):
+            if self._selected is None:  # never act on a selection we cannot vouch for
+                raise MailboxError(f"inbox {self.inbox.name}: move without a selected folder")
             self._folder_ready(destination)
             if self.client.has_capability("MOVE"):
-                self.client.move([uid], destination)
-                return
-            if not (copied_uid and self._holds_uid(destination, copied_uid)):
-                copied = self._copy(uid, destination)
+                return self._answered(destination, self._uid_command("MOVE", uid, destination))
+            if copied_uid and self._holds_uid(destination, copied_uid):
+                copied = copied_uid
+            else:
+                copied = self._uid_command("COPY", uid, destination)
+                moved = self._answered(destination, copied)
+                if moved.missed:
+                    return moved  # nothing was copied: nothing may be removed
                 if copied and on_copied is not None:
                     on_copied(copied)
             self.client.add_flags([uid], [b"\\Deleted"], silent=True)
@@ -318,29 +448,53 @@ class Mailbox:
                 self.client.uid_expunge([uid])
             # without UIDPLUS the mail stays flagged \Deleted in the inbox for a person
             # to expunge: a plain EXPUNGE could remove other people's deleted mail.
+            return Moved(copied)
+
+    def _answered(self, destination: str, new_uid: str) -> Moved:
+        if new_uid:
+            self._names_moves.add(destination)
+            return Moved(new_uid)
+        return Moved(missed=destination in self._names_moves)
 
     def _copy(self, uid: int, destination: str) -> str:
-        """``UID COPY``; the new ``<uidvalidity>:<uid>`` from the answer's COPYUID code
-        (UIDPLUS), or "". imapclient's ``copy`` drops the tagged answer's response code,
-        so the command goes through imaplib, which keeps it."""
+        """``UID COPY``; the new ``<uidvalidity>:<uid>`` its answer names, or ""."""
+        return self._uid_command("COPY", uid, destination)
+
+    def _uid_command(self, command: str, uid: int, destination: str) -> str:
+        """``UID COPY`` or ``UID MOVE`` of one mail; the new ``<uidvalidity>:<uid>`` from
+        the answer's COPYUID code (UIDPLUS), or "". imapclient's ``copy`` and ``move``
+        drop response codes, so the command goes through imaplib, which keeps the tagged
+        answer and every untagged OK that came before it (MOVE names the new UID in one)."""
         client = self.client
+        imap = client._imap
         folder = client._normalise_folder(destination)  # quoted, modified UTF-7
-        typ, data = client._imap._simple_command("UID", "COPY", str(uid), folder)
+        imap.untagged_responses.pop("OK", None)  # only this command's answers count
+        imap.untagged_responses.pop("COPYUID", None)
+        typ, data = imap._simple_command("UID", command, str(uid), folder)
+        answers = [*imap.untagged_responses.pop("OK", []), *data]
+        imap.untagged_responses.pop("COPYUID", None)
         if typ != "OK":
-            raise imaplib.IMAP4.error(f"COPY failed: {_reply_text(data)}")
-        found = _COPYUID.search(b" ".join(d for d in data if isinstance(d, bytes)))
-        return f"{int(found[1])}:{int(found[2])}" if found else ""
+            raise imaplib.IMAP4.error(f"{command} failed: {_reply_text(data)}")
+        return _new_uid(answers, uid)
 
     def _holds_uid(self, folder: str, copied: str) -> bool:
-        """Whether ``folder`` holds ``<uidvalidity>:<uid>``; the selection is restored."""
-        source = self._selected
+        """Whether ``folder`` holds ``<uidvalidity>:<uid>``. The source is selected again
+        after, and must still have the UIDVALIDITY it had (else MailboxError: the mail
+        would be flagged and expunged in another folder of that name)."""
+        source, source_validity = self._selected, self._validity
+        if source is None:
+            raise MailboxError(f"inbox {self.inbox.name}: move without a selected folder")
+        self._forget_selection()
         validity, _, uid = copied.partition(":")
         info = self.client.select_folder(folder, readonly=True)
         held = int(info[b"UIDVALIDITY"]) == int(validity) and int(uid) in self.client.search(
             ["UID", uid]
         )
-        if source:
-            self.client.select_folder(source)
+        if self._select(source) != source_validity:
+            self._forget_selection()
+            raise MailboxError(
+                f"inbox {self.inbox.name}: UIDVALIDITY of {source} changed during a move"
+            )
         return held
 
     def find_copy(
@@ -352,8 +506,8 @@ class Mailbox:
         with self._errors(f"SEARCH {folder!r}"):
             if not self.client.folder_exists(folder):
                 return []
+            self._forget_selection()
             self.client.select_folder(folder, readonly=True)
-            self._selected = None
             criteria: list[object] = ["LARGER", max(0, size - 1), "SMALLER", size + 1]
             if message_id:
                 criteria += ["HEADER", "Message-ID", f"<{message_id}>"]
@@ -374,6 +528,57 @@ class Mailbox:
     def exists(self, uid: int) -> bool:
         with self._errors("UID SEARCH"):
             return uid in self.client.search(["UID", str(uid)])
+
+
+def _new_uid(answers: Sequence[object], uid: int) -> str:
+    """``<uidvalidity>:<new uid>`` of ``uid`` from the COPYUID codes among ``answers``, or
+    "" when none names it. The two sets pair up in order (``2:4 7:9``: 2 is now 7)."""
+    for answer in answers:
+        if not isinstance(answer, bytes):
+            continue
+        for validity, sources, targets in _COPYUID.findall(answer):
+            index = _position(_ranges(sources), uid)
+            target = _at(_ranges(targets), index) if index is not None else None
+            if target is not None:
+                return f"{int(validity)}:{target}"
+    return ""
+
+
+def _ranges(text: bytes) -> list[tuple[int, int]]:
+    """The ranges of a UID set (``1,3:5`` -> (1, 1), (3, 5)); [] when malformed. Never
+    expanded: a range may be large."""
+    out = []
+    for part in text.split(b","):
+        first, _, last = part.partition(b":")
+        if not first.isdigit() or (last and not last.isdigit()):
+            return []
+        low, high = int(first), int(last or first)
+        out.append((min(low, high), max(low, high)))
+    return out
+
+
+def _position(ranges: list[tuple[int, int]], uid: int) -> int | None:
+    offset = 0
+    for low, high in ranges:
+        if low <= uid <= high:
+            return offset + uid - low
+        offset += high - low + 1
+    return None
+
+
+def _at(ranges: list[tuple[int, int]], index: int) -> int | None:
+    for low, high in ranges:
+        if index <= high - low:
+            return low + index
+        index -= high - low + 1
+    return None
+
+
+def _size(item: object) -> int | None:
+    """RFC822.SIZE of a mail's FETCH answer (None: no answer for it)."""
+    if isinstance(item, dict) and b"RFC822.SIZE" in item:
+        return int(item[b"RFC822.SIZE"])
+    return None
 
 
 def _reply_text(data: object) -> str:

@@ -26,6 +26,7 @@ import redis
 
 from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
+from mailingest.adapters.imap import Moved
 from mailingest.adapters.ledger import PlannedDocument
 from mailingest.application import logs, metrics
 from mailingest.application.services import Context
@@ -142,6 +143,8 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
     found = 0
     with ctx.imap(inbox.name) as box:
         box.ensure_folders(inbox.processed_folder, inbox.quarantine_folder)
+        # a SELECT every poll, never a kept selection: a new UIDVALIDITY of the inbox,
+        # or the folder made anew, is found here
         validity = box.select(inbox.folder)
         watermark = ctx.ledger.watermark(inbox.name, inbox.folder, validity)
         # Back pressure: take new mail only while fewer than POLL_LIMIT of the inbox's
@@ -386,7 +389,8 @@ def _planned(screened: Screened) -> list[PlannedDocument]:
 def _refetch(ctx: Context, record: MailRecord) -> bytes | None:
     """The mail's bytes from the server, when the staged copy expired; None if it is gone."""
     with ctx.imap(record.ref.inbox) as box:
-        if box.select(record.ref.folder) != record.ref.uidvalidity:
+        where = box.select_mail(record.ref.folder, record.ref.uid, size=record.size)
+        if where.uidvalidity != record.ref.uidvalidity or not where.present:
             return None
         fetched = box.fetch([record.ref.uid])
     if not fetched:
@@ -721,7 +725,13 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
     Not before every document it left half-way at Alloy is settled (decisions.unsettled):
     until then it returns the steps that settle them. The mail is never removed from the
     inbox unless its own copy is in the destination: MOVE, or COPY (whose new UID is
-    recorded) and then ``\\Deleted`` + ``UID EXPUNGE`` of that UID only."""
+    recorded) and then ``\\Deleted`` + ``UID EXPUNGE`` of that UID only.
+
+    On a connection that has the inbox selected already, no SELECT: one ``UID FETCH`` of
+    the mail's size vouches for the selection and finds the mail (Mailbox.select_mail),
+    and the move's answer names its new UID (recorded). No search of the inbox, nothing
+    whose cost grows with the mailbox. A mail not there, or a move that moved nothing
+    of ours, takes the slow path: this very mail looked for in the destination."""
     record = ctx.ledger.mail(mail_id)
     if record is None or not may_file(record):
         return []
@@ -735,23 +745,32 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
     target = destination(
         record, processed=inbox.processed_folder, quarantine=inbox.quarantine_folder
     )
+    folder = record.ref.folder
     with single_flight(ctx, Step("finish", mail_id).lock_name) as mine:
         if not mine:
             return []
         with ctx.imap(inbox.name) as box:
-            validity = box.select(record.ref.folder)
-            if validity != record.ref.uidvalidity:
+            where = box.select_mail(folder, record.ref.uid, size=record.size)
+            if where.uidvalidity != record.ref.uidvalidity:
                 ctx.ledger.filed(
                     mail_id,
                     "-",
-                    reason=with_note(
-                        record.reason, f"not moved: UIDVALIDITY of {record.ref.folder} changed"
-                    ),
+                    reason=with_note(record.reason, f"not moved: UIDVALIDITY of {folder} changed"),
                 )
                 return []
-            if not box.exists(record.ref.uid):
-                # moved by an earlier run that died before recording it, or by a person:
-                # recorded as filed only if this very mail (size, arrival time) is there
+            moved = Moved(missed=True)
+            if where.present:
+                ctx.ledger.update(mail_id, moving_to=target)
+                moved = box.move(
+                    record.ref.uid,
+                    target,
+                    copied_uid=record.copied_uid if record.moving_to == target else "",
+                    on_copied=lambda copied: ctx.ledger.update(mail_id, copied_uid=copied),
+                )
+            if moved.missed:
+                # moved by an earlier run that died before recording it, or by a person
+                # (also between our look and the move): filed only if this very mail
+                # (size, arrival time) is in the destination
                 if box.find_copy(
                     target,
                     size=record.size,
@@ -765,20 +784,13 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                         "-",
                         reason=with_note(
                             record.reason,
-                            f"not moved: the mail left {record.ref.folder} before "
-                            "(deleted or moved by hand?)",
+                            f"not moved: the mail left {folder} before (deleted or moved by hand?)",
                         ),
                     )
                 ctx.ledger.drop_staged(mail_id, record.documents)
                 return []
-            ctx.ledger.update(mail_id, moving_to=target)
-            box.move(
-                record.ref.uid,
-                target,
-                copied_uid=record.copied_uid if record.moving_to == target else "",
-                on_copied=lambda copied: ctx.ledger.update(mail_id, copied_uid=copied),
-            )
-        ctx.ledger.filed(mail_id, target)
+        # the new UID as the answer named it: where the mail is, for a replay or a person
+        ctx.ledger.filed(mail_id, target, **({"copied_uid": moved.to} if moved.to else {}))
         ctx.ledger.drop_staged(mail_id, record.documents)
     log.info("mail %s moved to %s", mail_id, target)
     return []
@@ -831,7 +843,8 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
             if not uids:
                 raise MailError(f"mail {mail_id} is no longer in {record.filed_to}")
             box.select(record.filed_to)
-            box.move(uids[0], record.ref.folder)
+            if box.move(uids[0], record.ref.folder).missed:
+                raise MailError(f"mail {mail_id} is no longer in {record.filed_to}")
         ctx.ledger.transition(
             mail_id,
             MailState.REPLAYED,

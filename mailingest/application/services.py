@@ -78,6 +78,11 @@ class Context:
         server spoke on meanwhile (a BYE, a restart) or idle for a while is checked with
         NOOP first; one whose use raised is closed, never reused. Each use has its
         connection to itself: threads running at once each take their own.
+
+        A kept connection keeps its selected folder too, but that NOOP does not vouch
+        for it: a folder deleted and made again under the session answers a NOOP with
+        a NO on Dovecot and with nothing on pymap, and both then act on the new folder
+        by name. Mailbox.select_mail vouches for it before a mail is acted on.
         """
         kept = self.connections.setdefault(inbox_name, [])
         try:

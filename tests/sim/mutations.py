@@ -19,7 +19,7 @@ import pytest
 
 from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
-from mailingest.adapters.imap import Mailbox
+from mailingest.adapters.imap import Mailbox, Moved
 from mailingest.adapters.ledger import scripts as ledger_scripts
 from mailingest.application import pipeline
 from mailingest.config.settings import Settings
@@ -27,14 +27,15 @@ from mailingest.config.settings import Settings
 from . import hooks
 
 
-def _old_move(self: Mailbox, uid: int, destination: str, **_: Any) -> None:
+def _old_move(self: Mailbox, uid: int, destination: str, **_: Any) -> Moved:
     """The move before the fix: without MOVE, skip the COPY when the destination holds
-    any mail with this one's Message-ID (then expunge it)."""
+    any mail with this one's Message-ID (then expunge it). It reads nothing from the
+    answers: the mail moved, as finish then took it to be."""
     client = self.client
     self._folder_ready(destination)
     if client.has_capability("MOVE"):
         client.move([uid], destination)
-        return
+        return Moved()
     source = self._selected
     header = client.fetch([uid], ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
     raw = next(iter(header.values()), {}).get(b"BODY[HEADER.FIELDS (MESSAGE-ID)]", b"")
@@ -49,6 +50,7 @@ def _old_move(self: Mailbox, uid: int, destination: str, **_: Any) -> None:
     client.add_flags([uid], [b"\\Deleted"], silent=True)
     if client.has_capability("UIDPLUS"):
         client.uid_expunge([uid])
+    return Moved()
 
 
 # A mutation that crashes tests nothing: its step fails and is recovered like any error,
