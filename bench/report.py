@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .notes import NOTES
-from .stack import MACHINE
+from .stack import MACHINE, SHIPPED_ALLOY_RATE
 
 MB = 1e6
 
@@ -48,12 +48,45 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(
             "throughput_ratio",
             "throughput",
-            f"throughput mailingest / bare loop (N = {t['n']})",
+            f"throughput mailingest / bare loop (N = {t['n']}{_rate_note(t.get('alloy_rate'))})",
             t["ratio"],
             f"{t['ratio']:.2f} ({t['mailingest']['mails_per_s']:.2f} / "
             f"{t['bare loop']['mails_per_s']:.2f} mails/s)",
             ">= 1.0",
             _ok(t["ratio"], t["ratio"] >= 1.0, valid),
+        )
+    limited = results.get("ratelimit")
+    if limited:
+        run = limited["run"]
+        default, bare = limited.get("default_mails_per_s"), limited.get("bare_mails_per_s")
+        text = f"{run['mails_per_s']:.2f} mails/s"
+        if default:
+            text += (
+                f" = {run['mails_per_s'] / default:.2f} of the default's {default:.2f}"
+                f"{_rate_note(limited.get('default_rate'), ' (', ')')}"
+            )
+        if bare:
+            text += f", {run['mails_per_s'] / bare:.2f} of the bare loop's"
+        text += (
+            f"; Alloy got {run.get('alloy_requests_per_s', float('nan')):.1f} requests/s of "
+            f"{limited['rate']:g} allowed"
+        )
+        pace = run.get("alloy_pace_last_minute")
+        if pace and pace.get("requests"):
+            text += (
+                f"; the run's last minute: {pace['delayed']:,} of {pace['requests']:,} "
+                "requests waited for a token"
+                + (", the limiter set the pace" if pace.get("sets_the_pace") else "")
+            )
+        add(
+            "ratelimit_throughput",
+            "ratelimit",
+            f"throughput with MAILINGEST_ALLOY_RATE={limited['rate']:g} (limiter binding; "
+            f"N = {limited['n']}; informational)",
+            run["mails_per_s"],
+            text,
+            "informational",
+            "info" if limited["valid"] else "INVALID",
         )
     remote = results.get("remote")
     if remote:
@@ -178,14 +211,32 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _rate_note(rate: float | None, before: str = "; ", after: str = "") -> str:
+    """``MAILINGEST_ALLOY_RATE=0, the default: off`` between ``before`` and ``after``
+    (empty when the run did not record it)."""
+    if rate is None:
+        return ""
+    shipped = ", the default" if rate == SHIPPED_ALLOY_RATE else ""
+    text = f"MAILINGEST_ALLOY_RATE={rate:g}{shipped}" + (": off" if rate == 0 else "")
+    return before + text + after
+
+
 def settings_note(cfg: Any) -> dict[str, str]:
+    rate = cfg.alloy_rate
     return {
         "worker": "python -m celery -A mailingest worker --concurrency 2 --pool prefork "
         "(mailingest_testbed.servers.CeleryProcess), plus beat (RedBeat)",
         "poll interval": f"MAILINGEST_POLL_INTERVAL={cfg.poll_interval:g} s (throughput, growth, "
         f"polling latency); {cfg.idle_poll_interval:g} s with IDLE",
-        "rate limit": "MAILINGEST_ALLOY_RATE=10000 (the Redis token bucket runs on every request "
-        "but never makes anyone wait; the sandbox is local)",
+        "rate limit": (
+            f"MAILINGEST_ALLOY_RATE={rate:g}"
+            + (
+                " (the default: no token bucket; a 429 would pause every worker)"
+                if rate == 0
+                else " (the Redis token bucket runs on every request)"
+            )
+            + f"; the ratelimit phase: {cfg.limited_rate:g}/s, a limit that binds"
+        ),
         "staged bytes": "MAILINGEST_STAGING_KEY set: staged mail and document bytes sealed with "
         "AES-256-GCM, as the README advises",
         "Redis": "a private redis-server 7 per run with appendonly yes, appendfsync everysec "
@@ -334,6 +385,49 @@ def _cpu_lines(runs: list[dict[str, Any]], cores: int) -> list[str]:
         _table(["system", "component", "CPU seconds", "CPU ms per mail"], rows),
         "",
     ]
+
+
+def _pool_busy(run: dict[str, Any], processes: int = 2) -> float:
+    """The share of the wall time the worker's pool processes spent on the CPU."""
+    cpu = run.get("cpu_seconds", {}).get("worker pool processes", 0.0)
+    return float(cpu) / max(1e-9, float(run["seconds"]) * processes)
+
+
+def _ratelimit_lines(results: dict[str, Any]) -> list[str]:
+    limited = results.get("ratelimit")
+    if not limited:
+        return []
+    run = limited["run"]
+    lines = [
+        f"**With a rate limit that binds** (`MAILINGEST_ALLOY_RATE={limited['rate']:g}`, the "
+        f"default until issue 12; one run of the same {limited['n']} mails, "
+        f"{'valid' if run['valid'] else 'INVALID'}): **{run['mails_per_s']:.2f}** mails/s"
+    ]
+    default = limited.get("default_mails_per_s")
+    if default:
+        lines[0] += (
+            f", {run['mails_per_s'] / default:.2f} of the {default:.2f} above"
+            f"{_rate_note(limited.get('default_rate'), ' (', ')')}"
+        )
+    lines[0] += (
+        f". Alloy got {run.get('alloy_requests_per_s', float('nan')):.1f} requests/s of the "
+        f"{limited['rate']:g} allowed; the worker's pool processes were on the CPU "
+        f"{_pool_busy(run) * 100:.0f} % of the time"
+    )
+    firsts = [
+        r for r in (results.get("throughput") or {}).get("runs", []) if r["system"] == "mailingest"
+    ]
+    if firsts:
+        lines[0] += f" ({_pool_busy(firsts[0]) * 100:.0f} % without the limit)"
+    pace = run.get("alloy_pace_last_minute") or {}
+    if pace.get("requests"):
+        lines[0] += (
+            f". The limiter's own counters (as `mailingest status` reads them) for the run's "
+            f"last minute: {pace['delayed']:,} of {pace['requests']:,} requests waited for a "
+            f"token, {pace['waited_ms'] / 1000:,.0f} s in all"
+            + (": it set the pace" if pace.get("sets_the_pace") else "")
+        )
+    return [lines[0] + ".", ""]
 
 
 def _note(vid: str, verdict_by_id: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[str]:
@@ -527,6 +621,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "",
             ]
         lines += _cpu_lines(t["runs"], int(m.get("cores") or 1))
+        lines += _ratelimit_lines(results)
         remote = results.get("remote")
         if remote:
             rows = [

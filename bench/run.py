@@ -4,8 +4,12 @@ Phases (``--only`` picks some; the others keep their figures from the last
 ``results.json`` in the output directory):
 
 * ``throughput``: mailingest (worker --concurrency 2 + beat, every reliability
-  feature on) and the bare loop, alternately, on the same N mails, each run on
-  fresh servers; then one profiled run of each (py-spy).
+  feature on, ``MAILINGEST_ALLOY_RATE`` as shipped unless ``--alloy-rate``) and the
+  bare loop, alternately, on the same N mails, each run on fresh servers; then one
+  profiled run of each (py-spy).
+* ``ratelimit``: mailingest once more on those N mails with a rate limit that binds
+  (``--limited-rate``, 25/s: the default until issue 12), informational: what a limit
+  below the pipeline's pace costs, and what the limiter counted.
 * ``remote``: the same comparison on 200 mails with Alloy answering each request
   after 50 ms (the sandbox's latency fault), informational.
 * ``latency``: APPEND -> ``uploaded: true`` for mails APPENDed at a steady rate,
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,14 +41,17 @@ from mailingest_testbed.samples import AGENT_EMAIL
 
 from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
+from mailingest.adapters.rate_limit import read_pace
 
 from . import report
 from .profiles import PySpy, keep, py_spy, summarize
 from .stack import (
     ALLOY_SECRET,
     ALLOY_TOKEN,
+    BINDING_ALLOY_RATE,
     INBOX,
     MACHINE,
+    SHIPPED_ALLOY_RATE,
     CpuMeter,
     Mailingest,
     RssSampler,
@@ -62,6 +69,7 @@ from .stack import (
     own_cpu,
     poll_now,
     proc_status,
+    rate_text,
     redis_memory,
     reset_peak,
     tree_cpu,
@@ -72,7 +80,7 @@ from .stack import (
 from .workload import Corpus, crlf, mail_owner, make_mail, senders_csv, write_small_mails
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("throughput", "remote", "latency", "rss", "idle", "growth")
+PHASES = ("throughput", "ratelimit", "remote", "latency", "rss", "idle", "growth")
 MB = 1e6
 
 
@@ -95,6 +103,8 @@ class Config:
     profile: bool
     remote_n: int
     remote_latency_ms: float
+    alloy_rate: float = SHIPPED_ALLOY_RATE  # MAILINGEST_ALLOY_RATE of every run
+    limited_rate: float = BINDING_ALLOY_RATE  # the one of the ratelimit phase
 
 
 def log(message: str) -> None:
@@ -161,24 +171,37 @@ class Bench:
 
     # ------------------------------------------------------------------ runs
 
+    def env(self, servers: Servers, **overrides: str) -> dict[str, str]:
+        """mailingest's settings for a run: production's, the benchmark's rate limit."""
+        overrides.setdefault("alloy_rate", rate_text(self.cfg.alloy_rate))
+        return mailingest_env(servers, self.sandbox, self.senders_file, **overrides)
+
     def run_mailingest(
-        self, n: int, label: str, *, profile: bool = False, alloy_latency_ms: float = 0.0
+        self,
+        n: int,
+        label: str,
+        *,
+        profile: bool = False,
+        alloy_latency_ms: float = 0.0,
+        alloy_rate: float | None = None,
     ) -> dict[str, Any]:
         self.ensure_corpus(n)
         specs = self.corpus.specs[:n]
         root = self.workdir / "runs" / label
+        rate = self.cfg.alloy_rate if alloy_rate is None else alloy_rate
         log(f"{label}: mailingest on {n} mails{' (profiled with py-spy)' if profile else ''}")
         result: dict[str, Any] = {
             "system": "mailingest",
             "n": n,
             "label": label,
             "alloy_latency_ms": alloy_latency_ms,
+            "alloy_rate": rate,
         }
         with self.servers(root) as servers:
             self.sandbox.reset()
             self.sandbox.set_faults(latency_ms=alloy_latency_ms)
-            env = mailingest_env(
-                servers, self.sandbox, self.senders_file, poll_interval=str(self.cfg.poll_interval)
+            env = self.env(
+                servers, poll_interval=str(self.cfg.poll_interval), alloy_rate=rate_text(rate)
             )
             client = servers.client()
             progress: list[tuple[float, int]] = []
@@ -221,6 +244,11 @@ class Bench:
                     ok, counts = wait_filed(client, n, timeout=max(900.0, n * 1.5), tick=tick)
                     waited = time.time()
                     cpu.stop()
+                # what the limiter and the 429 pause counted (status's view of the run)
+                pace = read_pace(client, rate=rate, burst=max(1, int(rate * 2)))
+                result["alloy_pace_last_minute"] = asdict(pace) | {
+                    "sets_the_pace": rate > 0 and pace.sets_the_pace
+                }
                 if spy is not None:
                     spy.stop()
                 hwm = {
@@ -248,6 +276,8 @@ class Bench:
                 "redis_commands_by_name": dict(sorted(stats.items(), key=lambda kv: -kv[1])[:12]),
                 "imap": servers.dovecot_sessions(),
                 "sandbox": self.sandbox.state.stats()["requests"],
+                "alloy_requests_per_s": sum(self.sandbox.state.stats()["requests"].values())
+                / max(ended - started, 1e-9),
                 "progress": [(round(t - started, 2), d) for t, d in progress],
                 "cpu_seconds": cpu.used,
             }
@@ -375,6 +405,7 @@ class Bench:
             "workload": self.workload(n),
             "runs": runs,
             "poll_interval": cfg.poll_interval,
+            "alloy_rate": cfg.alloy_rate,
         }
         for system in ("mailingest", "bare loop"):
             valid = [r for r in runs if r["system"] == system and r["valid"]]
@@ -415,6 +446,30 @@ class Bench:
         src = self.out_profile(name)
         if src.exists():
             keep(src, self.out / "profiles" / name)
+
+    def phase_ratelimit(self) -> None:
+        """mailingest on the throughput phase's N mails with a rate limit that binds
+        (informational): compared with the throughput phase's median, what a limit below
+        the pipeline's pace costs; the limiter's own counters say it set the pace."""
+        started = time.monotonic()
+        n, rate = self.cfg.throughput_n, self.cfg.limited_rate
+        self.ensure_corpus(n)
+        run = self.run_mailingest(n, f"ratelimit-{rate_text(rate)}-{n}", alloy_rate=rate)
+        throughput = self.results.get("throughput") or {}
+        default = (throughput.get("mailingest") or {}).get("mails_per_s")
+        bare = (throughput.get("bare loop") or {}).get("mails_per_s")
+        same = throughput.get("n") == n
+        self.results["ratelimit"] = {
+            "n": n,
+            "rate": rate,
+            "default_rate": throughput.get("alloy_rate", self.cfg.alloy_rate),
+            "run": run,
+            "valid": run["valid"],
+            "default_mails_per_s": default if same else None,
+            "bare_mails_per_s": bare if same else None,
+            "seconds": time.monotonic() - started,
+        }
+        self.announce("ratelimit")
 
     def phase_remote(self) -> None:
         """The same comparison with Alloy answering each request after a delay, as a
@@ -468,9 +523,7 @@ class Bench:
         warm = [make_mail(cfg.seed, i, tag=f"w{tag}", attachment_sizes=[200_000]) for i in range(2)]
         with self.servers(root) as servers:
             self.sandbox.reset()
-            env = mailingest_env(
-                servers, self.sandbox, self.senders_file, poll_interval=f"{interval:g}"
-            )
+            env = self.env(servers, poll_interval=f"{interval:g}")
             client = servers.client()
             with Mailingest(env, root / "logs", watch=mode == "idle"):
                 imap = servers.imap()
@@ -547,7 +600,7 @@ class Bench:
         ]
         with self.servers(root) as servers:
             self.sandbox.reset()
-            env = mailingest_env(servers, self.sandbox, self.senders_file, poll_interval="3600")
+            env = self.env(servers, poll_interval="3600")
             client = servers.client()
             with Mailingest(env, root / "logs", beat=False) as procs:
                 imap = servers.imap()
@@ -613,7 +666,7 @@ class Bench:
         )
         with self.servers(root) as servers:
             self.sandbox.reset()
-            env = mailingest_env(servers, self.sandbox, self.senders_file, poll_interval="3600")
+            env = self.env(servers, poll_interval="3600")
             imap = servers.imap()
             imap.append("INBOX", crlf(raw))
             imap.logout()
@@ -667,7 +720,7 @@ class Bench:
             imap.logout()
             client = servers.client()
             _seed_ledger(client, uidvalidity, uids, filed_to="INBOX")
-            env = mailingest_env(servers, self.sandbox, self.senders_file)
+            env = self.env(servers)
             section["inbox_below_watermark"] = self.measure_polls(
                 env, servers, "INBOX holds the processed mails, all below the watermark"
             )
@@ -917,6 +970,20 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
         action="store_true",
         help="only rewrite results.md and results.png from the results.json in --out",
     )
+    p.add_argument(
+        "--alloy-rate",
+        type=float,
+        default=SHIPPED_ALLOY_RATE,
+        help="MAILINGEST_ALLOY_RATE of every run but the ratelimit phase's (default: as "
+        f"shipped, {rate_text(SHIPPED_ALLOY_RATE)}; 10000 runs the limiter without it binding)",
+    )
+    p.add_argument(
+        "--limited-rate",
+        type=float,
+        default=BINDING_ALLOY_RATE,
+        help="MAILINGEST_ALLOY_RATE of the ratelimit phase, a limit that binds "
+        f"(default {rate_text(BINDING_ALLOY_RATE)}: the default until issue 12)",
+    )
     p.add_argument("--seed", type=int, default=6)
     p.add_argument("--workdir", type=Path, help="scratch directory (default: a new one in /tmp)")
     p.add_argument("--keep-workdir", action="store_true")
@@ -946,11 +1013,15 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
         profile=not args.no_profile,
         remote_n=args.remote_n or (20 if quick else 200),
         remote_latency_ms=args.remote_latency_ms,
+        alloy_rate=args.alloy_rate,
+        limited_rate=args.limited_rate,
     )
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = set(only) - set(PHASES)
     if unknown:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; choose from {', '.join(PHASES)}")
+    if cfg.limited_rate <= 0:
+        p.error("--limited-rate must be above 0 (the ratelimit phase measures a limit that binds)")
     args.only = only
     return args, cfg
 

@@ -34,6 +34,7 @@ from mailingest_testbed.servers import CeleryProcess, DovecotServer, RedisServer
 
 from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
+from mailingest.config.table import default_float
 from mailingest.core.states import MAIL_STATES
 
 from .workload import DocSpec, MailSpec, expected_index
@@ -43,6 +44,15 @@ ALLOY_TOKEN, ALLOY_SECRET = "bench-token", "bench-secret-value"
 # 32 bytes, URL-safe base64: staged bytes are sealed (AES-256-GCM) as the README advises
 STAGING_KEY = "YmVuY2gtc3RhZ2luZy1rZXktMzItYnl0ZXMtbG9uZyE="
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# MAILINGEST_ALLOY_RATE as mailingest ships it (0: off): what every run uses unless told
+SHIPPED_ALLOY_RATE = default_float("ALLOY_RATE")
+# the limit of the phase that shows a binding one: the shipped default until issue 12
+BINDING_ALLOY_RATE = 25.0
+
+
+def rate_text(rate: float) -> str:
+    """A rate as MAILINGEST_ALLOY_RATE is written: 25, 0, 12.5."""
+    return f"{rate:g}"
 
 
 # --------------------------------------------------------------------------- servers
@@ -152,7 +162,8 @@ def mailingest_env(
     """Production defaults except where a local benchmark needs otherwise (each stated)."""
     settings = {
         "poll_interval": "2",
-        "alloy_rate": "10000",  # the limiter runs (a Redis script per request), never binds
+        # as shipped (local_environment, for tests and the demo, sets its own)
+        "alloy_rate": rate_text(SHIPPED_ALLOY_RATE),
         "staging_key": STAGING_KEY,
         "retry_base": "2",  # production defaults (local_environment shortens them)
         "retry_cap": "300",

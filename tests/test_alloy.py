@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import redis
 from mailingest_testbed.alloy_sandbox import SandboxServer
+from prometheus_client import REGISTRY
 
 from mailingest.adapters.alloy import AlloyClient, error_from_response
+from mailingest.adapters.rate_limit import PAUSE_REFRESH, AlloyPause
 from mailingest.application.pipeline import RETRYABLE
 from mailingest.config.settings import Secret
 from mailingest.core.errors import AlloyRejected, AlloyUnavailable
@@ -91,3 +94,72 @@ def test_error_mapping_without_a_json_body() -> None:
     assert str(error) == "Alloy upload answered 502: Bad Gateway"
     error = error_from_response(httpx.Response(413, text=""), "upload")
     assert isinstance(error, AlloyRejected) and not isinstance(error, RETRYABLE)
+
+
+@pytest.mark.servers
+def test_a_429_holds_every_worker_for_retry_after(sandbox: SandboxServer, redis_url: str) -> None:
+    """Two workers (two clients, each with its own Redis connection): the one Alloy answers
+    429 shares the pause; the other holds its next request for Retry-After before it goes,
+    and does not send at all while the pause is longer than a worker waits."""
+    now = [1_750_000_000_000]
+    slept: list[float] = []
+    connections = [redis.Redis.from_url(redis_url) for _ in range(2)]
+
+    def worker(connection: redis.Redis) -> AlloyClient:
+        pause = AlloyPause(connection, clock=lambda: now[0], refresh=0, sleep=slept.append)
+        return client(sandbox, pause=pause)
+
+    def held(cause: str) -> float:
+        return REGISTRY.get_sample_value("mailingest_alloy_held_total", {"cause": cause}) or 0
+
+    first, second = worker(connections[0]), worker(connections[1])
+    with first, second:
+        first.list(ENTITY)
+        second.list(ENTITY)
+        assert slept == []  # no 429 yet: nobody holds
+        sandbox.set_faults(rate_429=1.0, retry_after_fraction=1.0, retry_after_seconds=2)
+        with pytest.raises(AlloyUnavailable) as err:
+            first.list(ENTITY)
+        assert (err.value.status, err.value.retry_after) == (429, 2.0)
+        sandbox.set_faults(rate_429=0.0)
+        holds = held("pause")
+        requests = sandbox.state.stats()["requests_total"]
+        second.list(ENTITY)  # held 2 s (the fake sleep), then sent
+        assert slept == [2.0]
+        assert held("pause") == holds + 1
+        assert sandbox.state.stats()["requests_total"] == requests + 1
+
+        now[0] += 2_000  # the pause is over: nobody holds
+        second.list(ENTITY)
+        assert slept == [2.0]
+
+        sandbox.set_faults(rate_429=1.0, retry_after_seconds=30)
+        with pytest.raises(AlloyUnavailable):
+            second.list(ENTITY)
+        sandbox.set_faults(rate_429=0.0)
+        requests = sandbox.state.stats()["requests_total"]
+        with pytest.raises(AlloyUnavailable) as deferred:  # 30 s: not waited in a worker
+            first.list(ENTITY)
+        assert deferred.value.applied is False and deferred.value.status is None
+        assert deferred.value.retry_after == 30.0
+        assert "429" in str(deferred.value)
+        assert sandbox.state.stats()["requests_total"] == requests  # never sent
+    for connection in connections:
+        connection.close()
+
+
+@pytest.mark.servers
+def test_without_a_429_the_pause_costs_no_redis_round_trip_per_request(
+    sandbox: SandboxServer, redis_client: redis.Redis
+) -> None:
+    def commands() -> int:
+        stats = redis_client.info("commandstats")
+        return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+    pause = AlloyPause(redis_client, clock=lambda: 1_750_000_000_000)
+    with client(sandbox, pause=pause) as alloy:
+        before = commands()
+        for _ in range(20):
+            alloy.list(ENTITY)
+        assert commands() - before <= 2  # one read per PAUSE_REFRESH, not one per request
+    assert PAUSE_REFRESH <= 1.0  # and another worker's 429 is known within a second

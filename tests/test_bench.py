@@ -56,3 +56,54 @@ def test_the_micro_benchmarks_run() -> None:
     assert sandbox.startswith("sandbox: 20 describes") and "req/s" in sandbox
     assert sniffed.startswith("sniff on 1 MB: random=unknown") and "pdf=pdf" in sniffed
     assert parsers.startswith("reply parsers: python: GET 2 MB ") and "; hiredis: " in parsers
+
+
+def test_the_benchmark_runs_as_shipped_and_reports_a_binding_limit_beside_it() -> None:
+    from bench import report
+    from bench.run import PHASES, parse
+    from mailingest.config.table import default_float
+
+    _, cfg = parse([])
+    assert cfg.alloy_rate == default_float("ALLOY_RATE") == 0  # the throughput runs: off
+    assert cfg.limited_rate == 25 and "ratelimit" in PHASES
+    run = {
+        "mails_per_s": 6.1,
+        "valid": True,
+        "seconds": 82.0,
+        "alloy_requests_per_s": 24.9,
+        "cpu_seconds": {"worker pool processes": 52.5},
+        "alloy_pace_last_minute": {
+            "requests": 1500,
+            "delayed": 1400,
+            "waited_ms": 180_000,
+            "sets_the_pace": True,
+        },
+    }
+    speeds = {"mails_per_s": 16.4, "runs_valid": 1, "runs": 1}
+    results = {
+        "throughput": {"n": 500, "alloy_rate": 0.0, "ratio": 1.0, "runs": []}
+        | {"mailingest": speeds, "bare loop": speeds},
+        "ratelimit": {
+            "n": 500,
+            "rate": 25.0,
+            "default_rate": 0.0,
+            "run": run,
+            "valid": True,
+            "default_mails_per_s": 16.4,
+            "bare_mails_per_s": 16.4,
+        },
+    }
+    rows = {v["id"]: v for v in report.verdicts(results)}
+    assert rows["throughput_ratio"]["figure"] == (
+        "throughput mailingest / bare loop (N = 500; MAILINGEST_ALLOY_RATE=0, the default: off)"
+    )
+    limited = rows["ratelimit_throughput"]
+    assert limited["figure"].startswith("throughput with MAILINGEST_ALLOY_RATE=25 (limiter binding")
+    assert limited["verdict"] == "info"
+    assert limited["value_text"].startswith(
+        "6.10 mails/s = 0.37 of the default's 16.40 (MAILINGEST_ALLOY_RATE=0, the default: off)"
+    )
+    assert "Alloy got 24.9 requests/s of 25 allowed" in limited["value_text"]
+    assert "1,400 of 1,500 requests waited for a token" in limited["value_text"]
+    (paragraph, _) = report._ratelimit_lines(results)
+    assert "on the CPU 32 % of the time" in paragraph and "it set the pace" in paragraph

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 from mailingest_testbed.alloy_sandbox import SandboxServer
 from mailingest_testbed.samples import demo_scenario
 from mailingest_testbed.servers import ImapServer, free_port
@@ -238,8 +239,6 @@ def test_every_command_is_covered_by_the_help_test() -> None:
 
 
 def test_poll_now_queues_a_poll_for_the_workers(env: dict[str, str]) -> None:
-    import redis as redis_lib
-
     proc = run(env, "poll-now")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "poll of inbox default queued\n"
@@ -371,3 +370,60 @@ def test_seed_delivers_sample_mail_that_a_poll_then_ingests(
     down = env | {"MAILINGEST_IMAP_PORT": "1"}
     failed = run(down, "seed", "--wait", "0")
     assert failed.returncode == 1 and "cannot connect" in failed.stderr
+
+
+def test_status_shows_when_the_alloy_rate_limit_sets_the_pace(env: dict[str, str]) -> None:
+    from mailingest.adapters.ledger.clock import RedisClock
+    from mailingest.adapters.rate_limit import AlloyPause, RateLimiter
+
+    limited = env | {"MAILINGEST_ALLOY_RATE": "2", "MAILINGEST_ALLOY_BURST": "4"}
+    quiet = run(limited, "status")
+    assert quiet.returncode == 0, quiet.stderr
+    assert (
+        "Alloy rate limit: 2/s shared (bursts of 4); no request in the last minute\n"
+        in quiet.stdout
+    )
+    assert "429" not in quiet.stdout
+
+    client = redis_lib.Redis.from_url(env["MAILINGEST_REDIS_URL"])
+    limiter = RateLimiter(client, rate=2, burst=4, max_wait=100)
+    waits = [limiter.reserve() for _ in range(10)]  # what workers asked at this moment
+    assert sum(1 for w in waits if w > 0) == 6
+    AlloyPause(client, clock=RedisClock(client)).begin(30)  # a worker got a 429
+    client.close()
+
+    busy = run(limited, "status")
+    assert busy.returncode == 0, busy.stderr
+    (line,) = [x for x in busy.stdout.splitlines() if x.startswith("Alloy rate limit")]
+    assert line.startswith("Alloy rate limit: 2/s shared (bursts of 4); it delayed 6 of 10 ")
+    assert " s waited) in the last minute; " in line and "waiting for a token now" in line
+    assert line.endswith(": it sets the pace")
+    assert re.search(
+        r"^Alloy answered 429 to 1 request in the last minute; every worker holds its "
+        r"requests (29|30)\.\d s more$",
+        busy.stdout,
+        re.MULTILINE,
+    ), busy.stdout
+    shown = json.loads(run(limited, "status", "--json").stdout)["alloy_rate_limit"]
+    assert shown["rate"] == 2 and shown["burst"] == 4 and shown["sets_the_pace"] is True
+    assert shown["last_minute"] | {"waited_s": 0} == {
+        "requests": 10,
+        "delayed": 6,
+        "waited_s": 0,
+        "deferred": 0,
+        "answered_429": 1,
+    }
+    assert shown["last_minute"]["waited_s"] > 5
+    assert 25 < shown["pause_s"] <= 30
+
+    off = run(env | {"MAILINGEST_ALLOY_RATE": "0"}, "status")
+    assert off.returncode == 0, off.stderr
+    assert (
+        "Alloy rate limit: off (MAILINGEST_ALLOY_RATE=0; Alloy's 429s pause every worker)\n"
+        in off.stdout
+    )
+    assert "it sets the pace" not in off.stdout
+    assert "Alloy answered 429 to 1 request in the last minute" in off.stdout
+    shown = json.loads(run(env | {"MAILINGEST_ALLOY_RATE": "0"}, "status", "--json").stdout)
+    assert shown["alloy_rate_limit"]["rate"] is None
+    assert shown["alloy_rate_limit"]["sets_the_pace"] is False

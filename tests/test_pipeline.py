@@ -170,3 +170,38 @@ def test_a_backlog_waits_in_the_mailbox_not_in_redis(
         assert folder_counts(imap, "INBOX") == {"INBOX": 0}
     finally:
         ctx.close()
+
+
+def test_a_describe_waits_its_turn_before_its_attempt_is_recorded(
+    env: dict[str, str], imap: ImapServer, senders_file: Path
+) -> None:
+    """A describe must be sent within SEND_GUARD of recording its attempt (others count
+    its window from that record). So its wait for a token, or out another worker's 429,
+    comes before the record, and none after it."""
+    scenario = bulk_scenario(1, seed=9)
+    write_senders(senders_file, scenario)
+    deliver(imap, [scenario.mails[0].raw])
+    documents = len(scenario.expected_documents)
+    ctx = build_context(load_settings(env | {"MAILINGEST_ALLOY_RATE": "1000"}))
+    events: list[str] = []
+    wait_turn, begin_attempt = ctx.alloy.wait_turn, ctx.ledger.begin_attempt
+
+    def waiting(operation: str) -> None:
+        events.append(f"turn {operation}")
+        wait_turn(operation)
+
+    def recording(*args: object, **kw: object) -> object:
+        events.append("attempt")
+        return begin_attempt(*args, **kw)  # type: ignore[arg-type]
+
+    ctx.alloy.wait_turn = waiting  # type: ignore[method-assign]
+    ctx.ledger.begin_attempt = recording  # type: ignore[assignment,method-assign]
+    try:
+        assert poll_once(ctx).processed == 1
+    finally:
+        ctx.close()
+    assert events.count("attempt") == documents
+    for at in (i for i, e in enumerate(events) if e == "attempt"):
+        assert events[at - 1] == "turn describe", events
+        assert events[at + 1] != "turn describe", events  # the POST waits no more
+    assert events.count("turn describe") == documents

@@ -624,3 +624,26 @@ def test_the_documents_script_checks_and_rewrites(tmp_path: Path) -> None:
     assert docs.main(["--root", str(tmp_path)]) == 0
     assert (tmp_path / "README.md").read_text() == readme
     assert docs.main(["--root", str(tmp_path), "--check"]) == 0
+
+
+def test_the_alloy_rate_limit_is_off_by_default_and_the_429_pause_is_not() -> None:
+    """Alloy publishes no rate limit: none is assumed (a guessed one halved throughput on
+    two cores); a 429 pauses every worker instead. A team that knows its contract sets one."""
+    import redis
+
+    from mailingest.application.services import Services
+
+    s = load_settings(BASE)
+    assert (s.alloy_rate, s.alloy_burst) == (0, 1)
+    client = redis.Redis()  # never connected: building the client contacts nothing
+    with Services(s, redis_client=client, clock=lambda: 0) as services:
+        alloy = services.alloy()
+        assert alloy.limiter is None and alloy.pause is not None
+        assert alloy.pause.max_pause == s.retry_cap
+        bare = services.alloy(rate_limited=False)  # check-config: Alloy without Redis
+        assert bare.limiter is None and bare.pause is None
+    limited = load_settings(BASE | {"MAILINGEST_ALLOY_RATE": "12.5"})
+    assert (limited.alloy_rate, limited.alloy_burst) == (12.5, 25)
+    with Services(limited, redis_client=redis.Redis(), clock=lambda: 0) as services:
+        limiter = services.alloy().limiter
+        assert limiter is not None and (limiter.rate, limiter.burst) == (12.5, 25)

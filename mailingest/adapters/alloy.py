@@ -8,8 +8,10 @@
 Errors come back as :class:`~mailingest.core.errors.AlloyRejected` (final) or
 :class:`~mailingest.core.errors.AlloyUnavailable` (429, 5xx, timeouts, dropped
 connections: retry later, honouring ``retry_after``). The client itself does
-not sleep or retry: the caller (a Celery task, or ``poll-once``) owns the
-schedule, so a worker never blocks on a backoff.
+not retry: the caller (a Celery task, or ``poll-once``) owns the schedule, so a
+worker never blocks on a backoff. It only waits its turn before a request, a few
+seconds at most: out the pause every worker keeps after a 429, and for a token of the
+shared rate limit when one is set (:mod:`mailingest.adapters.rate_limit`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from urllib.parse import quote
 import httpx
 
 from mailingest import __version__
-from mailingest.adapters.rate_limit import RateLimited, RateLimiter
+from mailingest.adapters.rate_limit import AlloyPause, Deferred, RateLimiter
 from mailingest.application import metrics
 from mailingest.config.secret import Secret
 from mailingest.config.table import default_float
@@ -117,8 +119,10 @@ class AlloyClient:
         transport: httpx.BaseTransport | None = None,
         ca_file: Path | None = None,
         limiter: RateLimiter | None = None,
+        pause: AlloyPause | None = None,
     ) -> None:
-        self._limiter = limiter
+        self.limiter = limiter  # the shared token bucket (MAILINGEST_ALLOY_RATE)
+        self.pause = pause  # the shared hold after a 429
         auth = None
         if token is not None and secret is not None:
             auth = httpx.BasicAuth(token.reveal(), secret.reveal())
@@ -154,13 +158,17 @@ class AlloyClient:
         type: str,
         note: str | None,
         note_author_agent_email: str | None,
+        turn_taken: bool = False,
     ) -> Document:
+        """``turn_taken``: the caller waited its turn (:meth:`wait_turn`) just before, so
+        the request goes at once (the pipeline sends a describe within a few seconds of
+        recording its attempt, and waits for its turn before recording it)."""
         body: dict[str, str] = {"name": name, "extension": extension, "type": type}
         if note:
             body["note"] = note
         if note_author_agent_email:
             body["note_author_agent_email"] = note_author_agent_email
-        with self._call("describe") as call:
+        with self._call("describe", turn_taken=turn_taken) as call:
             response = call("POST", self._path(entity), json=body)
         return Document.from_json(self._json(response, "describe"))
 
@@ -216,18 +224,31 @@ class AlloyClient:
                 f"answered {response.status_code} with a body that is not JSON", operation=operation
             ) from None
 
+    def wait_turn(self, operation: str) -> None:
+        """Hold until this process may send one request: while another worker's 429
+        pauses every worker, then for a token of the shared rate limit (when set). A
+        hold longer than a few seconds raises AlloyUnavailable (not sent: retry after
+        its ``retry_after``) instead of waiting in the worker."""
+        try:
+            if self.pause is not None:
+                held = self.pause.hold()
+                if held:
+                    metrics.alloy_held("pause", held)
+            if self.limiter is not None:
+                waited = self.limiter.acquire()  # one rate for all workers
+                if waited:
+                    metrics.alloy_held("rate_limit", waited)
+        except Deferred as exc:
+            metrics.alloy_deferred(exc.cause)
+            error = AlloyUnavailable(str(exc), retry_after=exc.retry_after, operation=operation)
+            error.applied = False  # never sent
+            raise error from None
+
     @contextmanager
-    def _call(self, operation: str) -> Iterator[Any]:
+    def _call(self, operation: str, *, turn_taken: bool = False) -> Iterator[Any]:
         def call(method: str, url: str, **kw: Any) -> httpx.Response:
-            if self._limiter is not None:
-                try:
-                    self._limiter.acquire()  # one rate for all workers (Redis token bucket)
-                except RateLimited as exc:
-                    error = AlloyUnavailable(
-                        str(exc), retry_after=exc.retry_after, operation=operation
-                    )
-                    error.applied = False  # never sent
-                    raise error from None
+            if not turn_taken:
+                self.wait_turn(operation)
             endpoint = ENDPOINTS.get(operation, operation)
             started = time.perf_counter()
             try:
@@ -239,7 +260,10 @@ class AlloyClient:
                 method, endpoint, response.status_code, time.perf_counter() - started
             )
             if response.status_code >= 400:
-                raise error_from_response(response, operation)
+                error = error_from_response(response, operation)
+                if response.status_code == 429 and self.pause is not None:
+                    self.pause.begin(error.retry_after)  # every worker holds, not just us
+                raise error
             return response
 
         try:

@@ -22,6 +22,10 @@
                                          (score: when it was begun)
     mailingest:senders                   hash   e-mail -> entity (the CLI's directory)
     mailingest:ratelimit:alloy           hash   the token bucket all workers share
+    mailingest:ratelimit:alloy:pause     string after a 429: until when every worker holds
+                                         its Alloy requests (ms on Redis' clock)
+    mailingest:ratelimit:alloy:stats     hash   the last minute, per second: requests, delayed,
+                                         ms waited, deferred, 429s (for status)
     mailingest:oauth:<inbox>             hash   OAuth2 access/refresh tokens (sealed), expiry
     mailingest:lock:oauth:<inbox>        lock   single flight of one inbox's token refresh
 
@@ -77,6 +81,14 @@ def unfetchable(inbox: str, uidvalidity: int, uid: int) -> str:
 
 def rate_bucket(name: str) -> str:
     return f"{NS}:ratelimit:{name}"
+
+
+def rate_pause(name: str) -> str:
+    return f"{NS}:ratelimit:{name}:pause"
+
+
+def rate_stats(name: str) -> str:
+    return f"{NS}:ratelimit:{name}:stats"
 
 
 def poll_lock(inbox: str) -> str:

@@ -37,7 +37,11 @@ def describe(settings: Settings) -> list[Check]:
             "alloy",
             True,
             f"{settings.alloy_url}, rate limit "
-            + (f"{settings.alloy_rate:g}/s" if settings.alloy_rate else "off"),
+            + (
+                f"{settings.alloy_rate:g}/s shared (bursts of {settings.alloy_burst})"
+                if settings.alloy_rate
+                else "off (a 429 pauses every worker for Retry-After)"
+            ),
         ),
     ]
     checks += [Check(f"inbox {inbox.name}", True, _inbox_line(inbox)) for inbox in settings.inboxes]

@@ -6,7 +6,7 @@
     mailingest poll-now [--inbox NAME]   ask the running workers to poll at once
     mailingest sandbox [--port 8080]     serve the Alloy document API emulator
     mailingest senders add|remove|list|import   edit the sender directory in Redis
-    mailingest status [--json]           ledger counts, quarantined and failed mails with reasons
+    mailingest status [--json]           ledger counts, the Alloy rate limit, mails needing a person
     mailingest replay MAIL_ID...         send a quarantined or failed mail through again
     mailingest check-config [--connect]  validate the settings; --connect tries every service
     mailingest seed [--count N]          deliver sample mails to an inbox (demo setups)
@@ -39,6 +39,7 @@ from mailingest.config.settings import InboxSettings, Settings, load_settings, r
 from mailingest.core.errors import ConfigError, MailingestError
 
 if TYPE_CHECKING:
+    from mailingest.adapters.rate_limit import Pace
     from mailingest.application.services import Context
 
 log = logging.getLogger("mailingest")
@@ -219,9 +220,50 @@ def _senders(args: argparse.Namespace, client: redis.Redis) -> int:
     return 0
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def rate_limit_lines(rate: float, burst: int, pace: Pace) -> list[str]:
+    """What `status` says of the Alloy rate limit and the pause after a 429: whether the
+    limiter, not the pipeline, sets the pace."""
+    if rate <= 0:
+        line = "Alloy rate limit: off (MAILINGEST_ALLOY_RATE=0; Alloy's 429s pause every worker)"
+    else:
+        line = f"Alloy rate limit: {rate:g}/s shared (bursts of {burst})"
+        if pace.delayed or pace.deferred:
+            line += (
+                f"; it delayed {pace.delayed:,} of {_count(pace.requests, 'request')} "
+                f"({pace.waited_ms / 1000:,.1f} s waited)"
+            )
+            if pace.deferred:
+                line += f" and put off {pace.deferred:,} for later (a wait over 5 s)"
+            line += " in the last minute"
+        elif pace.requests:
+            line += f"; it delayed none of {_count(pace.requests, 'request')} in the last minute"
+        else:
+            line += "; no request in the last minute"
+        if pace.waiting:
+            line += f"; {_count(pace.waiting, 'request')} waiting for a token now"
+        elif pace.bucket_empty:
+            line += "; the bucket is empty now"
+        if pace.sets_the_pace:
+            line += ": it sets the pace"
+        elif pace.requests:
+            line += ": the pipeline, not the limit, sets the pace"
+    lines = [line]
+    if pace.answered_429 or pace.pause_ms:
+        line = f"Alloy answered 429 to {_count(pace.answered_429, 'request')} in the last minute"
+        if pace.pause_ms:
+            line += f"; every worker holds its requests {pace.pause_ms / 1000:.1f} s more"
+        lines.append(line)
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from mailingest.adapters.ledger import Ledger
     from mailingest.adapters.ledger.leases import Leases
+    from mailingest.adapters.rate_limit import read_pace
     from mailingest.application.pipeline import sweep_policy
     from mailingest.application.services import Services
     from mailingest.core import decisions
@@ -232,6 +274,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     client = _redis()
     ledger = Ledger(client)
     counts = ledger.counts()
+    pace = read_pace(client, rate=settings.alloy_rate, burst=settings.alloy_burst)
     now = ledger.now()  # the ledger's clock: the one its timestamps were taken by
     attention = ledger.mails((MailState.QUARANTINED, MailState.FAILED))
     pending = ledger.mails(IN_FLIGHT)
@@ -280,12 +323,28 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "attention": [row(r) for r in attention],
                     "stalled": [row(r) for r in stalled],
                     "in_progress": [row(r) for r in working],
+                    "alloy_rate_limit": {
+                        "rate": settings.alloy_rate or None,
+                        "burst": settings.alloy_burst if settings.alloy_rate else None,
+                        "last_minute": {
+                            "requests": pace.requests,
+                            "delayed": pace.delayed,
+                            "waited_s": pace.waited_ms / 1000,
+                            "deferred": pace.deferred,
+                            "answered_429": pace.answered_429,
+                        },
+                        "bucket_empty": pace.bucket_empty,
+                        "sets_the_pace": settings.alloy_rate > 0 and pace.sets_the_pace,
+                        "pause_s": pace.pause_ms / 1000,
+                    },
                 },
                 indent=2,
             )
         )
         return 0
     print("  ".join(f"{state} {n}" for state, n in counts.items()))
+    for line in rate_limit_lines(settings.alloy_rate, settings.alloy_burst, pace):
+        print(line)
     for name, poll in polls.items():
         backlog = f"; backlog {poll['backlog']}"
         if poll["oldest_pending_s"] is not None:
@@ -548,7 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("file", help="the CSV file (header email,entity_token; UTF-8)")
 
-    p = _command(sub, "status", help="ledger counts, and quarantined and failed mails with reasons")
+    p = _command(
+        sub,
+        "status",
+        help="ledger counts, the Alloy rate limit (does it set the pace?), and "
+        "quarantined and failed mails with reasons",
+    )
     p.add_argument("--json", action="store_true", help="print as JSON")
 
     p = _command(sub, "replay", help="send quarantined or failed mails through again")

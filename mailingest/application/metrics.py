@@ -49,6 +49,9 @@ METRICS = (
     "mailingest_upload_bytes_total",
     "mailingest_alloy_request_seconds",
     "mailingest_alloy_responses_total",
+    "mailingest_alloy_held_total",
+    "mailingest_alloy_held_seconds_total",
+    "mailingest_alloy_deferred_total",
     "mailingest_imap_poll_seconds",
     "mailingest_oldest_unprocessed_seconds",
     "mailingest_backlog_mails",
@@ -146,6 +149,23 @@ def _m() -> SimpleNamespace:
             "Alloy's answers by HTTP status (0: no answer: timeout or connection error)",
             ["method", "endpoint", "status"],
         ),
+        held=Counter(
+            "mailingest_alloy_held",
+            "Alloy requests held back before they were sent, by cause: rate_limit (waited "
+            "for a token of MAILINGEST_ALLOY_RATE), pause (a worker got a 429)",
+            ["cause"],
+        ),
+        held_seconds=Counter(
+            "mailingest_alloy_held_seconds",
+            "Seconds Alloy requests were held back before they were sent, by cause",
+            ["cause"],
+        ),
+        deferred=Counter(
+            "mailingest_alloy_deferred",
+            "Alloy requests not sent because the hold would have been longer than 5 s "
+            "(their step is retried after it), by cause",
+            ["cause"],
+        ),
         poll_seconds=Histogram(
             "mailingest_imap_poll_seconds",
             "Time for one poll of an inbox (fetch new mail, record it, sweep)",
@@ -155,11 +175,17 @@ def _m() -> SimpleNamespace:
     )
 
 
+HOLD_CAUSES = ("rate_limit", "pause")
+
+
 def declare(inboxes: Iterable[str]) -> None:
     """Show each inbox's counters from the start, at zero (a rate needs a first sample)."""
     for inbox in inboxes:
         for counter in (_m().seen, _m().processed, _m().failed):
             counter.labels(inbox)
+    for cause in HOLD_CAUSES:
+        for counter in (_m().held, _m().held_seconds, _m().deferred):
+            counter.labels(cause)
 
 
 def inbox_of(mail_id: str) -> str:
@@ -193,6 +219,17 @@ def document_uploaded(size: int) -> None:
 def alloy_answered(method: str, endpoint: str, status: int, seconds: float) -> None:
     _m().alloy_seconds.labels(method, endpoint).observe(seconds)
     _m().alloy_responses.labels(method, endpoint, str(status)).inc()
+
+
+def alloy_held(cause: str, seconds: float) -> None:
+    """A request waited ``seconds`` before it was sent (``cause``: see HOLD_CAUSES)."""
+    _m().held.labels(cause).inc()
+    _m().held_seconds.labels(cause).inc(seconds)
+
+
+def alloy_deferred(cause: str) -> None:
+    """A request was not sent: its hold would have been too long; its step is retried."""
+    _m().deferred.labels(cause).inc()
 
 
 @contextmanager

@@ -459,6 +459,9 @@ def _describe_locked(ctx: Context, record: MailRecord, doc: DocumentRecord) -> l
             ctx.ledger.attempt_failed(slot, doubt, slot.attempt)  # it never became one
         return [Step("finish", mail_id)]
     _wait_for_others(ctx, doubt, slot, index)
+    # the wait for a token of the rate limit, or out another worker's 429, comes before
+    # the attempt is recorded: the POST must go within SEND_GUARD of that record
+    ctx.alloy.wait_turn("describe")
     attempt = ctx.ledger.begin_attempt(slot, mail_id, doubt, window_ms=window)
     if attempt.verdict == "token":
         return [Step("upload", mail_id, index)]
@@ -481,6 +484,7 @@ def _describe_locked(ctx: Context, record: MailRecord, doc: DocumentRecord) -> l
             type=doc.type,
             note=inbox.note,
             note_author_agent_email=inbox.agent_email,
+            turn_taken=True,
         )
     except AlloyRejected as exc:
         ctx.ledger.attempt_failed(slot, doubt, attempt.attempt_id)

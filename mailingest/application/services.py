@@ -26,9 +26,10 @@ from mailingest.adapters.broker_queue import BrokerQueue
 from mailingest.adapters.encryption import Sealer
 from mailingest.adapters.imap import Mailbox
 from mailingest.adapters.ledger import Ledger
+from mailingest.adapters.ledger.clock import RedisClock
 from mailingest.adapters.ledger.leases import Leases
 from mailingest.adapters.oauth import TokenSource
-from mailingest.adapters.rate_limit import RateLimiter
+from mailingest.adapters.rate_limit import AlloyPause, RateLimiter
 from mailingest.adapters.senders import (
     CsvDirectory,
     HttpLookup,
@@ -222,8 +223,9 @@ class Services:
     """The connections a process makes, each built from the settings on first use.
 
     The one place that builds them for every command and worker: the Redis client,
-    the Celery broker connection (to queue polls), the Alloy client (rate limited
-    through Redis, or not: ``check-config`` must reach Alloy while Redis is down) and
+    the Celery broker connection (to queue polls), the Alloy client (sharing the
+    pause after a 429 and the rate limit with every worker through Redis, or not:
+    ``check-config`` must reach Alloy while Redis is down) and
     IMAP mailboxes with their XOAUTH2 token sources (one per inbox and process: it
     caches and refreshes the token). Nothing is contacted until it is used, so a
     command pays only for what it needs. ``close`` ends what was built (so does
@@ -239,10 +241,12 @@ class Services:
         redis_client: redis.Redis | None = None,
         alloy_transport: httpx.BaseTransport | None = None,
         ride_out: bool = False,
+        clock: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
         self.ride_out = ride_out  # Redis commands wait out an outage (connect_redis)
         self._redis = redis_client
+        self._clock = clock  # ms on the clock every worker shares (Redis'), built on first use
         self._alloy_transport = alloy_transport
         self._alloy: dict[bool, AlloyClient] = {}
         self._broker: Any = None
@@ -266,16 +270,25 @@ class Services:
                 self._closers.append(self._redis.close)
             return self._redis
 
+    @property
+    def clock(self) -> Callable[[], int]:
+        """Milliseconds on the clock every worker shares: Redis' (no round trip a call)."""
+        if self._clock is None:
+            self._clock = RedisClock(self.redis)
+        return self._clock
+
     def alloy(self, *, rate_limited: bool = True) -> AlloyClient:
-        """The Alloy client; ``rate_limited`` shares the Redis token bucket of all workers."""
+        """The Alloy client. ``rate_limited``: it shares with every worker, through Redis,
+        the pause after a 429 and the token bucket of ``MAILINGEST_ALLOY_RATE`` (when set)."""
         settings = self.settings
-        limited = rate_limited and settings.alloy_rate > 0
-        if limited not in self._alloy:
-            limiter = (
-                RateLimiter(self.redis, rate=settings.alloy_rate, burst=settings.alloy_burst)
-                if limited
-                else None
-            )
+        if rate_limited not in self._alloy:
+            limiter = pause = None
+            if rate_limited:
+                pause = AlloyPause(self.redis, clock=self.clock, max_pause=settings.retry_cap)
+                if settings.alloy_rate > 0:
+                    limiter = RateLimiter(
+                        self.redis, rate=settings.alloy_rate, burst=settings.alloy_burst
+                    )
             client = AlloyClient(
                 settings.alloy_url,
                 settings.alloy_token,
@@ -283,12 +296,13 @@ class Services:
                 connect_timeout=settings.alloy_connect_timeout,
                 ca_file=settings.alloy_ca_file,
                 limiter=limiter,
+                pause=pause,
                 read_timeout=settings.alloy_read_timeout,
                 transport=self._alloy_transport,
             )
-            self._alloy[limited] = client
+            self._alloy[rate_limited] = client
             self._closers.append(client.close)
-        return self._alloy[limited]
+        return self._alloy[rate_limited]
 
     @property
     def broker_queue(self) -> BrokerQueue:
@@ -351,8 +365,8 @@ class Services:
 
         Commands that send mail to Alloy ask first (any HTTP answer will do), so that a
         mail is not taken from its inbox, retried and marked failed while Alloy cannot
-        be reached. The rate limiter (a Redis token bucket) is bypassed: Alloy is asked
-        even while Redis is down.
+        be reached. The rate limit and the pause after a 429 (both in Redis) are
+        bypassed: Alloy is asked even while Redis is down.
         """
         try:
             self.alloy(rate_limited=False).check_credentials()
@@ -429,7 +443,11 @@ def build_context(
     a command run from a shell fails within seconds instead)."""
     settings.require("redis", "imap", "alloy")
     services = Services(
-        settings, redis_client=redis_client, alloy_transport=alloy_transport, ride_out=ride_out
+        settings,
+        redis_client=redis_client,
+        alloy_transport=alloy_transport,
+        ride_out=ride_out,
+        clock=clock,
     )
     client = services.redis
     leases = Leases(
@@ -447,7 +465,7 @@ def build_context(
             sealer=Sealer(settings.staging_key) if settings.staging_key else None,
             on_recorded=lambda ref: metrics.mail_seen(ref.inbox),
             on_decided=metrics.mail_decided,
-            clock=clock,
+            clock=services.clock,  # the one the Alloy pause reads too
         ),
         alloy=services.alloy(),
         resolvers={inbox.name: build_resolver(inbox, client) for inbox in settings.inboxes},

@@ -400,8 +400,10 @@ SETTINGS: tuple[Setting, ...] = (
         "ALLOY_RATE",
         "number",
         "requests per second to Alloy shared by all workers on all hosts (a token bucket "
-        "in Redis); 0 turns the limit off",
-        default=25.0,
+        "in Redis), for a team that knows the limit of its Alloy contract; 0 is off: "
+        "Alloy publishes no limit, and its 429s pause every worker for `Retry-After`",
+        default=0.0,
+        default_text="off",
         minimum=0,
         maximum=100_000,
         section="alloy",

@@ -32,6 +32,9 @@ METRIC_LABELS: dict[str, set[str]] = {
     "mailingest_upload_bytes_total": set(),
     "mailingest_alloy_request_seconds": {"method", "endpoint"},
     "mailingest_alloy_responses_total": {"method", "endpoint", "status"},
+    "mailingest_alloy_held_total": {"cause"},
+    "mailingest_alloy_held_seconds_total": {"cause"},
+    "mailingest_alloy_deferred_total": {"cause"},
     "mailingest_imap_poll_seconds": {"inbox"},
     "mailingest_oldest_unprocessed_seconds": {"inbox"},
     "mailingest_backlog_mails": {"inbox"},
@@ -155,6 +158,9 @@ def test_grafana_dashboard_uses_mailingest_metrics() -> None:
         "mailingest_imap_poll_seconds",
         "mailingest_documents_uploaded_total",
         "mailingest_upload_bytes_total",
+        "mailingest_alloy_held_total",
+        "mailingest_alloy_held_seconds_total",
+        "mailingest_alloy_deferred_total",
     }
     assert wanted <= used, f"no panel shows {sorted(wanted - used)}"
     quarantine = [
@@ -231,6 +237,27 @@ ALERT_CASES: dict[str, dict[str, Any]] = {
         "series": {'mailingest_oldest_unprocessed_seconds{inbox="default"}': "1200x20"},
         "at": "10m",
         "fires": {"MailingestOldestMailTooOld": [{"inbox": "default"}]},
+    },
+    "two in three Alloy requests waited for a token of the rate limit": {
+        "series": {
+            'mailingest_alloy_held_total{cause="rate_limit"}': "0+60x80",
+            'mailingest_alloy_held_total{cause="pause"}': "0+0x80",
+            'mailingest_alloy_responses_total{method="POST",endpoint="/e",status="200"}': (
+                "0+90x80"
+            ),
+        },
+        "at": "60m",
+        "fires": {"MailingestAlloyRateLimitSetsThePace": [{}]},
+    },
+    "one in fifteen waited: the workers set the pace": {
+        "series": {
+            'mailingest_alloy_held_total{cause="rate_limit"}': "0+6x80",
+            'mailingest_alloy_responses_total{method="POST",endpoint="/e",status="200"}': (
+                "0+90x80"
+            ),
+        },
+        "at": "60m",
+        "fires": {"MailingestAlloyRateLimitSetsThePace": []},
     },
     "the oldest mail 10 minutes old": {
         "series": {'mailingest_oldest_unprocessed_seconds{inbox="default"}': "600x20"},

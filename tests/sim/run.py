@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailingest.adapters import ledger as L
+from mailingest.core import retry
 
 from . import checker, clock, faults, scenario
 from .checker import Violation
@@ -129,6 +130,11 @@ class Simulation:
         self.clock = clock.SimClock()
         world.clock = self.clock
         self._installed = clock.install(self.clock)
+        # the product's retry jitter draws from a generator of its own, seeded per
+        # schedule: the global one is also drawn by imaplib (each new connection's tag
+        # prefix), and whether a worker connects afresh depends on earlier schedules
+        self.jitter = random.Random()
+        self._installed.patch(retry, "random", self.jitter)
         self._raw_http = plain_transport()
         self.timings: dict[str, float] = {}  # seconds spent per phase, over all runs
         logging.disable(logging.CRITICAL)  # the product logs every step: not here
@@ -177,7 +183,7 @@ class Simulation:
         world.reset(plan.variant)
         mark = self._phase("reset", mark)
         self.clock.reset()
-        random.seed(seed)  # the product's retry jitter
+        self.jitter.seed(seed)  # the product's retry jitter
         settings = world.servers[plan.variant].settings
         folders = Folders(world, plan.variant)
         placements: dict[tuple[int, int], str] = {}

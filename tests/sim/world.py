@@ -265,6 +265,9 @@ class World:
         self.raw.flushdb()
         self.sandbox.reset()
         server = self.servers[variant]
+        for ctx in server.contexts.values():  # what a kept worker knew of the old Redis
+            if ctx.alloy.pause is not None:
+                ctx.alloy.pause.forget()
         self.unselect_kept(variant)
         self.recreate_ingest_folder(variant)
         admin = server.admin
