@@ -147,7 +147,9 @@ def test_a_mail_moved_by_hand_is_found_where_it_went_or_recorded_as_gone(
     client.move([by_subject[records[third].subject]], "Archive")  # or puts it elsewhere
     client.logout()
     sent = finish_counted(ctx, [first, second, third])
-    assert sent[0] == ["NOOP", "UID FETCH", "UID MOVE"], sent[0]
+    # the NOOP brought the person's expunges: the FETCH beside it may have been answered
+    # from the view before them (Dovecot does), so it is asked again in the synced view
+    assert sent[0] == ["NOOP", "UID FETCH", "UID FETCH", "UID MOVE"], sent[0]
     # not on the kept selection: SELECT, look again, then look in the destination
     assert sent[1][:4] == ["NOOP", "UID FETCH", "SELECT", "UID FETCH"], sent[1]
     assert "EXAMINE" in sent[1] and "UID MOVE" not in sent[1], sent[1]

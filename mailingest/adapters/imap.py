@@ -306,6 +306,10 @@ class Mailbox:
         with self._errors(f"SELECT {folder!r}"):
             if self._selected == folder and self._calm():
                 seen = self._noop_and_size(uid)
+                if self._expunged_meanwhile():
+                    # the FETCH may have been answered from the view before the NOOP's
+                    # sync (Dovecot does): ask again in the synced view
+                    seen = self._size_of(uid)
                 if self._calm() and seen is not None and (not size or seen == size):
                     return Selection(self._validity, True)
             validity = self._select(folder)
@@ -319,6 +323,10 @@ class Mailbox:
         self.client._imap.untagged_responses.clear()  # read: what comes later is news
         self._selected, self._validity = folder, validity
         return validity
+
+    def _expunged_meanwhile(self) -> bool:
+        untagged = self.client._imap.untagged_responses
+        return "EXPUNGE" in untagged or "VANISHED" in untagged
 
     def _forget_selection(self) -> None:
         self._selected, self._validity = None, 0
@@ -414,8 +422,9 @@ class Mailbox:
 
         What moved is read from the answer: UIDPLUS servers name the new UID (``COPYUID``,
         in the untagged OK that RFC 6851 sends before the EXPUNGE, or in the tagged OK).
-        Once a destination's answers named it on this connection, an answer naming none
-        of ours means the UID was not there (``missed``). The caller looks first
+        An answer naming none of ours, from a UIDPLUS server or where a destination's
+        answers named it before on this connection, means the UID was not there
+        (``missed``). The caller looks first
         (:meth:`select_mail`, :meth:`find_copy`): on servers that never name it, that look
         is all there is, as before issue 12.
 
@@ -454,7 +463,12 @@ class Mailbox:
         if new_uid:
             self._names_moves.add(destination)
             return Moved(new_uid)
-        return Moved(missed=destination in self._names_moves)
+        # a UIDPLUS server names what it moved (RFC 4315, 6851); one that answers a
+        # move with no COPYUID found nothing to move. A server that does not name it
+        # after all only sends the caller down the slow path (find_copy), never wrong.
+        return Moved(
+            missed=destination in self._names_moves or self.client.has_capability("UIDPLUS")
+        )
 
     def _copy(self, uid: int, destination: str) -> str:
         """``UID COPY``; the new ``<uidvalidity>:<uid>`` its answer names, or ""."""
