@@ -218,11 +218,13 @@ class Bench:
                     time.sleep(1.0)  # py-spy attached
                 redis_pid = servers.redis.pid or 0
                 worker_pid = procs.worker.pid
+                io_pid = procs.io_worker.pid if procs.io_worker else None
                 beat_pid = procs.beat.pid if procs.beat else None
                 cpu = CpuMeter(
                     {
                         "worker main process": lambda: own_cpu(worker_pid),
                         "worker pool processes": lambda: tree_cpu(worker_pid) - own_cpu(worker_pid),
+                        "I/O worker (threads)": lambda: tree_cpu(io_pid),
                         "beat": lambda: tree_cpu(beat_pid),
                         "redis-server": lambda: own_cpu(redis_pid),
                         "dovecot": lambda: tree_cpu(servers.dovecot.pid),

@@ -246,15 +246,30 @@ class Mailingest:
         beat: bool = True,
         watch: bool = False,
         concurrency: int = 2,
+        io_threads: int = 16,
     ) -> None:
         self.env = child_env(env)
         self.logs = logs
+        # as docker-compose.yml runs it: prefork on "celery" (poll, parse, sweep), a
+        # thread pool on "io" (describe, upload, move); io_threads=0: one worker for both
+        queues = ["--queues", "celery"] if io_threads else []
         self.worker = CeleryProcess(
             "worker",
             self.env,
             logs / "worker.log",
-            ["--concurrency", str(concurrency)],
+            ["--concurrency", str(concurrency), *queues],
             ready_timeout=120,
+        )
+        self.io_worker = (
+            CeleryProcess(
+                "worker",
+                self.env,
+                logs / "worker-io.log",
+                ["--pool", "threads", "--concurrency", str(io_threads), "--queues", "io"],
+                ready_timeout=120,
+            )
+            if io_threads
+            else None
         )
         self.beat = CeleryProcess("beat", self.env, logs / "beat.log") if beat else None
         self.watch = WatchProcess(self.env, logs / "watch.log") if watch else None
@@ -263,6 +278,8 @@ class Mailingest:
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
             self.worker.start()
+            if self.io_worker is not None:
+                self.io_worker.start()
             if self.beat is not None:
                 self.beat.start()
             if self.watch is not None:
@@ -277,6 +294,8 @@ class Mailingest:
             self.watch.stop()
         if self.beat is not None:
             self.beat.stop()
+        if self.io_worker is not None:
+            self.io_worker.stop()
         self.worker.stop()
 
     def __enter__(self) -> Mailingest:
@@ -293,6 +312,8 @@ class Mailingest:
         out = {"worker-main": main}
         for n, pid in enumerate(children(main)):
             out[f"worker-pool-{n + 1}"] = pid
+        if self.io_worker is not None and self.io_worker.pid is not None:
+            out["io-worker"] = self.io_worker.pid
         return out
 
 
