@@ -80,7 +80,7 @@ from .stack import (
 from .workload import Corpus, crlf, mail_owner, make_mail, senders_csv, write_small_mails
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("throughput", "ratelimit", "remote", "latency", "rss", "idle", "growth")
+PHASES = ("throughput", "ratelimit", "remote", "slowtail", "latency", "rss", "idle", "growth")
 MB = 1e6
 
 
@@ -184,6 +184,7 @@ class Bench:
         profile: bool = False,
         alloy_latency_ms: float = 0.0,
         alloy_rate: float | None = None,
+        faults: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         self.ensure_corpus(n)
         specs = self.corpus.specs[:n]
@@ -199,7 +200,7 @@ class Bench:
         }
         with self.servers(root) as servers:
             self.sandbox.reset()
-            self.sandbox.set_faults(latency_ms=alloy_latency_ms)
+            self.sandbox.set_faults(latency_ms=alloy_latency_ms, **(faults or {}))
             env = self.env(
                 servers, poll_interval=str(self.cfg.poll_interval), alloy_rate=rate_text(rate)
             )
@@ -260,6 +261,7 @@ class Bench:
                 hwm["redis"] = proc_status(redis_pid).get("VmHWM", 0)
             times = filed_times(client)
             ended = max(times) / 1000 if times else waited
+            uploads = upload_times(self.sandbox)
             folders = servers.folder_counts("INBOX", "Processed", "Quarantine")
             problems = [] if ok else [f"not every mail was decided and moved: {counts}"]
             problems += verify(specs, self.sandbox, folders)
@@ -282,6 +284,8 @@ class Bench:
                 / max(ended - started, 1e-9),
                 "progress": [(round(t - started, 2), d) for t, d in progress],
                 "cpu_seconds": cpu.used,
+                # the first poll of the backlog -> the first document uploaded at Alloy
+                "first_document_s": min(uploads.values()) - started if uploads else None,
             }
             client.close()
         return self._rates(result, n)
@@ -494,6 +498,29 @@ class Bench:
             "seconds": time.monotonic() - started,
         }
         self.announce("remote")
+
+    def phase_slowtail(self) -> None:
+        """Alloy answers 5 % of its requests after 20 s (a slow tail, within the client's
+        30 s read timeout): throughput against the same run without it, side by side."""
+        started = time.monotonic()
+        n = self.cfg.remote_n
+        self.ensure_corpus(n)
+        slow = {"slow_fraction": 0.05, "slow_ms": 20_000.0, "seed": 12}
+        try:
+            clean = self.run_mailingest(n, f"slowtail-clean-{n}")
+            tail = self.run_mailingest(n, f"slowtail-slow-{n}", faults=slow)
+        finally:
+            self.sandbox.set_faults(latency_ms=0.0, slow_fraction=0.0)
+        self.results["slowtail"] = {
+            "n": n,
+            "workload": self.workload(n),
+            "faults": slow,
+            "runs": [clean, tail],
+            "ratio": tail["mails_per_s"] / clean["mails_per_s"],
+            "valid": clean["valid"] and tail["valid"],
+            "seconds": time.monotonic() - started,
+        }
+        self.announce("slowtail")
 
     def phase_latency(self) -> None:
         started = time.monotonic()
