@@ -742,7 +742,7 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
     if must_settle(record):
         docs = ctx.ledger.documents(mail_id, record.documents)
         slots = ctx.ledger.slots(record.entity, [doc.fingerprint for doc in docs])
-        waiting = unsettled(mail_id, docs, slots)
+        waiting = unsettled(mail_id, docs, slots) or _orphans(ctx, record, docs, slots)
         if waiting:
             return waiting
     inbox = ctx.settings.inbox(record.ref.inbox)
@@ -798,6 +798,33 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
         ctx.ledger.drop_staged(mail_id, record.documents)
     log.info("mail %s moved to %s", mail_id, target)
     return []
+
+
+def _orphans(
+    ctx: Context, record: MailRecord, docs: list[DocumentRecord], slots: list[Slot]
+) -> list[Step]:
+    """Documents this mail never sent as far as the ledger knows, for which Alloy holds a
+    description without bytes that is ours and no slot's: a describe answered whose
+    record a Redis crash lost (a rollback). Their describe adopts it and uploads the
+    bytes before the mail moves, so no description is left without them."""
+    never = [
+        doc
+        for doc, slot in zip(docs, slots, strict=True)
+        if not (slot.token or slot.attempt or slot.uploaded or slot.refused)
+        and doc.state != DocumentState.LOST
+    ]
+    if not never:
+        return []
+    inbox = ctx.settings.inbox(record.ref.inbox)
+    listing = [found for found in ctx.alloy.list(record.entity) if not found.uploaded]
+    claimed = ctx.ledger.claimed([found.token for found in listing])
+    return [
+        Step("describe", record.id, doc.index)
+        for doc in never
+        if adoption_candidates(
+            listing, doc, note=inbox.note, agent_email=inbox.agent_email, claimed=claimed
+        )
+    ]
 
 
 def replay(ctx: Context, mail_id: str) -> list[Step]:
