@@ -39,6 +39,7 @@ from mailingest.application.pipeline import (
     quarantine,
     recover,
     replay,
+    run_step,
     upload,
 )
 from mailingest.application.poll_once import poll_once, run_steps
@@ -753,3 +754,42 @@ def test_15_two_documents_of_one_name_both_in_doubt_leave_no_description_behind(
     assert len(docs) == 2 and all(d["uploaded"] for d in docs)
     held = {sandbox.state.download(ENTITY, d["document_token"]) for d in docs}
     assert held == {PDF[0], other[0]}
+
+
+# -- found by the benchmark's recovery phase --------------------------------------------
+
+
+def test_16_a_document_step_failing_for_good_in_a_quarantined_mail_does_not_loop(
+    ctx: Context, imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    """Document 0's PUT got through but its answer was lost (a killed worker); its retry
+    is answered 409, and Alloy's download of the token answers 404 (here: the sandbox
+    keeps only digests of what it is sent). Document 1 was refused, so the mail is
+    quarantined. The upload failing for good must settle document 0 (refused, with
+    Alloy's answer in the reason): before, finish sent the same upload again, which
+    quarantined the mail again, which sent finish again, without end."""
+    deliver(imap, [mail(PDF, JPG)])
+    mail_id = first_mail(ctx)
+    ingest(ctx, mail_id)
+    assert describe(ctx, mail_id, 0) == [Step("upload", mail_id, 0)]
+    doc = ctx.ledger.document(mail_id, 0)
+    assert doc is not None and doc.token
+    sandbox.state.keep_bodies = False  # type: ignore[attr-defined]
+    ctx.alloy.upload(ENTITY, doc.token, PDF[0])  # the PUT whose answer was lost
+    ready = quarantine(ctx, mail_id, "document 1 (passport.jpg): refused (test)")
+    ran = 0
+    while ready:  # what the workers do, with a bound where they have none
+        ran += 1
+        assert ran < 20, f"still running after {ran} steps: {ready}"
+        step = ready.pop(0)
+        try:
+            ready += run_step(ctx, step)
+        except Exception as exc:  # noqa: BLE001 - as the task runner does
+            ready += recover(ctx, step, exc, 0).steps
+    record = ctx.ledger.mail(mail_id)
+    assert record is not None and record.filed_to == "Quarantine"
+    assert "document 0 (bill.pdf)" in record.reason and "404" in record.reason
+    slot = ctx.ledger.slot(ENTITY, doc.fingerprint)
+    assert slot.refused and not slot.uploaded
+    puts = sandbox.state.stats()["requests"].get("PUT /v1/entities/{entity}/documents/{document}")
+    assert puts == 2  # the lost one and its retry, not one more

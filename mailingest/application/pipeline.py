@@ -934,7 +934,30 @@ def recover(
         return Recovery(None, [])
     if after.action == After.UNEXPECTED:
         log.error("%s %s: unexpected error", step.task, step.mail_id, exc_info=error)
-    return Recovery(None, quarantine(ctx, step.mail_id, after.reason))
+    reason = after.reason
+    if step.index is not None:
+        reason = _give_up_document(ctx, step.mail_id, step.index, reason)
+    return Recovery(None, quarantine(ctx, step.mail_id, reason))
+
+
+def _give_up_document(ctx: Context, mail_id: str, index: int, reason: str) -> str:
+    """A describe or upload failed for good: settle its document, so that the move of
+    the quarantined mail does not wait for it (finish would send the same step again,
+    which would fail again, without end). A described document's slot is recorded as
+    refused with the reason, as when Alloy refuses its bytes; one never described is
+    ``lost`` to this mail. Returns the reason, naming the document."""
+    record, doc = ctx.ledger.mail(mail_id), ctx.ledger.document(mail_id, index)
+    if record is None or doc is None:
+        return reason
+    reason = f"document {index} ({doc.name}.{doc.extension}): {reason}"
+    slot = ctx.ledger.slot(record.entity, doc.fingerprint)
+    if slot.uploaded or slot.refused:
+        return reason
+    if slot.token:
+        ctx.ledger.slot_refused(slot, reason)
+    else:
+        ctx.ledger.mark_lost(mail_id, index)
+    return reason
 
 
 STEPS = {"ingest": ingest, "describe": describe, "upload": upload, "finish": finish}
