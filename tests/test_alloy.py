@@ -94,6 +94,10 @@ def test_error_mapping_without_a_json_body() -> None:
     assert str(error) == "Alloy upload answered 502: Bad Gateway"
     error = error_from_response(httpx.Response(413, text=""), "upload")
     assert isinstance(error, AlloyRejected) and not isinstance(error, RETRYABLE)
+    for status in (408, 425):  # "not now", not "never": retried, and not applied
+        error = error_from_response(httpx.Response(status, text=""), "download")
+        assert isinstance(error, AlloyUnavailable) and isinstance(error, RETRYABLE), status
+        assert not error.applied
 
 
 @pytest.mark.servers

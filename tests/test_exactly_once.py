@@ -8,12 +8,14 @@ neighbours under every interleaving; these tests pin each one down by name.
 
 from __future__ import annotations
 
+import base64
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from imapclient import IMAPClient
@@ -27,6 +29,7 @@ from mailingest_testbed.samples import (
 )
 from mailingest_testbed.servers import ImapServer
 
+from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
 from mailingest.adapters.imap import Mailbox
 from mailingest.application.pipeline import (
@@ -793,3 +796,112 @@ def test_16_a_document_step_failing_for_good_in_a_quarantined_mail_does_not_loop
     assert slot.refused and not slot.uploaded
     puts = sandbox.state.stats()["requests"].get("PUT /v1/entities/{entity}/documents/{document}")
     assert puts == 2  # the lost one and its retry, not one more
+
+
+class AnswerOnce(httpx.BaseTransport):
+    """The real transport, but the first request ``hit`` matches is answered ``status``
+    by "Alloy's edge" (a transient 4xx such as 408) without reaching the sandbox."""
+
+    def __init__(
+        self, inner: httpx.BaseTransport, hit: Callable[[httpx.Request], bool], status: int
+    ) -> None:
+        self.inner, self.hit, self.status, self.left = inner, hit, status, 1
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.left and self.hit(request):
+            self.left -= 1
+            request.read()
+            error = {"minor_code": self.status * 10, "type": "Timeout", "message": "injected"}
+            return httpx.Response(self.status, json={"error": error}, request=request)
+        return self.inner.handle_request(request)
+
+
+def answer_once(ctx: Context, hit: Callable[[httpx.Request], bool], status: int) -> None:
+    http = ctx.alloy._http  # the client's own transport, wrapped
+    http._transport = AnswerOnce(http._transport, hit, status)
+
+
+def work(ctx: Context, ready: list[Step], bound: int = 40) -> None:
+    """What the workers do: run, recover (retries at once), run what comes back."""
+    for _ in range(bound):
+        if not ready:
+            return
+        step = ready.pop(0)
+        try:
+            ready += run_step(ctx, step)
+        except Exception as exc:  # noqa: BLE001 - as the task runner does
+            recovery = recover(ctx, step, exc, 0)
+            ready += [step] if recovery.retry_in is not None else recovery.steps
+    raise AssertionError(f"still running after {bound} steps: {ready}")
+
+
+def test_16b_one_copys_unreadable_staged_bytes_do_not_refuse_the_shared_document(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, known: Path
+) -> None:
+    """Copy A's staged bytes no longer open with the staging key (an unexpected error,
+    this copy's own): A's document is lost to A only, and copy B uploads it."""
+    key = base64.urlsafe_b64encode(bytes(range(32))).decode()
+    ctx = build_context(load_settings(env | {"MAILINGEST_STAGING_KEY": key}))
+    try:
+        raw = mail(PDF)
+        deliver(imap, [raw, b"Received: from mx2 by mx; Mon, 1 Dec 2026 10:00:07 +0000\r\n" + raw])
+        a, b = (s.mail_id for s in poll(ctx, "default").steps)
+        ingest(ctx, a)
+        assert describe(ctx, a, 0) == [Step("upload", a, 0)]
+        bad = b"MIS1" + bytes(12) + b"x" * 64  # sealed under another key
+        ctx.ledger.redis.set(keys.blob(a, 0), bad)
+        ctx.ledger.redis.set(keys.raw(a), bad)
+        work(ctx, [Step("upload", a, 0)])
+        work(ctx, [Step("ingest", b)])
+        first, second = ctx.ledger.mail(a), ctx.ledger.mail(b)
+        assert first is not None and first.filed_to == "Quarantine"
+        assert second is not None and second.filed_to == "Processed", second.reason
+    finally:
+        ctx.close()
+    (only,) = documents_at(sandbox)
+    assert only["uploaded"]
+
+
+def test_16c_a_408_on_the_download_after_a_409_is_retried_not_a_refusal(
+    ctx: Context, imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    """The PUT got through and its answer was lost; the retry is answered 409 and the
+    download that checks Alloy's bytes 408 once: retried, the bytes are ours, done."""
+    deliver(imap, [mail(PDF)])
+    mail_id = first_mail(ctx)
+    ingest(ctx, mail_id)
+    assert describe(ctx, mail_id, 0) == [Step("upload", mail_id, 0)]
+    doc = ctx.ledger.document(mail_id, 0)
+    assert doc is not None and doc.token
+    ctx.alloy.upload(ENTITY, doc.token, PDF[0])  # the PUT whose answer was lost
+    answer_once(ctx, lambda r: r.method == "GET" and "/documents/" in r.url.path, 408)
+    work(ctx, [Step("upload", mail_id, 0)])
+    record = ctx.ledger.mail(mail_id)
+    assert record is not None and record.filed_to == "Processed", record.reason
+    assert not ctx.ledger.slot(ENTITY, doc.fingerprint).refused
+
+
+def test_16d_a_describe_in_doubt_failing_for_good_keeps_its_mail_until_it_is_settled(
+    ctx: Context, imap: ImapServer, sandbox: SandboxServer
+) -> None:
+    """The describe's POST reached Alloy, its answer was lost; its retry fails for good
+    (a 400 on the listing that looks for it). A description may be at Alloy: the
+    document is not settled, and the mail, quarantined, is not moved at once (the
+    sweep's finish looks again after FINISH_GRACE) rather than left with it bare."""
+    deliver(imap, [mail(PDF)])
+    mail_id = first_mail(ctx)
+    ingest(ctx, mail_id)
+    lost_describe(ctx, mail_id, record_attempt=True)
+    answer_once(ctx, lambda r: r.method == "GET" and r.url.path.endswith("/documents"), 400)
+    work(ctx, [Step("describe", mail_id, 0)])
+    record = ctx.ledger.mail(mail_id)
+    assert record is not None and record.state == L.QUARANTINED and record.filed_to == ""
+    assert "document 0 (bill.pdf)" in record.reason
+    doc = ctx.ledger.document(mail_id, 0)
+    assert doc is not None and doc.state != L.DocumentState.LOST
+    # the sweep's finish, later: the description is found, adopted and uploaded first
+    work(ctx, [Step("finish", mail_id)])
+    record = ctx.ledger.mail(mail_id)
+    assert record is not None and record.filed_to == "Quarantine"
+    (only,) = documents_at(sandbox)
+    assert only["uploaded"]

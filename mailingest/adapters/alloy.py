@@ -87,8 +87,9 @@ def error_from_response(response: httpx.Response, operation: str) -> AlloyError:
         token = err.get("error_token") if isinstance(err.get("error_token"), str) else None
         details = err.get("details")
     # 401 is about our credentials, not this document: retried (and the mail eventually
-    # `failed`, never quarantined), so one expired secret cannot quarantine every mail
-    cls = AlloyUnavailable if status in (401, 429) or status >= 500 else AlloyRejected
+    # `failed`, never quarantined), so one expired secret cannot quarantine every mail;
+    # 408 (request timeout) and 425 (too early) say "not now", not "never"
+    cls = AlloyUnavailable if status in (401, 408, 425, 429) or status >= 500 else AlloyRejected
     error = cls(
         message,
         status=status,

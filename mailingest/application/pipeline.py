@@ -934,30 +934,43 @@ def recover(
         return Recovery(None, [])
     if after.action == After.UNEXPECTED:
         log.error("%s %s: unexpected error", step.task, step.mail_id, exc_info=error)
-    reason = after.reason
-    if step.index is not None:
-        reason = _give_up_document(ctx, step.mail_id, step.index, reason)
-    return Recovery(None, quarantine(ctx, step.mail_id, reason))
+    if step.index is None:
+        return Recovery(None, quarantine(ctx, step.mail_id, after.reason))
+    reason, settled = _give_up_document(ctx, step.mail_id, step.index, error, after.reason)
+    steps = quarantine(ctx, step.mail_id, reason)
+    # not settled: its finish would send the same step at once, which would fail the same
+    # way, without end; the sweep files the mail after FINISH_GRACE and tries again then
+    return Recovery(None, steps if settled else [])
 
 
-def _give_up_document(ctx: Context, mail_id: str, index: int, reason: str) -> str:
-    """A describe or upload failed for good: settle its document, so that the move of
-    the quarantined mail does not wait for it (finish would send the same step again,
-    which would fail again, without end). A described document's slot is recorded as
-    refused with the reason, as when Alloy refuses its bytes; one never described is
-    ``lost`` to this mail. Returns the reason, naming the document."""
+def _give_up_document(
+    ctx: Context, mail_id: str, index: int, error: BaseException, reason: str
+) -> tuple[str, bool]:
+    """A describe or upload failed for good: settle its document when that is safe, so
+    that the move of its quarantined mail does not wait for it. Returns the reason,
+    naming the document, and whether the document is settled.
+
+    - A describe whose POST may have reached Alloy (an attempt in doubt) is not settled:
+      a description may be there, and only a later look can find and upload it.
+    - Alloy refused something about the described token (the PUT, or the download that
+      checks Alloy's bytes after a 409): the slot is refused, for every copy, with
+      Alloy's answer, as when it refuses the bytes themselves.
+    - Anything else is this copy's own trouble (its staged bytes, a bug): the document
+      is ``lost`` to this mail only; another copy may still upload it."""
     record, doc = ctx.ledger.mail(mail_id), ctx.ledger.document(mail_id, index)
     if record is None or doc is None:
-        return reason
-    reason = f"document {index} ({doc.name}.{doc.extension}): {reason}"
+        return reason, True
+    named = f"document {index} ({doc.name}.{doc.extension}): {reason}"
     slot = ctx.ledger.slot(record.entity, doc.fingerprint)
-    if slot.uploaded or slot.refused:
-        return reason
-    if slot.token:
+    if slot.uploaded or slot.refused or doc.state == DocumentState.LOST:
+        return named, True
+    if slot.attempt and not slot.token:
+        return named, False
+    if slot.token and isinstance(error, AlloyRejected):
         ctx.ledger.slot_refused(slot, reason)
     else:
         ctx.ledger.mark_lost(mail_id, index)
-    return reason
+    return named, True
 
 
 STEPS = {"ingest": ingest, "describe": describe, "upload": upload, "finish": finish}
