@@ -11,6 +11,9 @@ from .notes import NOTES
 from .stack import MACHINE, SHIPPED_ALLOY_RATE
 
 MB = 1e6
+# peak redis-server RSS of the N = 500 throughput runs when issue 12 was filed (commit
+# 3286aec's bench/results.json: 1,195,245,568 and 1,221,103,616 bytes; median)
+REDIS_RSS_BEFORE_ISSUE_12 = (1_195_245_568 + 1_221_103_616) / 2
 
 
 def _ok(value: float, good: bool, valid: bool = True) -> str:
@@ -78,6 +81,20 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "<= 45 ms",
                 _ok(cpu_ms, cpu_ms <= 45),
             )
+            redis_rss = [r["peak_rss"]["redis"] for r in mine if r.get("peak_rss", {}).get("redis")]
+            if redis_rss and t["n"] == 500:
+                ratio = median(redis_rss) / REDIS_RSS_BEFORE_ISSUE_12
+                add(
+                    "redis_rss",
+                    "throughput",
+                    "peak redis-server RSS at N = 500 against the figure issue 12 started from "
+                    f"({REDIS_RSS_BEFORE_ISSUE_12 / MB:,.0f} MB, the median of commit 3286aec's "
+                    "two runs)",
+                    ratio,
+                    f"{ratio:.2f}x ({median(redis_rss) / MB:,.0f} MB)",
+                    "<= 0.5x (issue 12)",
+                    _ok(ratio, ratio <= 0.5),
+                )
             first = [r["first_document_s"] for r in mine if r.get("first_document_s") is not None]
             if first:
                 add(
@@ -148,6 +165,22 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{slow['ratio']:.2f} ({tail['mails_per_s']:.2f} / {clean['mails_per_s']:.2f} mails/s)",
             ">= 0.5",
             _ok(slow["ratio"], slow["ratio"] >= 0.5, slow["valid"]),
+        )
+    rec = results.get("recovery")
+    if rec and rec.get("p95_s") is not None:
+        kills = [k for k in rec["run"]["crashes"]["kills"] if not k["skipped"]]
+        add(
+            "recovery_p95",
+            "recovery",
+            f"worker kill -9 mid-step ({len(kills)} kills, then restarted; default lease "
+            f"{rec['lease_s']:g} s; N = {rec['n']}): its mails moving again, p95",
+            rec["p95_s"],
+            f"{rec['p95_s']:.1f} s (p50 {rec['p50_s']:.1f} s, max {rec['max_s']:.1f} s; "
+            f"{rec['held']} mails held at the kills, {rec['never']} never moved; "
+            "every document once, no uploaded: false left"
+            f"{'' if rec['run']['valid'] else ' NOT SO: ' + '; '.join(rec['run']['problems'])})",
+            "<= 60 s (issue 12)",
+            _ok(rec["p95_s"], rec["p95_s"] <= 60 and not rec["never"], rec["valid"]),
         )
     lat = results.get("latency")
     if lat:
@@ -687,7 +720,9 @@ def markdown(results: dict[str, Any]) -> str:
                 + " per mail.",
                 "",
             ]
+        lines += _note("redis_commands_per_mail", by_id, results)
         lines += _cpu_lines(t["runs"], int(m.get("cores") or 1))
+        lines += _note("cpu_per_mail", by_id, results)
         lines += _ratelimit_lines(results)
         remote = results.get("remote")
         if remote:
@@ -711,6 +746,19 @@ def markdown(results: dict[str, Any]) -> str:
                 _table(["system", "seconds", "mails/s", "CPU ms per mail", "check"], rows),
                 "",
             ]
+        slow = results.get("slowtail")
+        if slow:
+            clean, tail = slow["runs"]
+            lines += [
+                f"**With a slow tail** (the first {slow['n']} mails, side by side): "
+                f"{100 * slow['faults']['slow_fraction']:g} % of Alloy's answers after "
+                f"{slow['faults']['slow_ms'] / 1000:g} s (within the client's 30 s read "
+                f"timeout): {tail['mails_per_s']:.2f} mails/s against {clean['mails_per_s']:.2f} "
+                f"without, **{slow['ratio']:.2f}** of it; both runs "
+                + ("valid." if slow["valid"] else "NOT all valid."),
+                "",
+            ]
+            lines += _note("slowtail_ratio", by_id, results)
         lines += _note("throughput_ratio", by_id, results)
         p = t.get("profiles")
         if p:
@@ -976,6 +1024,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _note("growth_ratio", by_id, results)
     else:
         lines += ["(not measured)"]
+    lines += _recovery_lines(results, by_id)
     general = NOTES.get("_general")
     text = general(results)["why"] if general else ""
     if text:
@@ -995,7 +1044,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     ax = axes[0]
     lat = results.get("latency") or {}
     modes = [(m, lat.get(m, {})) for m in ("polling", "idle")]
@@ -1056,12 +1105,108 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         if bare:
             ax.plot(*zip(*bare, strict=True), "s--", label="bare loop")
     _against_n(ax, [p["n"] for p in points], "peak memory (MB)", "Memory against N", legend=8)
+    _recovery(axes[3], results.get("recovery"))
     m = results.get("machine", {})
     fig.suptitle(f"mailingest benchmark — {m.get('cores')} cores, {m.get('cpu', '')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _recovery_lines(results: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> list[str]:
+    rec = results.get("recovery")
+    lines = ["", "## 6. Recovery: a worker killed mid-step", ""]
+    if not rec:
+        return [*lines, "(not measured)"]
+    run = rec["run"]
+    lines += [
+        f"{rec['n']} mails; Alloy answers every request after {rec['alloy_latency_ms']:g} ms, "
+        "so steps are caught mid-flight. One after the other, a few seconds apart, the "
+        "prefork worker (poll, parse) or the thread-pool I/O worker (describe, upload, move) "
+        "is sent SIGKILL with its whole process group once it holds a lease on a mail, and "
+        "is started again at once, as the compose file's restart policy does "
+        "(`bench/crashes.py`). A mail the killed worker held a lease on moves again at the "
+        "first sample (every 0.25 s) in which its state, its last activity or one of its "
+        "documents' states differs from what it was at the kill. mailingest's defaults "
+        f"(lease {rec['lease_s']:g} s); the run is checked for exact-once like every other.",
+        "",
+    ]
+    rows = [
+        [
+            str(k + 1),
+            kill["role"],
+            "-" if kill["skipped"] else f"{kill['at']:.1f} s",
+            str(kill["held"]),
+            f"{max(kill['recovered_s']):.1f} s" if kill["recovered_s"] else "-",
+            str(kill["never"]),
+            f"{kill['restart_s']:.1f} s" if kill["restart_s"] else "-",
+        ]
+        for k, kill in enumerate(run["crashes"]["kills"])
+    ]
+    lines += [
+        _table(
+            [
+                "kill",
+                "worker",
+                "at",
+                "mails it held",
+                "slowest to move again",
+                "never moved",
+                "kill -> restarted worker ready",
+            ],
+            rows,
+        ),
+        "",
+        f"Every mail held at a kill: p50 **{rec['p50_s']:.1f} s**, p95 **{rec['p95_s']:.1f} s**, "
+        f"max {rec['max_s']:.1f} s ({rec['held']} mails). The run: {run['seconds']:.0f} s, "
+        + (
+            "valid (every document at Alloy once with its bytes, none left `uploaded: false`, "
+            "every mail in Processed)."
+            if run["valid"]
+            else "INVALID: " + "; ".join(run["problems"][:4])
+        ),
+        "",
+    ]
+    lines += _note("recovery_p95", by_id, results)
+    return lines
+
+
+def _recovery(ax: Any, rec: dict[str, Any] | None) -> None:
+    """The recovery run: mails filed over time, each kill -9, and how long each mail the
+    killed worker held sat still (right axis; dashed: the 60 s target)."""
+    ax.set_title("Recovery after kill -9 of a worker")
+    ax.set_xlabel("seconds since the first poll")
+    if not rec:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        return
+    run = rec["run"]
+    progress = run.get("progress") or []
+    if progress:
+        ax.plot([t for t, _ in progress], [d for _, d in progress], "-", color="C0")
+    ax.set_ylabel("mails filed", color="C0")
+    right = ax.twinx()
+    labelled: set[str] = set()
+    for kill in run["crashes"]["kills"]:
+        if kill["skipped"]:
+            continue
+        color = "C3" if kill["role"] == "worker" else "C1"
+        ax.axvline(kill["at"], color=color, linestyle=":", linewidth=1)
+        right.plot(
+            [kill["at"]] * len(kill["recovered_s"]),
+            kill["recovered_s"],
+            "o",
+            color=color,
+            alpha=0.6,
+            label=None if kill["role"] in labelled else f"{kill['role']} killed",
+        )
+        labelled.add(kill["role"])
+    right.axhline(60, color="grey", linestyle="--", linewidth=1)
+    right.set_ylim(0, max(70, (rec.get("max_s") or 0) * 1.1))
+    right.set_ylabel("its mails: kill -> moving again (s)")
+    handles, labels = right.get_legend_handles_labels()
+    if handles:
+        right.legend(handles, labels, loc="lower right", fontsize=8)
 
 
 def write(results: dict[str, Any], out: Path) -> None:

@@ -42,8 +42,10 @@ from mailingest_testbed.samples import AGENT_EMAIL
 from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
 from mailingest.adapters.rate_limit import read_pace
+from mailingest.config.table import default_float
 
 from . import report
+from .crashes import Crashes
 from .profiles import PySpy, keep, py_spy, summarize
 from .stack import (
     ALLOY_SECRET,
@@ -80,7 +82,20 @@ from .stack import (
 from .workload import Corpus, crlf, mail_owner, make_mail, senders_csv, write_small_mails
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("throughput", "ratelimit", "remote", "slowtail", "latency", "rss", "idle", "growth")
+PHASES = (
+    "throughput",
+    "ratelimit",
+    "remote",
+    "slowtail",
+    "recovery",
+    "latency",
+    "rss",
+    "idle",
+    "growth",
+)
+# the recovery phase: which worker each kill -9 hits, in turn (bench/crashes.py)
+CRASH_PLAN = ["worker", "io-worker", "io-worker", "worker", "io-worker", "io-worker"]
+RECOVERY_LATENCY_MS = 1000.0  # Alloy answers slowly enough that steps are caught mid-flight
 MB = 1e6
 
 
@@ -185,6 +200,7 @@ class Bench:
         alloy_latency_ms: float = 0.0,
         alloy_rate: float | None = None,
         faults: dict[str, Any] | None = None,
+        crashes: Crashes | None = None,
     ) -> dict[str, Any]:
         self.ensure_corpus(n)
         specs = self.corpus.specs[:n]
@@ -238,6 +254,8 @@ class Bench:
                     started = time.time()
                     gate.release()
                     poll_now(env["MAILINGEST_REDIS_URL"])
+                    if crashes is not None:
+                        crashes.start(procs, client, started)
 
                     def tick(counts: dict[str, int]) -> None:
                         now = time.time()
@@ -246,6 +264,8 @@ class Bench:
 
                     ok, counts = wait_filed(client, n, timeout=max(900.0, n * 1.5), tick=tick)
                     waited = time.time()
+                    if crashes is not None:
+                        crashes.join()
                     cpu.stop()
                 # what the limiter and the 429 pause counted (status's view of the run)
                 pace = read_pace(client, rate=rate, burst=max(1, int(rate * 2)))
@@ -265,6 +285,9 @@ class Bench:
             folders = servers.folder_counts("INBOX", "Processed", "Quarantine")
             problems = [] if ok else [f"not every mail was decided and moved: {counts}"]
             problems += verify(specs, self.sandbox, folders)
+            if crashes is not None:
+                result["crashes"] = crashes.summary()
+                problems += crashes.errors
             stats = commandstats(client)
             result |= {
                 "started": started,
@@ -521,6 +544,44 @@ class Bench:
             "seconds": time.monotonic() - started,
         }
         self.announce("slowtail")
+
+    def phase_recovery(self) -> None:
+        """kill -9 of a worker mid-step and its restart, six times in one run (prefork and
+        thread-pool workers in turn, bench/crashes.py), with mailingest's default lease:
+        how long each mail the killed worker held sat still; every run checked for
+        exact-once like the others."""
+        started = time.monotonic()
+        n = self.cfg.remote_n
+        self.ensure_corpus(n)
+        lease_ms = int(default_float("LEASE") * 1000)
+        crashes = Crashes(CRASH_PLAN, lease_ms=lease_ms)
+        # a PUT that got through before its worker died is answered 409 when sent again;
+        # the product then downloads the token to compare bytes, as from Alloy itself
+        self.sandbox.state.keep_bodies = True
+        try:
+            run = self.run_mailingest(
+                n, f"recovery-{n}", alloy_latency_ms=RECOVERY_LATENCY_MS, crashes=crashes
+            )
+        finally:
+            self.sandbox.set_faults(latency_ms=0.0)
+            self.sandbox.state.keep_bodies = False
+        summary = run["crashes"]
+        times = summary["recovered_s"]
+        self.results["recovery"] = {
+            "n": n,
+            "workload": self.workload(n),
+            "alloy_latency_ms": RECOVERY_LATENCY_MS,
+            "lease_s": lease_ms / 1000,
+            "run": run,
+            "held": summary["held"],
+            "never": summary["never"],
+            "p50_s": percentile(times, 0.5) if times else None,
+            "p95_s": percentile(times, 0.95) if times else None,
+            "max_s": max(times) if times else None,
+            "valid": run["valid"] and bool(times),
+            "seconds": time.monotonic() - started,
+        }
+        self.announce("recovery")
 
     def phase_latency(self) -> None:
         started = time.monotonic()

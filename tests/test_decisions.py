@@ -70,6 +70,20 @@ EMPTY = Liveness(leased=False, queued_since=None)  # no lease, nothing waits in 
         (MailState.QUEUED, {"updated_at": NOW - 11 * MIN}, Liveness(False, NOW - 12 * MIN), True),
         # every task waiting was sent well after its last activity: its own is gone
         (MailState.QUEUED, {"updated_at": NOW - 60_000}, Liveness(False, NOW - 40_000), True),
+        # a lease of it lapsed (its holder died mid-step): at once, whatever waits
+        (
+            MailState.DOCUMENTS_PENDING,
+            {"updated_at": NOW - 16_000},
+            Liveness(False, NOW - 6 * MIN, lapsed=True),
+            True,
+        ),
+        # ... unless another lease of it is held: a step is running
+        (
+            MailState.DOCUMENTS_PENDING,
+            {"updated_at": NOW - 16_000},
+            Liveness(True, NOW - 6 * MIN, lapsed=True),
+            False,
+        ),
         # the queue's age unknown (0): only the backstop
         (MailState.QUEUED, {"updated_at": NOW - 9 * MIN}, Liveness(False, 0), False),
         (MailState.QUEUED, {"updated_at": NOW - 11 * MIN}, Liveness(False, 0), True),

@@ -9,13 +9,21 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import redis
+from mailingest_testbed.samples import bulk_scenario
+from mailingest_testbed.servers import ImapServer
 
 from mailingest.adapters import keys
-from mailingest.adapters.ledger.leases import Leases, step_lease_keys, worker_name
+from mailingest.adapters.ledger.leases import Leases, MailLeases, step_lease_keys, worker_name
+from mailingest.application import pipeline
+from mailingest.application.services import build_context
+from mailingest.config.settings import load_settings
 from mailingest.core.decisions import Step
+
+from .helpers import deliver, write_senders
 
 pytestmark = pytest.mark.servers
 
@@ -159,3 +167,68 @@ def test_a_renewal_never_drops_a_newer_lease_on_the_same_key(redis_client: redis
     (new,) = news
     assert not new.lost
     assert leases.renew() == 1  # still held, still renewed
+
+
+def test_a_lease_given_back_leaves_no_trace_one_that_lapsed_does(
+    redis_client: redis.Redis,
+) -> None:
+    """What the sweep reads to tell a step that died mid-way from one that ended: the
+    upload's lease lapsed (its holder stopped renewing), the describe's was given back."""
+    leases = Leases(redis_client, lease_ms=300, heartbeat=False)
+    upload = keys.step_lock(Step("upload", MAIL, 0).lock_name)
+    describe = keys.step_lock(Step("describe", MAIL, 1).lock_name)
+    dying, ended = leases.acquire(upload), leases.acquire(describe)
+    assert dying is not None and ended is not None
+    seen = leases.mail_leases([(MAIL, 2)])[MAIL]
+    assert seen.holder == worker_name() and seen.lapsed == []
+    leases.release(ended)
+    time.sleep(0.5)  # the upload's holder "died": not renewed, its lease is gone
+    assert not redis_client.exists(upload)
+    assert leases.mail_leases([(MAIL, 2), ("default/INBOX/7/43", 1)]) == {
+        MAIL: MailLeases("", [upload])
+    }
+    # another run takes the same step again meanwhile: no longer lapsed, and kept
+    again = Leases(redis_client, lease_ms=5_000, heartbeat=False).acquire(upload)
+    assert again is not None
+    leases.forget(step_lease_keys(MAIL, 2))
+    assert leases.mail_leases([(MAIL, 2)])[MAIL].holder == worker_name()
+    assert redis_client.hget(keys.LEASES_TAKEN, upload) == again.token.encode()
+    # the late holder wakes and gives back the lease it lost: the new one's note stays
+    leases.release(dying)
+    assert redis_client.hget(keys.LEASES_TAKEN, upload) == again.token.encode()
+    redis_client.delete(upload)  # the new holder dies too; then the sweep requeues
+    leases.forget(step_lease_keys(MAIL, 2))
+    assert leases.mail_leases([(MAIL, 2)]) == {}
+
+
+def test_the_sweep_requeues_a_mail_whose_step_died_however_deep_the_queue(
+    env: dict[str, str], imap: ImapServer, senders_file: Path
+) -> None:
+    """A worker died mid-upload (its lease lapsed) while the broker still holds tasks
+    sent ten minutes ago: the sweep cannot tell whether a task of the mail waits among
+    them, but the lapsed lease says its step died. It queues the mail again at once,
+    where a mail merely idle waits for the queue or the backstop."""
+    scenario = bulk_scenario(2, seed=7)
+    write_senders(senders_file, scenario)
+    deliver(imap, [mail.raw for mail in scenario.mails[:2]])  # two known senders'
+    settings = load_settings(env | {"MAILINGEST_LEASE": "3"})
+    old = [0]
+    ctx = build_context(settings, queue_since=lambda: old[0])
+    try:
+        dead, idle = (step.mail_id for step in pipeline.poll(ctx, "default").steps)
+        for mail_id in (dead, idle):
+            pipeline.ingest(ctx, mail_id)
+        # the dead worker's upload lease: taken, never renewed, never given back
+        dying = Leases(ctx.redis, lease_ms=200, heartbeat=False)
+        assert dying.acquire(keys.step_lock(Step("upload", dead, 0).lock_name)) is not None
+        time.sleep(0.4)
+        now = ctx.ledger.now()
+        for mail_id in (dead, idle):  # both quiet for more than a lease
+            ctx.redis.hset(keys.mail(mail_id), "updated_at", now - 4_000)
+        old[0] = now - 600_000  # tasks sent ten minutes ago still wait in the broker
+        ctx.redis.hset(keys.poll_status("default"), "swept_at", now - 4_000)  # not just now
+        steps = pipeline.sweep(ctx, "default")
+        assert steps == [Step("ingest", dead)]
+        assert not ctx.redis.hgetall(keys.LEASES_TAKEN)  # the lapsed lease is forgotten
+    finally:
+        ctx.close()

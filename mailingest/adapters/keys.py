@@ -41,6 +41,9 @@ from urllib.parse import quote
 NS = "mailingest"
 SENDERS = f"{NS}:senders"
 UNFILED = f"{NS}:unfiled"
+# lease key -> the token of whoever took it last and has not given it back: a lease key
+# gone while its entry stays lapsed with its holder (killed or hung), not released
+LEASES_TAKEN = f"{NS}:leases:taken"
 
 
 def mail(mail_id: str) -> str:

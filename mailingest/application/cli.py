@@ -280,14 +280,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     pending = ledger.mails(IN_FLIGHT)
     # what the sweep knows, read the same way: who holds a lease, how old the queue is
     policy = sweep_policy(settings)
-    holders = Leases(client, lease_ms=policy.lease_ms, heartbeat=False).mail_holders(
+    seen = Leases(client, lease_ms=policy.lease_ms, heartbeat=False).mail_leases(
         [(r.id, r.documents) for r in pending]
     )
+    holders = {mail_id: leases.holder for mail_id, leases in seen.items() if leases.holder}
     since = Services(settings).broker_queue.oldest_sent_ms() if pending else None
     stalled = [
         r
         for r in pending
-        if decisions.stuck(r, now, policy=policy, live=decisions.Liveness(r.id in holders, since))
+        if decisions.stuck(
+            r,
+            now,
+            policy=policy,
+            live=decisions.Liveness(
+                leased=r.id in holders,
+                queued_since=since,
+                lapsed=bool(r.id in seen and seen[r.id].lapsed),
+            ),
+        )
     ]
     # a step running for more than two leases (a slow Alloy): alive, not stalled
     working = [

@@ -28,6 +28,7 @@ from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
 from mailingest.adapters.imap import Moved
 from mailingest.adapters.ledger import PlannedDocument
+from mailingest.adapters.ledger.leases import MailLeases, step_lease_keys
 from mailingest.application import logs, metrics
 from mailingest.application.services import Context
 from mailingest.config.settings import SEND_GUARD, InboxSettings, Settings
@@ -227,19 +228,28 @@ def sweep(ctx: Context, inbox_name: str) -> list[Step]:
 def liveness(
     ctx: Context, records: list[MailRecord], now: int, policy: SweepPolicy
 ) -> dict[str, decisions.Liveness]:
-    """What the sweep must know of the mails it may find stuck: those idle for two
-    leases (the others cannot be), with their leases and the broker queue's age."""
+    """What the sweep must know of the mails it may find stuck: those idle for a lease
+    (a lease of the others cannot have lapsed yet), with their leases and the broker
+    queue's age."""
     idle = [
         r
         for r in records
         if r.state in IN_FLIGHT
-        and now - decisions.last_activity(r) > min(2 * policy.lease_ms, policy.stale_ms)
+        and now - decisions.last_activity(r) > min(policy.lease_ms, policy.stale_ms)
     ]
     if not idle:
         return {}
-    held = ctx.leases.mail_holders([(r.id, r.documents) for r in idle])
+    seen = ctx.leases.mail_leases([(r.id, r.documents) for r in idle])
     since = ctx.queue_since()
-    return {r.id: decisions.Liveness(leased=r.id in held, queued_since=since) for r in idle}
+    none = MailLeases("", [])
+    return {
+        r.id: decisions.Liveness(
+            leased=bool(seen.get(r.id, none).holder),
+            queued_since=since,
+            lapsed=bool(seen.get(r.id, none).lapsed),
+        )
+        for r in idle
+    }
 
 
 def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
@@ -287,6 +297,7 @@ def _swept(ctx: Context, record: MailRecord, action: decisions.SweepAction) -> l
         )
         # requeued_at, not updated_at: `mailingest status` still sees it as stuck
         ctx.ledger.requeued(mail_id, action.requeues)
+        ctx.leases.forget(step_lease_keys(mail_id, record.documents))  # its lapsed leases
         return [Step("ingest", mail_id)]
     elif action.action == Sweep.RETRY_FAILED:
         log.warning("mail %s: failed %s ago; retried", mail_id, "long")

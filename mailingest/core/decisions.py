@@ -105,10 +105,13 @@ class Liveness:
     ``leased``: a step of it holds a lease now (a live worker runs it, or one that died
     less than a lease ago). ``queued_since``: when the oldest task still waiting in the
     broker was sent (ms), None when none waits; a task of this mail sent before that has
-    left the queue (FIFO): it runs, ran, or was lost. Unknown is 0: anything may wait."""
+    left the queue (FIFO): it runs, ran, or was lost. Unknown is 0: anything may wait.
+    ``lapsed``: a lease of it was taken and never given back, and is gone: the step
+    that held it died (or hung) mid-way, so nothing is moving the mail."""
 
     leased: bool = False
     queued_since: int | None = 0
+    lapsed: bool = False
 
 
 def last_activity(record: MailRecord) -> int:
@@ -122,10 +125,13 @@ def stuck(record: MailRecord, now: int, *, policy: SweepPolicy, live: Liveness) 
 
     Idle for two leases while nothing queued before (or soon after) its last activity
     still waits in the broker: its task ran without moving it, or was lost with a
-    killed worker or a crashed Redis. Idle longer than ``stale_ms`` in any case: the
-    backstop when a deep queue hides whether its task is still there."""
+    killed worker or a crashed Redis. At once when a lease of it lapsed (its step's
+    holder died mid-way), whatever waits in the broker. Idle longer than ``stale_ms``
+    in any case: the backstop when a deep queue hides whether its task is still there."""
     if record.state not in IN_FLIGHT or live.leased:
         return False
+    if live.lapsed:
+        return True
     last = last_activity(record)
     idle = now - last
     if idle > policy.stale_ms:

@@ -8,6 +8,11 @@ for all of them; a holder that dies (kill -9, a lost host) or freezes stops rene
 and its lease lapses within ``MAILINGEST_LEASE`` seconds. The sweep then knows the
 mail is not being worked on, without waiting for a task time limit.
 
+Taking a lease also notes it in one hash (``keys.LEASES_TAKEN``: key -> token), and
+giving it back removes the note, in the same script. A lease key that is gone while its
+note stays *lapsed*: its holder died or hung mid-step. The sweep queues such a mail
+again at once, without waiting to see whether a task of it still waits in the broker.
+
 A lease is not a fence: a frozen holder may wake after its lease lapsed and go on.
 What must not happen twice (a describe POST, a MOVE) is fenced in the ledger itself.
 """
@@ -44,8 +49,29 @@ end
 return lost
 """
 
-# KEYS[1] lease key; ARGV[1] token. Deletes it only while it is still ours.
+# KEYS[1] lease key, KEYS[2] the taken-leases hash; ARGV[1] token, ARGV[2] lease ms.
+ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('HSET', KEYS[2], KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] the taken-leases hash, then lease keys: the notes of those no longer held go.
+FORGET = """
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then redis.call('HDEL', KEYS[1], KEYS[i]) end
+end
+return 1
+"""
+
+# KEYS[1] lease key, KEYS[2] the taken-leases hash; ARGV[1] token. Deletes the lease and
+# its note only while they are still ours.
 RELEASE = """
+if redis.call('HGET', KEYS[2], KEYS[1]) == ARGV[1] then
+  redis.call('HDEL', KEYS[2], KEYS[1])
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
@@ -64,6 +90,20 @@ def worker_name() -> str:
     """This process as ops know it: ``host:pid`` (Celery's node name is per worker, not
     per pool process)."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _holder(token: bytes | str) -> str:
+    """``host:pid`` of a lease's token (``host:pid:random``)."""
+    return keys.as_text(token).rsplit(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class MailLeases:
+    """A mail's leases as the sweep reads them: who holds one (empty: nobody), and the
+    keys of those that lapsed (their holder died or hung mid-step)."""
+
+    holder: str
+    lapsed: list[str]
 
 
 @dataclass
@@ -93,13 +133,15 @@ class Leases:
         self._held: dict[str, Lease] = {}
         self._guard = threading.Lock()
         self._renew = client.register_script(RENEW)
+        self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
+        self._forget = client.register_script(FORGET)
         self._heartbeat = Heartbeat(self) if heartbeat else None
 
     def acquire(self, key: str) -> Lease | None:
         """The lease on ``key``, or None when another holder has it."""
         token = f"{worker_name()}:{uuid.uuid4().hex[:12]}"
-        if not self.redis.set(key, token, nx=True, px=self.lease_ms):
+        if not self._acquire(keys=[key, keys.LEASES_TAKEN], args=[token, self.lease_ms]):
             return None
         lease = Lease(key, token, taken=time.monotonic())
         with self._guard:
@@ -112,7 +154,7 @@ class Leases:
         with self._guard:
             if self._held.get(lease.key) is lease:  # not a newer lease on the same key
                 del self._held[lease.key]
-        self._release(keys=[lease.key], args=[lease.token])
+        self._release(keys=[lease.key, keys.LEASES_TAKEN], args=[lease.token])
 
     def renew(self) -> int:
         """Renew every lease this process holds (one round trip); return how many."""
@@ -148,20 +190,43 @@ class Leases:
         """Who holds each of these leases (``host:pid``), or None (one round trip)."""
         if not names:
             return []
-        values = self.redis.mget(names)
-        return [None if v is None else keys.as_text(v).rsplit(":", 1)[0] for v in values]
+        return [None if v is None else _holder(v) for v in self.redis.mget(names)]
 
     def mail_holders(self, mails: Sequence[tuple[str, int]]) -> dict[str, str]:
         """Of these (mail id, documents), the ones a step holds a lease on now, and who
         holds it (``host:pid``); one round trip."""
+        return {
+            mail_id: seen.holder for mail_id, seen in self.mail_leases(mails).items() if seen.holder
+        }
+
+    def mail_leases(self, mails: Sequence[tuple[str, int]]) -> dict[str, MailLeases]:
+        """Of these (mail id, documents), the ones with a lease held or lapsed: who holds
+        one, and which lapsed (taken, never given back, gone). One atomic round trip."""
         names = [step_lease_keys(mail_id, documents) for mail_id, documents in mails]
-        holders = iter(self.holders([key for group in names for key in group]))
-        held: dict[str, str] = {}
+        flat = [key for group in names for key in group]
+        if not flat:
+            return {}
+        pipe = self.redis.pipeline(transaction=True)  # one moment: no take in between
+        pipe.mget(flat)
+        pipe.hmget(keys.LEASES_TAKEN, flat)
+        values, notes = pipe.execute()
+        out: dict[str, MailLeases] = {}
+        position = 0
         for (mail_id, _), group in zip(mails, names, strict=True):
-            found = [holder for holder in (next(holders) for _ in group) if holder]
-            if found:
-                held[mail_id] = found[0]
-        return held
+            held = values[position : position + len(group)]
+            noted = notes[position : position + len(group)]
+            position += len(group)
+            holder = next((_holder(v) for v in held if v is not None), "")
+            lapsed = [k for k, v, n in zip(group, held, noted, strict=True) if v is None and n]
+            if holder or lapsed:
+                out[mail_id] = MailLeases(holder, lapsed)
+        return out
+
+    def forget(self, names: Sequence[str]) -> None:
+        """Drop the notes of these leases where they lapsed (their mail was queued
+        again); a lease taken again meanwhile keeps its note."""
+        if names:
+            self._forget(keys=[keys.LEASES_TAKEN, *names])
 
     def close(self) -> None:
         if self._heartbeat is not None:
