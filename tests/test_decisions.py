@@ -77,6 +77,13 @@ EMPTY = Liveness(leased=False, queued_since=None)  # no lease, nothing waits in 
             Liveness(False, NOW - 6 * MIN, lapsed=True),
             True,
         ),
+        # ... once idle for a lease (a lease given back late looks lapsed for a moment)
+        (
+            MailState.DOCUMENTS_PENDING,
+            {"updated_at": NOW - 10_000},
+            Liveness(False, NOW - 6 * MIN, lapsed=True),
+            False,
+        ),
         # ... unless another lease of it is held: a step is running
         (
             MailState.DOCUMENTS_PENDING,

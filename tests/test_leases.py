@@ -192,10 +192,10 @@ def test_a_lease_given_back_leaves_no_trace_one_that_lapsed_does(
     assert again is not None
     leases.forget(step_lease_keys(MAIL, 2))
     assert leases.mail_leases([(MAIL, 2)])[MAIL].holder == worker_name()
-    assert redis_client.hget(keys.LEASES_TAKEN, upload) == again.token.encode()
+    assert redis_client.get(keys.lease_note(upload)) == again.token.encode()
     # the late holder wakes and gives back the lease it lost: the new one's note stays
     leases.release(dying)
-    assert redis_client.hget(keys.LEASES_TAKEN, upload) == again.token.encode()
+    assert redis_client.get(keys.lease_note(upload)) == again.token.encode()
     redis_client.delete(upload)  # the new holder dies too; then the sweep requeues
     leases.forget(step_lease_keys(MAIL, 2))
     assert leases.mail_leases([(MAIL, 2)]) == {}
@@ -229,6 +229,31 @@ def test_the_sweep_requeues_a_mail_whose_step_died_however_deep_the_queue(
         ctx.redis.hset(keys.poll_status("default"), "swept_at", now - 4_000)  # not just now
         steps = pipeline.sweep(ctx, "default")
         assert steps == [Step("ingest", dead)]
-        assert not ctx.redis.hgetall(keys.LEASES_TAKEN)  # the lapsed lease is forgotten
+        upload = keys.step_lock(Step("upload", dead, 0).lock_name)
+        assert not ctx.redis.exists(keys.lease_note(upload))  # the lapsed lease is forgotten
     finally:
         ctx.close()
+
+
+def test_a_live_holder_takes_back_a_lease_that_expired_while_redis_was_away(
+    redis_client: redis.Redis,
+) -> None:
+    """The heartbeat could not reach Redis for longer than the lease: the key expired,
+    though its holder lives and works on. Its next renewal takes it back (its note is
+    still its own), so a second run cannot take the step meanwhile for long."""
+    leases = Leases(redis_client, lease_ms=300, heartbeat=False)
+    key = keys.step_lock(Step("upload", MAIL, 0).lock_name)
+    held = leases.acquire(key)
+    assert held is not None
+    time.sleep(0.4)  # no renewal got through
+    assert not redis_client.exists(key)
+    assert leases.renew() == 1 and not held.lost
+    assert redis_client.get(key) == held.token.encode()
+    # but not one another holder took meanwhile and gave back
+    other = Leases(redis_client, lease_ms=300, heartbeat=False)
+    time.sleep(0.4)
+    taken = other.acquire(key)
+    assert taken is not None
+    other.release(taken)
+    assert leases.renew() == 1 and held.lost
+    assert not redis_client.exists(key)

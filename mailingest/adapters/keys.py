@@ -41,9 +41,6 @@ from urllib.parse import quote
 NS = "mailingest"
 SENDERS = f"{NS}:senders"
 UNFILED = f"{NS}:unfiled"
-# lease key -> the token of whoever took it last and has not given it back: a lease key
-# gone while its entry stays lapsed with its holder (killed or hung), not released
-LEASES_TAKEN = f"{NS}:leases:taken"
 
 
 def mail(mail_id: str) -> str:
@@ -104,6 +101,12 @@ def repoll(inbox: str) -> str:
 
 def step_lock(name: str) -> str:
     return f"{NS}:lock:step:{name}"
+
+
+def lease_note(lease_key: str) -> str:
+    """The note that a lease was taken and not given back (its holder's token): the
+    lease gone while its note stays *lapsed* (the holder died or hung)."""
+    return f"{NS}:taken:{lease_key}"
 
 
 def poll_status(inbox: str) -> str:

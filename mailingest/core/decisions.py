@@ -125,15 +125,15 @@ def stuck(record: MailRecord, now: int, *, policy: SweepPolicy, live: Liveness) 
 
     Idle for two leases while nothing queued before (or soon after) its last activity
     still waits in the broker: its task ran without moving it, or was lost with a
-    killed worker or a crashed Redis. At once when a lease of it lapsed (its step's
-    holder died mid-way), whatever waits in the broker. Idle longer than ``stale_ms``
+    killed worker or a crashed Redis. Idle for one lease when a lease of it lapsed (its
+    step's holder died mid-way), whatever waits in the broker. Idle longer than ``stale_ms``
     in any case: the backstop when a deep queue hides whether its task is still there."""
     if record.state not in IN_FLIGHT or live.leased:
         return False
-    if live.lapsed:
-        return True
     last = last_activity(record)
     idle = now - last
+    if live.lapsed and idle > policy.lease_ms:
+        return True
     if idle > policy.stale_ms:
         return True
     # a task is sent just after the write that makes it: within a lease of it

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
 import json
 import ssl
@@ -23,9 +24,12 @@ import httpx
 import redis
 import redis.client
 
+from mailingest.adapters.ledger.leases import ACQUIRE
+
 from . import threads
 
 LOCK_PREFIX = b"mailingest:lock:"
+ACQUIRE_SHA = hashlib.sha1(ACQUIRE.encode()).hexdigest()  # how Redis names the script
 
 
 class Observer(Protocol):
@@ -110,6 +114,13 @@ class SimRedis(redis.Redis):
             if "NX" in upper and "PX" in upper:
                 ttl = int(args[3 + upper.index("PX") + 1])
                 self.observer.on_lock(_as_bytes(args[1]), _as_bytes(args[2]), ttl)
+        if (  # a lease taken by its script (leases.ACQUIRE: key, note; token, lease ms)
+            self.observer is not None
+            and result
+            and _text(args[0]).upper() == "EVALSHA"
+            and _text(args[1]) == ACQUIRE_SHA
+        ):
+            self.observer.on_lock(_as_bytes(args[3]), _as_bytes(args[5]), int(args[6]))
         actor.checkpoint(label + " ok")
         return result
 

@@ -8,10 +8,13 @@ for all of them; a holder that dies (kill -9, a lost host) or freezes stops rene
 and its lease lapses within ``MAILINGEST_LEASE`` seconds. The sweep then knows the
 mail is not being worked on, without waiting for a task time limit.
 
-Taking a lease also notes it in one hash (``keys.LEASES_TAKEN``: key -> token), and
-giving it back removes the note, in the same script. A lease key that is gone while its
-note stays *lapsed*: its holder died or hung mid-step. The sweep queues such a mail
-again at once, without waiting to see whether a task of it still waits in the broker.
+Taking a lease also writes a note of it (``keys.lease_note``: the token, kept for
+``NOTE_MS``), and giving it back removes the note, in the same script. A lease that is
+gone while its note stays *lapsed*: its holder died or hung mid-step (or could not give
+it back: Redis away at that moment). The sweep queues such a mail again once it has
+been idle a lease, without waiting to see whether a task of it still waits in the
+broker. A live holder whose lease expired (Redis away for longer than the heartbeat
+can bridge) takes it again at its next renewal while its note is still its own.
 
 A lease is not a fence: a frozen holder may wake after its lease lapsed and go on.
 What must not happen twice (a describe POST, a MOVE) is fenced in the ledger itself.
@@ -35,13 +38,20 @@ from mailingest.core.decisions import Step
 
 log = logging.getLogger(__name__)
 
-# KEYS: lease keys; ARGV: lease ms, then one token per key. Renews each key still held
-# by its token; returns the 1-based positions of the ones lost.
+# KEYS: lease keys, then their notes; ARGV: lease ms, then one token per lease key.
+# Renews each lease still held by its token; takes again one that expired while its
+# note is still this holder's (the holder lived through a Redis outage); returns the
+# 1-based positions of the ones lost.
 RENEW = """
+local n = #KEYS / 2
 local lost = {}
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+for i = 1, n do
+  local token = ARGV[i + 1]
+  local held = redis.call('GET', KEYS[i])
+  if held == token then
     redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  elseif not held and redis.call('GET', KEYS[n + i]) == token then
+    redis.call('SET', KEYS[i], token, 'PX', ARGV[1])
   else
     lost[#lost + 1] = i
   end
@@ -49,34 +59,37 @@ end
 return lost
 """
 
-# KEYS[1] lease key, KEYS[2] the taken-leases hash; ARGV[1] token, ARGV[2] lease ms.
+# KEYS[1] lease key, KEYS[2] its note; ARGV[1] token, ARGV[2] lease ms, ARGV[3] note ms.
 ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('HSET', KEYS[2], KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
   return 1
 end
 return 0
 """
 
-# KEYS[1] the taken-leases hash, then lease keys: the notes of those no longer held go.
+# KEYS: lease keys, then their notes: the note of each lease no longer held goes.
 FORGET = """
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then redis.call('HDEL', KEYS[1], KEYS[i]) end
+local n = #KEYS / 2
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 0 then redis.call('DEL', KEYS[n + i]) end
 end
 return 1
 """
 
-# KEYS[1] lease key, KEYS[2] the taken-leases hash; ARGV[1] token. Deletes the lease and
-# its note only while they are still ours.
+# KEYS[1] lease key, KEYS[2] its note; ARGV[1] token. Deletes the lease and its note
+# only while they are still ours.
 RELEASE = """
-if redis.call('HGET', KEYS[2], KEYS[1]) == ARGV[1] then
-  redis.call('HDEL', KEYS[2], KEYS[1])
-end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+
+# How long a note outlives its lease's taking: past the longest a step may run and the
+# sweep's backstop, after which the sweep's other rules apply anyway.
+NOTE_MS = 30 * 60 * 1000
 
 
 def step_lease_keys(mail_id: str, documents: int) -> list[str]:
@@ -141,7 +154,8 @@ class Leases:
     def acquire(self, key: str) -> Lease | None:
         """The lease on ``key``, or None when another holder has it."""
         token = f"{worker_name()}:{uuid.uuid4().hex[:12]}"
-        if not self._acquire(keys=[key, keys.LEASES_TAKEN], args=[token, self.lease_ms]):
+        note = keys.lease_note(key)
+        if not self._acquire(keys=[key, note], args=[token, self.lease_ms, NOTE_MS]):
             return None
         lease = Lease(key, token, taken=time.monotonic())
         with self._guard:
@@ -154,7 +168,7 @@ class Leases:
         with self._guard:
             if self._held.get(lease.key) is lease:  # not a newer lease on the same key
                 del self._held[lease.key]
-        self._release(keys=[lease.key, keys.LEASES_TAKEN], args=[lease.token])
+        self._release(keys=[lease.key, keys.lease_note(lease.key)], args=[lease.token])
 
     def renew(self) -> int:
         """Renew every lease this process holds (one round trip); return how many."""
@@ -173,8 +187,10 @@ class Leases:
                 held = [h for h in held if not h.lost]
         if not held:
             return 0
+        names = [h.key for h in held]
         lost = self._renew(
-            keys=[h.key for h in held], args=[self.lease_ms, *(h.token for h in held)]
+            keys=[*names, *(keys.lease_note(k) for k in names)],
+            args=[self.lease_ms, *(h.token for h in held)],
         )
         for position in lost:
             lease = held[int(position) - 1]
@@ -206,10 +222,8 @@ class Leases:
         flat = [key for group in names for key in group]
         if not flat:
             return {}
-        pipe = self.redis.pipeline(transaction=True)  # one moment: no take in between
-        pipe.mget(flat)
-        pipe.hmget(keys.LEASES_TAKEN, flat)
-        values, notes = pipe.execute()
+        both = self.redis.mget([*flat, *(keys.lease_note(k) for k in flat)])  # one moment
+        values, notes = both[: len(flat)], both[len(flat) :]
         out: dict[str, MailLeases] = {}
         position = 0
         for (mail_id, _), group in zip(mails, names, strict=True):
@@ -226,7 +240,7 @@ class Leases:
         """Drop the notes of these leases where they lapsed (their mail was queued
         again); a lease taken again meanwhile keeps its note."""
         if names:
-            self._forget(keys=[keys.LEASES_TAKEN, *names])
+            self._forget(keys=[*names, *(keys.lease_note(k) for k in names)])
 
     def close(self) -> None:
         if self._heartbeat is not None:
