@@ -95,6 +95,8 @@ class InboxSettings:
     # how senders are authenticated: None is off, or on without a trusted server yet
     sender_auth: AuthPolicy | None = None
     sender_auth_on: bool = True
+    # a part screening refuses: "skip" (file the others, record it) or "quarantine"
+    on_refused_part: str = "skip"
     # where a missing value is named in errors: "" for the environment, else the file's table
     origin: str = field(default="", compare=False)
 
@@ -653,6 +655,7 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
         crm_url=env.url("CRM_URL"),
         sender_auth=sender_auth,
         sender_auth_on=sender_auth_on,
+        on_refused_part=env.choice("ON_REFUSED_PART"),
         origin=origin,
     )
     folders = ("IMAP_FOLDER", "PROCESSED_FOLDER", "QUARANTINE_FOLDER")

@@ -507,6 +507,17 @@ SETTINGS: tuple[Setting, ...] = (
         section="screening",
     ),
     Setting(
+        "ON_REFUSED_PART",
+        "choice",
+        "a part refused by screening (a type not allowed, too large): `skip` files the "
+        "mail's other documents and records the refusal; `quarantine` sets the whole "
+        "mail aside",
+        default="skip",
+        choices=("skip", "quarantine"),
+        per_inbox=True,
+        section="screening",
+    ),
+    Setting(
         "INLINE_IMAGE_FLOOR",
         "integer",
         "inline images smaller than this are skipped (signature logos)",

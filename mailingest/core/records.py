@@ -57,6 +57,9 @@ class MailRecord:
     internaldate: str  # the server's arrival time, as it gave it: identifies our copy
     copied_uid: str  # "<uidvalidity>:<uid>" of our COPY in the destination (no MOVE)
     moving_to: str  # the folder a MOVE/COPY was sent to, recorded before it
+    # parts screening refused while the mail's other documents were filed (one reason
+    # each, "; "-joined; on_refused_part = "skip")
+    refused_parts: str = ""
 
     @property
     def id(self) -> str:
@@ -85,6 +88,7 @@ class MailRecord:
             internaldate=h.get("internaldate", ""),
             copied_uid=h.get("copied_uid", ""),
             moving_to=h.get("moving_to", ""),
+            refused_parts=h.get("refused_parts", ""),
         )
 
 
