@@ -50,10 +50,11 @@ import email.message
 import email.policy
 import hashlib
 import logging
+import mimetypes
 import quopri
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import collapse_rfc2231_value, getaddresses
 from typing import TypeVar
@@ -61,6 +62,7 @@ from typing import TypeVar
 import mailparser
 
 from mailingest.core.base64_bodies import Hollowed, decoded_payload, hollow, unfold
+from mailingest.core.tnef import TnefError, is_tnef, unpack
 
 # mail-parser warns for every unnamed non-text part it takes for body text; we handle
 # those parts ourselves, so its warnings are noise in the worker's log.
@@ -92,6 +94,12 @@ class Attachment:
     inline: bool
     content_id: str | None  # without angle brackets
     index: int  # 0-based leaf number in the mail (stable: used to key documents)
+    # unpacked from the container at this index (winmail.dat); its index then comes
+    # after every leaf's, in the container's order
+    unpacked_from: int | None = None
+    # set when the part cannot be a document whatever its bytes (a winmail.dat that
+    # cannot be unpacked): screening refuses it with this reason
+    refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,9 +177,12 @@ def parse_mail(
                     defects.add(f"{key}: {value}")
 
     try:
-        attachments, skipped = _extract_parts(hollowed, message, inline_image_floor, defects)
+        attachments, skipped, leaves = _extract_parts(
+            hollowed, message, inline_image_floor, defects
+        )
     except RecursionError as exc:
         raise MailParseError("mail nested too deeply") from exc
+    attachments, skipped = _unpack_tnef(attachments, skipped, leaves)
 
     return ParsedMail(
         message_id=_message_id(parser),
@@ -410,18 +421,64 @@ def _filename(part: email.message.Message, defects: _Defects, where: str) -> str
     return text or None
 
 
+def _unpack_tnef(
+    attachments: list[Attachment], skipped: list[SkippedPart], leaves: int
+) -> tuple[list[Attachment], list[SkippedPart]]:
+    """Each winmail.dat (TNEF, known by its bytes) replaced by the files inside it; one
+    that cannot be unpacked stays, marked refused; one holding no file is skipped."""
+    out: list[Attachment] = []
+    index = leaves
+    for attachment in attachments:
+        if not is_tnef(attachment.payload):
+            out.append(attachment)
+            continue
+        try:
+            files = unpack(attachment.payload)
+        except TnefError as exc:
+            out.append(replace(attachment, refusal=str(exc)))
+            continue
+        if not files:
+            skipped.append(
+                SkippedPart(
+                    attachment.index,
+                    attachment.content_type,
+                    len(attachment.payload),
+                    "winmail.dat (TNEF) holds no attached file, only its message",
+                )
+            )
+            continue
+        for inner in files:
+            out.append(
+                Attachment(
+                    filename=inner.filename,
+                    content_type=mimetypes.guess_type(inner.filename or "")[0]
+                    or "application/octet-stream",
+                    payload=inner.payload,
+                    inline=False,
+                    content_id=None,
+                    index=index,
+                    unpacked_from=attachment.index,
+                )
+            )
+            index += 1
+    return out, skipped
+
+
 def _extract_parts(
     hollowed: Hollowed,
     message: email.message.Message,
     floor: int,
     defects: _Defects,
-) -> tuple[list[Attachment], list[SkippedPart]]:
+) -> tuple[list[Attachment], list[SkippedPart], int]:
+    """The candidate documents and the skipped parts, and how many leaves there are."""
     attachments: list[Attachment] = []
     skipped: list[SkippedPart] = []
     have_plain = have_html = False
     locations: dict[int, tuple[int, int]] | None = None  # computed on first message/*
+    leaves = 0
 
     for index, leaf in enumerate(_walk_leaves(message)):
+        leaves = index + 1
         part = leaf.part
         ctype = part.get_content_type().lower()
         where = f"part {index} ({ctype})"
@@ -494,7 +551,7 @@ def _extract_parts(
                 index=index,
             )
         )
-    return attachments, skipped
+    return attachments, skipped, leaves
 
 
 def _payload_bytes(

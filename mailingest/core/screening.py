@@ -158,11 +158,15 @@ def screen(
         attachment = payloads[spec.index]
         data = attachment.payload
         label = f"part {spec.index} ({spec.name}.{spec.extension})"
+        if attachment.unpacked_from is not None:
+            label = f"part {spec.index} ({spec.name}.{spec.extension}, in winmail.dat)"
         if not data:
             notes.append(f"skipped {label}: zero bytes")
             continue
         wrong: str | None = None
-        if len(data) > limits.max_attachment_bytes:
+        if attachment.refusal is not None:
+            wrong = f"refused content: {label}: {attachment.refusal}"
+        elif len(data) > limits.max_attachment_bytes:
             wrong = (
                 f"attachment too large: {label} is {len(data)} bytes "
                 f"(limit {limits.max_attachment_bytes})"
