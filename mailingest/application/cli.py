@@ -321,6 +321,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "mail_id": r.id,
             "state": r.state,
             "sender": r.sender,
+            "entity_source": r.entity_source,
             "reason": r.reason,
             "filed_to": r.filed_to,
             "updated_at": r.updated_at,

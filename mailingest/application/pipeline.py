@@ -349,7 +349,11 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
 
     inbox = ctx.settings.inbox(record.ref.inbox)
     screened = screen(
-        raw, ctx.settings.limits, inbox.sender_auth, on_refused_part=inbox.on_refused_part
+        raw,
+        ctx.settings.limits,
+        inbox.sender_auth,
+        on_refused_part=inbox.on_refused_part,
+        forwarded=inbox.forwarded,
     )
     mail = screened.mail
     if mail is not None:
@@ -366,17 +370,26 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
         return quarantine(ctx, mail_id, screened.refusal or "cannot parse the mail")
     if not mail.sender:
         return quarantine(ctx, mail_id, "no single sender address in From:")
+    customer, via = decisions.customer_of(mail.sender, mail.forwarded_senders, inbox.forwarders)
+    if customer is None:
+        return quarantine(ctx, mail_id, via)
     # a ResolverError (directory or CRM down) is retried by the caller
-    resolved = ctx.senders(record.ref.inbox).resolve(mail.sender)
+    resolved = ctx.senders(record.ref.inbox).resolve(customer)
     if resolved is None:
         return quarantine(
-            ctx, mail_id, f"unknown sender {mail.sender}: no entity in the sender directory"
+            ctx,
+            mail_id,
+            f"unknown sender {customer}: no entity in the sender directory"
+            + (f" ({via})" if via else ""),
         )
     entity, source = resolved
+    entity_source = f"{source}, {via}" if via else source
     planned = _planned(screened)
     # every copy of this mail (delivered twice, a new UIDVALIDITY, a replay) shares one
     # slot per document: the same Alloy document, described and uploaded once
-    if ctx.ledger.plan_documents(mail_id, message_key(raw, mail.message_id), entity, planned):
+    if ctx.ledger.plan_documents(
+        mail_id, message_key(raw, mail.message_id), entity, planned, entity_source=entity_source
+    ):
         for reason in screened.refused:  # counted once: by the run that planned it
             log.warning("mail %s: %s (its other documents are filed)", mail_id, reason)
             metrics.part_refused(mail_id, reason)

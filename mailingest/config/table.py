@@ -332,6 +332,16 @@ SETTINGS: tuple[Setting, ...] = (
         section="senders",
     ),
     Setting(
+        "FORWARDERS",
+        "list",
+        "internal addresses (agents) whose forwarded mail is filed on the entity of the "
+        "forwarded mail's own sender, not on theirs; their mail must pass sender "
+        "authentication like any other",
+        default_text="none",
+        per_inbox=True,
+        section="senders",
+    ),
+    Setting(
         "SENDERS_FILE",
         "path",
         "sender -> entity: a CSV file with the header `email,entity_token`, asked first "
@@ -514,6 +524,17 @@ SETTINGS: tuple[Setting, ...] = (
         "mail aside",
         default="skip",
         choices=("skip", "quarantine"),
+        per_inbox=True,
+        section="screening",
+    ),
+    Setting(
+        "FORWARDED",
+        "choice",
+        "a forwarded mail (`message/rfc822`): `documents` files the attachments inside it "
+        "(forwarded again: inside that too), `eml` files it whole as one .eml, `both` "
+        "does both",
+        default="documents",
+        choices=("documents", "eml", "both"),
         per_inbox=True,
         section="screening",
     ),

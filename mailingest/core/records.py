@@ -60,6 +60,9 @@ class MailRecord:
     # parts screening refused while the mail's other documents were filed (one reason
     # each, "; "-joined; on_refused_part = "skip")
     refused_parts: str = ""
+    # how the entity was found: the resolver's source ("directory", "crm", ...), and
+    # "forwarded by <agent>" when it is the forwarded mail's own sender's
+    entity_source: str = ""
 
     @property
     def id(self) -> str:
@@ -89,6 +92,7 @@ class MailRecord:
             copied_uid=h.get("copied_uid", ""),
             moving_to=h.get("moving_to", ""),
             refused_parts=h.get("refused_parts", ""),
+            entity_source=h.get("entity_source", ""),
         )
 
 

@@ -96,6 +96,7 @@ def screen(
     auth: AuthPolicy | None,
     *,
     on_refused_part: str = str(default("ON_REFUSED_PART")),
+    forwarded: str = str(default("FORWARDED")),
 ) -> Screened:
     """Decide what to do with one mail. Never raises for any input.
 
@@ -130,7 +131,11 @@ def screen(
         )
     try:
         mail = parse_mail(
-            raw, inline_image_floor=limits.inline_image_floor, message=message, hollowed=hollowed
+            raw,
+            inline_image_floor=limits.inline_image_floor,
+            message=message,
+            hollowed=hollowed,
+            forwarded=forwarded,
         )
         specs = describe_attachments(mail)
     except Exception as exc:  # noqa: BLE001 - hostile input
@@ -159,7 +164,7 @@ def screen(
         data = attachment.payload
         label = f"part {spec.index} ({spec.name}.{spec.extension})"
         if attachment.unpacked_from is not None:
-            label = f"part {spec.index} ({spec.name}.{spec.extension}, in winmail.dat)"
+            label = f"part {spec.index} ({spec.name}.{spec.extension}, in {attachment.container})"
         if not data:
             notes.append(f"skipped {label}: zero bytes")
             continue

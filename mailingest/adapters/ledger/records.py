@@ -190,7 +190,13 @@ class MailRecords(Store):
         return self.records([mail_id for mail_id in ids if mail_id.startswith(inbox + "/")])
 
     def plan_documents(
-        self, mail_id: str, message_key: str, entity: str, documents: Sequence[PlannedDocument]
+        self,
+        mail_id: str,
+        message_key: str,
+        entity: str,
+        documents: Sequence[PlannedDocument],
+        *,
+        entity_source: str = "",
     ) -> bool:
         """Stage each document's bytes, record it and point it at its slot (the one Alloy
         document every copy of it shares), then move the mail ``parsing`` ->
@@ -252,6 +258,7 @@ class MailRecords(Store):
             MailState.DOCUMENTS_PENDING,
             allowed=(MailState.PARSING,),
             entity=entity,
+            entity_source=entity_source,
             documents=len(documents),
         )
         return moved is not None
