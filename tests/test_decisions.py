@@ -496,3 +496,40 @@ def test_fetch_batches_keep_to_the_byte_budget_and_never_leave_a_big_mail_out() 
     batches = list(decisions.fetch_batches(list(sizes), sizes, 50, 55))
     assert batches == [[1, 2], [3], [4], [5], [6]]
     assert list(decisions.fetch_batches([], {}, 50, 55)) == []
+
+
+@pytest.mark.parametrize(
+    ("sender", "forwarded", "forwarders", "expected"),
+    [
+        ("dana@x.example", (), set(), ("dana@x.example", "")),
+        # not a forwarder: its forwards are filed on it
+        ("dana@x.example", ("olaf@y.example",), set(), ("dana@x.example", "")),
+        # a forwarder: on the forwarded mail's sender
+        (
+            "agent@s.example",
+            ("olaf@y.example",),
+            {"agent@s.example"},
+            ("olaf@y.example", "forwarded by agent@s.example"),
+        ),
+        # the same customer twice is one customer
+        (
+            "agent@s.example",
+            ("olaf@y.example", "olaf@y.example"),
+            {"agent@s.example"},
+            ("olaf@y.example", "forwarded by agent@s.example"),
+        ),
+        # nothing forwarded: the agent's own mail
+        ("agent@s.example", (), {"agent@s.example"}, ("agent@s.example", "")),
+    ],
+)
+def test_customer_of(
+    sender: str, forwarded: tuple[str, ...], forwarders: set[str], expected: tuple[str, str]
+) -> None:
+    assert decisions.customer_of(sender, forwarded, forwarders) == expected
+
+
+def test_customer_of_several_forwarded_senders_is_none_with_the_reason() -> None:
+    customer, reason = decisions.customer_of(
+        "a@s.example", ("x@y.example", "z@y.example"), {"a@s.example"}
+    )
+    assert customer is None and "several senders (x@y.example, z@y.example)" in reason

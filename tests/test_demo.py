@@ -37,7 +37,7 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
         "driver_license.pdf",
         "passport_scan.jpg",
         "utility_bill_march.pdf",
-        "signed_agreement.eml",
+        "signed_contract.pdf",
         "Führerschein Rückseite.jpg",
     ):
         assert name in out

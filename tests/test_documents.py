@@ -147,7 +147,7 @@ def test_extension_for(content_type: str, expected: str) -> None:
         ("download", "", "other"),  # "dl" only as a whole word
         ("handle", "", "other"),
         ("Führerschein", "", "license"),
-        ("FUEHRERSCHEIN", "", "other"),  # transliteration not guessed
+        ("FUEHRERSCHEIN", "", "license"),  # the transliteration too
         ("permis de conduire", "", "license"),
         ("permis_de_conduire_recto", "", "license"),
         ("passport", "", "passport"),
@@ -175,6 +175,83 @@ def test_extension_for(content_type: str, expected: str) -> None:
 )
 def test_infer_type(name: str, subject: str, expected: str) -> None:
     assert infer_type(name, subject) == expected
+
+
+# Realistic pairs as customers send them (issue 13, part 6): a filename from a phone,
+# scanner or mail client, and the subject line, in English, German, French and Spanish.
+REAL_WORLD = [
+    # English
+    ("IMG_4821.jpg", "Passport photo page", "passport"),
+    ("passport_scan_2026.pdf", "Documents for my account", "passport"),
+    ("DL front.jpeg", "ID", "license"),
+    ("drivers-licence-back.png", "", "license"),
+    ("Scan 12 Nov 2026.pdf", "Proof of address", "utility"),
+    ("british_gas_oct.pdf", "", "utility"),
+    ("Council Tax Bill 2026-27.pdf", "", "utility"),
+    ("bank statement november.pdf", "", "utility"),
+    ("EDF Electricity.pdf", "my bill", "utility"),
+    ("Tenancy Agreement signed.pdf", "", "contract"),
+    ("lease.pdf", "Re: your application", "contract"),
+    ("signed_agreement.pdf", "", "contract"),
+    ("document.pdf", "Signed contract attached", "contract"),
+    ("selfie.jpg", "Verification", "other"),
+    ("Screenshot 2026-11-30 at 10.14.22.png", "Re: KYC", "other"),
+    ("please_find_attached.pdf", "", "other"),  # "lease" only as a word
+    # German
+    ("Reisepass_Seite1.jpg", "Unterlagen", "passport"),
+    ("scan0001.pdf", "Mein Reisepass", "passport"),
+    ("Führerschein Vorderseite.jpg", "", "license"),
+    ("Fuehrerschein_Rueckseite.jpg", "", "license"),
+    ("Meldebescheinigung.pdf", "Adressnachweis", "utility"),
+    ("Stromrechnung_Oktober.pdf", "", "utility"),
+    ("Kontoauszug_11_2026.pdf", "", "utility"),
+    ("Nebenkostenabrechnung 2025.pdf", "", "utility"),
+    ("Mietvertrag.pdf", "Wohnung", "contract"),
+    ("Arbeitsvertrag_unterschrieben.pdf", "", "contract"),
+    ("IMG_20261130_101500.jpg", "Dokumente wie besprochen", "other"),
+    # French
+    ("passeport.jpg", "Pièces justificatives", "passport"),
+    ("Permis_de_conduire_recto.jpg", "", "license"),
+    ("scan.pdf", "Permis de conduire", "license"),
+    ("facture_EDF_novembre.pdf", "", "utility"),
+    ("Justificatif de domicile.pdf", "", "utility"),
+    ("Relevé de compte octobre.pdf", "", "utility"),
+    ("avis_d_imposition_2026.pdf", "", "utility"),
+    ("quittance de loyer.pdf", "", "utility"),
+    ("contrat_de_bail.pdf", "", "contract"),
+    ("bail signé.pdf", "", "contract"),
+    # Spanish
+    ("pasaporte.jpg", "Documentación", "passport"),
+    ("carnet de conducir.jpg", "", "license"),
+    ("permiso_de_conducir.pdf", "", "license"),
+    ("licencia de manejo.jpg", "", "license"),
+    ("factura_luz_octubre.pdf", "", "utility"),
+    ("recibo de luz.pdf", "", "utility"),
+    ("extracto bancario.pdf", "", "utility"),
+    ("certificado de empadronamiento.pdf", "", "utility"),
+    ("contrato de arrendamiento.pdf", "", "contract"),
+    ("foto.jpg", "Mi pasaporte", "passport"),
+    # several types in the subject: no one attachment can be typed by it
+    ("scan1.pdf", "Reisepass und Stromrechnung", "other"),
+    ("IMG_1.jpg", "passport and proof of address", "other"),
+]
+
+
+@pytest.mark.parametrize(("filename", "subject", "expected"), REAL_WORLD)
+def test_infer_type_on_real_world_names(filename: str, subject: str, expected: str) -> None:
+    name = filename.rsplit(".", 1)[0]
+    assert infer_type(name, subject) == expected
+
+
+def test_the_real_world_table_is_large_enough_to_mean_something() -> None:
+    assert len(REAL_WORLD) >= 40
+    assert {expected for _, _, expected in REAL_WORLD} == {
+        "passport",
+        "license",
+        "utility",
+        "contract",
+        "other",
+    }
 
 
 def test_infer_type_never_internal() -> None:

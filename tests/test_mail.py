@@ -485,15 +485,16 @@ Content-Transfer-Encoding: base64
     assert [(a.index, a.payload) for a in mail.attachments] == [(0, PDF)]
 
 
-def test_winmail_dat_is_kept() -> None:
+def test_winmail_dat_is_unpacked_and_one_holding_no_file_is_skipped() -> None:
+    """The TNEF signature and empty objects: nothing attached inside (the real Outlook
+    files of tests/test_tnef.py hold files, which replace the container)."""
     mail = parse_mail(winmail_mail())
-    assert [a.content_type for a in mail.attachments] == [
-        "application/ms-tnef",
-        "application/vnd.ms-tnef",
+    assert mail.attachments == ()
+    assert [(s.content_type, s.reason) for s in mail.skipped] == [
+        ("application/ms-tnef", "winmail.dat (TNEF) holds no attached file, only its message"),
+        ("application/vnd.ms-tnef", "winmail.dat (TNEF) holds no attached file, only its message"),
     ]
     assert mail.sender == "user@corp.example"
-    specs = describe_attachments(mail)
-    assert [(s.name, s.extension) for s in specs] == [("winmail", "dat"), ("winmail-2", "dat")]
 
 
 def test_broken_base64_does_not_raise_and_is_reported() -> None:

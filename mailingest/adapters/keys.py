@@ -41,6 +41,8 @@ from urllib.parse import quote
 NS = "mailingest"
 SENDERS = f"{NS}:senders"
 UNFILED = f"{NS}:unfiled"
+# mails filed with parts refused (on_refused_part = "skip"), newest last: status lists them
+PARTLY_FILED = f"{NS}:partly-filed"
 
 
 def mail(mail_id: str) -> str:

@@ -277,6 +277,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     pace = read_pace(client, rate=settings.alloy_rate, burst=settings.alloy_burst)
     now = ledger.now()  # the ledger's clock: the one its timestamps were taken by
     attention = ledger.mails((MailState.QUARANTINED, MailState.FAILED))
+    # filed with parts refused (on_refused_part = "skip"): the newest, still so
+    partial = [r for r in ledger.recent_partly_filed() if r.refused_parts]
     pending = ledger.mails(IN_FLIGHT)
     # what the sweep knows, read the same way: who holds a lease, how old the queue is
     policy = sweep_policy(settings)
@@ -319,6 +321,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "mail_id": r.id,
             "state": r.state,
             "sender": r.sender,
+            "entity_source": r.entity_source,
             "reason": r.reason,
             "filed_to": r.filed_to,
             "updated_at": r.updated_at,
@@ -331,6 +334,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "counts": counts,
                     "polls": polls,
                     "attention": [row(r) for r in attention],
+                    "refused_parts": [
+                        row(r) | {"refused_parts": r.refused_parts.split("; ")} for r in partial
+                    ],
                     "stalled": [row(r) for r in stalled],
                     "in_progress": [row(r) for r in working],
                     "alloy_rate_limit": {
@@ -368,6 +374,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"inbox {name}: {last_ok}{backlog}{error}")
     for record in attention:
         print(f"{record.state:12} {record.id}  {record.sender or '-'}  {record.reason}")
+    for record in partial:
+        filed = "filed" if record.filed_to else "being filed"
+        print(
+            f"{'parts refused':12} {record.id}  {record.sender or '-'}  {record.state}, "
+            f"{filed}; refused: {record.refused_parts}"
+        )
     for record in working:
         idle = (now - decisions.last_activity(record)) / 1000
         print(
@@ -620,12 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub,
         "status",
-        help="ledger counts, the Alloy rate limit (does it set the pace?), and "
-        "quarantined and failed mails with reasons",
+        help="ledger counts, the Alloy rate limit (does it set the pace?), "
+        "quarantined and failed mails with reasons, and mails filed with parts refused",
     )
     p.add_argument("--json", action="store_true", help="print as JSON")
 
-    p = _command(sub, "replay", help="send quarantined or failed mails through again")
+    p = _command(sub, "replay", help="send quarantined, failed or partly filed mails through again")
     p.add_argument("mail_id", nargs="*", help="mail ids as shown by `mailingest status`")
     p.add_argument("--failed", action="store_true", help="replay every failed mail")
 

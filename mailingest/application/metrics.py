@@ -128,6 +128,11 @@ def _m() -> SimpleNamespace:
             "Mails set aside for a person, by kind of reason",
             ["inbox", "reason"],
         ),
+        parts_refused=Counter(
+            "mailingest_parts_refused",
+            "Parts refused by screening in mails whose other documents were filed, by kind",
+            ["inbox", "reason"],
+        ),
         failed=Counter(
             "mailingest_mails_failed",
             "Mails that ran out of tries (retried automatically later)",
@@ -205,6 +210,11 @@ def mail_decided(mail_id: str, state: str, reason: str) -> None:
         _m().quarantined.labels(inbox, reason_kind(reason)).inc()
     elif state == MailState.FAILED:
         _m().failed.labels(inbox).inc()
+
+
+def part_refused(mail_id: str, reason: str) -> None:
+    """Screening refused one part of a mail whose other documents go on."""
+    _m().parts_refused.labels(inbox_of(mail_id), reason_kind(reason)).inc()
 
 
 def document_described() -> None:

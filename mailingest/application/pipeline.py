@@ -347,7 +347,14 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
     if parsing is None:
         return []
 
-    screened = screen(raw, ctx.settings.limits, ctx.settings.inbox(record.ref.inbox).sender_auth)
+    inbox = ctx.settings.inbox(record.ref.inbox)
+    screened = screen(
+        raw,
+        ctx.settings.limits,
+        inbox.sender_auth,
+        on_refused_part=inbox.on_refused_part,
+        forwarded=inbox.forwarded,
+    )
     mail = screened.mail
     if mail is not None:
         logs.correlate(message_id=mail.message_id)
@@ -357,22 +364,37 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
             sender=mail.sender or "",
             subject=(mail.subject or "")[:200],
             skipped=len(mail.skipped),
+            refused_parts="; ".join(screened.refused)[:2000],
         )
     if screened.refusal is not None or mail is None:
         return quarantine(ctx, mail_id, screened.refusal or "cannot parse the mail")
     if not mail.sender:
         return quarantine(ctx, mail_id, "no single sender address in From:")
+    customer, via = decisions.customer_of(mail.sender, mail.forwarded_senders, inbox.forwarders)
+    if customer is None:
+        return quarantine(ctx, mail_id, via)
     # a ResolverError (directory or CRM down) is retried by the caller
-    resolved = ctx.senders(record.ref.inbox).resolve(mail.sender)
+    resolved = ctx.senders(record.ref.inbox).resolve(customer)
     if resolved is None:
         return quarantine(
-            ctx, mail_id, f"unknown sender {mail.sender}: no entity in the sender directory"
+            ctx,
+            mail_id,
+            f"unknown sender {customer}: no entity in the sender directory"
+            + (f" ({via})" if via else ""),
         )
     entity, source = resolved
+    entity_source = f"{source}, {via}" if via else source
     planned = _planned(screened)
     # every copy of this mail (delivered twice, a new UIDVALIDITY, a replay) shares one
     # slot per document: the same Alloy document, described and uploaded once
-    ctx.ledger.plan_documents(mail_id, message_key(raw, mail.message_id), entity, planned)
+    if ctx.ledger.plan_documents(
+        mail_id, message_key(raw, mail.message_id), entity, planned, entity_source=entity_source
+    ):
+        for reason in screened.refused:  # counted once: by the run that planned it
+            log.warning("mail %s: %s (its other documents are filed)", mail_id, reason)
+            metrics.part_refused(mail_id, reason)
+        if screened.refused:
+            ctx.ledger.partly_filed(mail_id)
     log.info(
         "mail %s: sender resolved by %s; %d document(s); %s",
         mail_id,
@@ -839,17 +861,23 @@ def _orphans(
 
 
 def replay(ctx: Context, mail_id: str) -> list[Step]:
-    """Send a failed or quarantined mail through again.
+    """Send a failed, quarantined or partly filed mail through again.
 
     A failed mail still sits in the inbox: it is re-run from where it stopped
     (documents already uploaded stay uploaded). A quarantined mail not yet moved
-    is parsed again in place. One already in the quarantine folder is moved
-    back into the inbox, where the next poll picks it up as new mail; documents
-    it already uploaded are recognised and not uploaded again.
+    is parsed again in place. One already in the quarantine folder, or a mail filed
+    as processed with parts refused (the refusal fixed since: a limit raised, a type
+    allowed), is moved back into the inbox, where the next poll picks it up as new
+    mail; documents it already uploaded are recognised and not uploaded again.
     """
     record = ctx.ledger.mail(mail_id)
     if record is None:
         raise KeyError(mail_id)
+    if record.state == MailState.DONE:
+        if not record.refused_parts:
+            raise MailError(f"mail {mail_id} is done: every document of it was filed")
+        if not record.filed_to:
+            raise MailError(f"mail {mail_id} is not moved to its folder yet; try again later")
     if record.state == MailState.FAILED:
         if record.documents:
             ctx.ledger.transition(
@@ -868,32 +896,35 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
                 mail_id, MailState.QUEUED, allowed=(MailState.QUARANTINED,), reason=""
             )
             return [Step("ingest", mail_id)]
-        if not (record.message_id or record.internaldate):
-            raise MailError(
-                f"mail {mail_id} has nothing to find it by in {record.filed_to}; "
-                "move it back to the inbox by hand"
-            )
-        inbox = ctx.settings.inbox(record.ref.inbox)
-        with ctx.imap(inbox.name) as box:
-            # this very mail (size, arrival time, Message-ID), not every mail sharing its id
-            uids = box.find_copy(
-                record.filed_to,
-                size=record.size,
-                internaldate=record.internaldate,
-                message_id=record.message_id,
-            )
-            if not uids:
-                raise MailError(f"mail {mail_id} is no longer in {record.filed_to}")
-            box.select(record.filed_to)
-            if box.move(uids[0], record.ref.folder).missed:
-                raise MailError(f"mail {mail_id} is no longer in {record.filed_to}")
-        ctx.ledger.transition(
-            mail_id,
-            MailState.REPLAYED,
-            allowed=(MailState.QUARANTINED,),
-            reason=f"sent back to {record.ref.folder} (was: {record.reason})",
+    elif record.state != MailState.DONE:
+        return []  # in flight, or replayed already: nothing to do
+    if not (record.message_id or record.internaldate):
+        raise MailError(
+            f"mail {mail_id} has nothing to find it by in {record.filed_to}; "
+            "move it back to the inbox by hand"
         )
-        log.info("mail %s moved back to %s for another run", mail_id, record.ref.folder)
+    inbox = ctx.settings.inbox(record.ref.inbox)
+    with ctx.imap(inbox.name) as box:
+        # this very mail (size, arrival time, Message-ID), not every mail sharing its id
+        uids = box.find_copy(
+            record.filed_to,
+            size=record.size,
+            internaldate=record.internaldate,
+            message_id=record.message_id,
+        )
+        if not uids:
+            raise MailError(f"mail {mail_id} is no longer in {record.filed_to}")
+        box.select(record.filed_to)
+        if box.move(uids[0], record.ref.folder).missed:
+            raise MailError(f"mail {mail_id} is no longer in {record.filed_to}")
+    was = record.reason or f"filed, parts refused: {record.refused_parts}"
+    ctx.ledger.transition(
+        mail_id,
+        MailState.REPLAYED,
+        allowed=(MailState.QUARANTINED, MailState.DONE),
+        reason=f"sent back to {record.ref.folder} (was: {was})",
+    )
+    log.info("mail %s moved back to %s for another run", mail_id, record.ref.folder)
     return []
 
 

@@ -34,6 +34,7 @@ class MailSummary:
     uploaded: int
     filed_to: str
     reason: str
+    refused_parts: str  # parts refused while the others were filed ("; "-joined)
 
 
 @dataclass
@@ -121,6 +122,7 @@ def poll_once(ctx: Context, inboxes: Iterable[str] | None = None, **kw: object) 
                 uploaded,
                 record.filed_to,
                 record.reason,
+                record.refused_parts,
             )
         )
     return summary

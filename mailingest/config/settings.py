@@ -95,6 +95,12 @@ class InboxSettings:
     # how senders are authenticated: None is off, or on without a trusted server yet
     sender_auth: AuthPolicy | None = None
     sender_auth_on: bool = True
+    # a part screening refuses: "skip" (file the others, record it) or "quarantine"
+    on_refused_part: str = "skip"
+    # a forwarded mail: "documents" (the attachments inside it), "eml" (whole), "both"
+    forwarded: str = "documents"
+    # agents whose forwarded mail is filed on the forwarded mail's own sender's entity
+    forwarders: frozenset[str] = frozenset()
     # where a missing value is named in errors: "" for the environment, else the file's table
     origin: str = field(default="", compare=False)
 
@@ -653,6 +659,9 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
         crm_url=env.url("CRM_URL"),
         sender_auth=sender_auth,
         sender_auth_on=sender_auth_on,
+        on_refused_part=env.choice("ON_REFUSED_PART"),
+        forwarded=env.choice("FORWARDED"),
+        forwarders=_forwarders(env),
         origin=origin,
     )
     folders = ("IMAP_FOLDER", "PROCESSED_FOLDER", "QUARANTINE_FOLDER")
@@ -663,6 +672,14 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
             "the inbox, processed and quarantine folders must be three different folders",
         )
     return inbox
+
+
+def _forwarders(env: _Env) -> frozenset[str]:
+    addresses = [a.lower() for a in env.list("FORWARDERS")]
+    wrong = [a for a in addresses if not _EMAIL.match(a)]
+    if wrong:
+        env.fail("FORWARDERS", f"must be e-mail addresses, got {', '.join(map(repr, wrong))}")
+    return frozenset(addresses)
 
 
 def _oauth(env: _Env) -> OAuthSettings | None:

@@ -332,6 +332,16 @@ SETTINGS: tuple[Setting, ...] = (
         section="senders",
     ),
     Setting(
+        "FORWARDERS",
+        "list",
+        "internal addresses (agents) whose forwarded mail is filed on the entity of the "
+        "forwarded mail's own sender, not on theirs; their mail must pass sender "
+        "authentication like any other",
+        default_text="none",
+        per_inbox=True,
+        section="senders",
+    ),
+    Setting(
         "SENDERS_FILE",
         "path",
         "sender -> entity: a CSV file with the header `email,entity_token`, asked first "
@@ -504,6 +514,28 @@ SETTINGS: tuple[Setting, ...] = (
         "the content types accepted, sniffed from the bytes (see docs/security.md)",
         default=ALLOWED_TYPES_DEFAULT,
         values_text="a list of " + ", ".join(f"`{kind}`" for kind in sorted(ALLOWED_KINDS)),
+        section="screening",
+    ),
+    Setting(
+        "ON_REFUSED_PART",
+        "choice",
+        "a part refused by screening (a type not allowed, too large): `skip` files the "
+        "mail's other documents and records the refusal; `quarantine` sets the whole "
+        "mail aside",
+        default="skip",
+        choices=("skip", "quarantine"),
+        per_inbox=True,
+        section="screening",
+    ),
+    Setting(
+        "FORWARDED",
+        "choice",
+        "a forwarded mail (`message/rfc822`): `documents` files the attachments inside it "
+        "(forwarded again: inside that too), `eml` files it whole as one .eml, `both` "
+        "does both",
+        default="documents",
+        choices=("documents", "eml", "both"),
+        per_inbox=True,
         section="screening",
     ),
     Setting(

@@ -382,3 +382,23 @@ def give_up_reason(step: Step, error: BaseException) -> str:
     text = str(error) if isinstance(error, MailingestError) else type(error).__name__
     reason = f"{step.task} gave up after retries: {text}"
     return reason if step.index is None else f"document {step.index}: {reason}"
+
+
+def customer_of(
+    sender: str, forwarded_senders: Sequence[str], forwarders: Collection[str]
+) -> tuple[str | None, str]:
+    """Whose entity a mail is filed on, and how that was decided ("" when simply its
+    sender). A configured forwarder's (an agent's) mail is filed on the sender of the
+    mail it forwards; when it forwards mails of several senders, on none: (None, the
+    reason). A forwarder's mail that forwards nothing is filed on the forwarder."""
+    if sender not in forwarders:
+        return sender, ""
+    originals = sorted({s for s in forwarded_senders if s})
+    if not originals:
+        return sender, ""
+    if len(originals) > 1:
+        return None, (
+            f"forwarded by {sender}: the forwarded mails have several senders "
+            f"({', '.join(originals)}); one customer per mail"
+        )
+    return originals[0], f"forwarded by {sender}"

@@ -174,17 +174,34 @@ _TYPE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "license",
         re.compile(
-            r"licen[cs]e|driver|driving|\bdls?\b|\bdl(?=\d)|fuhrerschein|permis de conduire"
-            r"|carnet de conducir|licencia de conducir|patente di guida|rijbewijs|prawo jazdy"
+            r"licen[cs]e|driver|driving|\bdls?\b|\bdl(?=\d)|fuhrerschein|fuehrerschein"
+            r"|permis de conduire|permis de conduite|carnet de conducir|permiso de conducir"
+            r"|licencia de (?:conducir|manejo)|patente di guida|rijbewijs|prawo jazdy"
         ),
     ),
     (
         "utility",
         re.compile(
-            r"utilit|bill|statement|rechnung|nebenkosten|kontoauszug|facture|factura|bolletta"
+            # English
+            r"utilit|bill|statement|proof of (?:address|residence)|council tax"
+            r"|electricity|\bgas\b|water rates"
+            # German: bills, bank statements, proof of registration
+            r"|rechnung|nebenkosten|kontoauszug|meldebescheinigung|wohnsitzbescheinigung"
+            # French
+            r"|facture|releve (?:de compte|bancaire)|justificatif de domicile"
+            r"|quittance de loyer|avis d imposition"
+            # Spanish
+            r"|factura|recibo de (?:luz|agua|gas)|extracto bancario|comprobante de domicilio"
+            r"|empadronamiento|bolletta"
         ),
     ),
-    ("contract", re.compile(r"contract|agreement|vertrag|contrat|contrato|contratto")),
+    (
+        "contract",
+        re.compile(
+            r"contract|agreement|\blease\b|tenancy|vertrag|contrat|\bbail\b|contrato"
+            r"|arrendamiento|contratto"
+        ),
+    ),
 )
 
 

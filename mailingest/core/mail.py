@@ -37,8 +37,15 @@ Part rules (see :func:`parse_mail`):
   the encapsulated message, sliced out of the raw input.  The slice is
   verified by parsing it again and comparing it with what the stdlib parsed
   for that part; if it cannot be located or does not verify, the sub-message
-  is re-serialised with ``as_bytes()`` and a defect records it.  Its inner
-  attachments are not taken separately.
+  is re-serialised with ``as_bytes()`` and a defect records it.  What becomes
+  of it is ``forwarded``'s choice: ``"eml"`` keeps it as that one document;
+  ``"documents"`` replaces it by the documents inside it (parsed by these same
+  rules, forwarded mail inside it included, to ``MAX_FORWARD_DEPTH`` levels; one
+  without any is skipped and reported); ``"both"`` keeps it and adds them.
+* Outlook's ``winmail.dat`` (TNEF, known by its bytes) is replaced by the files
+  inside it (:mod:`mailingest.core.tnef`).
+* A document taken out of a container (a forwarded mail, a winmail.dat) is
+  numbered after every leaf of the mail, in order, and names its container.
 """
 
 from __future__ import annotations
@@ -50,17 +57,20 @@ import email.message
 import email.policy
 import hashlib
 import logging
+import mimetypes
 import quopri
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import collapse_rfc2231_value, getaddresses
 from typing import TypeVar
 
 import mailparser
 
+from mailingest.config.table import BY_NAME
 from mailingest.core.base64_bodies import Hollowed, decoded_payload, hollow, unfold
+from mailingest.core.tnef import TnefError, is_tnef, unpack
 
 # mail-parser warns for every unnamed non-text part it takes for body text; we handle
 # those parts ourselves, so its warnings are noise in the worker's log.
@@ -92,6 +102,13 @@ class Attachment:
     inline: bool
     content_id: str | None  # without angle brackets
     index: int  # 0-based leaf number in the mail (stable: used to key documents)
+    # taken out of the container at this index (a forwarded mail, a winmail.dat); its
+    # own index then comes after every leaf's, in the container's order
+    unpacked_from: int | None = None
+    container: str = ""  # what that container is, for reasons: "winmail.dat", ...
+    # set when the part cannot be a document whatever its bytes (a winmail.dat that
+    # cannot be unpacked): screening refuses it with this reason
+    refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,9 @@ class ParsedMail:
     attachments: tuple[Attachment, ...]
     skipped: tuple[SkippedPart, ...]
     defects: tuple[str, ...]
+    # the From: of each mail forwarded in this one (attached as message/rfc822), in order
+    # (when the forwarded policy opens them)
+    forwarded_senders: tuple[str, ...] = ()
 
 
 class MailParseError(Exception):
@@ -122,12 +142,18 @@ class MailParseError(Exception):
 # --------------------------------------------------------------------------
 
 
+FORWARDED_POLICIES = BY_NAME["FORWARDED"].choices
+MAX_FORWARD_DEPTH = 5  # forwarded mail inside forwarded mail, opened this deep
+
+
 def parse_mail(
     raw: bytes,
     *,
     inline_image_floor: int = 4096,
     message: email.message.Message | None = None,
     hollowed: Hollowed | None = None,
+    forwarded: str = "eml",
+    _depth: int = 0,
 ) -> ParsedMail:
     """Parse one raw RFC 822 message.
 
@@ -169,9 +195,21 @@ def parse_mail(
                     defects.add(f"{key}: {value}")
 
     try:
-        attachments, skipped = _extract_parts(hollowed, message, inline_image_floor, defects)
+        attachments, skipped, leaves = _extract_parts(
+            hollowed, message, inline_image_floor, defects
+        )
     except RecursionError as exc:
         raise MailParseError("mail nested too deeply") from exc
+    senders: list[str] = []
+    attachments, skipped = _unpack(
+        attachments,
+        skipped,
+        leaves,
+        floor=inline_image_floor,
+        forwarded=forwarded,
+        depth=_depth,
+        senders=senders,
+    )
 
     return ParsedMail(
         message_id=_message_id(parser),
@@ -181,6 +219,7 @@ def parse_mail(
         attachments=tuple(attachments),
         skipped=tuple(skipped),
         defects=defects.as_tuple(),
+        forwarded_senders=tuple(senders),
     )
 
 
@@ -410,18 +449,130 @@ def _filename(part: email.message.Message, defects: _Defects, where: str) -> str
     return text or None
 
 
+def _unpack(
+    attachments: list[Attachment],
+    skipped: list[SkippedPart],
+    leaves: int,
+    *,
+    floor: int,
+    forwarded: str,
+    depth: int,
+    senders: list[str],
+) -> tuple[list[Attachment], list[SkippedPart]]:
+    """Containers replaced by (or, for ``forwarded = "both"``, given beside them) the
+    documents inside them: each winmail.dat (TNEF, known by its bytes; one that cannot
+    be unpacked stays, marked refused) and each forwarded mail; a container holding
+    none is skipped."""
+    if forwarded not in FORWARDED_POLICIES:
+        raise ValueError(f"forwarded must be one of {FORWARDED_POLICIES}")
+    opener = _Opener(leaves, skipped)
+    for attachment in attachments:
+        if is_tnef(attachment.payload):
+            opener.tnef(attachment)
+        elif attachment.content_type in _FORWARDED_TYPES and forwarded != "eml":
+            opened = _forwarded(attachment.payload, floor, forwarded, depth)
+            if forwarded == "both" or opened is None:  # kept whole: nothing is dropped
+                opener.out.append(attachment)
+            if opened is not None:
+                documents, inner_skipped, sender = opened
+                senders.extend([sender] if sender else [])
+                opener.forwarded(attachment, documents, inner_skipped, forwarded)
+        else:
+            opener.out.append(attachment)
+    return opener.out, skipped
+
+
+class _Opener:
+    """What :func:`_unpack` builds: the documents, numbered after the mail's leaves."""
+
+    def __init__(self, leaves: int, skipped: list[SkippedPart]) -> None:
+        self.out: list[Attachment] = []
+        self.index = leaves
+        self.skipped = skipped
+
+    def _add(self, container: Attachment, kind: str, document: Attachment) -> None:
+        self.out.append(
+            replace(
+                document,
+                index=self.index,
+                inline=False,
+                content_id=None,
+                unpacked_from=container.index,
+                container=kind,
+            )
+        )
+        self.index += 1
+
+    def _nothing_inside(self, container: Attachment, reason: str) -> None:
+        self.skipped.append(
+            SkippedPart(container.index, container.content_type, len(container.payload), reason)
+        )
+
+    def tnef(self, container: Attachment) -> None:
+        try:
+            files = unpack(container.payload)
+        except TnefError as exc:
+            self.out.append(replace(container, refusal=str(exc)))
+            return
+        if not files:
+            self._nothing_inside(
+                container, "winmail.dat (TNEF) holds no attached file, only its message"
+            )
+        for file in files:
+            ctype = mimetypes.guess_type(file.filename or "")[0] or "application/octet-stream"
+            document = replace(container, filename=file.filename, content_type=ctype)
+            self._add(container, "winmail.dat", replace(document, payload=file.payload))
+
+    def forwarded(
+        self,
+        container: Attachment,
+        documents: list[Attachment],
+        inner_skipped: list[SkippedPart],
+        policy: str,
+    ) -> None:
+        self.skipped.extend(
+            replace(part, index=container.index, reason=f"in a forwarded message: {part.reason}")
+            for part in inner_skipped
+        )
+        if not documents and policy == "documents":
+            self._nothing_inside(container, "forwarded message without attachments")
+        for document in documents:
+            self._add(container, "forwarded message", document)
+
+
+_FORWARDED_TYPES = frozenset({"message/rfc822", "message/global"})
+
+
+def _forwarded(
+    data: bytes, floor: int, forwarded: str, depth: int
+) -> tuple[list[Attachment], list[SkippedPart], str | None] | None:
+    """The candidate documents, skipped parts and sender of a forwarded mail (its own
+    forwarded mail opened by the same policy); None when it is nested deeper than
+    MAX_FORWARD_DEPTH or cannot be parsed: it is then kept whole, as an .eml."""
+    if depth >= MAX_FORWARD_DEPTH:
+        return None
+    try:
+        parsed = parse_mail(data, inline_image_floor=floor, forwarded=forwarded, _depth=depth + 1)
+    except MailParseError:
+        return None
+    return list(parsed.attachments), list(parsed.skipped), parsed.sender
+
+
 def _extract_parts(
     hollowed: Hollowed,
     message: email.message.Message,
     floor: int,
     defects: _Defects,
-) -> tuple[list[Attachment], list[SkippedPart]]:
+) -> tuple[list[Attachment], list[SkippedPart], int]:
+    """The candidate documents and the skipped parts, and how many leaves there are."""
     attachments: list[Attachment] = []
     skipped: list[SkippedPart] = []
     have_plain = have_html = False
     locations: dict[int, tuple[int, int]] | None = None  # computed on first message/*
+    leaves = 0
 
     for index, leaf in enumerate(_walk_leaves(message)):
+        leaves = index + 1
         part = leaf.part
         ctype = part.get_content_type().lower()
         where = f"part {index} ({ctype})"
@@ -494,7 +645,7 @@ def _extract_parts(
                 index=index,
             )
         )
-    return attachments, skipped
+    return attachments, skipped, leaves
 
 
 def _payload_bytes(
@@ -769,7 +920,7 @@ def document_payload(raw: bytes, sha256: str) -> bytes | None:
     settings may have changed since it was planned, and the bytes sent must be the
     bytes planned, found by their hash."""
     try:
-        parsed = parse_mail(raw, inline_image_floor=0)
+        parsed = parse_mail(raw, inline_image_floor=0, forwarded="both")  # every candidate
     except MailParseError:
         return None
     for attachment in parsed.attachments:

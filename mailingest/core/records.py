@@ -57,6 +57,12 @@ class MailRecord:
     internaldate: str  # the server's arrival time, as it gave it: identifies our copy
     copied_uid: str  # "<uidvalidity>:<uid>" of our COPY in the destination (no MOVE)
     moving_to: str  # the folder a MOVE/COPY was sent to, recorded before it
+    # parts screening refused while the mail's other documents were filed (one reason
+    # each, "; "-joined; on_refused_part = "skip")
+    refused_parts: str = ""
+    # how the entity was found: the resolver's source ("directory", "crm", ...), and
+    # "forwarded by <agent>" when it is the forwarded mail's own sender's
+    entity_source: str = ""
 
     @property
     def id(self) -> str:
@@ -85,6 +91,8 @@ class MailRecord:
             internaldate=h.get("internaldate", ""),
             copied_uid=h.get("copied_uid", ""),
             moving_to=h.get("moving_to", ""),
+            refused_parts=h.get("refused_parts", ""),
+            entity_source=h.get("entity_source", ""),
         )
 
 

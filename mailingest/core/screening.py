@@ -23,7 +23,7 @@ import email.policy
 from dataclasses import dataclass, field, replace
 from email.message import Message
 
-from mailingest.config.table import default, default_int
+from mailingest.config.table import BY_NAME, default, default_int
 from mailingest.core.base64_bodies import hollow, unfold
 from mailingest.core.documents import DocumentSpec, describe_attachments
 from mailingest.core.mail import ParsedMail, parse_mail
@@ -56,12 +56,15 @@ class Document:
 
 @dataclass(frozen=True)
 class Screened:
-    """The outcome for one mail: ``refusal`` set (quarantine), or the documents."""
+    """The outcome for one mail: ``refusal`` set (quarantine), or the documents, with
+    the parts refused beside them (``refused``: one reason each) when the inbox files
+    a mail's good documents anyway (``on_refused_part = "skip"``)."""
 
     mail: ParsedMail | None
     documents: tuple[Document, ...] = ()
     refusal: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)  # skipped parts, auth verdict
+    refused: tuple[str, ...] = ()
 
     @property
     def accepted(self) -> bool:
@@ -84,8 +87,26 @@ def structure(message: Message) -> tuple[int, int]:
     return count, deepest
 
 
-def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
-    """Decide what to do with one mail. Never raises for any input."""
+REFUSED_PART_POLICIES = BY_NAME["ON_REFUSED_PART"].choices
+
+
+def screen(
+    raw: bytes,
+    limits: Limits,
+    auth: AuthPolicy | None,
+    *,
+    on_refused_part: str = str(default("ON_REFUSED_PART")),
+    forwarded: str = str(default("FORWARDED")),
+) -> Screened:
+    """Decide what to do with one mail. Never raises for any input.
+
+    A part refused for what it is (a type not allowed, too large) refuses the whole
+    mail under ``on_refused_part = "quarantine"``; under ``"skip"`` it is recorded in
+    ``refused`` and the mail's other documents go on, unless none is left. What is
+    wrong with the mail itself (its size, structure, sender, too many documents)
+    always refuses the whole mail."""
+    if on_refused_part not in REFUSED_PART_POLICIES:
+        raise ValueError(f"on_refused_part must be one of {REFUSED_PART_POLICIES}")
     if len(raw) > limits.max_message_bytes:
         return Screened(None, refusal=size_refusal(len(raw), limits))
     end = _header_end(raw, limits.max_header_bytes)
@@ -110,7 +131,11 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
         )
     try:
         mail = parse_mail(
-            raw, inline_image_floor=limits.inline_image_floor, message=message, hollowed=hollowed
+            raw,
+            inline_image_floor=limits.inline_image_floor,
+            message=message,
+            hollowed=hollowed,
+            forwarded=forwarded,
         )
         specs = describe_attachments(mail)
     except Exception as exc:  # noqa: BLE001 - hostile input
@@ -133,26 +158,36 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
 
     payloads = {att.index: att for att in mail.attachments}
     documents: list[Document] = []
+    refused: list[str] = []
     for spec in specs:
         attachment = payloads[spec.index]
         data = attachment.payload
         label = f"part {spec.index} ({spec.name}.{spec.extension})"
+        if attachment.unpacked_from is not None:
+            label = f"part {spec.index} ({spec.name}.{spec.extension}, in {attachment.container})"
         if not data:
             notes.append(f"skipped {label}: zero bytes")
             continue
-        if len(data) > limits.max_attachment_bytes:
-            return Screened(
-                mail,
-                refusal=f"attachment too large: {label} is {len(data)} bytes "
-                f"(limit {limits.max_attachment_bytes})",
+        wrong: str | None = None
+        if attachment.refusal is not None:
+            wrong = f"refused content: {label}: {attachment.refusal}"
+        elif len(data) > limits.max_attachment_bytes:
+            wrong = (
+                f"attachment too large: {label} is {len(data)} bytes "
+                f"(limit {limits.max_attachment_bytes})"
             )
-        found = sniff(data, declared_type=attachment.content_type, filename=spec.name)
-        if found.kind not in limits.allowed_kinds:
-            return Screened(
-                mail,
-                refusal=f"refused content: {label} is {found.kind} ({found.mime}), "
-                "not an allowed document type",
-            )
+        else:
+            found = sniff(data, declared_type=attachment.content_type, filename=spec.name)
+            if found.kind not in limits.allowed_kinds:
+                wrong = (
+                    f"refused content: {label} is {found.kind} ({found.mime}), "
+                    "not an allowed document type"
+                )
+        if wrong is not None:
+            if on_refused_part == "quarantine":
+                return Screened(mail, refusal=wrong)
+            refused.append(wrong)
+            continue
         if found.extension != spec.extension:
             notes.append(f"{label}: content is {found.kind}, sent as .{found.extension}")
             named = replace(spec, extension=found.extension, content_type=found.mime)
@@ -164,12 +199,14 @@ def screen(raw: bytes, limits: Limits, auth: AuthPolicy | None) -> Screened:
             mail,
             refusal=f"too many documents: {len(documents)} (limit {limits.max_documents})",
         )
+    if not documents and refused:  # nothing left to file: the refusals are the reason
+        return Screened(mail, refusal="; ".join(refused), notes=tuple(notes))
     if not documents:
         reason = "no documents attached"
         if notes:
             reason += f" ({'; '.join(n for n in notes if n.startswith('skipped'))})"
         return Screened(mail, refusal=reason.replace(" ()", ""), notes=tuple(notes))
-    return Screened(mail, tuple(_unique(documents)), notes=tuple(notes))
+    return Screened(mail, tuple(_unique(documents)), notes=tuple(notes), refused=tuple(refused))
 
 
 # parse defects that mean a document's bytes are not what the sender sent

@@ -21,7 +21,7 @@ class MailState(StrEnum):
     DONE = "done"  # every document confirmed by Alloy: filed to Processed
     QUARANTINED = "quarantined"  # cannot be handled (``reason``): filed to Quarantine
     FAILED = "failed"  # retries exhausted: stays in the inbox, retried later
-    REPLAYED = "replayed"  # a filed quarantined mail sent back to the inbox (a new mail)
+    REPLAYED = "replayed"  # a filed quarantined or partly filed mail sent back (a new mail)
 
 
 class DocumentState(StrEnum):
@@ -62,7 +62,8 @@ TRANSITIONS: Mapping[MailState, frozenset[MailState]] = {
     MailState.DOCUMENTS_PENDING: frozenset(
         {MailState.DONE, MailState.QUARANTINED, MailState.FAILED}
     ),
-    MailState.DONE: frozenset(),
+    # a mail filed with parts refused (on_refused_part = "skip"), sent back to the inbox
+    MailState.DONE: frozenset({MailState.REPLAYED}),
     # not yet filed: run again in place (queued); filed: sent back to the inbox (replayed)
     MailState.QUARANTINED: frozenset({MailState.QUEUED, MailState.REPLAYED}),
     # replayed (queued, or documents_pending when it has documents), quarantined by a

@@ -170,6 +170,19 @@ class MailRecords(Store):
         self._set(mail_id, {"filed_to": folder, "updated_at": self.now(), **fields})
         self.redis.srem(keys.UNFILED, mail_id)
 
+    def partly_filed(self, mail_id: str, *, keep: int = 200) -> None:
+        """Remember a mail planned with parts refused (the newest ``keep`` of them)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.PARTLY_FILED, {mail_id: self.now()})
+        pipe.zremrangebyrank(keys.PARTLY_FILED, 0, -keep - 1)
+        pipe.execute()
+
+    def recent_partly_filed(self, limit: int = 20) -> list[MailRecord]:
+        """The newest mails planned with parts refused, newest first."""
+        ids = [keys.as_text(m) for m in self.redis.zrevrange(keys.PARTLY_FILED, 0, limit - 1)]
+        by_id = {r.id: r for r in self.records(ids)}
+        return [by_id[mail_id] for mail_id in ids if mail_id in by_id]
+
     def unfiled(self, inbox: str) -> list[MailRecord]:
         """The records of ``inbox``'s decided mails still waiting to be moved (the sweep
         decides which are due: decisions.sweep)."""
@@ -177,7 +190,13 @@ class MailRecords(Store):
         return self.records([mail_id for mail_id in ids if mail_id.startswith(inbox + "/")])
 
     def plan_documents(
-        self, mail_id: str, message_key: str, entity: str, documents: Sequence[PlannedDocument]
+        self,
+        mail_id: str,
+        message_key: str,
+        entity: str,
+        documents: Sequence[PlannedDocument],
+        *,
+        entity_source: str = "",
     ) -> bool:
         """Stage each document's bytes, record it and point it at its slot (the one Alloy
         document every copy of it shares), then move the mail ``parsing`` ->
@@ -239,6 +258,7 @@ class MailRecords(Store):
             MailState.DOCUMENTS_PENDING,
             allowed=(MailState.PARSING,),
             entity=entity,
+            entity_source=entity_source,
             documents=len(documents),
         )
         return moved is not None
