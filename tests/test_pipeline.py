@@ -42,7 +42,8 @@ def test_poll_once_in_process(
             "Quarantine": 2,
         }
         assert not any(seen_flags(imap, "Processed")), "BODY.PEEK[] must not set \\Seen"
-        forged, stranger = ctx.ledger.mails([L.QUARANTINED])
+        # in delivery order (two mails recorded in one millisecond tie on created_at)
+        forged, stranger = sorted(ctx.ledger.mails([L.QUARANTINED]), key=lambda r: r.ref.uid)
         assert forged.reason.startswith("sender not authenticated: dmarc=fail")
         assert stranger.reason.startswith("unknown sender mallory@unknown.example")
         assert stranger.filed_to == "Quarantine"
