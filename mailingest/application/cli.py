@@ -449,6 +449,23 @@ def cmd_poll_now(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_address(args: argparse.Namespace) -> int:
+    """Print a customer's signed reply address: mail to it is filed on that entity."""
+    from mailingest.core.reply_address import address
+
+    settings = _settings()
+    inbox = settings.inbox(args.inbox) if args.inbox else settings.inboxes[0]
+    key = settings.address_key_bytes
+    if key is None or not inbox.reply_address:
+        missing = "MAILINGEST_ADDRESS_KEY" if key is None else inbox.setting("REPLY_ADDRESS")
+        raise SystemExit(f"mailingest: signed addresses need {missing}")
+    try:
+        print(address(inbox.reply_address, key, args.external_id))
+    except ValueError as exc:
+        raise SystemExit(f"mailingest: {exc}") from None
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the settings (and the config file); with --connect, try every service."""
     from mailingest.application import check_config as checks
@@ -606,6 +623,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "poll-now", help="ask the running workers to poll at once")
     p.add_argument("--inbox", action="append", help="only this inbox (repeatable; default: all)")
 
+    p = _command(
+        sub,
+        "address",
+        help="print a customer's signed reply address (mail to it is filed on that entity)",
+    )
+    p.add_argument("external_id", help="the customer's external entity id in Alloy")
+    p.add_argument("--inbox", help="the inbox whose address it is (default: the first)")
+
     p = _command(sub, "sandbox", help="serve the Alloy document API emulator (test bed)")
     try:
         from mailingest_testbed.alloy_sandbox import add_arguments
@@ -689,6 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands: dict[str, Callable[[argparse.Namespace], int]] = {
             "poll-once": cmd_poll_once,
             "poll-now": cmd_poll_now,
+            "address": cmd_address,
             "sandbox": cmd_sandbox,
             "senders": cmd_senders,
             "status": cmd_status,

@@ -32,7 +32,7 @@ from mailingest.adapters.ledger.leases import MailLeases, step_lease_keys
 from mailingest.application import logs, metrics
 from mailingest.application.services import Context
 from mailingest.config.settings import SEND_GUARD, InboxSettings, Settings
-from mailingest.core import decisions
+from mailingest.core import decisions, reply_address
 from mailingest.core.decisions import (
     After,
     Ingest,
@@ -57,7 +57,7 @@ from mailingest.core.errors import (
     MailingestError,
     ResolverError,
 )
-from mailingest.core.mail import document_payload, message_key
+from mailingest.core.mail import ParsedMail, document_payload, message_key
 from mailingest.core.records import DocumentRecord, MailRecord, MailRef, Slot
 from mailingest.core.screening import Screened, screen, size_refusal
 from mailingest.core.states import IN_FLIGHT, DocumentState, MailState
@@ -370,20 +370,10 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
         return quarantine(ctx, mail_id, screened.refusal or "cannot parse the mail")
     if not mail.sender:
         return quarantine(ctx, mail_id, "no single sender address in From:")
-    customer, via = decisions.customer_of(mail.sender, mail.forwarded_senders, inbox.forwarders)
-    if customer is None:
-        return quarantine(ctx, mail_id, via)
-    # a ResolverError (directory or CRM down) is retried by the caller
-    resolved = ctx.senders(record.ref.inbox).resolve(customer)
-    if resolved is None:
-        return quarantine(
-            ctx,
-            mail_id,
-            f"unknown sender {customer}: no entity in the sender directory"
-            + (f" ({via})" if via else ""),
-        )
-    entity, source = resolved
-    entity_source = f"{source}, {via}" if via else source
+    found = _entity_of(ctx, inbox, mail)
+    if isinstance(found, str):
+        return quarantine(ctx, mail_id, found)
+    entity, entity_source = found
     planned = _planned(screened)
     # every copy of this mail (delivered twice, a new UIDVALIDITY, a replay) shares one
     # slot per document: the same Alloy document, described and uploaded once
@@ -396,13 +386,41 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
         if screened.refused:
             ctx.ledger.partly_filed(mail_id)
     log.info(
-        "mail %s: sender resolved by %s; %d document(s); %s",
+        "mail %s: entity found by %s; %d document(s); %s",
         mail_id,
-        source,
+        entity_source,
         len(planned),
         "; ".join(screened.notes) or "nothing skipped",
     )
     return _pending_steps(ctx, mail_id, len(planned))
+
+
+def _entity_of(ctx: Context, inbox: InboxSettings, mail: ParsedMail) -> tuple[str, str] | str:
+    """The entity a mail is filed on and how it was found, or why none (a reason to
+    quarantine): a valid signed reply address names it; else the sender directory,
+    asked for the sender (or, for a configured forwarder, the forwarded mail's own).
+    A ResolverError (directory or CRM down) is retried by the caller."""
+    key = ctx.settings.address_key_bytes
+    ignored = ""
+    if key is not None and inbox.reply_address:
+        signed = reply_address.route(mail.recipients, inbox.reply_address, key)
+        if signed.external_id is not None:
+            return signed.external_id, "signed address"
+        if signed.ignored:
+            ignored = f"signed address ignored: {signed.ignored}"
+            log.warning("mail from %s: %s", mail.sender, ignored)
+    assert mail.sender is not None
+    customer, via = decisions.customer_of(mail.sender, mail.forwarded_senders, inbox.forwarders)
+    if customer is None:
+        return via
+    resolved = ctx.senders(inbox.name).resolve(customer)
+    notes = "; ".join(n for n in (via, ignored) if n)
+    if resolved is None:
+        return f"unknown sender {customer}: no entity in the sender directory" + (
+            f" ({notes})" if notes else ""
+        )
+    entity, source = resolved
+    return entity, f"{source}, {notes}" if notes else source
 
 
 def _planned(screened: Screened) -> list[PlannedDocument]:

@@ -16,6 +16,8 @@ never show them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -101,6 +103,8 @@ class InboxSettings:
     forwarded: str = "documents"
     # agents whose forwarded mail is filed on the forwarded mail's own sender's entity
     forwarders: frozenset[str] = frozenset()
+    # the address customers write to, on which signed reply addresses are made
+    reply_address: str | None = None
     # where a missing value is named in errors: "" for the environment, else the file's table
     origin: str = field(default="", compare=False)
 
@@ -144,6 +148,8 @@ class Settings:
     limits: Limits
     staging_ttl: int
     staging_key: Secret | None
+    # the key of the signed reply addresses (core/reply_address.py); None: not used
+    address_key: Secret | None
     max_attempts: int
     retry_base: float
     retry_cap: float
@@ -153,6 +159,13 @@ class Settings:
     metrics_port: int | None = None
     task_events: bool = False  # Celery task events, for Flower
     config_file: Path | None = None
+
+    @property
+    def address_key_bytes(self) -> bytes | None:
+        """The signed reply addresses' key, decoded (validated at start-up)."""
+        if self.address_key is None:
+            return None
+        return base64.urlsafe_b64decode(self.address_key.reveal() + "==")
 
     @property
     def in_doubt_ms(self) -> int:
@@ -662,6 +675,7 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
         on_refused_part=env.choice("ON_REFUSED_PART"),
         forwarded=env.choice("FORWARDED"),
         forwarders=_forwarders(env),
+        reply_address=env.email("REPLY_ADDRESS"),
         origin=origin,
     )
     folders = ("IMAP_FOLDER", "PROCESSED_FOLDER", "QUARANTINE_FOLDER")
@@ -731,6 +745,14 @@ def _shared(env: _Env) -> Settings:
     redis_url = env.url("REDIS_URL")
     broker_url = env.url("BROKER_URL") or redis_url
 
+    address_key = env.secret("ADDRESS_KEY")
+    if address_key is not None:
+        try:
+            key = base64.urlsafe_b64decode(address_key.reveal() + "==")
+        except (ValueError, binascii.Error):
+            key = b""
+        if len(key) < 32:
+            env.fail("ADDRESS_KEY", "must be at least 32 bytes in URL-safe base64")
     staging_key = env.secret("STAGING_KEY")
     if staging_key is not None:
         try:
@@ -783,6 +805,7 @@ def _shared(env: _Env) -> Settings:
         limits=_limits(env),
         staging_ttl=env.integer("STAGING_TTL"),
         staging_key=staging_key,
+        address_key=address_key,
         max_attempts=env.integer("MAX_ATTEMPTS"),
         retry_base=env.number("RETRY_BASE"),
         retry_cap=retry_cap,

@@ -111,6 +111,15 @@ SETTINGS: tuple[Setting, ...] = (
         section="redis",
     ),
     Setting(
+        "ADDRESS_KEY",
+        "secret",
+        "the key of the signed reply addresses (`docs+<external id>.<mac>@...`, "
+        "`mailingest address`): 32 random bytes in URL-safe base64, the same on every "
+        "worker; unset, signed addresses are not used",
+        values_text="32 bytes, URL-safe base64",
+        section="senders",
+    ),
+    Setting(
         "STAGING_TTL",
         "integer",
         "how long staged bytes live in Redis at most",
@@ -328,6 +337,14 @@ SETTINGS: tuple[Setting, ...] = (
         "list",
         "accept only these From: domains",
         default_text="any",
+        per_inbox=True,
+        section="senders",
+    ),
+    Setting(
+        "REPLY_ADDRESS",
+        "email",
+        "the address customers write to: with MAILINGEST_ADDRESS_KEY, a mail to "
+        "`<local>+<external id>.<mac>@<domain>` on it is filed on that external entity id",
         per_inbox=True,
         section="senders",
     ),

@@ -131,6 +131,8 @@ class ParsedMail:
     # the From: of each mail forwarded in this one (attached as message/rfc822), in order
     # (when the forwarded policy opens them)
     forwarded_senders: tuple[str, ...] = ()
+    # every address it was sent to (To, Cc, Delivered-To, X-Original-To), as written
+    recipients: tuple[str, ...] = ()
 
 
 class MailParseError(Exception):
@@ -220,6 +222,7 @@ def parse_mail(
         skipped=tuple(skipped),
         defects=defects.as_tuple(),
         forwarded_senders=tuple(senders),
+        recipients=_recipients(message),
     )
 
 
@@ -305,6 +308,22 @@ def _sender(message: email.message.Message, defects: _Defects) -> str | None:
         defects.add("from: no parseable address; sender left unset")
         return None
     return addresses[0]
+
+
+_RECIPIENT_HEADERS = ("to", "cc", "delivered-to", "x-original-to")
+
+
+def _recipients(message: email.message.Message) -> tuple[str, ...]:
+    """The addresses a mail was sent to, case kept (a signed address's id is)."""
+    values = [
+        _unsurrogate(str(v)) for k, v in message.raw_items() if k.lower() in _RECIPIENT_HEADERS
+    ]
+    found: list[str] = []
+    for _name, given in getaddresses(values):
+        address = given.strip()
+        if "@" in address and not any(c.isspace() for c in address) and address not in found:
+            found.append(address)
+    return tuple(found)
 
 
 # --------------------------------------------------------------------------
