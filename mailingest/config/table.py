@@ -111,15 +111,6 @@ SETTINGS: tuple[Setting, ...] = (
         section="redis",
     ),
     Setting(
-        "ADDRESS_KEY",
-        "secret",
-        "the key of the signed reply addresses (`docs+<external id>.<mac>@...`, "
-        "`mailingest address`): 32 random bytes in URL-safe base64, the same on every "
-        "worker; unset, signed addresses are not used",
-        values_text="32 bytes, URL-safe base64",
-        section="senders",
-    ),
-    Setting(
         "STAGING_TTL",
         "integer",
         "how long staged bytes live in Redis at most",
@@ -338,6 +329,15 @@ SETTINGS: tuple[Setting, ...] = (
         "accept only these From: domains",
         default_text="any",
         per_inbox=True,
+        section="senders",
+    ),
+    Setting(
+        "ADDRESS_KEY",
+        "secret",
+        "the key of the signed reply addresses (`docs+<external id>.<mac>@...`, "
+        "`mailingest address`): 32 random bytes in URL-safe base64, the same on every "
+        "worker; unset, signed addresses are not used",
+        values_text="32 bytes, URL-safe base64",
         section="senders",
     ),
     Setting(
