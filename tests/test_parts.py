@@ -204,3 +204,26 @@ def test_with_the_quarantine_policy_the_mixed_mail_is_quarantined_as_before(
     assert summary.quarantined == 1 and mail.state == L.QUARANTINED
     assert mail.reason.startswith("refused content: part 8 (h.zip)")
     assert sandbox.state.list(ENTITY) == []
+
+
+@pytest.mark.servers
+def test_explain_says_what_would_happen_and_sends_nothing(
+    env: dict[str, str], sandbox: SandboxServer, known: Path, tmp_path: Path
+) -> None:
+    """`mailingest explain MAIL.eml`: the documents, each refusal, the entity and how
+    it was found, the outcome; no request reaches Alloy, nothing is written."""
+    mail_file = tmp_path / "mixed.eml"
+    mail_file.write_bytes(mixed_mail())
+    shown = run_cli(env, "explain", str(mail_file))
+    assert shown.returncode == 0, shown.stderr
+    assert f"entity: {ENTITY} (found by csv)" in shown.stdout
+    assert "refused: refused content: part 8 (h.zip) is zip" in shown.stdout
+    assert "outcome: 7 document(s) to Alloy, then filed as processed; 1 part(s) refused" in (
+        shown.stdout
+    )
+    as_json = json.loads(run_cli(env, "explain", "--json", str(mail_file)).stdout)
+    assert as_json["outcome"] == "processed, parts refused"
+    assert [d["name"] for d in as_json["documents"]] == [*GOOD, "f.txt", "g.txt"]
+    strict = run_cli(env | {"MAILINGEST_ON_REFUSED_PART": "quarantine"}, "explain", str(mail_file))
+    assert "outcome: quarantined: refused content: part 8 (h.zip)" in strict.stdout
+    assert sandbox.state.stats()["requests"] == {}

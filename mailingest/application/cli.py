@@ -466,6 +466,28 @@ def cmd_address(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """What the inbox would do with one mail file; nothing is sent."""
+    from dataclasses import asdict
+
+    from mailingest.application.explain import explain, render
+    from mailingest.application.services import build_resolver
+
+    settings = _settings("redis")
+    inbox = settings.inbox(args.inbox) if args.inbox else settings.inboxes[0]
+    try:
+        raw = Path(args.mail).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"mailingest: cannot read {args.mail}: {exc.strerror}") from None
+    client = _redis()
+    try:
+        result = explain(settings, inbox, build_resolver(inbox, client), raw)
+    finally:
+        client.close()
+    print(json.dumps(asdict(result), indent=2) if args.json else render(result))
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the settings (and the config file); with --connect, try every service."""
     from mailingest.application import check_config as checks
@@ -625,6 +647,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub,
+        "explain",
+        help="what the inbox would do with one mail file (documents, refusals, entity); "
+        "sends nothing",
+    )
+    p.add_argument("mail", help="the mail, as a file (.eml: the raw message)")
+    p.add_argument("--inbox", help="as this inbox would (default: the first)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = _command(
+        sub,
         "address",
         help="print a customer's signed reply address (mail to it is filed on that entity)",
     )
@@ -715,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "poll-once": cmd_poll_once,
             "poll-now": cmd_poll_now,
             "address": cmd_address,
+            "explain": cmd_explain,
             "sandbox": cmd_sandbox,
             "senders": cmd_senders,
             "status": cmd_status,

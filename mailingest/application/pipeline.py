@@ -29,6 +29,7 @@ from mailingest.adapters import ledger as L
 from mailingest.adapters.imap import Moved
 from mailingest.adapters.ledger import PlannedDocument
 from mailingest.adapters.ledger.leases import MailLeases, step_lease_keys
+from mailingest.adapters.senders import SenderResolver
 from mailingest.application import logs, metrics
 from mailingest.application.services import Context
 from mailingest.config.settings import SEND_GUARD, InboxSettings, Settings
@@ -370,7 +371,7 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
         return quarantine(ctx, mail_id, screened.refusal or "cannot parse the mail")
     if not mail.sender:
         return quarantine(ctx, mail_id, "no single sender address in From:")
-    found = _entity_of(ctx, inbox, mail)
+    found = entity_of(ctx.settings, inbox, ctx.senders(inbox.name), mail)
     if isinstance(found, str):
         return quarantine(ctx, mail_id, found)
     entity, entity_source = found
@@ -395,12 +396,14 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
     return _pending_steps(ctx, mail_id, len(planned))
 
 
-def _entity_of(ctx: Context, inbox: InboxSettings, mail: ParsedMail) -> tuple[str, str] | str:
+def entity_of(
+    settings: Settings, inbox: InboxSettings, resolver: SenderResolver, mail: ParsedMail
+) -> tuple[str, str] | str:
     """The entity a mail is filed on and how it was found, or why none (a reason to
     quarantine): a valid signed reply address names it; else the sender directory,
     asked for the sender (or, for a configured forwarder, the forwarded mail's own).
     A ResolverError (directory or CRM down) is retried by the caller."""
-    key = ctx.settings.address_key_bytes
+    key = settings.address_key_bytes
     ignored = ""
     if key is not None and inbox.reply_address:
         signed = reply_address.route(mail.recipients, inbox.reply_address, key)
@@ -413,7 +416,7 @@ def _entity_of(ctx: Context, inbox: InboxSettings, mail: ParsedMail) -> tuple[st
     customer, via = decisions.customer_of(mail.sender, mail.forwarded_senders, inbox.forwarders)
     if customer is None:
         return via
-    resolved = ctx.senders(inbox.name).resolve(customer)
+    resolved = resolver.resolve(customer)
     notes = "; ".join(n for n in (via, ignored) if n)
     if resolved is None:
         return f"unknown sender {customer}: no entity in the sender directory" + (

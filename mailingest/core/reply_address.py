@@ -33,9 +33,7 @@ def mac(key: bytes, external_id: str) -> str:
 def address(base: str, key: bytes, external_id: str) -> str:
     """The signed address of ``external_id`` on the inbox address ``base``."""
     if not EXTERNAL_ID.match(external_id):
-        raise ValueError(
-            f"an external id is 1-64 letters, digits, '-' or '_', got {external_id!r}"
-        )
+        raise ValueError(f"an external id is 1-64 letters, digits, '-' or '_', got {external_id!r}")
     local, _, domain = base.rpartition("@")
     return f"{local}+{external_id}.{mac(key, external_id)}@{domain}"
 

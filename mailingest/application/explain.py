@@ -1,0 +1,98 @@
+"""``mailingest explain MAIL.eml``: what the inbox would do with one mail, sending nothing.
+
+The same screening and entity resolution a worker runs (``screen``, ``entity_of``),
+read-only: no IMAP, no Alloy, no ledger write; the sender directory (file, Redis,
+CRM hook) is asked, as a worker would ask it. For an operator who wants to know why a
+mail was (or would be) quarantined, filed partly, or filed on which entity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mailingest.adapters.senders import SenderResolver
+from mailingest.application.pipeline import entity_of
+from mailingest.config.settings import InboxSettings, Settings
+from mailingest.core.screening import screen
+
+
+@dataclass
+class Explanation:
+    inbox: str
+    policies: dict[str, str]
+    sender: str | None = None
+    outcome: str = ""  # "processed", "processed, parts refused" or "quarantined"
+    reason: str = ""  # why quarantined
+    entity: str | None = None
+    entity_source: str = ""
+    documents: list[dict[str, object]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def explain(
+    settings: Settings, inbox: InboxSettings, resolver: SenderResolver, raw: bytes
+) -> Explanation:
+    out = Explanation(
+        inbox.name,
+        {"on_refused_part": inbox.on_refused_part, "forwarded": inbox.forwarded},
+    )
+    screened = screen(
+        raw,
+        settings.limits,
+        inbox.sender_auth,
+        on_refused_part=inbox.on_refused_part,
+        forwarded=inbox.forwarded,
+    )
+    out.notes = list(screened.notes)
+    out.refused = list(screened.refused)
+    mail = screened.mail
+    out.sender = mail.sender if mail else None
+    out.documents = [
+        {
+            "part": doc.spec.index,
+            "name": f"{doc.spec.name}.{doc.spec.extension}",
+            "type": doc.spec.type,
+            "content": doc.kind,
+            "bytes": len(doc.payload),
+        }
+        for doc in screened.documents
+    ]
+    if screened.refusal is not None or mail is None:
+        out.outcome, out.reason = "quarantined", screened.refusal or "cannot parse the mail"
+        return out
+    if not mail.sender:
+        out.outcome, out.reason = "quarantined", "no single sender address in From:"
+        return out
+    found = entity_of(settings, inbox, resolver, mail)
+    if isinstance(found, str):
+        out.outcome, out.reason = "quarantined", found
+        return out
+    out.entity, out.entity_source = found
+    out.outcome = "processed, parts refused" if screened.refused else "processed"
+    return out
+
+
+def render(explanation: Explanation) -> str:
+    e = explanation
+    policies = ", ".join(f"{k} = {v}" for k, v in e.policies.items())
+    lines = [f"inbox {e.inbox} ({policies})", f"sender: {e.sender or '-'}"]
+    if e.entity:
+        lines.append(f"entity: {e.entity} (found by {e.entity_source})")
+    for doc in e.documents:
+        lines.append(
+            f"  document: part {doc['part']}  {doc['name']}  type {doc['type']}  "
+            f"({doc['content']}, {doc['bytes']} bytes)"
+        )
+    lines += [f"  refused: {reason}" for reason in e.refused]
+    lines += [f"  note: {note}" for note in e.notes]
+    if e.outcome == "quarantined":
+        lines.append(f"outcome: quarantined: {e.reason}")
+    else:
+        count = len(e.documents)
+        lines.append(
+            f"outcome: {count} document(s) to Alloy, then filed as processed"
+            + (f"; {len(e.refused)} part(s) refused" if e.refused else "")
+        )
+    lines.append("(nothing was sent: no IMAP, no Alloy, no ledger write)")
+    return "\n".join(lines)
