@@ -14,6 +14,7 @@ from mailingest.adapters.senders import SenderResolver
 from mailingest.application.pipeline import entity_of
 from mailingest.config.settings import InboxSettings, Settings
 from mailingest.core.screening import screen
+from mailingest.core.states import MailState
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Explanation:
     inbox: str
     policies: dict[str, str]
     sender: str | None = None
-    outcome: str = ""  # "processed", "processed, parts refused" or "quarantined"
+    outcome: str = ""  # the state it would end in: done (filed as processed) or quarantined
     reason: str = ""  # why quarantined
     entity: str | None = None
     entity_source: str = ""
@@ -59,17 +60,17 @@ def explain(
         for doc in screened.documents
     ]
     if screened.refusal is not None or mail is None:
-        out.outcome, out.reason = "quarantined", screened.refusal or "cannot parse the mail"
+        out.outcome, out.reason = MailState.QUARANTINED, screened.refusal or "cannot parse the mail"
         return out
     if not mail.sender:
-        out.outcome, out.reason = "quarantined", "no single sender address in From:"
+        out.outcome, out.reason = MailState.QUARANTINED, "no single sender address in From:"
         return out
     found = entity_of(settings, inbox, resolver, mail)
     if isinstance(found, str):
-        out.outcome, out.reason = "quarantined", found
+        out.outcome, out.reason = MailState.QUARANTINED, found
         return out
     out.entity, out.entity_source = found
-    out.outcome = "processed, parts refused" if screened.refused else "processed"
+    out.outcome = MailState.DONE
     return out
 
 
@@ -86,7 +87,7 @@ def render(explanation: Explanation) -> str:
         )
     lines += [f"  refused: {reason}" for reason in e.refused]
     lines += [f"  note: {note}" for note in e.notes]
-    if e.outcome == "quarantined":
+    if e.outcome == MailState.QUARANTINED:
         lines.append(f"outcome: quarantined: {e.reason}")
     else:
         count = len(e.documents)
