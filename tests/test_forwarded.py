@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -204,3 +205,35 @@ def test_an_agents_forward_is_filed_on_the_customer_it_forwards(
     finally:
         ctx.close()
     assert third.state == L.QUARANTINED and third.reason.startswith(f"unknown sender {AGENT}")
+
+
+def test_a_base64_forward_with_thousands_of_parts_is_kept_whole_not_opened() -> None:
+    """Encoded, a forward's parts are invisible to the mail's own MAX_PARTS check:
+    opening one of 200,000 parts took 30 s and 700 MB. The whole mail shares one budget
+    of parts; a forward past it stays one .eml."""
+    inner = message("x@example.com", "many")
+    for i in range(5_000):
+        inner.add_attachment(b"x", maintype="text", subtype="plain", filename=f"{i}.txt")
+    outer = message(SENDER, "Fwd: many")
+    part = EmailMessage()
+    part["Content-Type"] = "message/rfc822"
+    part["Content-Disposition"] = 'attachment; filename="many.eml"'
+    part["Content-Transfer-Encoding"] = "base64"
+    part.set_payload(__import__("base64").encodebytes(inner.as_bytes()).decode())
+    outer.make_mixed()
+    outer.attach(part)
+    started = time.perf_counter()
+    assert names(customer_mail(outer), "documents") == ["many.eml"]
+    assert time.perf_counter() - started < 10
+
+
+def test_an_agents_forward_is_filed_on_nobody_when_a_forward_has_no_sender() -> None:
+    from mailingest.core import decisions
+
+    agent = {"agent@s.example"}
+    customer, reason = decisions.customer_of("agent@s.example", ("a@x.example", None), agent)
+    assert customer is None and "no single sender" in reason
+    customer, reason = decisions.customer_of(
+        "agent@s.example", ("a@x.example",), agent, own_documents=True
+    )
+    assert customer is None and "documents of its own" in reason

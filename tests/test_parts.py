@@ -227,3 +227,22 @@ def test_explain_says_what_would_happen_and_sends_nothing(
     strict = run_cli(env | {"MAILINGEST_ON_REFUSED_PART": "quarantine"}, "explain", str(mail_file))
     assert "outcome: quarantined: refused content: part 8 (h.zip)" in strict.stdout
     assert sandbox.state.stats()["requests"] == {}
+
+
+def test_a_parts_name_does_not_depend_on_which_others_were_refused() -> None:
+    """A replay after a limit was raised must name each part as the first run did (its
+    name is part of its slot): part 1 "scan.jpg" is a PDF and too large, part 2 is
+    "scan.pdf". Part 2 is "scan-2.pdf" in both runs, not "scan.pdf" first."""
+    msg = EmailMessage()
+    msg["From"], msg["Subject"] = SENDER, "scans"
+    msg.set_content("two scans")
+    big = b"%PDF-1.4\n" + b"0" * 200_000 + b"\n%%EOF\n"
+    msg.add_attachment(big, maintype="image", subtype="jpeg", filename="scan.jpg")
+    msg.add_attachment(
+        b"%PDF-1.4 small\n", maintype="application", subtype="pdf", filename="scan.pdf"
+    )
+    raw = msg.as_bytes()
+    first = screen(raw, Limits(max_attachment_bytes=100_000), None)
+    again = screen(raw, Limits(max_attachment_bytes=1_000_000), None)
+    assert names(first.documents) == ["scan-2.pdf"] and len(first.refused) == 1
+    assert names(again.documents) == ["scan.pdf", "scan-2.pdf"]

@@ -413,7 +413,13 @@ def entity_of(
             ignored = f"signed address ignored: {signed.ignored}"
             log.warning("mail from %s: %s", mail.sender, ignored)
     assert mail.sender is not None
-    customer, via = decisions.customer_of(mail.sender, mail.forwarded_senders, inbox.forwarders)
+    own = any(
+        a.container != "forwarded message" and not a.content_type.startswith("message/")
+        for a in mail.attachments
+    )
+    customer, via = decisions.customer_of(
+        mail.sender, mail.forwarded_senders, inbox.forwarders, own_documents=own
+    )
     if customer is None:
         return via
     resolved = resolver.resolve(customer)

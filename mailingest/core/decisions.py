@@ -385,17 +385,28 @@ def give_up_reason(step: Step, error: BaseException) -> str:
 
 
 def customer_of(
-    sender: str, forwarded_senders: Sequence[str], forwarders: Collection[str]
+    sender: str,
+    forwarded_senders: Sequence[str | None],
+    forwarders: Collection[str],
+    *,
+    own_documents: bool = False,
 ) -> tuple[str | None, str]:
     """Whose entity a mail is filed on, and how that was decided ("" when simply its
     sender). A configured forwarder's (an agent's) mail is filed on the sender of the
-    mail it forwards; when it forwards mails of several senders, on none: (None, the
-    reason). A forwarder's mail that forwards nothing is filed on the forwarder."""
-    if sender not in forwarders:
+    mail it forwards, when that is one customer and every document is theirs; else on
+    none: (None, the reason). A forwarder's mail that forwards nothing is filed on the
+    forwarder. (The forwarded mail's own From is not authenticated: the trust is in
+    the agent, whose mail is.)"""
+    if sender not in forwarders or not forwarded_senders:
         return sender, ""
+    if any(s is None for s in forwarded_senders):
+        return None, f"forwarded by {sender}: a forwarded mail has no single sender"
+    if own_documents:
+        return None, (
+            f"forwarded by {sender}: documents of its own beside the forwarded mail; "
+            "whose they are cannot be told"
+        )
     originals = sorted({s for s in forwarded_senders if s})
-    if not originals:
-        return sender, ""
     if len(originals) > 1:
         return None, (
             f"forwarded by {sender}: the forwarded mails have several senders "

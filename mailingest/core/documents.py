@@ -283,13 +283,16 @@ def describe_attachments(mail: ParsedMail) -> tuple[DocumentSpec, ...]:
     """
     specs: list[DocumentSpec] = []
     taken: set[tuple[str, str]] = set()
+    tried: dict[tuple[str, str], int] = {}  # the last suffix tried per name: linear time
     for attachment in mail.attachments:
         name, extension = _name_and_extension(attachment)
         unique = name
-        counter = 1
+        key = (name.casefold(), extension)
+        counter = tried.get(key, 1)
         while (unique.casefold(), extension) in taken:
             counter += 1
             unique = _bounded(name, f"-{counter}", extension)
+        tried[key] = counter
         taken.add((unique.casefold(), extension))
         specs.append(
             DocumentSpec(

@@ -129,8 +129,9 @@ class ParsedMail:
     skipped: tuple[SkippedPart, ...]
     defects: tuple[str, ...]
     # the From: of each mail forwarded in this one (attached as message/rfc822), in order
-    # (when the forwarded policy opens them)
-    forwarded_senders: tuple[str, ...] = ()
+    # (when the forwarded policy opens them); None for one without a single sender, or
+    # kept whole unopened
+    forwarded_senders: tuple[str | None, ...] = ()
     # every address it was sent to (To, Cc, Delivered-To, X-Original-To), as written
     recipients: tuple[str, ...] = ()
 
@@ -155,7 +156,9 @@ def parse_mail(
     message: email.message.Message | None = None,
     hollowed: Hollowed | None = None,
     forwarded: str = "eml",
+    max_parts: int = 10_000,
     _depth: int = 0,
+    _budget: list[int] | None = None,
 ) -> ParsedMail:
     """Parse one raw RFC 822 message.
 
@@ -202,7 +205,7 @@ def parse_mail(
         )
     except RecursionError as exc:
         raise MailParseError("mail nested too deeply") from exc
-    senders: list[str] = []
+    senders: list[str | None] = []
     attachments, skipped = _unpack(
         attachments,
         skipped,
@@ -211,6 +214,7 @@ def parse_mail(
         forwarded=forwarded,
         depth=_depth,
         senders=senders,
+        budget=[max_parts - leaves] if _budget is None else _budget,
     )
 
     return ParsedMail(
@@ -476,7 +480,8 @@ def _unpack(
     floor: int,
     forwarded: str,
     depth: int,
-    senders: list[str],
+    senders: list[str | None],
+    budget: list[int],
 ) -> tuple[list[Attachment], list[SkippedPart]]:
     """Containers replaced by (or, for ``forwarded = "both"``, given beside them) the
     documents inside them: each winmail.dat (TNEF, known by its bytes; one that cannot
@@ -489,12 +494,14 @@ def _unpack(
         if is_tnef(attachment.payload):
             opener.tnef(attachment)
         elif attachment.content_type in _FORWARDED_TYPES and forwarded != "eml":
-            opened = _forwarded(attachment.payload, floor, forwarded, depth)
+            opened = _forwarded(attachment.payload, floor, forwarded, depth, budget)
             if forwarded == "both" or opened is None:  # kept whole: nothing is dropped
                 opener.out.append(attachment)
+            if opened is None:
+                senders.append(None)  # not opened: whose it is cannot be told
             if opened is not None:
                 documents, inner_skipped, sender = opened
-                senders.extend([sender] if sender else [])
+                senders.append(sender)  # None: no single sender (it is said so)
                 opener.forwarded(attachment, documents, inner_skipped, forwarded)
         else:
             opener.out.append(attachment)
@@ -563,15 +570,23 @@ _FORWARDED_TYPES = frozenset({"message/rfc822", "message/global"})
 
 
 def _forwarded(
-    data: bytes, floor: int, forwarded: str, depth: int
+    data: bytes, floor: int, forwarded: str, depth: int, budget: list[int]
 ) -> tuple[list[Attachment], list[SkippedPart], str | None] | None:
     """The candidate documents, skipped parts and sender of a forwarded mail (its own
     forwarded mail opened by the same policy); None when it is nested deeper than
-    MAX_FORWARD_DEPTH or cannot be parsed: it is then kept whole, as an .eml."""
+    MAX_FORWARD_DEPTH, would take the mail past its parts budget (``max_parts`` for
+    the whole mail, forwards included: the outer mail's limits cannot see inside a
+    base64-encoded forward), or cannot be parsed: it is then kept whole, as an .eml."""
     if depth >= MAX_FORWARD_DEPTH:
         return None
+    parts = data.lower().count(b"content-type:")  # at least its parts: a bound, cheap
+    if parts > budget[0]:
+        return None
+    budget[0] -= parts
     try:
-        parsed = parse_mail(data, inline_image_floor=floor, forwarded=forwarded, _depth=depth + 1)
+        parsed = parse_mail(
+            data, inline_image_floor=floor, forwarded=forwarded, _depth=depth + 1, _budget=budget
+        )
     except MailParseError:
         return None
     return list(parsed.attachments), list(parsed.skipped), parsed.sender

@@ -136,6 +136,7 @@ def screen(
             message=message,
             hollowed=hollowed,
             forwarded=forwarded,
+            max_parts=limits.max_parts,
         )
         specs = describe_attachments(mail)
     except Exception as exc:  # noqa: BLE001 - hostile input
@@ -157,8 +158,10 @@ def screen(
         notes.append(f"sender authenticated: {verdict.reason}")
 
     payloads = {att.index: att for att in mail.attachments}
-    documents: list[Document] = []
-    refused: list[str] = []
+    # every part is named first (its extension from its content, a name unique in the
+    # mail), refused or not: a part's name must not depend on which others were
+    # refused, or a replay after a limit was raised would describe it anew
+    candidates: list[tuple[Document, str | None]] = []  # (document, why refused)
     for spec in specs:
         attachment = payloads[spec.index]
         data = attachment.payload
@@ -168,6 +171,7 @@ def screen(
         if not data:
             notes.append(f"skipped {label}: zero bytes")
             continue
+        found = sniff(data, declared_type=attachment.content_type, filename=spec.name)
         wrong: str | None = None
         if attachment.refusal is not None:
             wrong = f"refused content: {label}: {attachment.refusal}"
@@ -176,24 +180,22 @@ def screen(
                 f"attachment too large: {label} is {len(data)} bytes "
                 f"(limit {limits.max_attachment_bytes})"
             )
-        else:
-            found = sniff(data, declared_type=attachment.content_type, filename=spec.name)
-            if found.kind not in limits.allowed_kinds:
-                wrong = (
-                    f"refused content: {label} is {found.kind} ({found.mime}), "
-                    "not an allowed document type"
-                )
-        if wrong is not None:
-            if on_refused_part == "quarantine":
-                return Screened(mail, refusal=wrong)
-            refused.append(wrong)
-            continue
-        if found.extension != spec.extension:
-            notes.append(f"{label}: content is {found.kind}, sent as .{found.extension}")
+        elif found.kind not in limits.allowed_kinds:
+            wrong = (
+                f"refused content: {label} is {found.kind} ({found.mime}), "
+                "not an allowed document type"
+            )
+        if wrong is not None and on_refused_part == "quarantine":
+            return Screened(mail, refusal=wrong)
+        named = spec
+        if found.extension != spec.extension and attachment.refusal is None:
+            if wrong is None:
+                notes.append(f"{label}: content is {found.kind}, sent as .{found.extension}")
             named = replace(spec, extension=found.extension, content_type=found.mime)
-        else:
-            named = spec
-        documents.append(Document(named, data, found.kind))
+        candidates.append((Document(named, data, found.kind), wrong))
+    unique = _unique([document for document, _ in candidates])
+    documents = [doc for doc, (_, wrong) in zip(unique, candidates, strict=True) if not wrong]
+    refused = [wrong for _, wrong in candidates if wrong]
     if len(documents) > limits.max_documents:
         return Screened(
             mail,
@@ -206,7 +208,7 @@ def screen(
         if notes:
             reason += f" ({'; '.join(n for n in notes if n.startswith('skipped'))})"
         return Screened(mail, refusal=reason.replace(" ()", ""), notes=tuple(notes))
-    return Screened(mail, tuple(_unique(documents)), notes=tuple(notes), refused=tuple(refused))
+    return Screened(mail, tuple(documents), notes=tuple(notes), refused=tuple(refused))
 
 
 # parse defects that mean a document's bytes are not what the sender sent
@@ -234,12 +236,15 @@ def size_refusal(size: int, limits: Limits) -> str:
 def _unique(documents: list[Document]) -> list[Document]:
     """Names stay unique within the mail after an extension was corrected."""
     taken: set[tuple[str, str]] = set()
+    tried: dict[tuple[str, str], int] = {}  # the last suffix tried per name: linear time
     out = []
     for doc in documents:
-        name, counter = doc.spec.name, 1
+        key = (doc.spec.name.casefold(), doc.spec.extension)
+        name, counter = doc.spec.name, tried.get(key, 1)
         while (name.casefold(), doc.spec.extension) in taken:
             counter += 1
             name = f"{doc.spec.name}-{counter}"
+        tried[key] = counter
         taken.add((name.casefold(), doc.spec.extension))
         out.append(
             doc if name == doc.spec.name else replace(doc, spec=replace(doc.spec, name=name))

@@ -38,9 +38,25 @@ def is_tnef(payload: bytes) -> bool:
     return payload[:4] == SIGNATURE
 
 
+# Outlook writes a few objects per attachment and a dozen for the message (the real
+# files of tests/data/tnef hold 3 to 34). tnefparse copies the rest of the stream for
+# every object it reads, and parses an embedded message (an Outlook item attached in
+# rich text) as a whole TNEF of its own, recursively: both are bounded before it runs.
+MAX_OBJECTS = 500
+MAX_EMBEDDED = 1
+_EMBEDDED_MESSAGE = b"\x07\x03\x02\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00\x46"
+
+
 def unpack(data: bytes) -> list[TnefFile]:
     """The files attached inside a TNEF stream, in order (the message body it may also
     carry is not a document and is left out). Raises :class:`TnefError`."""
+    objects = _count_objects(data)
+    if objects > MAX_OBJECTS:
+        raise TnefError(f"winmail.dat (TNEF) holds more than {MAX_OBJECTS} objects: not unpacked")
+    if data.count(_EMBEDDED_MESSAGE) > MAX_EMBEDDED:
+        raise TnefError(
+            "winmail.dat (TNEF) holds Outlook messages nested in each other: not unpacked"
+        )
     try:
         tnef = tnefparse.TNEF(data, do_checksum=True)
     except Exception as exc:  # any decoder failure is this part's outcome
@@ -49,16 +65,34 @@ def unpack(data: bytes) -> list[TnefFile]:
         raise TnefError("winmail.dat (TNEF) is cut short: an object runs past its end")
     if not all(obj.good_checksum for obj in tnef.objects):
         raise TnefError("winmail.dat (TNEF) is damaged: a checksum does not match its data")
-    files: list[TnefFile] = []
-    for attachment in tnef.attachments:
-        try:
-            name = attachment.long_filename() or attachment.name or None
-        except Exception:  # noqa: BLE001 - a name must never cost us the file
-            name = None
-        payload = attachment.data if isinstance(attachment.data, bytes) else b""
-        text = name.decode("latin-1") if isinstance(name, bytes) else name
-        files.append(TnefFile(text.strip("\x00 ") or None if text else None, payload))
-    return files
+    try:
+        return [_file(attachment) for attachment in tnef.attachments]
+    except Exception as exc:  # whatever tnefparse left in a property: this part's outcome
+        raise TnefError(f"cannot unpack winmail.dat (TNEF): {type(exc).__name__}") from exc
+
+
+def _file(attachment: object) -> TnefFile:
+    try:
+        name = attachment.long_filename() or attachment.name or None  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a name must never cost us the file
+        name = None
+    data = getattr(attachment, "data", b"")
+    payload = bytes(data) if isinstance(data, bytes | bytearray) else b""
+    text = name.decode("latin-1") if isinstance(name, bytes | bytearray) else name
+    if not isinstance(text, str):
+        text = None  # a name property of another type: no name
+    text = text.strip("\x00 ") if text else None
+    return TnefFile(text or None, payload)
+
+
+def _count_objects(data: bytes) -> int:
+    """How many top-level objects the stream declares, from their headers alone (an
+    object: level 1 byte, id 4, length 4, data, checksum 2)."""
+    count, offset = 0, 6
+    while offset + 9 <= len(data) and count <= MAX_OBJECTS:
+        offset += int.from_bytes(data[offset + 5 : offset + 9], "little") + 11
+        count += 1
+    return count
 
 
 def _cut_short(data: bytes, objects: list[object]) -> bool:
