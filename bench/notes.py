@@ -345,24 +345,25 @@ def slowtail(results: dict[str, Any]) -> dict[str, str]:
     slow = results["slowtail"]
     clean, tail = slow["runs"]
     n = slow["n"]
+    threads = 16  # the I/O worker's pool, as the compose file runs it
     requests = sum(tail.get("sandbox", {}).values())
     delayed = requests * slow["faults"]["slow_fraction"]
     seconds = slow["faults"]["slow_ms"] / 1000
-    held = delayed * seconds / max(tail["seconds"], 1e-9)
+    floor = delayed * seconds / threads
     why = (
         f"{requests:,} Alloy requests for {n} mails, about {delayed:.0f} of them answered "
-        f"after {seconds:g} s: {delayed * seconds:,.0f} thread-seconds of waiting in "
-        f"{tail['seconds']:.0f} s, so on average {held:.0f} requests were waiting at once "
-        "(Little's law) against the I/O worker's 16 threads. The threads, not the CPU, set "
-        f"the pace: {tail['mails_per_s']:.2f} against {clean['mails_per_s']:.2f} mails/s. "
-        f"With N = {n} the run is also short beside a 20 s answer: the last slow requests "
-        "alone keep it going for 20 s after the rest is done."
+        f"after {seconds:g} s: {delayed * seconds:,.0f} thread-seconds of waiting, which "
+        f"the I/O worker's {threads} threads need at least {floor:.0f} s to sit through, "
+        f"against {clean['seconds']:.0f} s for the whole clean run; the slow run took "
+        f"{tail['seconds']:.0f} s. The threads, not the CPU, set the pace "
+        f"({tail['mails_per_s']:.2f} against {clean['mails_per_s']:.2f} mails/s), and with "
+        f"N = {n} the last slow answers alone keep a run going 20 s after the rest is done."
     )
     close = (
-        "- Size the I/O pool for the tail, not the mean: to keep half the throughput, about "
-        "as many threads as requests per second times the slow fraction times the slow "
-        "answer's seconds (here over 100), or a gevent/eventlet pool where a waiting request "
-        "costs a greenlet, not a thread.\n"
+        "- Size the I/O pool for the tail, not the mean: to keep half the throughput, "
+        "threads >= the slow thread-seconds of a run / the clean run's seconds (here "
+        f"about {delayed * seconds / max(clean['seconds'], 1e-9):.0f}), or a "
+        "gevent/eventlet pool where a waiting request costs a greenlet, not a thread.\n"
         "- A longer run (N in the thousands) for this figure, so that the last slow answers "
         "do not weigh as much as they do in a 200-mail run."
     )
