@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -16,8 +18,9 @@ from mailingest_testbed.servers import DovecotServer, ImapAccount, ImapServer, S
 from mailingest.adapters import ledger as L
 from mailingest.adapters.alloy import AlloyClient
 from mailingest.adapters.ledger import Ledger
-from mailingest.application.services import connect_redis
-from mailingest.config.settings import InboxSettings, Secret
+from mailingest.application.poll_once import Summary, poll_once
+from mailingest.application.services import build_context, connect_redis
+from mailingest.config.settings import InboxSettings, Secret, load_settings
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN
 
@@ -139,3 +142,24 @@ def wait_decided(ledger: Ledger, count: int, timeout: float = 120) -> list[L.Mai
         return records if done >= count else []
 
     return wait_until(decided, timeout, f"{count} mails decided ({ledger.counts()})")
+
+
+def run_cli(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m mailingest ARGS`` as an operator runs it, with only ``env`` set."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailingest", *args],
+        env={"PATH": "/usr/bin:/bin"} | dict(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def poll_once_on(env: Mapping[str, str], **settings: str) -> Summary:
+    """One complete cycle in this process with ``env`` and MAILINGEST_<NAME> changes."""
+    changes = {f"MAILINGEST_{name.upper()}": value for name, value in settings.items()}
+    ctx = build_context(load_settings(dict(env) | changes))
+    try:
+        return poll_once(ctx)
+    finally:
+        ctx.close()

@@ -6,7 +6,6 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,12 @@ from mailingest_testbed.servers import ImapServer, free_port
 from mailingest.adapters.ledger.leases import worker_name
 from mailingest.application.cli import CELERY_ABOUT, build_parser
 
-from .helpers import deliver, folder_counts, write_senders
+from .helpers import deliver, folder_counts, run_cli, write_senders
 
 pytestmark = pytest.mark.servers
 
 
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailingest", *args],
-        env={"PATH": "/usr/bin:/bin"} | env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+run = run_cli
 
 
 @pytest.mark.slow  # seconds: left out of ./dev test --quick

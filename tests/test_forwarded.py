@@ -20,7 +20,7 @@ from mailingest.config.settings import load_settings
 from mailingest.core.mail import MAX_FORWARD_DEPTH, document_payload, parse_mail
 from mailingest.core.screening import Limits, screen
 
-from .helpers import deliver
+from .helpers import deliver, poll_once_on
 
 SENDER, ENTITY = "carol@example.com", "P-carolCarolCarolCaro"
 CONTRACT = pdf_bytes("contract", 2200)
@@ -145,12 +145,7 @@ def test_a_forwarded_mail_reaches_alloy_by_the_inbox_policy(
 ) -> None:
     senders_file.write_text(f"email,entity_token\n{SENDER},{ENTITY}\n", encoding="utf-8")
     deliver(imap, [customer_mail(forward(signed_agreement(), "Fwd: Signed agreement"))])
-    ctx = build_context(load_settings(env | {"MAILINGEST_FORWARDED": policy}))
-    try:
-        summary = poll_once(ctx)
-    finally:
-        ctx.close()
-    (mail,) = summary.mails
+    (mail,) = poll_once_on(env, forwarded=policy).mails
     assert mail.state == L.DONE and mail.filed_to == "Processed", mail
     docs = sandbox.state.list(ENTITY)
     assert [f"{d['name']}.{d['extension']}" for d in docs] == expected

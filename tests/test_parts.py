@@ -5,8 +5,6 @@ asks for the whole mail to be set aside (``"quarantine"``)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from mailingest.config.settings import load_settings
 from mailingest.config.table import ALLOWED_TYPES_DEFAULT
 from mailingest.core.screening import Limits, screen
 
-from .helpers import deliver, folder_counts
+from .helpers import deliver, folder_counts, poll_once_on, run_cli
 from .test_sniff import docx, make_zip, xlsx
 
 SENDER, ENTITY = "dana@example.com", "P-danadanadanadanadan"
@@ -117,16 +115,6 @@ def test_mail_level_problems_refuse_the_whole_mail_under_either_policy() -> None
 # -- the whole flow, on the real servers ----------------------------------------------
 
 
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailingest", *args],
-        env={"PATH": "/usr/bin:/bin"} | env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @pytest.fixture
 def known(senders_file: Path) -> Path:
     senders_file.write_text(f"email,entity_token\n{SENDER},{ENTITY}\n", encoding="utf-8")
@@ -193,13 +181,8 @@ def test_the_mixed_mail_files_its_good_documents_and_says_what_was_refused(
 def test_with_the_quarantine_policy_the_mixed_mail_is_quarantined_as_before(
     env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, known: Path
 ) -> None:
-    env = env | {"MAILINGEST_ON_REFUSED_PART": "quarantine"}
     deliver(imap, [mixed_mail()])
-    ctx = build_context(load_settings(env))
-    try:
-        summary = poll_once(ctx)
-    finally:
-        ctx.close()
+    summary = poll_once_on(env, on_refused_part="quarantine")
     (mail,) = summary.mails
     assert summary.quarantined == 1 and mail.state == L.QUARANTINED
     assert mail.reason.startswith("refused content: part 8 (h.zip)")

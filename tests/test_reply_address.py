@@ -5,8 +5,6 @@ is ignored and recorded, and the sender directory decides."""
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from mailingest.application.services import build_context
 from mailingest.config.settings import load_settings
 from mailingest.core.reply_address import address, mac, route
 
-from .helpers import deliver
+from .helpers import deliver, poll_once_on, run_cli
 
 KEY = bytes(range(32))
 KEY_TEXT = base64.urlsafe_b64encode(KEY).decode()
@@ -87,13 +85,7 @@ def test_a_mail_to_a_signed_address_is_filed_on_its_entity_whatever_the_sender(
     env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
 ) -> None:
     env = env | {"MAILINGEST_ADDRESS_KEY": KEY_TEXT, "MAILINGEST_REPLY_ADDRESS": BASE}
-    printed = subprocess.run(
-        [sys.executable, "-m", "mailingest", "address", "cust-4711"],
-        env={"PATH": "/usr/bin:/bin"} | env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    printed = run_cli(env, "address", "cust-4711")
     assert printed.returncode == 0, printed.stderr
     signed = printed.stdout.strip()
     assert signed == address(BASE, KEY, "cust-4711")
@@ -122,11 +114,7 @@ def test_a_signed_address_does_not_waive_sender_authentication(
     env = env | {"MAILINGEST_ADDRESS_KEY": KEY_TEXT, "MAILINGEST_REPLY_ADDRESS": BASE}
     raw = mail_to(address(BASE, KEY, "cust-4711")).replace(b"dmarc=pass", b"dmarc=fail")
     deliver(imap, [raw])
-    ctx = build_context(load_settings(env))
-    try:
-        (mail,) = poll_once(ctx).mails
-    finally:
-        ctx.close()
+    (mail,) = poll_once_on(env).mails
     assert mail.state == L.QUARANTINED and mail.reason.startswith("sender not authenticated")
     assert sandbox.state.list("cust-4711") == []
 

@@ -14,14 +14,11 @@ from mailingest_testbed.samples import authentication_results, pdf_bytes
 from mailingest_testbed.servers import ImapServer
 
 from mailingest.adapters import ledger as L
-from mailingest.application.poll_once import poll_once
-from mailingest.application.services import build_context
-from mailingest.config.settings import load_settings
 from mailingest.core.mail import document_payload, parse_mail
 from mailingest.core.screening import Limits, screen
 from mailingest.core.tnef import TnefError, is_tnef, unpack
 
-from .helpers import deliver
+from .helpers import deliver, poll_once_on
 
 DATA = Path(__file__).parent / "data" / "tnef"
 SENDER, ENTITY = "olaf@example.com", "P-olafOlafOlafOlafOla"
@@ -146,12 +143,7 @@ def test_an_outlook_mail_reaches_alloy_as_its_real_files(
 ) -> None:
     senders_file.write_text(f"email,entity_token\n{SENDER},{ENTITY}\n", encoding="utf-8")
     deliver(imap, [outlook_mail("umlaut.tnef", pdf=True)])
-    ctx = build_context(load_settings(env))
-    try:
-        summary = poll_once(ctx)
-    finally:
-        ctx.close()
-    (mail,) = summary.mails
+    (mail,) = poll_once_on(env).mails
     assert mail.state == L.DONE and mail.filed_to == "Processed", mail
     held = {
         f"{d['name']}.{d['extension']}": sandbox.state.download(ENTITY, d["document_token"])
