@@ -262,7 +262,7 @@ def rate_limit_lines(rate: float, burst: int, pace: Pace) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from mailingest.adapters.ledger import Ledger
-    from mailingest.adapters.ledger.leases import Leases
+    from mailingest.adapters.ledger.leases import NO_LEASES, Leases
     from mailingest.adapters.rate_limit import read_pace
     from mailingest.application.pipeline import sweep_policy
     from mailingest.application.services import Services
@@ -290,16 +290,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     stalled = [
         r
         for r in pending
-        if decisions.stuck(
-            r,
-            now,
-            policy=policy,
-            live=decisions.Liveness(
-                leased=r.id in holders,
-                queued_since=since,
-                lapsed=bool(r.id in seen and seen[r.id].lapsed),
-            ),
-        )
+        if decisions.stuck(r, now, policy=policy, live=seen.get(r.id, NO_LEASES).liveness(since))
     ]
     # a step running for more than two leases (a slow Alloy): alive, not stalled
     working = [

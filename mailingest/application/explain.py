@@ -1,6 +1,6 @@
 """``mailingest explain MAIL.eml``: what the inbox would do with one mail, sending nothing.
 
-The same screening and entity resolution a worker runs (``screen``, ``entity_of``),
+The same screening and entity resolution a worker runs (``screen_for``, ``entity_of``),
 read-only: no IMAP, no Alloy, no ledger write; the sender directory (file, Redis,
 CRM hook) is asked, as a worker would ask it. For an operator who wants to know why a
 mail was (or would be) quarantined, filed partly, or filed on which entity.
@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mailingest.adapters.senders import SenderResolver
-from mailingest.application.pipeline import entity_of
+from mailingest.application.pipeline import entity_of, screen_for
 from mailingest.config.settings import InboxSettings, Settings
-from mailingest.core.screening import screen
 from mailingest.core.states import MailState
 
 
@@ -38,13 +37,7 @@ def explain(
         inbox.name,
         {"on_refused_part": inbox.on_refused_part, "forwarded": inbox.forwarded},
     )
-    screened = screen(
-        raw,
-        settings.limits,
-        inbox.sender_auth,
-        on_refused_part=inbox.on_refused_part,
-        forwarded=inbox.forwarded,
-    )
+    screened = screen_for(settings, inbox, raw)
     out.notes = list(screened.notes)
     out.refused = list(screened.refused)
     mail = screened.mail

@@ -28,7 +28,7 @@ from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
 from mailingest.adapters.imap import Moved
 from mailingest.adapters.ledger import PlannedDocument
-from mailingest.adapters.ledger.leases import MailLeases, step_lease_keys
+from mailingest.adapters.ledger.leases import NO_LEASES, step_lease_keys
 from mailingest.adapters.senders import SenderResolver
 from mailingest.application import logs, metrics
 from mailingest.application.services import Context
@@ -242,15 +242,7 @@ def liveness(
         return {}
     seen = ctx.leases.mail_leases([(r.id, r.documents) for r in idle])
     since = ctx.queue_since()
-    none = MailLeases("", [])
-    return {
-        r.id: decisions.Liveness(
-            leased=bool(seen.get(r.id, none).holder),
-            queued_since=since,
-            lapsed=bool(seen.get(r.id, none).lapsed),
-        )
-        for r in idle
-    }
+    return {r.id: seen.get(r.id, NO_LEASES).liveness(since) for r in idle}
 
 
 def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
@@ -349,13 +341,7 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
         return []
 
     inbox = ctx.settings.inbox(record.ref.inbox)
-    screened = screen(
-        raw,
-        ctx.settings.limits,
-        inbox.sender_auth,
-        on_refused_part=inbox.on_refused_part,
-        forwarded=inbox.forwarded,
-    )
+    screened = screen_for(ctx.settings, inbox, raw)
     mail = screened.mail
     if mail is not None:
         logs.correlate(message_id=mail.message_id)
@@ -396,6 +382,18 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
     return _pending_steps(ctx, mail_id, len(planned))
 
 
+def screen_for(settings: Settings, inbox: InboxSettings, raw: bytes) -> Screened:
+    """``screen`` with the limits and the inbox's own policies (sender authentication,
+    refused parts, forwarded mail)."""
+    return screen(
+        raw,
+        settings.limits,
+        inbox.sender_auth,
+        on_refused_part=inbox.on_refused_part,
+        forwarded=inbox.forwarded,
+    )
+
+
 def entity_of(
     settings: Settings, inbox: InboxSettings, resolver: SenderResolver, mail: ParsedMail
 ) -> tuple[str, str] | str:
@@ -413,12 +411,8 @@ def entity_of(
             ignored = f"signed address ignored: {signed.ignored}"
             log.warning("mail from %s: %s", mail.sender, ignored)
     assert mail.sender is not None
-    own = any(
-        a.container != "forwarded message" and not a.content_type.startswith("message/")
-        for a in mail.attachments
-    )
     customer, via = decisions.customer_of(
-        mail.sender, mail.forwarded_senders, inbox.forwarders, own_documents=own
+        mail.sender, mail.forwarded_senders, inbox.forwarders, own_documents=mail.own_documents
     )
     if customer is None:
         return via

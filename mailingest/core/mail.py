@@ -135,6 +135,15 @@ class ParsedMail:
     # every address it was sent to (To, Cc, Delivered-To, X-Original-To), as written
     recipients: tuple[str, ...] = ()
 
+    @property
+    def own_documents(self) -> bool:
+        """Candidate documents of the mail itself, beside what it forwards: not taken
+        out of a forwarded mail, nor a forwarded mail kept whole."""
+        return any(
+            a.container != FORWARDED_CONTAINER and a.content_type not in _FORWARDED_TYPES
+            for a in self.attachments
+        )
+
 
 class MailParseError(Exception):
     """The input is not a mail at all (empty, no header fields, unparseable)."""
@@ -146,6 +155,7 @@ class MailParseError(Exception):
 
 
 FORWARDED_POLICIES = BY_NAME["FORWARDED"].choices
+FORWARDED_CONTAINER = "forwarded message"  # Attachment.container of what one held
 MAX_FORWARD_DEPTH = 5  # forwarded mail inside forwarded mail, opened this deep
 
 
@@ -563,7 +573,7 @@ class _Opener:
         if not documents and policy == "documents":
             self._nothing_inside(container, "forwarded message without attachments")
         for document in documents:
-            self._add(container, "forwarded message", document)
+            self._add(container, FORWARDED_CONTAINER, document)
 
 
 _FORWARDED_TYPES = frozenset({"message/rfc822", "message/global"})

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import redis
 
 from mailingest.adapters import keys
-from mailingest.core.decisions import Step
+from mailingest.core.decisions import Liveness, Step
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,15 @@ class MailLeases:
 
     holder: str
     lapsed: list[str]
+
+    def liveness(self, queued_since: int | None) -> Liveness:
+        """What the sweep and ``status`` decide by (decisions.stuck)."""
+        return Liveness(
+            leased=bool(self.holder), queued_since=queued_since, lapsed=bool(self.lapsed)
+        )
+
+
+NO_LEASES = MailLeases("", [])  # a mail none of whose leases is held or lapsed
 
 
 @dataclass
