@@ -38,7 +38,8 @@ from imapclient.imapclient import SocketTimeout
 from imapclient.response_parser import parse_fetch_response
 
 from mailingest.config.settings import InboxSettings
-from mailingest.core.errors import MailboxError
+from mailingest.core.errors import MailboxError, SearchCharsetError
+from mailingest.core.rules import needs_charset
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Mailbox:
         self._names_moves: set[str] = set()
         self.last_used = 0.0  # monotonic time its last user let it go (Context.imap)
         self._known_folders: set[str] = set()  # folders this connection saw exist
+        self._keeps_keywords = True  # the selected folder's PERMANENTFLAGS has \\*
 
     # -- connection ------------------------------------------------------------
     def __enter__(self) -> Mailbox:
@@ -320,6 +322,7 @@ class Mailbox:
         self._forget_selection()
         info = self.client.select_folder(folder)
         validity = int(info[b"UIDVALIDITY"])
+        self._keeps_keywords = b"\\*" in tuple(info.get(b"PERMANENTFLAGS") or (b"\\*",))
         self.client._imap.untagged_responses.clear()  # read: what comes later is news
         self._selected, self._validity = folder, validity
         return validity
@@ -382,11 +385,56 @@ class Mailbox:
         self._known_folders.add(folder)
 
     # -- mail ------------------------------------------------------------------
-    def uids_after(self, watermark: int) -> list[int]:
-        """UIDs above the watermark in the selected folder, ascending."""
-        with self._errors("UID SEARCH"):
-            uids = self.client.search(["UID", f"{watermark + 1}:*"])
+    def uids_after(self, watermark: int, narrow: Sequence[object] | None = None) -> list[int]:
+        """UIDs above the watermark in the selected folder, ascending; with ``narrow``,
+        only those that also match these SEARCH criteria (the inbox's rules). Text
+        beyond ASCII goes with ``CHARSET UTF-8``; a server that answers ``BADCHARSET``
+        raises :class:`SearchCharsetError` (the caller asks again without it)."""
+        criteria: list[object] = ["UID", f"{watermark + 1}:*", *(narrow or ())]
+        utf8 = needs_charset(criteria)
+        try:
+            with self._errors("UID SEARCH"):
+                # as bytes: imapclient encodes nested criteria as ASCII whatever the charset
+                uids = self.client.search(_encoded(criteria), "UTF-8" if utf8 else None)
+        except MailboxError as exc:
+            if utf8 and "BADCHARSET" in str(exc).upper():
+                raise SearchCharsetError(str(exc)) from None
+            raise
         return sorted(int(u) for u in uids if int(u) > watermark)
+
+    def mark(self, uid: int, flags: Sequence[str], keywords: Sequence[str]) -> None:
+        """Set ``flags`` (``\\Seen``, ``\\Flagged``) and ``keywords`` on one mail of the
+        selected folder, before it moves (MOVE and COPY keep them). Setting them twice
+        changes nothing. A keyword is a Gmail label where the server offers labels
+        (X-GM-EXT-1), else an IMAP keyword, which a server without ``\\*`` among its
+        PERMANENTFLAGS does not keep (logged, not an error: the mail still moves)."""
+        with self._errors("STORE"):
+            if flags:
+                self.client.add_flags([uid], [f.encode() for f in flags], silent=True)
+            if not keywords:
+                return
+            if self.client.has_capability("X-GM-EXT-1"):
+                self.client.add_gmail_labels([uid], list(keywords), silent=True)
+                return
+            if not self._keeps_keywords:
+                log.warning(
+                    "inbox %s: the server keeps no keywords of ours; %s not set",
+                    self.inbox.name,
+                    ", ".join(keywords),
+                )
+                return
+            self.client.add_flags([uid], [k.encode() for k in keywords], silent=True)
+
+    def copy(self, uid: int, destination: str, *, copied_uid: str = "") -> Moved:
+        """Copy one mail of the selected folder, which stays where it is; a ``copied_uid``
+        recorded by an earlier run that the destination holds is not copied again."""
+        with self._errors(f"COPY to {destination!r}"):
+            if self._selected is None:
+                raise MailboxError(f"inbox {self.inbox.name}: copy without a selected folder")
+            self._folder_ready(destination)
+            if copied_uid and self._holds_uid(destination, copied_uid):
+                return Moved(copied_uid)
+            return self._answered(destination, self._copy(uid, destination))
 
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
         if not uids:
@@ -542,6 +590,14 @@ class Mailbox:
     def exists(self, uid: int) -> bool:
         with self._errors("UID SEARCH"):
             return uid in self.client.search(["UID", str(uid)])
+
+
+def _encoded(criteria: Sequence[object]) -> list[object]:
+    """SEARCH criteria with their text as UTF-8 bytes, nested lists included."""
+    return [
+        _encoded(t) if isinstance(t, list) else t.encode() if isinstance(t, str) else t
+        for t in criteria
+    ]
 
 
 def _new_uid(answers: Sequence[object], uid: int) -> str:

@@ -11,9 +11,13 @@ others, and none changes anything (a missing folder is reported, not created).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
+from mailingest.adapters.imap import Mailbox
+from mailingest.application.pipeline import rules_search
 from mailingest.application.services import Services, Unavailable
 from mailingest.config.settings import InboxSettings, Settings, redact_url
+from mailingest.core import rules
 from mailingest.core.errors import MailingestError
 
 
@@ -44,7 +48,12 @@ def describe(settings: Settings) -> list[Check]:
             ),
         ),
     ]
-    checks += [Check(f"inbox {inbox.name}", True, _inbox_line(inbox)) for inbox in settings.inboxes]
+    for inbox in settings.inboxes:
+        checks.append(Check(f"inbox {inbox.name}", True, _inbox_line(inbox)))
+        checks += [
+            Check(f"inbox {inbox.name} rule {number}", True, rules.describe(rule))
+            for number, rule in enumerate(inbox.rules, 1)
+        ]
     return checks
 
 
@@ -99,6 +108,7 @@ def _inbox(services: Services, inbox: InboxSettings) -> Check:
         with services.naming_failures(), services.mailbox(inbox.name) as mailbox:
             mailbox.select(inbox.folder)
             waiting = len(mailbox.uids_after(0))
+            narrowing = _narrowing(mailbox, inbox)
             missing = [
                 folder
                 for folder in (inbox.processed_folder, inbox.quarantine_folder)
@@ -108,10 +118,19 @@ def _inbox(services: Services, inbox: InboxSettings) -> Check:
         return Check(name, False, f"its XOAUTH2 tokens are kept in Redis: {exc}")
     except MailingestError as exc:
         return Check(name, False, str(exc))
-    detail = f"logged in as {inbox.user}; {inbox.folder} holds {waiting} mail(s)"
+    detail = f"logged in as {inbox.user}; {inbox.folder} holds {waiting} mail(s){narrowing}"
     if missing:
         detail += f"; {', '.join(missing)} will be created at the first move"
     return Check(name, True, detail)
+
+
+def _narrowing(mailbox: Mailbox, inbox: InboxSettings) -> str:
+    """What the server answers to the rules' SEARCH (what a poll will ask it)."""
+    if rules.search_criteria(inbox.rules, datetime.now(UTC).date()) is None:
+        return ""
+    found, ascii_only = rules_search(mailbox, inbox, 0)
+    how = " in ASCII only (the server answered BADCHARSET)" if ascii_only else ""
+    return f"; the rules' search{how} finds {len(found)}"
 
 
 def _alloy(services: Services) -> Check:

@@ -313,6 +313,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "state": r.state,
             "sender": r.sender,
             "entity_source": r.entity_source,
+            "rules": r.rules,
             "reason": r.reason,
             "filed_to": r.filed_to,
             "updated_at": r.updated_at,

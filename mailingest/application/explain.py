@@ -1,17 +1,20 @@
 """``mailingest explain MAIL.eml``: what the inbox would do with one mail, sending nothing.
 
-The same screening and entity resolution a worker runs (``screen_for``, ``entity_of``),
+The same screening, rules and entity resolution a worker runs (``screen_for``, ``ruled``,
+``entity_of``),
 read-only: no IMAP, no Alloy, no ledger write; the sender directory (file, Redis,
 CRM hook) is asked, as a worker would ask it. For an operator who wants to know why a
-mail was (or would be) quarantined, filed partly, or filed on which entity.
+mail was (or would be) quarantined, filed partly, left alone by the rules, or filed on
+which entity, and what the rules would do with it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from mailingest.adapters.senders import SenderResolver
-from mailingest.application.pipeline import entity_of, screen_for
+from mailingest.application.pipeline import entity_of, ruled, screen_for
 from mailingest.config.settings import InboxSettings, Settings
 from mailingest.core.states import MailState
 
@@ -21,13 +24,19 @@ class Explanation:
     inbox: str
     policies: dict[str, str]
     sender: str | None = None
-    outcome: str = ""  # the state it would end in: done (filed as processed) or quarantined
+    outcome: str = ""  # the state it would end in: done (filed), quarantined or ignored
     reason: str = ""  # why quarantined
     entity: str | None = None
     entity_source: str = ""
     documents: list[dict[str, object]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # with rules: those that apply, why the others did not, and what they assign
+    rules: list[str] | None = None
+    passed_over: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    note: str | None = None
+    agent_email: str | None = None
 
 
 def explain(
@@ -38,10 +47,21 @@ def explain(
         {"on_refused_part": inbox.on_refused_part, "forwarded": inbox.forwarded},
     )
     screened = screen_for(settings, inbox, raw)
+    # its age counts from its Date: to now (a worker counts from arrival to fetch)
+    screened, verdict = ruled(inbox, screened, None, datetime.now(UTC))
     out.notes = list(screened.notes)
     out.refused = list(screened.refused)
     mail = screened.mail
     out.sender = mail.sender if mail else None
+    if verdict.ruled:
+        out.rules = [rule.name for rule in verdict.applied]
+        out.passed_over = [f"{name}: {why}" for name, why in verdict.passed_over]
+        out.actions = list(verdict.actions)
+        out.note = verdict.note(inbox.note)
+        out.agent_email = verdict.agent_email(inbox.agent_email)
+        if not verdict.taken:
+            out.outcome, out.reason = MailState.IGNORED, verdict.why_not()
+            return out
     out.documents = [
         {
             "part": doc.spec.index,
@@ -71,6 +91,13 @@ def render(explanation: Explanation) -> str:
     e = explanation
     policies = ", ".join(f"{k} = {v}" for k, v in e.policies.items())
     lines = [f"inbox {e.inbox} ({policies})", f"sender: {e.sender or '-'}"]
+    if e.rules is not None:
+        lines.append(f"rules applied: {', '.join(e.rules) or 'none'}")
+        lines += [f"  passed over: {why}" for why in e.passed_over]
+        if e.rules:
+            lines.append(
+                f"  then: {' + '.join(e.actions)}; note {e.note!r} by {e.agent_email or '-'}"
+            )
     if e.entity:
         lines.append(f"entity: {e.entity} (found by {e.entity_source})")
     for doc in e.documents:
@@ -82,6 +109,8 @@ def render(explanation: Explanation) -> str:
     lines += [f"  note: {note}" for note in e.notes]
     if e.outcome == MailState.QUARANTINED:
         lines.append(f"outcome: quarantined: {e.reason}")
+    elif e.outcome == MailState.IGNORED:
+        lines.append("outcome: left in the inbox untouched (no rule takes it)")
     else:
         count = len(e.documents)
         lines.append(

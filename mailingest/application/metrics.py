@@ -128,6 +128,11 @@ def _m() -> SimpleNamespace:
             "Mails set aside for a person, by kind of reason",
             ["inbox", "reason"],
         ),
+        ignored=Counter(
+            "mailingest_mails_ignored",
+            "Mails no rule of their inbox takes, left in the inbox untouched",
+            ["inbox"],
+        ),
         parts_refused=Counter(
             "mailingest_parts_refused",
             "Parts refused by screening in mails whose other documents were filed, by kind",
@@ -210,6 +215,8 @@ def mail_decided(mail_id: str, state: str, reason: str) -> None:
         _m().quarantined.labels(inbox, reason_kind(reason)).inc()
     elif state == MailState.FAILED:
         _m().failed.labels(inbox).inc()
+    elif state == MailState.IGNORED:
+        _m().ignored.labels(inbox).inc()
 
 
 def part_refused(mail_id: str, reason: str) -> None:

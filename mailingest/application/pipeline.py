@@ -21,19 +21,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis
 
 from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
-from mailingest.adapters.imap import Moved
+from mailingest.adapters.imap import Mailbox, Moved
 from mailingest.adapters.ledger import PlannedDocument
 from mailingest.adapters.ledger.leases import NO_LEASES, step_lease_keys
 from mailingest.adapters.senders import SenderResolver
 from mailingest.application import logs, metrics
 from mailingest.application.services import Context
 from mailingest.config.settings import SEND_GUARD, InboxSettings, Settings
-from mailingest.core import decisions, reply_address
+from mailingest.core import decisions, reply_address, rules
 from mailingest.core.decisions import (
     After,
     Ingest,
@@ -57,6 +58,7 @@ from mailingest.core.errors import (
     MailError,
     MailingestError,
     ResolverError,
+    SearchCharsetError,
 )
 from mailingest.core.mail import ParsedMail, document_payload, message_key
 from mailingest.core.records import DocumentRecord, MailRecord, MailRef, Slot
@@ -153,7 +155,7 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
         # mails are in flight, oldest first. A backlog of 10,000 is staged in Redis a
         # slice at a time, not all at once; the rest waits in the mailbox, where it is safe.
         room = settings.poll_limit - ctx.ledger.in_flight(inbox.name)
-        uids = box.uids_after(watermark)[: max(0, room)]
+        uids = _new_uids(ctx, inbox, box, validity, watermark)[: max(0, room)]
         sizes = box.sizes(uids)
         # a mail over the size limit is recorded and quarantined without fetching its body
         too_big = [u for u in uids if sizes.get(u, 0) > settings.limits.max_message_bytes]
@@ -197,6 +199,36 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
             if still_there or time.monotonic() > deadline:
                 break
     return validity, found
+
+
+def _new_uids(
+    ctx: Context, inbox: InboxSettings, box: Mailbox, validity: int, watermark: int
+) -> list[int]:
+    """The UIDs above the watermark some rule of the inbox could take (all of them
+    without rules). When the rules' search finds none, the watermark passes every mail
+    there was before it: what no rule takes is not searched again at every poll."""
+    if rules.search_criteria(inbox.rules, datetime.now(UTC).date()) is None:
+        return box.uids_after(watermark)
+    everything = box.uids_after(watermark)  # first: a mail that comes later is not passed
+    found, _ = rules_search(box, inbox, watermark)
+    if not found and everything:
+        ctx.ledger.advance_watermark(inbox.name, inbox.folder, validity, everything[-1])
+    return found
+
+
+def rules_search(box: Mailbox, inbox: InboxSettings, watermark: int) -> tuple[list[int], bool]:
+    """The UIDs above the watermark that the server finds for the inbox's rules (a
+    superset of what they take: rules.search_criteria), and whether it had to search
+    in ASCII alone (it answered ``BADCHARSET`` to UTF-8); the rules decide on each
+    fetched mail what the server could not."""
+    today = datetime.now(UTC).date()
+    narrow = rules.search_criteria(inbox.rules, today)
+    try:
+        return box.uids_after(watermark, narrow), False
+    except SearchCharsetError as exc:
+        log.info("inbox %s: %s; searching in ASCII, the rules decide the rest", inbox.name, exc)
+        narrow = rules.search_criteria(inbox.rules, today, ascii_only=True)
+        return box.uids_after(watermark, narrow), True
 
 
 def sweep_policy(settings: Settings) -> SweepPolicy:
@@ -345,6 +377,8 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
     mail = screened.mail
     if mail is not None:
         logs.correlate(message_id=mail.message_id)
+        screened, verdict = ruled(inbox, screened, *_times(record))
+        note, agent = verdict.note(inbox.note), verdict.agent_email(inbox.agent_email)
         ctx.ledger.update(
             mail_id,
             message_id=mail.message_id or "",
@@ -352,7 +386,13 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
             subject=(mail.subject or "")[:200],
             skipped=len(mail.skipped),
             refused_parts="; ".join(screened.refused)[:2000],
+            rules=verdict.names,
+            actions=",".join(verdict.actions) if verdict.ruled else "",
+            note=note if verdict.ruled else "",
+            agent_email=(agent or "") if verdict.ruled else "",
         )
+        if not verdict.taken:
+            return _ignore(ctx, mail_id, verdict.why_not())
     if screened.refusal is not None or mail is None:
         return quarantine(ctx, mail_id, screened.refusal or "cannot parse the mail")
     if not mail.sender:
@@ -380,6 +420,36 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
         "; ".join(screened.notes) or "nothing skipped",
     )
     return _pending_steps(ctx, mail_id, len(planned))
+
+
+def _times(record: MailRecord) -> tuple[datetime | None, datetime]:
+    """When the mail arrived (the server's INTERNALDATE) and when it was fetched."""
+    arrived = None
+    with suppress(ValueError):
+        arrived = datetime.fromisoformat(record.internaldate).astimezone(UTC)
+    return arrived, datetime.fromtimestamp(record.created_at / 1000, UTC)
+
+
+def _ignore(ctx: Context, mail_id: str, reason: str) -> list[Step]:
+    """No rule of the inbox takes the mail: it stays where it is, as it is."""
+    if ctx.ledger.transition(
+        mail_id, MailState.IGNORED, allowed=(MailState.PARSING,), reason=reason
+    ):
+        log.info("mail %s left in the inbox: %s", mail_id, reason)
+        ctx.ledger.drop_staged(mail_id, 0)
+    return []
+
+
+def ruled(
+    inbox: InboxSettings, screened: Screened, arrived: datetime | None, fetched: datetime
+) -> tuple[Screened, rules.Verdict]:
+    """What the inbox's rules decide for a parsed mail, and its documents as they take
+    them (filtered by filename, typed)."""
+    if screened.mail is None:
+        return screened, rules.NO_RULES
+    facts = rules.facts_of(screened.mail, arrived=arrived, fetched=fetched)
+    verdict = rules.decide(inbox.rules, facts)
+    return rules.applied_to(screened, verdict), verdict
 
 
 def screen_for(settings: Settings, inbox: InboxSettings, raw: bytes) -> Screened:
@@ -530,14 +600,15 @@ def _describe_locked(ctx: Context, record: MailRecord, doc: DocumentRecord) -> l
         # from the record, so it is not sent late; it was never sent, so it is not in doubt
         ctx.ledger.attempt_failed(slot, doubt, attempt.attempt_id)
         raise Busy(f"document {index}: stalled before sending its describe; trying again")
+    note, agent = authorship(inbox, record)
     try:
         answer = ctx.alloy.describe(
             record.entity,
             name=doc.name,
             extension=doc.extension,
             type=doc.type,
-            note=inbox.note,
-            note_author_agent_email=inbox.agent_email,
+            note=note,
+            note_author_agent_email=agent,
             turn_taken=True,
         )
     except AlloyRejected as exc:
@@ -588,6 +659,12 @@ def _wait_for_others(ctx: Context, doubt: str, slot: Slot, index: int) -> None:
         )
 
 
+def authorship(inbox: InboxSettings, record: MailRecord) -> tuple[str, str | None]:
+    """The note a mail's documents are described with and its author: what its inbox's
+    rules assigned it (recorded when it was parsed), else the inbox's own."""
+    return record.note or inbox.note, record.agent_email or inbox.agent_email
+
+
 def _adopt(
     ctx: Context,
     record: MailRecord,
@@ -602,9 +679,8 @@ def _adopt(
     its name is still being described (it may be theirs)."""
     listing = ctx.alloy.list(record.entity)
     claimed = ctx.ledger.claimed([found.token for found in listing])
-    for found in adoption_candidates(
-        listing, doc, note=inbox.note, agent_email=inbox.agent_email, claimed=claimed
-    ):
+    note, agent = authorship(inbox, record)
+    for found in adoption_candidates(listing, doc, note=note, agent_email=agent, claimed=claimed):
         if found.uploaded:  # ours only if Alloy holds exactly our bytes
             held = ctx.alloy.download(record.entity, found.token)
             if hashlib.sha256(held).hexdigest() != doc.sha256:
@@ -818,13 +894,20 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                 return []
             moved = Moved(missed=True)
             if where.present:
+                actions = rules.imap_actions(record.actions)
+                if actions.flags or actions.keywords:
+                    box.mark(record.ref.uid, actions.flags, actions.keywords)
                 ctx.ledger.update(mail_id, moving_to=target)
-                moved = box.move(
-                    record.ref.uid,
-                    target,
-                    copied_uid=record.copied_uid if record.moving_to == target else "",
-                    on_copied=lambda copied: ctx.ledger.update(mail_id, copied_uid=copied),
-                )
+                copied_uid = record.copied_uid if record.moving_to == target else ""
+                if actions.copy:
+                    moved = box.copy(record.ref.uid, target, copied_uid=copied_uid)
+                else:
+                    moved = box.move(
+                        record.ref.uid,
+                        target,
+                        copied_uid=copied_uid,
+                        on_copied=lambda copied: ctx.ledger.update(mail_id, copied_uid=copied),
+                    )
             if moved.missed:
                 # moved by an earlier run that died before recording it, or by a person
                 # (also between our look and the move): filed only if this very mail
@@ -872,24 +955,24 @@ def _orphans(
     inbox = ctx.settings.inbox(record.ref.inbox)
     listing = [found for found in ctx.alloy.list(record.entity) if not found.uploaded]
     claimed = ctx.ledger.claimed([found.token for found in listing])
+    note, agent = authorship(inbox, record)
     return [
         Step("describe", record.id, doc.index)
         for doc in never
-        if adoption_candidates(
-            listing, doc, note=inbox.note, agent_email=inbox.agent_email, claimed=claimed
-        )
+        if adoption_candidates(listing, doc, note=note, agent_email=agent, claimed=claimed)
     ]
 
 
 def replay(ctx: Context, mail_id: str) -> list[Step]:
-    """Send a failed, quarantined or partly filed mail through again.
+    """Send a failed, quarantined, partly filed or ignored mail through again.
 
     A failed mail still sits in the inbox: it is re-run from where it stopped
     (documents already uploaded stay uploaded). A quarantined mail not yet moved
     is parsed again in place. One already in the quarantine folder, or a mail filed
     as processed with parts refused (the refusal fixed since: a limit raised, a type
     allowed), is moved back into the inbox, where the next poll picks it up as new
-    mail; documents it already uploaded are recognised and not uploaded again.
+    mail; documents it already uploaded are recognised and not uploaded again. An
+    ignored mail (its inbox's rules changed since) is parsed again in place.
     """
     record = ctx.ledger.mail(mail_id)
     if record is None:
@@ -906,6 +989,9 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
             )
             return _pending_steps(ctx, mail_id, record.documents)
         ctx.ledger.transition(mail_id, MailState.QUEUED, allowed=(MailState.FAILED,), reason="")
+        return [Step("ingest", mail_id)]
+    if record.state == MailState.IGNORED:  # the rules changed: still in the inbox
+        ctx.ledger.transition(mail_id, MailState.QUEUED, allowed=(MailState.IGNORED,), reason="")
         return [Step("ingest", mail_id)]
     if record.state == MailState.QUARANTINED:
         # an operator replays a mail once the cause is fixed: uploads Alloy refused are

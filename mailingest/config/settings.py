@@ -41,6 +41,7 @@ from mailingest.config.table import (
     valid_names,
 )
 from mailingest.core.errors import ConfigError
+from mailingest.core.rules import Rule, RuleError, parse_rules
 from mailingest.core.screening import Limits
 from mailingest.core.sender_auth import AuthPolicy
 
@@ -105,6 +106,8 @@ class InboxSettings:
     forwarders: frozenset[str] = frozenset()
     # the address customers write to, on which signed reply addresses are made
     reply_address: str | None = None
+    # which mail it takes and what follows (mailingest.core.rules); none: every mail
+    rules: tuple[Rule, ...] = ()
     # where a missing value is named in errors: "" for the environment, else the file's table
     origin: str = field(default="", compare=False)
 
@@ -534,6 +537,7 @@ def load_settings(
     config_text = (environ.get(PREFIX + "CONFIG") or "").strip()
     top: Layer = {}
     tables: list[tuple[str, Layer]] = []
+    rules: dict[str, tuple[Rule, ...]] = {}
     config_path: Path | None = None
     if config_text:
         try:
@@ -542,7 +546,7 @@ def load_settings(
             problems.add(exc.variable, exc.problem)
             # without the file's inboxes, what else is wrong or missing cannot be told
             raise ConfigError.of(problems.found) from None
-        top, tables = _file_layers(config_path, data, problems)
+        top, tables, rules = _file_layers(config_path, data, problems)
         if len(tables) > 1:
             for key in _ONE_INBOX_ONLY:
                 for form in (PREFIX + key, PREFIX + key + "_FILE"):
@@ -558,7 +562,7 @@ def load_settings(
     inbox_list: list[InboxSettings] = []
     for label, layer in tables or [("", {})]:
         inbox_env = _Env(_overlay(_overlay(top, layer), env_layer), problems, label)
-        inbox_list.append(_inbox(inbox_env, label))
+        inbox_list.append(replace(_inbox(inbox_env, label), rules=rules.get(label, ())))
     _check_inboxes(inbox_list, settings.staging_key, env)
     settings = replace(settings, inboxes=tuple(inbox_list), config_file=config_path)
     problems.found += _missing(settings, require, frozenset(problems.failed))
@@ -568,10 +572,15 @@ def load_settings(
 
 def _file_layers(
     path: Path, data: dict[str, object], problems: Problems
-) -> tuple[Layer, list[tuple[str, Layer]]]:
-    """The file's top level, and each ``[[inboxes]]`` table with how errors name it."""
+) -> tuple[Layer, list[tuple[str, Layer]], dict[str, tuple[Rule, ...]]]:
+    """The file's top level, each ``[[inboxes]]`` table with how errors name it, and
+    the rules of each (``[[inboxes.rules]]``, by that name)."""
     where, base_dir = path.name, path.resolve().parent
     inboxes = data.pop("inboxes", [])
+    if "rules" in data:
+        data.pop("rules")
+        problems.add(f"{where}: rules", "belong to an inbox: [[inboxes.rules]]")
+    all_rules: dict[str, tuple[Rule, ...]] = {}
     if not isinstance(inboxes, list) or not all(isinstance(t, dict) for t in inboxes):
         problems.add(f"{where}: inboxes", "must be a list of tables ([[inboxes]])")
         inboxes = []
@@ -590,12 +599,17 @@ def _file_layers(
         table = dict(declared)
         name = table.pop("name", None)
         label = f"{where}: inboxes[{name if isinstance(name, str) else number}]"
+        if "rules" in table:
+            try:
+                all_rules[label] = parse_rules(table.pop("rules"), f"{label}.rules")
+            except RuleError as exc:
+                problems.add(exc.where, exc.problem)
         layer = _file_layer(table, label, base_dir, problems)
         _refuse_shared_keys(layer, problems)
         if name is not None:
             layer[PREFIX + "INBOX_NAME"] = (str(name), f"{label}.name")
         tables.append((label, layer))
-    return top, tables
+    return top, tables, all_rules
 
 
 def _refuse_shared_keys(layer: Layer, problems: Problems) -> None:

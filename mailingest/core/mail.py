@@ -56,12 +56,13 @@ import email
 import email.message
 import email.policy
 import hashlib
+import html as html_lib
 import logging
 import mimetypes
 import quopri
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import collapse_rfc2231_value, getaddresses
 from typing import TypeVar
@@ -134,6 +135,9 @@ class ParsedMail:
     forwarded_senders: tuple[str | None, ...] = ()
     # every address it was sent to (To, Cc, Delivered-To, X-Original-To), as written
     recipients: tuple[str, ...] = ()
+    # the text body (the plain text, else the HTML's text), its first BODY_TEXT_LIMIT
+    # characters: what an inbox rule's body filter reads, never logged nor stored
+    body: str = field(default="", repr=False)
 
     @property
     def own_documents(self) -> bool:
@@ -237,6 +241,7 @@ def parse_mail(
         defects=defects.as_tuple(),
         forwarded_senders=tuple(senders),
         recipients=_recipients(message),
+        body=_or_default(lambda: _body_text(parser), ""),
     )
 
 
@@ -272,6 +277,19 @@ def _first(value: object) -> str:
     if isinstance(value, list):
         value = value[0] if value else ""
     return "" if value is None else str(value)
+
+
+BODY_TEXT_LIMIT = 64 * 1024
+_TAG = re.compile(r"<[^>]{0,2000}>")
+
+
+def _body_text(parser: mailparser.MailParser) -> str:
+    """The mail's own text: its plain-text body, else its HTML body without tags."""
+    plain = "\n".join(parser.text_plain or [])
+    if plain.strip():
+        return plain[:BODY_TEXT_LIMIT]
+    html = "\n".join(parser.text_html or [])[: BODY_TEXT_LIMIT * 4]
+    return html_lib.unescape(_TAG.sub(" ", html))[:BODY_TEXT_LIMIT]
 
 
 def _subject(parser: mailparser.MailParser) -> str:

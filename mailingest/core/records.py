@@ -63,6 +63,13 @@ class MailRecord:
     # how the entity was found: the resolver's source ("directory", "crm", ...), and
     # "forwarded by <agent>" when it is the forwarded mail's own sender's
     entity_source: str = ""
+    # what the inbox's rules decided (mailingest.core.rules): the rules applied, ", "
+    # joined, the actions after filing, "," joined, and the note and agent the
+    # documents are described with ("" for each: the inbox's own)
+    rules: str = ""
+    actions: str = ""
+    note: str = ""
+    agent_email: str = ""
 
     @property
     def id(self) -> str:
@@ -93,6 +100,10 @@ class MailRecord:
             moving_to=h.get("moving_to", ""),
             refused_parts=h.get("refused_parts", ""),
             entity_source=h.get("entity_source", ""),
+            rules=h.get("rules", ""),
+            actions=h.get("actions", ""),
+            note=h.get("note", ""),
+            agent_email=h.get("agent_email", ""),
         )
 
 

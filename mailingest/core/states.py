@@ -22,6 +22,7 @@ class MailState(StrEnum):
     QUARANTINED = "quarantined"  # cannot be handled (``reason``): filed to Quarantine
     FAILED = "failed"  # retries exhausted: stays in the inbox, retried later
     REPLAYED = "replayed"  # a filed quarantined or partly filed mail sent back (a new mail)
+    IGNORED = "ignored"  # no rule of its inbox takes it (``reason``): left there untouched
 
 
 class DocumentState(StrEnum):
@@ -44,7 +45,7 @@ IN_FLIGHT: tuple[MailState, ...] = (
 # decided: the mail leaves the inbox (``finish``) to Processed or Quarantine
 DECIDED: tuple[MailState, ...] = (MailState.DONE, MailState.QUARANTINED)
 # a move here is counted once by the metrics (the ledger tells ``on_decided``)
-COUNTED: tuple[MailState, ...] = (*DECIDED, MailState.FAILED)
+COUNTED: tuple[MailState, ...] = (*DECIDED, MailState.FAILED, MailState.IGNORED)
 
 # Which state may go to which. A move to the same state rewrites the record's fields
 # (a retried ingest clears its reason; a failed mail gets a newer reason); a mail enters
@@ -57,6 +58,7 @@ TRANSITIONS: Mapping[MailState, frozenset[MailState]] = {
             MailState.DOCUMENTS_PENDING,
             MailState.QUARANTINED,
             MailState.FAILED,
+            MailState.IGNORED,
         }
     ),
     MailState.DOCUMENTS_PENDING: frozenset(
@@ -77,6 +79,8 @@ TRANSITIONS: Mapping[MailState, frozenset[MailState]] = {
         }
     ),
     MailState.REPLAYED: frozenset(),
+    # the rules changed since: run again in place (it never left the inbox)
+    MailState.IGNORED: frozenset({MailState.QUEUED}),
 }
 INITIAL = MailState.QUEUED
 
