@@ -360,3 +360,17 @@ def test_describe_says_what_a_rule_does_in_one_line() -> None:
     assert "type utility" in line and "copy + mark_read + keyword:Filed" in line
     assert line.endswith("stop")
     assert rules.describe(rest).startswith("everything else: every mail -> type passport")
+
+
+def test_the_readme_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    """The complete example of README.md's rules section loads as it is written."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Which mail an inbox takes: rules", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = tmp_path / "mailingest.toml"
+    config.write_text('redis_url = "redis://localhost:1/0"\n' + example, encoding="utf-8")
+    settings = load_settings({"MAILINGEST_CONFIG": str(config)})
+    bank, customers = settings.inbox("kyc").rules
+    assert bank.stop and bank.actions == ("copy", "mark_read", "keyword:Filed")
+    assert bank.filters["subject"][1].matches("Ihr Kontoauszug  12")
+    assert customers.actions == ("move", "flag") and len(customers.types) == 3

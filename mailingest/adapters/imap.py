@@ -43,6 +43,10 @@ from mailingest.core.rules import needs_charset
 
 log = logging.getLogger(__name__)
 
+# the charset of a SEARCH whose text is not ASCII (RFC 3501 servers must know UTF-8; one
+# that does not answers BADCHARSET, and is asked again in ASCII)
+SEARCH_CHARSET = "UTF-8"
+
 # imapclient logs whole protocol exchanges (mail bodies, attachments) at DEBUG:
 # never let them into our logs, whatever the log level
 logging.getLogger("imapclient").setLevel(logging.INFO)
@@ -395,7 +399,7 @@ class Mailbox:
         try:
             with self._errors("UID SEARCH"):
                 # as bytes: imapclient encodes nested criteria as ASCII whatever the charset
-                uids = self.client.search(_encoded(criteria), "UTF-8" if utf8 else None)
+                uids = self.client.search(_encoded(criteria), SEARCH_CHARSET if utf8 else None)
         except MailboxError as exc:
             if utf8 and "BADCHARSET" in str(exc).upper():
                 raise SearchCharsetError(str(exc)) from None

@@ -46,6 +46,7 @@ DONE = MailState.DONE
 QUARANTINED = MailState.QUARANTINED
 FAILED = MailState.FAILED
 REPLAYED = MailState.REPLAYED
+IGNORED = MailState.IGNORED
 PLANNED = DocumentState.PLANNED
 DESCRIBED = DocumentState.DESCRIBED
 UPLOADED = DocumentState.UPLOADED
@@ -63,6 +64,7 @@ __all__ = [
     "DOCUMENTS_PENDING",
     "DONE",
     "FAILED",
+    "IGNORED",
     "IN_FLIGHT",
     "LOST",
     "MAIL_STATES",
