@@ -154,6 +154,48 @@ def test_a_forwarded_mail_reaches_alloy_by_the_inbox_policy(
         assert sandbox.state.download(ENTITY, docs[0]["document_token"]) == CONTRACT
 
 
+@pytest.mark.servers
+def test_forwards_nested_twice_with_and_without_attachments_on_the_real_servers(
+    env: dict[str, str], imap: ImapServer, sandbox: SandboxServer, senders_file: Path
+) -> None:
+    """A forward of a forward with a passport inside and a contract beside it: both
+    reach Alloy under their own names, each once, also under "both" (with the two
+    .eml beside them); a forward of a forward with no attachment anywhere is
+    quarantined saying the forwarded mail had none."""
+    senders_file.write_text(f"email,entity_token\n{SENDER},{ENTITY}\n", encoding="utf-8")
+    passport = message("dana@example.com", "My passport", (PASSPORT, "image/jpeg", "pass.jpg"))
+    once = forward(passport, "Fwd: My passport", sender="agent@support.example")
+    once.add_attachment(CONTRACT, maintype="application", subtype="pdf", filename="c.pdf")
+    bare = forward(message("dana@example.com", "Question"), "Fwd: Question")
+    deliver(
+        imap,
+        [
+            customer_mail(forward(once, "Fwd: Fwd: My passport")),
+            customer_mail(forward(bare, "Fwd: Fwd: Question")),
+        ],
+    )
+    summary = poll_once_on(env)
+    with_docs, without = summary.mails
+    assert with_docs.state == L.DONE, with_docs
+    assert without.state == L.QUARANTINED
+    assert without.reason.startswith("no documents attached")
+    assert "forwarded message without attachments" in without.reason
+    docs = {f"{d['name']}.{d['extension']}": d for d in sandbox.state.list(ENTITY)}
+    assert sorted(docs) == ["c.pdf", "pass.jpg"]
+    assert sandbox.state.download(ENTITY, docs["pass.jpg"]["document_token"]) == PASSPORT
+
+    # the same mail again under "both": the two .eml beside the documents already filed
+    deliver(imap, [customer_mail(forward(once, "Fwd: Fwd: My passport"))])
+    (again,) = poll_once_on(env, forwarded="both").mails
+    assert again.state == L.DONE, again
+    assert sorted(f"{d['name']}.{d['extension']}" for d in sandbox.state.list(ENTITY)) == [
+        "Fwd: My passport.eml",
+        "My passport.eml",
+        "c.pdf",
+        "pass.jpg",
+    ]
+
+
 # -- an agent forwards a customer's mail (FORWARDERS) -----------------------------------
 
 AGENT = "agent@support.example"
