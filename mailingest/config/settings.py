@@ -31,6 +31,7 @@ from mailingest.adapters.encryption import Sealer, SealingError
 from mailingest.config.secret import Secret
 from mailingest.config.table import (
     BY_NAME,
+    EMAIL,
     INBOX_KEYS,
     PREFIX,
     default,
@@ -47,7 +48,6 @@ from mailingest.core.sender_auth import AuthPolicy
 
 DEFAULT_NOTE = str(default("NOTE"))
 DEFAULT_ALLOY_URL = str(default("ALLOY_URL"))
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _INBOX_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # Token endpoints of the two providers most support mailboxes live on; any other
@@ -394,7 +394,7 @@ class _Env:
 
     def email(self, name: str) -> str | None:
         value = self.raw(name)
-        if value is not None and not _EMAIL.match(value):
+        if value is not None and not EMAIL.fullmatch(value):
             self.fail(name, f"must be an e-mail address, got {value!r}")
             return None
         return value.lower() if value else None
@@ -704,7 +704,7 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
 
 def _forwarders(env: _Env) -> frozenset[str]:
     addresses = [a.lower() for a in env.list("FORWARDERS")]
-    wrong = [a for a in addresses if not _EMAIL.match(a)]
+    wrong = [a for a in addresses if not EMAIL.fullmatch(a)]
     if wrong:
         env.fail("FORWARDERS", f"must be e-mail addresses, got {', '.join(map(repr, wrong))}")
     return frozenset(addresses)

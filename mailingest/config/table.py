@@ -22,6 +22,8 @@ from typing import Literal
 from mailingest.core.sniff import ALLOWED_KINDS
 
 PREFIX = "MAILINGEST_"
+# what an e-mail address setting (an agent, a forwarder, a rule's agent) must look like
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 KiB = 1024
 MiB = 1024 * KiB
 DAY = 86400

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 
+from mailingest.config.table import EMAIL
 from mailingest.core.documents import DOCUMENT_TYPES
 from mailingest.core.mail import ParsedMail
 from mailingest.core.screening import Document as ScreenedDocument
@@ -67,7 +68,6 @@ _KEYS = frozenset(
 # an IMAP keyword is an atom (RFC 3501): no space, no ()"{%*\] and no control character
 _ATOM = re.compile(r"[!#$&'+\-./0-9:;<=>?@A-Z^_`a-z|}~]{1,64}")
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _AGE = re.compile(r"(\d+)\s*([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _GLOB = re.compile(r"[*?]")
@@ -485,7 +485,7 @@ def _text(table: Mapping[str, object], key: str, where: str) -> str | None:
 
 def _email(table: Mapping[str, object], where: str) -> str | None:
     value = _text(table, "agent_email", where)
-    if value is not None and not _EMAIL.fullmatch(value):
+    if value is not None and not EMAIL.fullmatch(value):
         raise RuleError(f"{where}.agent_email", f"must be an e-mail address, got {value!r}")
     return value
 
