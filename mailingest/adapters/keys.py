@@ -132,6 +132,21 @@ def oauth_lock(inbox: str) -> str:
     return f"{NS}:lock:oauth:{inbox}"
 
 
+def reply(message_key: str, kind: str) -> str:
+    """The reply of ``kind`` to every delivery and replay of one mail (its message key)."""
+    digest = hashlib.sha256(message_key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return f"{NS}:reply:{kind}:{digest}"
+
+
+def reply_rate(kind: str, address: str) -> str:
+    """How many replies of ``kind`` went to ``address`` in the current window."""
+    digest = hashlib.sha256(address.lower().encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return f"{NS}:reply-rate:{kind}:{digest}"
+
+
+REPLIES_DUE = f"{NS}:replies-due"
+
+
 def as_text(value: object) -> str:
     """A Redis reply (bytes, or str with ``decode_responses``) as text."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -20,6 +20,7 @@ IO_TASKS = (
     "mailingest.describe_document",
     "mailingest.upload_document",
     "mailingest.finish_message",
+    "mailingest.reply_to_sender",
 )
 
 # Sending a task (a step queuing the next one, beat's polls) rides out a broker outage of

@@ -133,6 +133,12 @@ def _m() -> SimpleNamespace:
             "Mails no rule of their inbox takes, left in the inbox untouched",
             ["inbox"],
         ),
+        replies=Counter(
+            "mailingest_replies",
+            "Replies to customers by kind, sent, suppressed (not sent: a robot, a list, "
+            "an unauthenticated sender, the rate limit) or failed",
+            ["inbox", "kind", "outcome"],
+        ),
         parts_refused=Counter(
             "mailingest_parts_refused",
             "Parts refused by screening in mails whose other documents were filed, by kind",
@@ -217,6 +223,11 @@ def mail_decided(mail_id: str, state: str, reason: str) -> None:
         _m().failed.labels(inbox).inc()
     elif state == MailState.IGNORED:
         _m().ignored.labels(inbox).inc()
+
+
+def reply_outcome(inbox: str, kind: str, outcome: str) -> None:
+    """A reply to a customer was sent, suppressed (and not sent) or failed."""
+    _m().replies.labels(inbox, kind, outcome).inc()
 
 
 def part_refused(mail_id: str, reason: str) -> None:

@@ -32,9 +32,10 @@ from mailingest.adapters.ledger import PlannedDocument
 from mailingest.adapters.ledger.leases import NO_LEASES, step_lease_keys
 from mailingest.adapters.senders import SenderResolver
 from mailingest.application import logs, metrics
+from mailingest.application import replies as reply_step
 from mailingest.application.services import Context
 from mailingest.config.settings import SEND_GUARD, InboxSettings, Settings
-from mailingest.core import decisions, reply_address, rules
+from mailingest.core import decisions, replies, reply_address, rules
 from mailingest.core.decisions import (
     After,
     Ingest,
@@ -57,6 +58,7 @@ from mailingest.core.errors import (
     MailboxError,
     MailError,
     MailingestError,
+    ReplyError,
     ResolverError,
     SearchCharsetError,
 )
@@ -390,6 +392,8 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
             actions=",".join(verdict.actions) if verdict.ruled else "",
             note=note if verdict.ruled else "",
             agent_email=(agent or "") if verdict.ruled else "",
+            message_key=message_key(raw, mail.message_id),
+            **_reply_facts(inbox, screened, raw),
         )
         if not verdict.taken:
             return _ignore(ctx, mail_id, verdict.why_not())
@@ -428,6 +432,19 @@ def _times(record: MailRecord) -> tuple[datetime | None, datetime]:
     with suppress(ValueError):
         arrived = datetime.fromisoformat(record.internaldate).astimezone(UTC)
     return arrived, datetime.fromtimestamp(record.created_at / 1000, UTC)
+
+
+def _reply_facts(inbox: InboxSettings, screened: Screened, raw: bytes) -> dict[str, str]:
+    """What the mail's reply needs of its headers, which are gone once it is filed."""
+    if inbox.replies is None:
+        return {}
+    headers = replies.headers_of(raw)
+    block = replies.suppressed(
+        headers,
+        authenticated=screened.authenticated is True,
+        ours=replies.Ours(inbox.replies.from_address, inbox.replies.domain),
+    )
+    return {"reply_block": block or "", "references": replies.references(headers)[:2000]}
 
 
 def _ignore(ctx: Context, mail_id: str, reason: str) -> list[Step]:
@@ -886,12 +903,13 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
         with ctx.imap(inbox.name) as box:
             where = box.select_mail(folder, record.ref.uid, size=record.size)
             if where.uidvalidity != record.ref.uidvalidity:
-                ctx.ledger.filed(
+                return _filed(
+                    ctx,
+                    inbox,
                     mail_id,
                     "-",
                     reason=with_note(record.reason, f"not moved: UIDVALIDITY of {folder} changed"),
                 )
-                return []
             moved = Moved(missed=True)
             if where.present:
                 actions = rules.imap_actions(record.actions)
@@ -918,9 +936,11 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                     internaldate=record.internaldate,
                     message_id=record.message_id,
                 ):
-                    ctx.ledger.filed(mail_id, target)
+                    steps = _filed(ctx, inbox, mail_id, target)
                 else:
-                    ctx.ledger.filed(
+                    steps = _filed(
+                        ctx,
+                        inbox,
                         mail_id,
                         "-",
                         reason=with_note(
@@ -929,12 +949,25 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                         ),
                     )
                 ctx.ledger.drop_staged(mail_id, record.documents)
-                return []
+                return steps
         # the new UID as the answer named it: where the mail is, for a replay or a person
-        ctx.ledger.filed(mail_id, target, **({"copied_uid": moved.to} if moved.to else {}))
+        steps = _filed(
+            ctx, inbox, mail_id, target, **({"copied_uid": moved.to} if moved.to else {})
+        )
         ctx.ledger.drop_staged(mail_id, record.documents)
     log.info("mail %s moved to %s", mail_id, target)
-    return []
+    return steps
+
+
+def _filed(
+    ctx: Context, inbox: InboxSettings, mail_id: str, folder: str, **fields: object
+) -> list[Step]:
+    """Record the decided mail filed; its reply, when the inbox sends replies, is due
+    (noted first: a run that dies between the two leaves it due, not forgotten)."""
+    if inbox.replies is not None:
+        ctx.ledger.reply_due(mail_id)
+    ctx.ledger.filed(mail_id, folder, **fields)
+    return [Step("reply", mail_id)] if inbox.replies is not None else []
 
 
 def _orphans(
@@ -1067,7 +1100,9 @@ def recover(
         step,
         error,
         tries,
-        retryable=retryable or isinstance(error, RETRYABLE),
+        retryable=retryable
+        or isinstance(error, RETRYABLE)
+        or (isinstance(error, ReplyError) and error.retryable),
         policy=ctx.policy,
     )
     if after.action == After.RETRY:
@@ -1080,6 +1115,9 @@ def recover(
         return Recovery(None, give_up(ctx, step, error))
     if after.action == After.KEEP_DECIDED:
         log.error("mail %s: %s: %s", step.mail_id, after.reason, error)
+        return Recovery(None, [])
+    if after.action == After.REPLY_FAILED:
+        reply_step.give_up(ctx, step.mail_id, after.reason)
         return Recovery(None, [])
     if after.action == After.UNEXPECTED:
         log.error("%s %s: unexpected error", step.task, step.mail_id, exc_info=error)
@@ -1122,7 +1160,13 @@ def _give_up_document(
     return named, True
 
 
-STEPS = {"ingest": ingest, "describe": describe, "upload": upload, "finish": finish}
+STEPS = {
+    "ingest": ingest,
+    "describe": describe,
+    "upload": upload,
+    "finish": finish,
+    "reply": reply_step.reply,
+}
 
 
 def run_step(ctx: Context, step: Step) -> list[Step]:

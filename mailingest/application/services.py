@@ -66,6 +66,13 @@ class Context:
         """Who the senders of this inbox's mail are."""
         return self.resolvers[inbox_name]
 
+    def reply_tokens(self, inbox_name: str) -> TokenSource | None:
+        """The access tokens the inbox's SMTP login uses (its IMAP grant's), if any."""
+        replies = self.settings.inbox(inbox_name).replies
+        if replies is None or replies.auth != "xoauth2":
+            return None
+        return self.services.tokens(inbox_name)
+
     # kept connections per inbox: one per thread at most (a thread-pool worker runs
     # several steps at once; list.pop and append are atomic)
     connections: dict[str, list[Mailbox]] = field(default_factory=dict, repr=False)

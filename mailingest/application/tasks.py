@@ -165,9 +165,15 @@ def finish_message(self: Task[Any, Any], mail_id: str) -> None:
     _run(self, Step("finish", mail_id))
 
 
+@app.task(name="mailingest.reply_to_sender", bind=True)
+def reply_to_sender(self: Task[Any, Any], mail_id: str) -> None:
+    _run(self, Step("reply", mail_id))
+
+
 TASKS = {
     "ingest": ingest_message,
     "describe": describe_document,
     "upload": upload_document,
     "finish": finish_message,
+    "reply": reply_to_sender,
 }

@@ -47,6 +47,7 @@ SECTIONS: dict[Section, str] = {
     "redis": "Redis: broker, ledger, staged documents, RedBeat lock, rate limit, OAuth tokens",
     "inbox": "The inbox (one here; several: MAILINGEST_CONFIG), and its OAuth login",
     "senders": "Who the senders are (docs/security.md)",
+    "replies": "Replies to customers (off unless MAILINGEST_REPLIES is set)",
     "alloy": "Alloy",
     "screening": "What a mail may be (docs/security.md)",
     "operations": "Operations (docker-compose.yml sets the worker's METRICS_PORT=9808)",

@@ -42,6 +42,7 @@ from mailingest.config.table import (
     valid_names,
 )
 from mailingest.core.errors import ConfigError
+from mailingest.core.replies import KINDS as REPLY_KINDS
 from mailingest.core.rules import Rule, RuleError, parse_rules
 from mailingest.core.screening import Limits
 from mailingest.core.sender_auth import AuthPolicy
@@ -71,6 +72,31 @@ class OAuthSettings:
     refresh_token: Secret
     scope: str | None = None
     ca_file: Path | None = None  # trust this CA for the token endpoint's certificate
+
+
+@dataclass(frozen=True)
+class ReplySettings:
+    """The replies an inbox sends its customers, and the SMTP server it sends them by."""
+
+    kinds: frozenset[str]  # of mailingest.core.replies.KINDS
+    host: str
+    port: int
+    security: str  # ssl, starttls or plain
+    user: str | None
+    password: Secret | None
+    auth: str  # password or xoauth2 (the inbox's OAuth grant)
+    ca_file: Path | None
+    from_address: str
+    from_name: str
+    language: str
+    templates: Path | None  # the operator's own, over the shipped ones
+    limit: int  # replies of one kind to one address per window
+    window: int  # seconds
+
+    @property
+    def domain(self) -> str:
+        """The domain of our replies' Message-IDs (how a reply of ours is recognised)."""
+        return self.from_address.rpartition("@")[2]
 
 
 @dataclass(frozen=True)
@@ -108,6 +134,8 @@ class InboxSettings:
     reply_address: str | None = None
     # which mail it takes and what follows (mailingest.core.rules); none: every mail
     rules: tuple[Rule, ...] = ()
+    # the replies it sends customers; None: none
+    replies: ReplySettings | None = None
     # where a missing value is named in errors: "" for the environment, else the file's table
     origin: str = field(default="", compare=False)
 
@@ -690,8 +718,11 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
         forwarded=env.choice("FORWARDED"),
         forwarders=_forwarders(env),
         reply_address=env.email("REPLY_ADDRESS"),
+        replies=_replies(env),
         origin=origin,
     )
+    if inbox.replies is not None and inbox.replies.auth == "xoauth2" and inbox.auth != "xoauth2":
+        env.fail("SMTP_AUTH", "xoauth2 uses the inbox's OAuth grant: set imap_auth = xoauth2")
     folders = ("IMAP_FOLDER", "PROCESSED_FOLDER", "QUARANTINE_FOLDER")
     distinct = {inbox.folder, inbox.processed_folder, inbox.quarantine_folder}
     if len(distinct) != 3 and not env.failed(*folders):
@@ -700,6 +731,63 @@ def _inbox(env: _Env, origin: str) -> InboxSettings:
             "the inbox, processed and quarantine folders must be three different folders",
         )
     return inbox
+
+
+def _replies(env: _Env) -> ReplySettings | None:
+    """The inbox's replies (every key is read, so each wrong one is reported)."""
+    kinds = [k.lower() for k in env.list("REPLIES")]
+    wrong = [k for k in kinds if k not in REPLY_KINDS]
+    if wrong:
+        env.fail("REPLIES", f"must be any of {', '.join(REPLY_KINDS)}, got {', '.join(wrong)}")
+    security = env.choice("SMTP_SECURITY")
+    port = env.integer("SMTP_PORT", {"ssl": 465, "starttls": 587, "plain": 25}[security])
+    host, from_address = env.text("SMTP_HOST"), env.email("REPLY_FROM")
+    user, password, auth = (
+        env.text("SMTP_USER"),
+        env.secret("SMTP_PASSWORD"),
+        env.choice("SMTP_AUTH"),
+    )
+    ca_file = env.path("SMTP_CA_FILE")
+    templates_text = env.text("REPLY_TEMPLATES")
+    templates = Path(templates_text) if templates_text else None
+    if templates is not None and not templates.is_dir():
+        env.fail("REPLY_TEMPLATES", f"{templates} is not a folder")
+    language = env.text("REPLY_LANGUAGE") or str(BY_NAME["REPLY_LANGUAGE"].default)
+    limit, window = env.integer("REPLY_LIMIT"), env.integer("REPLY_WINDOW")
+    name = env.text("REPLY_FROM_NAME") or str(BY_NAME["REPLY_FROM_NAME"].default)
+    if not kinds or wrong:
+        return None
+    if not host:
+        env.fail("SMTP_HOST", "is required when MAILINGEST_REPLIES is set")
+    if not from_address and not env.failed("REPLY_FROM"):
+        env.fail("REPLY_FROM", "is required when MAILINGEST_REPLIES is set")
+    if password is not None and not user:
+        env.fail("SMTP_USER", "is required with MAILINGEST_SMTP_PASSWORD")
+    if not host or not from_address:
+        return None
+    replies = ReplySettings(
+        kinds=frozenset(kinds),
+        host=host,
+        port=port,
+        security=security,
+        user=user,
+        password=password,
+        auth=auth,
+        ca_file=ca_file,
+        from_address=from_address,
+        from_name=name,
+        language=language,
+        templates=templates,
+        limit=limit,
+        window=window,
+    )
+    from mailingest.adapters.reply_templates import TemplateError, check_templates
+
+    try:  # a template that cannot render is found now, not at the first reply
+        check_templates(replies)
+    except TemplateError as exc:
+        env.fail("REPLY_TEMPLATES", str(exc))
+    return replies
 
 
 def _forwarders(env: _Env) -> frozenset[str]:

@@ -31,7 +31,7 @@ DAY = 86400
 Kind = Literal[
     "text", "secret", "integer", "number", "choice", "email", "path", "folder", "url", "list"
 ]
-Section = Literal["redis", "inbox", "senders", "alloy", "screening", "operations"]
+Section = Literal["redis", "inbox", "senders", "replies", "alloy", "screening", "operations"]
 
 
 @dataclass(frozen=True)
@@ -375,6 +375,129 @@ SETTINGS: tuple[Setting, ...] = (
         schemes=("https", "http"),
         per_inbox=True,
         section="senders",
+    ),
+    # -- replies to customers (README: Replies to customers) -------------------------------
+    Setting(
+        "REPLIES",
+        "list",
+        "the replies sent to customers: any of `received` (what was filed), `refused` "
+        "(each refused part and what to send instead), `unknown` (this address is not on "
+        "file); empty: none. Never to an unauthenticated sender, a robot or a list",
+        default_text="none",
+        values_text="`received`, `refused`, `unknown`",
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "SMTP_HOST",
+        "text",
+        "the SMTP server replies are sent through",
+        per_inbox=True,
+        required="required when MAILINGEST_REPLIES is set",
+        section="replies",
+    ),
+    Setting(
+        "SMTP_SECURITY",
+        "choice",
+        "`plain` only on a trusted network; certificates are always verified",
+        default="ssl",
+        choices=("ssl", "starttls", "plain"),
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "SMTP_PORT",
+        "integer",
+        "the SMTP port",
+        default_text="465 for `ssl`, 587 for `starttls`, 25 for `plain`",
+        minimum=1,
+        maximum=65535,
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "SMTP_USER",
+        "text",
+        "the SMTP login; unset: no login (a relay that trusts this host)",
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "SMTP_PASSWORD",
+        "secret",
+        "the SMTP password",
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "SMTP_AUTH",
+        "choice",
+        "`xoauth2` logs in with an access token of the inbox's OAuth settings (as IMAP does)",
+        default="password",
+        choices=("password", "xoauth2"),
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "SMTP_CA_FILE",
+        "path",
+        "trust this CA (PEM) for the SMTP server's certificate, beside the system's",
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "REPLY_FROM",
+        "email",
+        "the address replies come from (and the domain of their Message-IDs)",
+        per_inbox=True,
+        required="required when MAILINGEST_REPLIES is set",
+        section="replies",
+    ),
+    Setting(
+        "REPLY_FROM_NAME",
+        "text",
+        "the display name of the replies' From",
+        default="Customer support",
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "REPLY_LANGUAGE",
+        "text",
+        "the language of the replies: a folder of the templates (`en` and `de` are shipped)",
+        default="en",
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "REPLY_TEMPLATES",
+        "path",
+        "a folder of your own templates (`<language>/<kind>.txt`, optional "
+        "`<kind>.html`); what it lacks comes from the shipped ones",
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "REPLY_LIMIT",
+        "integer",
+        "at most this many replies of each kind to one address per MAILINGEST_REPLY_WINDOW, "
+        "counted across every worker (stops loops and floods)",
+        default=5,
+        minimum=1,
+        maximum=1000,
+        per_inbox=True,
+        section="replies",
+    ),
+    Setting(
+        "REPLY_WINDOW",
+        "integer",
+        "the window of MAILINGEST_REPLY_LIMIT",
+        default=DAY,
+        minimum=60,
+        maximum=30 * DAY,
+        unit=SECONDS,
+        per_inbox=True,
+        section="replies",
     ),
     # -- Alloy ----------------------------------------------------------------------------
     Setting(

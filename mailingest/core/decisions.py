@@ -341,6 +341,7 @@ class After(StrEnum):
     QUARANTINE = "quarantine"  # a final error: the mail is quarantined, with ``reason``
     UNEXPECTED = "unexpected"  # a bug: quarantined, with ``reason``, and logged in full
     KEEP_DECIDED = "keep_decided"  # finish failed (``reason``): it stays decided; polls retry
+    REPLY_FAILED = "reply_failed"  # the reply will not go (``reason``); the mail stays as is
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,12 @@ def after_error(
 
     ``tries`` counts the earlier tries; ``retryable`` says the error is transient (the
     caller knows which I/O errors are)."""
+    if step.task == "reply":  # a reply never changes its mail's state
+        if retryable and not policy.exhausted(tries):
+            return AfterError(
+                After.RETRY, delay=policy.delay(tries, getattr(error, "retry_after", None))
+            )
+        return AfterError(After.REPLY_FAILED, reason=give_up_reason(step, error))
     if retryable:
         if not policy.exhausted(tries):
             if isinstance(error, InDoubt) and error.retry_after is not None:

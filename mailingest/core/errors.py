@@ -187,3 +187,15 @@ class InDoubt(Busy):
 
 class MailError(MailingestError):
     """One mail cannot be handled; it goes to quarantine with this reason."""
+
+
+class ReplyError(MailingestError):
+    """A reply to a customer was not sent, or may have been (``in_doubt``: the connection
+    failed while the message itself was on its way). ``retryable``: the server said 4xx
+    or could not be reached, so a later try may go; else it will not (a 5xx, a setting).
+    Never about the mail itself: its filing does not wait for its reply."""
+
+    def __init__(self, message: str, *, retryable: bool = False, in_doubt: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable and not in_doubt
+        self.in_doubt = in_doubt

@@ -70,6 +70,13 @@ class MailRecord:
     actions: str = ""
     note: str = ""
     agent_email: str = ""
+    # for its reply (mailingest.core.replies): the key every delivery of it shares, why
+    # it must not be answered ("" when it may be), its References, and what became of
+    # its reply ("received: sent to ...")
+    message_key: str = ""
+    reply_block: str = ""
+    references: str = ""
+    reply: str = ""
 
     @property
     def id(self) -> str:
@@ -104,6 +111,10 @@ class MailRecord:
             actions=h.get("actions", ""),
             note=h.get("note", ""),
             agent_email=h.get("agent_email", ""),
+            message_key=h.get("message_key", ""),
+            reply_block=h.get("reply_block", ""),
+            references=h.get("references", ""),
+            reply=h.get("reply", ""),
         )
 
 

@@ -65,6 +65,9 @@ class Screened:
     refusal: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)  # skipped parts, auth verdict
     refused: tuple[str, ...] = ()
+    # the receiving server vouched for the sender (True), did not (False), or it was not
+    # asked (None: sender authentication off, or the mail refused before it was)
+    authenticated: bool | None = None
 
     @property
     def accepted(self) -> bool:
@@ -154,9 +157,12 @@ def screen(
             auth,
         )
         if not verdict.accepted:
-            return Screened(mail, refusal=f"sender not authenticated: {verdict.reason}")
+            return Screened(
+                mail, refusal=f"sender not authenticated: {verdict.reason}", authenticated=False
+            )
         notes.append(f"sender authenticated: {verdict.reason}")
 
+    authenticated = True if auth is not None else None
     payloads = {att.index: att for att in mail.attachments}
     # every part is named first (its extension from its content, a name unique in the
     # mail), refused or not: a part's name must not depend on which others were
@@ -186,7 +192,7 @@ def screen(
                 "not an allowed document type"
             )
         if wrong is not None and on_refused_part == "quarantine":
-            return Screened(mail, refusal=wrong)
+            return Screened(mail, refusal=wrong, authenticated=authenticated)
         named = spec
         if found.extension != spec.extension and attachment.refusal is None:
             if wrong is None:
@@ -202,13 +208,26 @@ def screen(
             refusal=f"too many documents: {len(documents)} (limit {limits.max_documents})",
         )
     if not documents and refused:  # nothing left to file: the refusals are the reason
-        return Screened(mail, refusal="; ".join(refused), notes=tuple(notes))
+        return Screened(
+            mail, refusal="; ".join(refused), notes=tuple(notes), authenticated=authenticated
+        )
     if not documents:
         reason = "no documents attached"
         if notes:
             reason += f" ({'; '.join(n for n in notes if n.startswith('skipped'))})"
-        return Screened(mail, refusal=reason.replace(" ()", ""), notes=tuple(notes))
-    return Screened(mail, tuple(documents), notes=tuple(notes), refused=tuple(refused))
+        return Screened(
+            mail,
+            refusal=reason.replace(" ()", ""),
+            notes=tuple(notes),
+            authenticated=authenticated,
+        )
+    return Screened(
+        mail,
+        tuple(documents),
+        notes=tuple(notes),
+        refused=tuple(refused),
+        authenticated=authenticated,
+    )
 
 
 # parse defects that mean a document's bytes are not what the sender sent

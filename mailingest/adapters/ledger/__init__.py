@@ -27,6 +27,7 @@ from mailingest.adapters.ledger.records import (
     doubt_key,
     fingerprint,
 )
+from mailingest.adapters.ledger.replies import ReplyRecords
 from mailingest.adapters.ledger.staging import Staging
 from mailingest.core.records import DocumentRecord, MailRecord, MailRef, Slot
 from mailingest.core.states import (
@@ -53,7 +54,7 @@ UPLOADED = DocumentState.UPLOADED
 LOST = DocumentState.LOST
 
 
-class Ledger(MailRecords, Staging, InboxState):
+class Ledger(MailRecords, Staging, InboxState, ReplyRecords):
     """The ledger of every mail, document and inbox (see the module's docstring)."""
 
 

@@ -1,0 +1,140 @@
+"""The only code that talks SMTP: one reply, to one recipient, through the inbox's server.
+
+``ssl`` (implicit TLS, 465), ``starttls`` (587) or ``plain`` (25, a trusted network
+only); certificates are always verified, against the system's CAs and the inbox's
+``SMTP_CA_FILE``. A login with a password, or with an access token from the inbox's
+OAuth grant (``SMTP_AUTH = xoauth2``, the machinery IMAP uses), or none at all.
+
+The steps are sent one by one, so a failure says whether the reply may have gone:
+anything before ``DATA`` was answered means it was not sent (retried when the server
+said 4xx or the connection failed, given up on a 5xx); a connection lost while the
+message was sent or its answer awaited leaves it *in doubt* (:class:`ReplyError` with
+``in_doubt``), which the caller records and never sends again.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+from email.message import EmailMessage
+from typing import Protocol
+
+from mailingest.config.settings import ReplySettings
+from mailingest.core.errors import ReplyError
+
+
+class AccessTokens(Protocol):
+    def access_token(self) -> str: ...
+
+    def invalidate(self) -> None: ...
+
+
+_CONNECTION_ERRORS = (OSError, smtplib.SMTPException, ssl.SSLError, socket.timeout)
+
+
+def send(
+    replies: ReplySettings,
+    message: EmailMessage,
+    *,
+    to: str,
+    timeout: float = 30.0,
+    tokens: AccessTokens | None = None,
+) -> str:
+    """Send ``message`` to ``to`` alone; return the server's answer to the message."""
+    where = f"SMTP {replies.host}:{replies.port}"
+    try:
+        smtp = _connect(replies, timeout)
+    except _CONNECTION_ERRORS as exc:
+        raise ReplyError(f"{where}: cannot connect ({_text(exc)})", retryable=True) from None
+    try:
+        _login(smtp, replies, tokens, where)
+        _step(where, "MAIL FROM", *smtp.mail(replies.from_address))
+        _step(where, "RCPT TO", *smtp.rcpt(to), ok=(250, 251))
+        try:
+            code, answer = smtp.data(message.as_bytes())
+        except _CONNECTION_ERRORS as exc:
+            raise ReplyError(
+                f"{where}: the connection failed while the reply was sent ({_text(exc)})",
+                in_doubt=True,
+            ) from None
+        _step(where, "DATA", code, answer)
+        return answer.decode("utf-8", "replace")
+    except ReplyError:
+        raise
+    except _CONNECTION_ERRORS as exc:
+        raise ReplyError(f"{where}: {_text(exc)}", retryable=True) from None
+    finally:
+        try:
+            smtp.quit()
+        except _CONNECTION_ERRORS:
+            smtp.close()
+
+
+def _connect(replies: ReplySettings, timeout: float) -> smtplib.SMTP:
+    context = ssl.create_default_context(cafile=str(replies.ca_file) if replies.ca_file else None)
+    if replies.security == "ssl":
+        return smtplib.SMTP_SSL(replies.host, replies.port, timeout=timeout, context=context)
+    smtp = smtplib.SMTP(replies.host, replies.port, timeout=timeout)
+    try:
+        smtp.ehlo()
+        if replies.security == "starttls":
+            if not smtp.has_extn("starttls"):
+                raise ReplyError(
+                    f"SMTP {replies.host}:{replies.port}: the server does not offer STARTTLS",
+                    retryable=True,
+                )
+            smtp.starttls(context=context)
+            smtp.ehlo()
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+def _login(
+    smtp: smtplib.SMTP, replies: ReplySettings, tokens: AccessTokens | None, where: str
+) -> None:
+    if not replies.user:
+        return
+    try:
+        if replies.auth == "xoauth2":
+            if tokens is None:
+                raise ReplyError(f"{where}: xoauth2 without an OAuth grant", retryable=False)
+            token = tokens.access_token()
+            smtp.ehlo_or_helo_if_needed()
+            smtp.auth(
+                "XOAUTH2",
+                lambda challenge=None: f"user={replies.user}\x01auth=Bearer {token}\x01\x01",
+                initial_response_ok=True,
+            )
+        else:
+            password = replies.password.reveal() if replies.password else ""
+            smtp.login(replies.user, password)
+    except smtplib.SMTPAuthenticationError as exc:
+        if replies.auth == "xoauth2" and tokens is not None:
+            tokens.invalidate()  # the next try refreshes it
+        raise ReplyError(
+            f"{where}: login as {replies.user} refused ({exc.smtp_code} "
+            f"{_decoded(exc.smtp_error)})",
+            retryable=True,
+        ) from None
+    except smtplib.SMTPNotSupportedError:
+        raise ReplyError(f"{where}: the server offers no login", retryable=False) from None
+
+
+def _step(where: str, what: str, code: int, answer: bytes, ok: tuple[int, ...] = (250,)) -> None:
+    if code in ok:
+        return
+    said = f"{where}: {what} answered {code} {_decoded(answer)}"
+    # 4xx: try again later; 5xx: this reply will not go (RFC 5321 4.2.1)
+    raise ReplyError(said, retryable=400 <= code < 500 or code < 0)
+
+
+def _decoded(answer: bytes | str) -> str:
+    text = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else str(answer)
+    return " ".join(text.split())[:300]
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_decoded(str(exc))}"

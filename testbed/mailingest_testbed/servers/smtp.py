@@ -1,0 +1,152 @@
+"""A private SMTP server in this process (aiosmtpd) that keeps what it receives.
+
+On a free loopback port, optionally with STARTTLS (a certificate of the test CA) and a
+login. ``fail`` makes it answer the next MAIL, RCPT or DATA with a given reply (a 4xx,
+a 5xx); ``drop_after_data`` makes it take a message and close the connection before it
+answers (the reply is then *in doubt* for the sender). Each message received is kept
+as (envelope sender, recipients, bytes).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import ssl
+import threading
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from .common import HOST, free_port
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        parsed = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+
+@dataclass
+class _Handler:
+    received: list[Received] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # phase -> reply, once
+    drop_after_data: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _failure(self, phase: str) -> str | None:
+        with self.lock:
+            return self.failures.pop(phase, None)
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        failure = self._failure("MAIL")
+        if failure:
+            return failure
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        failure = self._failure("RCPT")
+        if failure:
+            return failure
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        failure = self._failure("DATA")
+        if failure:
+            return failure
+        with self.lock:
+            self.received.append(
+                Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content))
+            )
+            drop = self.drop_after_data
+            self.drop_after_data = False
+        if drop:
+            server.transport.close()  # taken, never answered: in doubt for the sender
+            return "421 closing"
+        return "250 Message accepted"
+
+
+class SmtpServer:
+    """aiosmtpd on a free loopback port; ``start()``, ``stop()``, or use ``with``."""
+
+    def __init__(
+        self,
+        *,
+        tls: tuple[Path, Path] | None = None,
+        login: tuple[str, str] | None = None,
+    ) -> None:
+        self.host = HOST
+        self.port = free_port()
+        self.handler = _Handler()
+        self.login = login
+        context = None
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+        kwargs: dict[str, Any] = {}
+        if login is not None:
+            kwargs |= {
+                "authenticator": self._authenticate,
+                "auth_require_tls": tls is not None,
+                "auth_required": True,
+            }
+        self.controller = Controller(
+            self.handler,
+            hostname=self.host,
+            port=self.port,
+            tls_context=context,
+            require_starttls=tls is not None,
+            **kwargs,
+        )
+
+    def _authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        if isinstance(data, LoginPassword) and self.login is not None:
+            ok = (data.login.decode(), data.password.decode()) == self.login
+            return AuthResult(success=ok, handled=False)
+        return AuthResult(success=False, handled=False)
+
+    @property
+    def received(self) -> list[Received]:
+        with self.handler.lock:
+            return list(self.handler.received)
+
+    def fail(self, phase: str, reply: str) -> None:
+        """Answer the next ``phase`` (MAIL, RCPT or DATA) with ``reply`` ("451 busy")."""
+        with self.handler.lock:
+            self.handler.failures[phase] = reply
+
+    def drop_after_data(self) -> None:
+        with self.handler.lock:
+            self.handler.drop_after_data = True
+
+    def start(self) -> SmtpServer:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def __enter__(self) -> SmtpServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

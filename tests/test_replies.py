@@ -1,0 +1,409 @@
+"""Replies to customers (issue 14): who is never answered (one test per rule), which
+reply an outcome calls for, and the replies themselves through a real SMTP server in
+this process (aiosmtpd), after the real pipeline on Dovecot, Redis and the sandbox."""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from mailingest_testbed.alloy_sandbox import SandboxServer
+from mailingest_testbed.samples import authentication_results, jpeg_bytes, pdf_bytes
+from mailingest_testbed.servers import ImapServer
+from mailingest_testbed.servers.smtp import SmtpServer
+
+from mailingest.adapters import ledger as L
+from mailingest.application.poll_once import Summary, poll_once
+from mailingest.application.services import build_context
+from mailingest.config.settings import load_settings
+from mailingest.core import replies
+from mailingest.core.replies import Ours, headers_of, suppressed
+
+from .helpers import deliver, run_cli
+from .tls import make_tls_files
+
+DANA, DANA_ENTITY = "dana@example.com", "P-danadanadanadanadan"
+OURS = Ours("support@support.example", "support.example")
+
+
+def customer_mail(
+    sender: str = DANA,
+    subject: str = "My passport",
+    *,
+    files: tuple[str, ...] = ("passport.pdf",),
+    dmarc: str = "pass",
+    headers: dict[str, str] | None = None,
+    message_id: str = "",
+) -> bytes:
+    msg = EmailMessage()
+    msg["Return-Path"] = f"<{sender}>"
+    msg["From"], msg["To"], msg["Subject"] = sender, "documents@support.example", subject
+    msg["Message-ID"] = f"<{message_id or abs(hash((sender, subject, files)))}@mail.example>"
+    msg["Authentication-Results"] = authentication_results(sender, dmarc=dmarc)
+    for name, value in (headers or {}).items():
+        msg[name] = value
+    msg.set_content("Here it is.")
+    for name in files:
+        if name.endswith(".pdf"):
+            msg.add_attachment(
+                pdf_bytes(name, 2000), maintype="application", subtype="pdf", filename=name
+            )
+        elif name.endswith(".zip"):
+            msg.add_attachment(
+                b"PK\x03\x04" + b"\0" * 200, maintype="application", subtype="zip", filename=name
+            )
+        else:
+            msg.add_attachment(jpeg_bytes(6000), maintype="image", subtype="jpeg", filename=name)
+    return msg.as_bytes()
+
+
+# -- who is never answered: one rule, one test ----------------------------------------
+
+ROBOTS: list[tuple[str, dict[str, str], str, str]] = [
+    # (id, extra headers, From, the reason's start)
+    ("auto-submitted", {"Auto-Submitted": "auto-replied"}, DANA, "Auto-Submitted"),
+    ("out-of-office", {"Auto-Submitted": "auto-generated; vacation"}, DANA, "Auto-Submitted"),
+    ("precedence-bulk", {"Precedence": "bulk"}, DANA, "Precedence: bulk"),
+    ("precedence-list", {"Precedence": "list"}, DANA, "Precedence: list"),
+    ("precedence-junk", {"Precedence": "junk"}, DANA, "Precedence: junk"),
+    ("list-id", {"List-Id": "<customers.example.com>"}, DANA, "a mailing list"),
+    ("list-unsubscribe", {"List-Unsubscribe": "<mailto:u@x.example>"}, DANA, "a mailing list"),
+    ("x-auto-response-suppress", {"X-Auto-Response-Suppress": "OOF"}, DANA, "X-Auto-Response"),
+    ("x-loop", {"X-Loop": "support@support.example"}, DANA, "X-Loop"),
+    ("mailer-daemon", {}, "MAILER-DAEMON@mx.example.com", "mailer-daemon@mx.example.com is a"),
+    ("postmaster", {}, "postmaster@example.com", "postmaster@example.com is a robot"),
+    ("noreply", {}, "noreply@shop.example", "noreply@shop.example is a robot"),
+    ("no-reply", {}, "no-reply@shop.example", "no-reply@shop.example is a robot"),
+    ("our own address", {}, "support@support.example", "our own address"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "sender", "reason"), [r[1:] for r in ROBOTS], ids=[r[0] for r in ROBOTS]
+)
+def test_a_robot_or_a_list_is_never_answered(
+    extra: dict[str, str], sender: str, reason: str
+) -> None:
+    headers = headers_of(customer_mail(sender, headers=extra))
+    found = suppressed(headers, authenticated=True, ours=OURS)
+    assert found is not None and found.lower().startswith(reason.lower()), found
+
+
+def test_a_customer_is_answered() -> None:
+    assert suppressed(headers_of(customer_mail()), authenticated=True, ours=OURS) is None
+    polite = customer_mail(headers={"Auto-Submitted": "no"})
+    assert suppressed(headers_of(polite), authenticated=True, ours=OURS) is None
+
+
+def test_a_sender_that_failed_authentication_is_never_answered() -> None:
+    """Backscatter: the From of an unauthenticated mail may be anyone's."""
+    found = suppressed(headers_of(customer_mail()), authenticated=False, ours=OURS)
+    assert found is not None and found.startswith("sender not authenticated")
+
+
+@pytest.mark.parametrize(("path", "reason"), [(None, "no Return-Path"), ("<>", "null Return-Path")])
+def test_a_bounce_is_never_answered(path: str | None, reason: str) -> None:
+    raw = customer_mail()
+    raw = raw.replace(b"Return-Path: <dana@example.com>\n", b"")
+    if path is not None:
+        raw = f"Return-Path: {path}\n".encode() + raw
+    found = suppressed(headers_of(raw), authenticated=True, ours=OURS)
+    assert found is not None and found.startswith(reason), found
+
+
+def test_our_own_reply_is_recognised_by_its_message_id() -> None:
+    ours = customer_mail(message_id="reply-received-0123@support.example")
+    found = suppressed(headers_of(ours), authenticated=True, ours=OURS)
+    assert found == "our own reply (its Message-ID)"
+
+
+# -- which reply ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "refused", "enabled", "kind"),
+    [
+        ("done", "", "", {"received"}, "received"),
+        (
+            "done",
+            "",
+            "refused content: part 2 (a.zip) is zip (application/zip), x",
+            {"received", "refused"},
+            "refused",
+        ),
+        (
+            "done",
+            "",
+            "refused content: part 2 (a.zip) is zip (application/zip), x",
+            {"received"},
+            "received",
+        ),
+        ("quarantined", "unknown sender dana@example.com: no entity", "", {"unknown"}, "unknown"),
+        ("quarantined", "no documents attached", "", {"refused"}, "refused"),
+        (
+            "quarantined",
+            "attachment too large: part 1 (a.pdf) is 9 bytes (limit 1)",
+            "",
+            {"refused"},
+            "refused",
+        ),
+        ("quarantined", "document 0 (a.pdf): Alloy refused it (400)", "", {"refused"}, None),
+        ("quarantined", "unknown sender x@y.example: no entity", "", {"received"}, None),
+    ],
+)
+def test_the_outcome_decides_the_reply(
+    state: str, reason: str, refused: str, enabled: set[str], kind: str | None
+) -> None:
+    plan = replies.plan(
+        state=state, reason=reason, refused=refused, block="", enabled=frozenset(enabled)
+    )
+    assert plan.kind == kind, plan
+
+
+def test_each_refused_part_is_named_with_what_the_customer_can_do() -> None:
+    reasons = (
+        "refused content: part 8 (h.zip) is zip (application/zip), not an allowed document "
+        "type; attachment too large: part 2 (b.jpg) is 900000 bytes (limit 10); refused "
+        "content: part 3 (winmail.dat): the file is damaged (checksum); refused content: "
+        "part 4 (run.exe, in forwarded message) is exe (application/x-dosexec), not an "
+        "allowed document type"
+    )
+    assert replies.refused_parts(reasons) == [
+        replies.RefusedPart("h.zip", "archive"),
+        replies.RefusedPart("b.jpg", "too_large"),
+        replies.RefusedPart("winmail.dat", "unreadable"),
+        replies.RefusedPart("run.exe", "type"),
+    ]
+
+
+def test_a_reply_is_threaded_marked_automatic_and_has_one_recipient() -> None:
+    headers = headers_of(customer_mail(headers={"References": "<a@x.example>"}))
+    message = replies.compose(
+        to=DANA,
+        from_address="support@support.example",
+        from_name="Support",
+        subject="Re: My passport",
+        message_id=replies.reply_message_id("key", "received", "support.example"),
+        original=headers.message_id,
+        references=replies.references(headers),
+        language="en",
+        text="hello",
+        html=None,
+        date="Fri, 04 Dec 2026 10:00:00 -0000",
+    )
+    assert message["Auto-Submitted"] == "auto-replied"
+    assert message["To"] == DANA and message.get_all("Cc") is None
+    assert message["Subject"] == "Re: My passport"  # not "Re: Re:"
+    assert message["In-Reply-To"] == f"<{headers.message_id}>"
+    assert message["References"] == f"<a@x.example> <{headers.message_id}>"
+    assert message["Message-ID"].endswith("@support.example>")
+    assert replies.reply_message_id("key", "received", "s.example") == (
+        replies.reply_message_id("key", "received", "s.example")
+    )
+
+
+# -- through the real servers ---------------------------------------------------------
+
+
+@pytest.fixture
+def smtp() -> SmtpServer:
+    server = SmtpServer().start()
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+@pytest.fixture
+def answering(env: dict[str, str], smtp: SmtpServer, senders_file: Path) -> dict[str, str]:
+    senders_file.write_text(f"email,entity_token\n{DANA},{DANA_ENTITY}\n", encoding="utf-8")
+    return env | {
+        "MAILINGEST_REPLIES": "received,refused,unknown",
+        "MAILINGEST_SMTP_HOST": smtp.host,
+        "MAILINGEST_SMTP_PORT": str(smtp.port),
+        "MAILINGEST_SMTP_SECURITY": "plain",
+        "MAILINGEST_REPLY_FROM": "support@support.example",
+        "MAILINGEST_REPLY_FROM_NAME": "Example Support",
+    }
+
+
+def poll(env: dict[str, str]) -> Summary:
+    ctx = build_context(load_settings(env))
+    try:
+        return poll_once(ctx)
+    finally:
+        ctx.close()
+
+
+def record_of(env: dict[str, str], mail_id: str) -> object:
+    ctx = build_context(load_settings(env))
+    try:
+        return ctx.ledger.mail(mail_id)
+    finally:
+        ctx.close()
+
+
+@pytest.mark.servers
+def test_a_filed_mail_gets_one_received_reply_naming_its_documents(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
+) -> None:
+    deliver(imap, [customer_mail(files=("passport.pdf", "licence.jpg"))])
+    (mail,) = poll(answering).mails
+    assert mail.state == L.DONE
+    (sent,) = smtp.received
+    assert sent.recipients == [DANA] and sent.sender == "support@support.example"
+    message = sent.message
+    assert message["Auto-Submitted"] == "auto-replied"
+    assert message["Subject"] == "Re: My passport"
+    body = message.get_content()
+    assert "filed 2 documents" in body and "passport.pdf (passport)" in body
+    assert "licence.jpg (driving licence)" in body
+    record = record_of(answering, mail.mail_id)
+    assert record.reply.startswith("received: sent to dana@example.com")  # type: ignore[attr-defined]
+
+
+@pytest.mark.servers
+def test_a_mixed_mail_gets_a_refused_reply_saying_what_to_send(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
+) -> None:
+    deliver(imap, [customer_mail(files=("passport.pdf", "scans.zip"))])
+    (mail,) = poll(answering).mails
+    assert mail.state == L.DONE and mail.refused_parts
+    (sent,) = smtp.received
+    body = sent.message.get_content()
+    assert "passport.pdf (passport)" in body
+    assert "scans.zip: archives such as .zip are not accepted" in body
+
+
+@pytest.mark.servers
+def test_an_unknown_sender_is_told_and_a_forged_one_is_not(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
+) -> None:
+    deliver(
+        imap,
+        [
+            customer_mail("erin@example.org", "Documents"),
+            customer_mail("mallory@example.net", "Forged", dmarc="fail"),
+        ],
+    )
+    summary = poll(answering)
+    assert summary.quarantined == 2
+    (sent,) = smtp.received
+    assert sent.recipients == ["erin@example.org"]
+    assert "is not on file" in sent.message.get_content()
+    forged = next(m for m in summary.mails if m.sender == "mallory@example.net")
+    record = record_of(answering, forged.mail_id)
+    assert record.reply.startswith("none: not sent: sender not authenticated")  # type: ignore[attr-defined]
+
+
+@pytest.mark.servers
+def test_replies_go_once_after_a_replay_and_a_redelivery(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
+) -> None:
+    raw = customer_mail("erin@example.org", "Passport", message_id="erin-1")
+    deliver(imap, [raw])
+    (mail,) = poll(answering).mails
+    assert mail.state == L.QUARANTINED and len(smtp.received) == 1
+    deliver(imap, [raw])  # the same mail delivered again
+    poll(answering)
+    assert len(smtp.received) == 1
+    replayed = run_cli(answering, "replay", mail.mail_id)
+    assert replayed.returncode == 0, replayed.stderr
+    poll(answering)  # the replayed mail comes back as new mail: quarantined again
+    assert len(smtp.received) == 1
+
+
+@pytest.mark.servers
+def test_the_rate_limit_is_shared_by_every_worker(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
+) -> None:
+    """Two workers (each its own connection to Redis) count against one limit."""
+    env = answering | {"MAILINGEST_REPLY_LIMIT": "2"}
+    first, second = build_context(load_settings(env)), build_context(load_settings(env))
+    try:
+        for ctx in (first, second, first):
+            deliver(imap, [customer_mail(subject=f"Passport {id(ctx)} {len(smtp.received)}")])
+            poll_once(ctx)
+    finally:
+        first.close()
+        second.close()
+    assert len(smtp.received) == 2
+
+
+@pytest.mark.servers
+def test_a_4xx_is_retried_a_5xx_gives_up_and_the_mail_is_filed_anyway(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
+) -> None:
+    smtp.fail("RCPT", "451 4.7.1 try again later")
+    deliver(imap, [customer_mail(subject="first")])
+    (mail,) = poll(answering).mails
+    assert mail.state == L.DONE and mail.filed_to == "Processed"
+    assert len(smtp.received) == 1  # the retry went
+    smtp.fail("DATA", "554 5.7.1 rejected")
+    deliver(imap, [customer_mail(subject="second")])
+    (mail,) = poll(answering).mails
+    assert mail.state == L.DONE and mail.filed_to == "Processed"
+    record = record_of(answering, mail.mail_id)
+    assert "failed" in record.reply and "554" in record.reply  # type: ignore[attr-defined]
+    assert len(smtp.received) == 1
+
+
+@pytest.mark.servers
+def test_a_reply_lost_after_it_was_sent_is_never_sent_again(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
+) -> None:
+    smtp.drop_after_data()
+    raw = customer_mail(subject="in doubt", message_id="doubt-1")
+    deliver(imap, [raw])
+    (mail,) = poll(answering).mails
+    assert len(smtp.received) == 1  # the server has it; we never heard
+    record = record_of(answering, mail.mail_id)
+    assert record.reply.startswith("received: unconfirmed")  # type: ignore[attr-defined]
+    assert "reply-received-" in record.reply  # type: ignore[attr-defined]
+    deliver(imap, [raw])
+    poll(answering)
+    assert len(smtp.received) == 1
+
+
+@pytest.mark.servers
+def test_starttls_verifies_the_servers_certificate(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    ca, cert, key = make_tls_files(tmp_path / "pki")
+    with SmtpServer(tls=(cert, key), login=("replies", "s3cret")) as server:
+        env = answering | {
+            "MAILINGEST_SMTP_PORT": str(server.port),
+            "MAILINGEST_SMTP_SECURITY": "starttls",
+            "MAILINGEST_SMTP_USER": "replies",
+            "MAILINGEST_SMTP_PASSWORD": "s3cret",
+            "MAILINGEST_MAX_ATTEMPTS": "1",
+        }
+        deliver(imap, [customer_mail(subject="untrusted")])
+        (mail,) = poll(env).mails
+        record = record_of(env, mail.mail_id)
+        assert "CERTIFICATE_VERIFY_FAILED" in record.reply  # type: ignore[attr-defined]
+        assert server.received == []
+        deliver(imap, [customer_mail(subject="trusted")])
+        poll(env | {"MAILINGEST_SMTP_CA_FILE": str(ca)})
+        (sent,) = server.received
+        assert sent.message["Subject"] == "Re: trusted"
+
+
+def test_a_template_that_cannot_render_stops_check_config(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    own = tmp_path / "templates" / "en"
+    own.mkdir(parents=True)
+    (own / "received.txt").write_text("Hello {{ customer_name }}\n", encoding="utf-8")
+    result = run_cli(
+        env
+        | {
+            "MAILINGEST_REPLIES": "received",
+            "MAILINGEST_SMTP_HOST": "127.0.0.1",
+            "MAILINGEST_REPLY_FROM": "support@support.example",
+            "MAILINGEST_REPLY_TEMPLATES": str(tmp_path / "templates"),
+        },
+        "check-config",
+    )
+    assert result.returncode != 0
+    assert "MAILINGEST_REPLY_TEMPLATES" in result.stderr
+    assert "received.txt" in result.stderr and "customer_name" in result.stderr
