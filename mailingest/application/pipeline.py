@@ -305,6 +305,9 @@ def _sweep(ctx: Context, inbox: InboxSettings) -> list[Step]:
     now = ctx.ledger.now()  # the sweep above took time: the grace counts from now
     for record in ctx.ledger.unfiled(inbox.name):
         steps += _swept(ctx, record, decisions.sweep(record, now, policy))
+    # filed mails whose reply step was lost (its worker died, the broker lost it)
+    due = ctx.ledger.records(ctx.ledger.replies_due(inbox.name))
+    steps += [Step("reply", r.id) for r in due if decisions.reply_stalled(r, now, policy)]
     ctx.ledger.record_sweep(inbox.name)
     return steps
 

@@ -162,6 +162,15 @@ class Backlog:
     oldest_ms: int | None  # None: no mail in the backlog
 
 
+def reply_stalled(record: MailRecord, now: int, policy: SweepPolicy) -> bool:
+    """A filed mail whose reply is due and nothing has happened to it for two leases
+    (nor is a retry planned): its step was lost, and is queued again. A step that runs
+    meanwhile is harmless: the reply's record in the ledger lets one of them send it."""
+    if not record.filed_to or now < record.retry_at:
+        return False
+    return now - max(record.updated_at, record.requeued_at) > 2 * policy.lease_ms
+
+
 def backlog(records: Iterable[MailRecord], inbox: str, now: int) -> Backlog:
     """The backlog of ``inbox``: its mails in flight, aged from when they were recorded
     (the same for ``mailingest status`` and the metrics)."""
