@@ -38,14 +38,9 @@ from imapclient.imapclient import SocketTimeout
 from imapclient.response_parser import parse_fetch_response
 
 from mailingest.config.settings import InboxSettings
-from mailingest.core.errors import MailboxError, SearchCharsetError
-from mailingest.core.rules import needs_charset
+from mailingest.core.errors import MailboxError
 
 log = logging.getLogger(__name__)
-
-# the charset of a SEARCH whose text is not ASCII (RFC 3501 servers must know UTF-8; one
-# that does not answers BADCHARSET, and is asked again in ASCII)
-SEARCH_CHARSET = "UTF-8"
 
 # imapclient logs whole protocol exchanges (mail bodies, attachments) at DEBUG:
 # never let them into our logs, whatever the log level
@@ -391,19 +386,11 @@ class Mailbox:
     # -- mail ------------------------------------------------------------------
     def uids_after(self, watermark: int, narrow: Sequence[object] | None = None) -> list[int]:
         """UIDs above the watermark in the selected folder, ascending; with ``narrow``,
-        only those that also match these SEARCH criteria (the inbox's rules). Text
-        beyond ASCII goes with ``CHARSET UTF-8``; a server that answers ``BADCHARSET``
-        raises :class:`SearchCharsetError` (the caller asks again without it)."""
+        only those that also match these SEARCH criteria (the inbox's rules: ASCII
+        only, so no CHARSET is ever needed)."""
         criteria: list[object] = ["UID", f"{watermark + 1}:*", *(narrow or ())]
-        utf8 = needs_charset(criteria)
-        try:
-            with self._errors("UID SEARCH"):
-                # as bytes: imapclient encodes nested criteria as ASCII whatever the charset
-                uids = self.client.search(_encoded(criteria), SEARCH_CHARSET if utf8 else None)
-        except MailboxError as exc:
-            if utf8 and "BADCHARSET" in str(exc).upper():
-                raise SearchCharsetError(str(exc)) from None
-            raise
+        with self._errors("UID SEARCH"):
+            uids = self.client.search(criteria)
         return sorted(int(u) for u in uids if int(u) > watermark)
 
     def mark(self, uid: int, flags: Sequence[str], keywords: Sequence[str]) -> None:
@@ -417,17 +404,28 @@ class Mailbox:
                 self.client.add_flags([uid], [f.encode() for f in flags], silent=True)
             if not keywords:
                 return
-            if self.client.has_capability("X-GM-EXT-1"):
-                self.client.add_gmail_labels([uid], list(keywords), silent=True)
-                return
-            if not self._keeps_keywords:
+            if not self._keeps_keywords and not self.client.has_capability("X-GM-EXT-1"):
                 log.warning(
                     "inbox %s: the server keeps no keywords of ours; %s not set",
                     self.inbox.name,
                     ", ".join(keywords),
                 )
                 return
-            self.client.add_flags([uid], [k.encode() for k in keywords], silent=True)
+            try:
+                if self.client.has_capability("X-GM-EXT-1"):
+                    self.client.add_gmail_labels([uid], list(keywords), silent=True)
+                else:
+                    self.client.add_flags([uid], [k.encode() for k in keywords], silent=True)
+            except IMAPClientError as exc:  # refused (too long for it, say): the mail moves
+                if isinstance(exc, imaplib.IMAP4.abort):
+                    raise  # the connection, not the keyword
+                log.warning(
+                    "inbox %s: the server refused the keyword(s) %s (%s); the mail is filed "
+                    "without them",
+                    self.inbox.name,
+                    ", ".join(keywords),
+                    _error_text(exc),
+                )
 
     def copy(self, uid: int, destination: str, *, copied_uid: str = "") -> Moved:
         """Copy one mail of the selected folder, which stays where it is; a ``copied_uid``
@@ -446,6 +444,18 @@ class Mailbox:
         with self._errors("FETCH RFC822.SIZE"):
             data = self.client.fetch(list(uids), ["RFC822.SIZE"])
         return {int(uid): int(item[b"RFC822.SIZE"]) for uid, item in data.items()}
+
+    def headers(self, uids: Sequence[int]) -> list[Fetched]:
+        """The header of each mail alone (``raw`` is its header block), without \\Seen."""
+        if not uids:
+            return []
+        with self._errors("FETCH BODY.PEEK[HEADER]"):
+            data = self.client.fetch(list(uids), ["BODY.PEEK[HEADER]", "INTERNALDATE"])
+        return [
+            Fetched(int(uid), 0, bytes(item[b"BODY[HEADER]"]), _date(item.get(b"INTERNALDATE")))
+            for uid, item in sorted(data.items())
+            if item.get(b"BODY[HEADER]") is not None
+        ]
 
     def fetch(self, uids: Sequence[int]) -> list[Fetched]:
         """The full bytes of each mail, without setting ``\\Seen``; vanished UIDs are left out."""
@@ -594,14 +604,6 @@ class Mailbox:
     def exists(self, uid: int) -> bool:
         with self._errors("UID SEARCH"):
             return uid in self.client.search(["UID", str(uid)])
-
-
-def _encoded(criteria: Sequence[object]) -> list[object]:
-    """SEARCH criteria with their text as UTF-8 bytes, nested lists included."""
-    return [
-        _encoded(t) if isinstance(t, list) else t.encode() if isinstance(t, str) else t
-        for t in criteria
-    ]
 
 
 def _new_uid(answers: Sequence[object], uid: int) -> str:

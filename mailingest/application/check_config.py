@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from mailingest.adapters.imap import Mailbox
-from mailingest.application.pipeline import rules_search
 from mailingest.application.services import Services, Unavailable
 from mailingest.config.settings import InboxSettings, Settings, redact_url
 from mailingest.core import rules
@@ -126,11 +125,10 @@ def _inbox(services: Services, inbox: InboxSettings) -> Check:
 
 def _narrowing(mailbox: Mailbox, inbox: InboxSettings) -> str:
     """What the server answers to the rules' SEARCH (what a poll will ask it)."""
-    if rules.search_criteria(inbox.rules, datetime.now(UTC).date()) is None:
+    narrow = rules.search_criteria(inbox.rules, datetime.now(UTC))
+    if narrow is None:
         return ""
-    found, ascii_only = rules_search(mailbox, inbox, 0)
-    how = " in ASCII only (the server answered BADCHARSET)" if ascii_only else ""
-    return f"; the rules' search{how} finds {len(found)}"
+    return f"; the rules' search finds {len(mailbox.uids_after(0, narrow))}"
 
 
 def _alloy(services: Services) -> Check:

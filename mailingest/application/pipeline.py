@@ -27,7 +27,7 @@ import redis
 
 from mailingest.adapters import keys
 from mailingest.adapters import ledger as L
-from mailingest.adapters.imap import Mailbox, Moved
+from mailingest.adapters.imap import Fetched, Mailbox, Moved
 from mailingest.adapters.ledger import PlannedDocument
 from mailingest.adapters.ledger.leases import NO_LEASES, step_lease_keys
 from mailingest.adapters.senders import SenderResolver
@@ -60,9 +60,14 @@ from mailingest.core.errors import (
     MailingestError,
     ReplyError,
     ResolverError,
-    SearchCharsetError,
 )
-from mailingest.core.mail import ParsedMail, document_payload, message_key
+from mailingest.core.mail import (
+    MailParseError,
+    ParsedMail,
+    document_payload,
+    message_key,
+    parse_mail,
+)
 from mailingest.core.records import DocumentRecord, MailRecord, MailRef, Slot
 from mailingest.core.screening import Screened, screen, size_refusal
 from mailingest.core.states import IN_FLIGHT, DocumentState, MailState
@@ -161,10 +166,16 @@ def _fetch_new(ctx: Context, inbox: InboxSettings, out: Emit) -> tuple[int, int]
         sizes = box.sizes(uids)
         # a mail over the size limit is recorded and quarantined without fetching its body
         too_big = [u for u in uids if sizes.get(u, 0) > settings.limits.max_message_bytes]
+        # with rules, one is decided by its header first: a mail no rule takes stays
+        untaken = _untaken_by_header(inbox, box.headers(too_big)) if inbox.rules else {}
         for uid in too_big:
             ref = MailRef(inbox.name, inbox.folder, validity, uid)
             found += 1
-            if ctx.ledger.record_new(ref, b"", size=sizes[uid]):
+            if not ctx.ledger.record_new(ref, b"", size=sizes[uid]):
+                continue
+            if uid in untaken:
+                _ignore(ctx, ref.id, untaken[uid], allowed=MailState.QUEUED)
+            else:
                 out(quarantine(ctx, ref.id, size_refusal(sizes[uid], settings.limits)))
         refused = set(too_big)
         uids = [u for u in uids if u not in refused]
@@ -207,30 +218,17 @@ def _new_uids(
     ctx: Context, inbox: InboxSettings, box: Mailbox, validity: int, watermark: int
 ) -> list[int]:
     """The UIDs above the watermark some rule of the inbox could take (all of them
-    without rules). When the rules' search finds none, the watermark passes every mail
-    there was before it: what no rule takes is not searched again at every poll."""
-    if rules.search_criteria(inbox.rules, datetime.now(UTC).date()) is None:
+    without rules: rules.search_criteria). When the rules' search finds none, the
+    watermark passes every mail there was before it: what no rule takes is not searched
+    again at every poll."""
+    narrow = rules.search_criteria(inbox.rules, datetime.now(UTC))
+    if narrow is None:
         return box.uids_after(watermark)
     everything = box.uids_after(watermark)  # first: a mail that comes later is not passed
-    found, _ = rules_search(box, inbox, watermark)
+    found = box.uids_after(watermark, narrow)
     if not found and everything:
         ctx.ledger.advance_watermark(inbox.name, inbox.folder, validity, everything[-1])
     return found
-
-
-def rules_search(box: Mailbox, inbox: InboxSettings, watermark: int) -> tuple[list[int], bool]:
-    """The UIDs above the watermark that the server finds for the inbox's rules (a
-    superset of what they take: rules.search_criteria), and whether it had to search
-    in ASCII alone (it answered ``BADCHARSET`` to UTF-8); the rules decide on each
-    fetched mail what the server could not."""
-    today = datetime.now(UTC).date()
-    narrow = rules.search_criteria(inbox.rules, today)
-    try:
-        return box.uids_after(watermark, narrow), False
-    except SearchCharsetError as exc:
-        log.info("inbox %s: %s; searching in ASCII, the rules decide the rest", inbox.name, exc)
-        narrow = rules.search_criteria(inbox.rules, today, ascii_only=True)
-        return box.uids_after(watermark, narrow), True
 
 
 def sweep_policy(settings: Settings) -> SweepPolicy:
@@ -400,6 +398,8 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
         )
         if not verdict.taken:
             return _ignore(ctx, mail_id, verdict.why_not())
+    elif inbox.rules:  # whether a rule would take it cannot be told: it stays
+        return _ignore(ctx, mail_id, f"the rules cannot read it: {screened.refusal}")
     if screened.refusal is not None or mail is None:
         return quarantine(ctx, mail_id, screened.refusal or "cannot parse the mail")
     if not mail.sender:
@@ -431,10 +431,15 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
 
 def _times(record: MailRecord) -> tuple[datetime | None, datetime]:
     """When the mail arrived (the server's INTERNALDATE) and when it was fetched."""
+    return _times_of(record.internaldate, record.created_at)
+
+
+def _times_of(internaldate: str, fetched_ms: int) -> tuple[datetime | None, datetime]:
     arrived = None
     with suppress(ValueError):
-        arrived = datetime.fromisoformat(record.internaldate).astimezone(UTC)
-    return arrived, datetime.fromtimestamp(record.created_at / 1000, UTC)
+        arrived = datetime.fromisoformat(internaldate).astimezone(UTC)
+    fetched = datetime.fromtimestamp(fetched_ms / 1000, UTC) if fetched_ms else datetime.now(UTC)
+    return arrived, fetched
 
 
 def _reply_facts(inbox: InboxSettings, screened: Screened, raw: bytes) -> dict[str, str]:
@@ -450,11 +455,29 @@ def _reply_facts(inbox: InboxSettings, screened: Screened, raw: bytes) -> dict[s
     return {"reply_block": block or "", "references": replies.references(headers)[:2000]}
 
 
-def _ignore(ctx: Context, mail_id: str, reason: str) -> list[Step]:
+def _untaken_by_header(inbox: InboxSettings, heads: list[Fetched]) -> dict[int, str]:
+    """Of mails too large to fetch, those no rule takes by their header (a body filter
+    does not match a mail whose body is not read), with why; one whose header cannot be
+    read is none of them (it is quarantined as too large)."""
+    untaken = {}
+    now = datetime.now(UTC)
+    for head in heads:
+        try:
+            mail = parse_mail(head.raw.rstrip(b"\r\n") + b"\r\n\r\n")
+        except MailParseError:
+            continue
+        arrived = _times_of(head.internaldate, 0)[0]
+        verdict = rules.decide(inbox.rules, rules.facts_of(mail, arrived=arrived, fetched=now))
+        if not verdict.taken:
+            untaken[head.uid] = verdict.why_not() + "; too large to fetch, read by its header"
+    return untaken
+
+
+def _ignore(
+    ctx: Context, mail_id: str, reason: str, *, allowed: MailState = MailState.PARSING
+) -> list[Step]:
     """No rule of the inbox takes the mail: it stays where it is, as it is."""
-    if ctx.ledger.transition(
-        mail_id, MailState.IGNORED, allowed=(MailState.PARSING,), reason=reason
-    ):
+    if ctx.ledger.transition(mail_id, MailState.IGNORED, allowed=(allowed,), reason=reason):
         log.info("mail %s left in the inbox: %s", mail_id, reason)
         ctx.ledger.drop_staged(mail_id, 0)
     return []
@@ -922,6 +945,8 @@ def finish(ctx: Context, mail_id: str) -> list[Step]:
                 copied_uid = record.copied_uid if record.moving_to == target else ""
                 if actions.copy:
                     moved = box.copy(record.ref.uid, target, copied_uid=copied_uid)
+                    if moved.to:  # recorded at once: a run after a crash does not copy again
+                        ctx.ledger.update(mail_id, copied_uid=moved.to)
                 else:
                     moved = box.move(
                         record.ref.uid,
@@ -1029,14 +1054,21 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
     if record.state == MailState.IGNORED:  # the rules changed: still in the inbox
         ctx.ledger.transition(mail_id, MailState.QUEUED, allowed=(MailState.IGNORED,), reason="")
         return [Step("ingest", mail_id)]
+    kept = record.filed_to and rules.imap_actions(record.actions).copy
+    if kept and record.state == MailState.DONE:
+        raise MailError(
+            f"mail {mail_id} was filed by copy (a rule's action): the mail itself is still in "
+            f"{record.ref.folder}, where a replay would file it twice; no replay of it"
+        )
     if record.state == MailState.QUARANTINED:
         # an operator replays a mail once the cause is fixed: uploads Alloy refused are
         # tried again (their descriptions are still there to take the bytes)
         docs = ctx.ledger.documents(mail_id, record.documents)
         ctx.ledger.forget_refusals(record.entity, [doc.fingerprint for doc in docs])
-        if not record.filed_to:  # not moved yet: still in the inbox, run it again in place
+        if not record.filed_to or kept:  # still in the inbox: run it again in place
+            # (a copy filed before is found by its recorded UID, not copied again)
             ctx.ledger.transition(
-                mail_id, MailState.QUEUED, allowed=(MailState.QUARANTINED,), reason=""
+                mail_id, MailState.QUEUED, allowed=(MailState.QUARANTINED,), reason="", filed_to=""
             )
             return [Step("ingest", mail_id)]
     elif record.state != MailState.DONE:

@@ -108,10 +108,6 @@ class MailboxError(MailingestError):
     """The IMAP server refused a command or the connection dropped; retried."""
 
 
-class SearchCharsetError(MailboxError):
-    """The server answered ``BADCHARSET``: it cannot search text beyond ASCII."""
-
-
 class OAuthError(MailboxError):
     """The token endpoint refused the refresh grant, or could not be reached.
 

@@ -37,7 +37,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from mailingest.config.table import EMAIL
 from mailingest.core.documents import DOCUMENT_TYPES
@@ -65,12 +65,32 @@ _KEYS = frozenset(
         "stop",
     }
 )
-# an IMAP keyword is an atom (RFC 3501): no space, no ()"{%*\] and no control character
-_ATOM = re.compile(r"[!#$&'+\-./0-9:;<=>?@A-Z^_`a-z|}~]{1,64}")
+# an IMAP keyword is an atom (RFC 3501): no space, no ()"{%*\] and no control character;
+# at most 50 characters, Dovecot's default mail_max_keyword_length
+_ATOM = re.compile(r"[!#$&'+\-./0-9:;<=>?@A-Z^_`a-z|}~]{1,50}")
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
 _AGE = re.compile(r"(\d+)\s*([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _GLOB = re.compile(r"[*?]")
+# What each filter asks the server (IMAP SEARCH), and what text it may not ask for:
+# only ASCII (servers fold and decompose the rest each their own way, and some know no
+# UTF-8: no CHARSET is ever needed, no BADCHARSET met). In free text (a subject, the
+# recipients' headers as written), no i, s or k either: Python's case-insensitive match
+# takes capital I with a dot and the dotless i for i, the long s for s and the Kelvin
+# sign for k, and Dovecot does not. In the
+# recipients' headers, no @ or space: an address there may have a comment or spaces
+# around its @ that the parsed address has not. FROM is matched by the server on the
+# parsed address, as the rule matches it. The body is never asked for: an HTML body
+# writes é as &eacute;, which the server searches as written.
+_NOT_ASCII = re.compile(r"[^\x20-\x7e]|\x00")
+_NOT_FOLD_SAFE = re.compile(r"[^\x20-\x7e]|[iskISK]|\x00")
+_SEARCHED: dict[str, tuple[str, re.Pattern[str]]] = {
+    "from": ("FROM", _NOT_ASCII),
+    "subject": ("SUBJECT", _NOT_FOLD_SAFE),
+    "to": ("TEXT", re.compile(r"[^\x20-\x7e]|[iskISK@ ]|\x00")),
+}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_AGE = 10 * 366 * 86400  # what max_age may be: ten years
 _BRACKETS = re.compile(r"\[!?\]?[^\]]*\]")  # a glob's [...] set
 
 
@@ -116,13 +136,15 @@ class Pattern:
             return self.regex.search(value) is not None
         return self.regex.match(value) is not None
 
-    @property
-    def literal(self) -> str:
-        """Text every value this pattern matches contains (what IMAP SEARCH, a substring
-        search, can be asked for), or "" when there is none worth asking."""
+    def literal(self, unsafe: re.Pattern[str]) -> str:
+        """Text every value this pattern matches contains, as any server compares it
+        (what IMAP SEARCH, a substring search, may be asked for), or "" when there is
+        none worth asking: the longest run of the pattern's plain text without a
+        character ``unsafe`` finds (see the filters' own in ``_SEARCHED``)."""
         if self.is_regex:
             return ""
-        runs = _GLOB.split(_BRACKETS.sub("*", self.text))
+        plain = _GLOB.sub("\x00", _BRACKETS.sub("\x00", self.text))  # a wildcard splits
+        runs = unsafe.split(plain)
         longest = max(runs, key=len, default="")
         return longest if len(longest.strip()) >= 3 else ""
 
@@ -312,18 +334,15 @@ def imap_actions(recorded: str) -> ImapActions:
 # -- IMAP SEARCH ------------------------------------------------------------------
 
 
-def search_criteria(
-    rules: Sequence[Rule], today: date, *, ascii_only: bool = False
-) -> list[object] | None:
+def search_criteria(rules: Sequence[Rule], now: datetime) -> list[object] | None:
     """IMAP SEARCH criteria that every mail some rule could take matches (a superset:
     the rules decide on the mail itself), or None when the server cannot narrow it
     (no rules, or a rule whose filters it cannot express).
 
-    A rule asks, per filter, for a substring its patterns share (``FROM``, ``SUBJECT``,
-    ``BODY``; ``TEXT`` for ``to``, whose recipients are in more headers than To; any of
-    a list: ``OR``) and ``SINCE`` for ``max_age`` (a day earlier: SINCE counts whole
-    days, in the server's time zone); rules are ``OR``-ed. ``ascii_only`` leaves out
-    what a server that answered ``BADCHARSET`` to UTF-8 cannot be asked.
+    A rule asks, per filter, for a substring its patterns share as every server
+    compares it (``_SEARCHED``; any of a list: ``OR``) and ``SINCE`` for ``max_age``
+    (a day before the day it reaches back to: SINCE counts whole days, in the server's
+    time zone, which may be a day behind UTC); rules are ``OR``-ed. All of it ASCII.
     """
     if not rules:
         return None
@@ -331,13 +350,16 @@ def search_criteria(
     for rule in rules:
         terms: list[object] = []
         for name, patterns in rule.filters.items():
-            literals = [p.literal for p in patterns]
-            if not all(literals) or (ascii_only and not all(s.isascii() for s in literals)):
+            if name not in _SEARCHED:
+                continue  # the body: decided on the mail alone
+            keyword, unsafe = _SEARCHED[name]
+            literals = [p.literal(unsafe) for p in patterns]
+            if not all(literals):
                 continue  # the server cannot narrow this filter: it is decided here alone
-            keyword = "TEXT" if name == "to" else name.upper()
             terms += _any([[keyword, literal] for literal in literals])
         if rule.max_age is not None:
-            terms += ["SINCE", today - timedelta(days=rule.max_age // 86400 + 1)]
+            reach = (now - timedelta(seconds=rule.max_age)).astimezone(UTC).date()
+            terms += ["SINCE", reach - timedelta(days=1)]
         if not terms:
             return None  # this rule could take any mail
         per_rule.append(terms)
@@ -349,16 +371,6 @@ def _any(choices: list[list[object]]) -> list[object]:
     if len(choices) == 1:
         return choices[0]
     return ["OR", choices[0], _any(choices[1:])]
-
-
-def needs_charset(criteria: Iterable[object]) -> bool:
-    """Whether the criteria hold text beyond ASCII (sent with ``CHARSET UTF-8``)."""
-    for term in criteria:
-        if isinstance(term, list) and needs_charset(term):
-            return True
-        if isinstance(term, str) and not term.isascii():
-            return True
-    return False
 
 
 # -- reading the configuration ----------------------------------------------------
@@ -417,6 +429,8 @@ def _patterns(value: object, where: str, *, empty: bool = False) -> tuple[Patter
     for item in items:
         if not isinstance(item, str):
             raise RuleError(where, f"must be a pattern (a string) or a list of them, got {item!r}")
+        if _CONTROL.search(item):
+            raise RuleError(where, f"{item!r} holds a control character (a line break?)")
         try:
             out.append(Pattern.parse(item))
         except ValueError as exc:
@@ -425,12 +439,17 @@ def _patterns(value: object, where: str, *, empty: bool = False) -> tuple[Patter
 
 
 def _age(value: object, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = _AGE.fullmatch(value.strip()) if isinstance(value, str) else None
-    if match is None or int(match[1]) <= 0:
-        raise RuleError(where, f'must be a duration such as "30d", "12h" or 3600, got {value!r}')
-    return int(match[1]) * _UNITS[match[2]]
+    seconds = 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str) and (match := _AGE.fullmatch(value.strip())):
+        seconds = int(match[1]) * _UNITS[match[2]]
+    if not 0 < seconds <= MAX_AGE:
+        raise RuleError(
+            where,
+            f'must be a duration such as "30d", "12h" or 3600, at most 10 years, got {value!r}',
+        )
+    return seconds
 
 
 def _actions(value: object, where: str) -> tuple[str, ...]:
@@ -446,7 +465,7 @@ def _actions(value: object, where: str) -> tuple[str, ...]:
             keyword = action[len(KEYWORD) :]
             if not _ATOM.fullmatch(keyword) or keyword.startswith("\\"):
                 raise RuleError(
-                    where, f"{action!r}: a keyword is 1-64 letters, digits or $-_.:/ and no space"
+                    where, f"{action!r}: a keyword is 1-50 letters, digits or $-_.:/ and no space"
                 )
             continue
         if action in ("delete", "expunge", "trash"):
@@ -480,6 +499,8 @@ def _text(table: Mapping[str, object], key: str, where: str) -> str | None:
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > 1000:
         raise RuleError(f"{where}.{key}", "must be a text of 1-1000 characters")
+    if key != "note" and _CONTROL.search(value):
+        raise RuleError(f"{where}.{key}", "holds a control character")
     return value
 
 

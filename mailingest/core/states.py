@@ -51,7 +51,10 @@ COUNTED: tuple[MailState, ...] = (*DECIDED, MailState.FAILED, MailState.IGNORED)
 # (a retried ingest clears its reason; a failed mail gets a newer reason); a mail enters
 # the ledger ``queued`` (Ledger.record_new), never through a transition.
 TRANSITIONS: Mapping[MailState, frozenset[MailState]] = {
-    MailState.QUEUED: frozenset({MailState.PARSING, MailState.QUARANTINED, MailState.FAILED}),
+    # ignored straight away: too large to fetch, and no rule takes it by its header
+    MailState.QUEUED: frozenset(
+        {MailState.PARSING, MailState.QUARANTINED, MailState.FAILED, MailState.IGNORED}
+    ),
     MailState.PARSING: frozenset(
         {
             MailState.PARSING,
