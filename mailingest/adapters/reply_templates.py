@@ -3,7 +3,7 @@
 A language is a folder: ``<kind>.txt`` for each reply kind (``received``, ``refused``,
 ``unknown``), an optional ``<kind>.html`` (sent as the HTML alternative), and
 ``texts.toml`` (what each document type and each refusal code is called). The shipped
-folders (``mailingest/templates/replies``: ``en``, ``de``) are the defaults; an
+folders (``mailingest/adapters/reply_texts``: ``en``, ``de``) are the defaults; an
 inbox's ``REPLY_TEMPLATES`` folder is looked in first, file by file. Templates are
 rendered in Jinja2's sandbox with undefined names an error, and every template an
 inbox uses is rendered once with sample values when the settings are read: a template
@@ -26,7 +26,7 @@ from mailingest.core.replies import PART_CODES, RefusedPart
 if TYPE_CHECKING:
     from mailingest.config.settings import ReplySettings
 
-SHIPPED = Path(__file__).resolve().parent.parent / "templates" / "replies"
+SHIPPED = Path(__file__).resolve().parent / "reply_texts"
 
 
 class TemplateError(ValueError):

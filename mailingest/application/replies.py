@@ -29,6 +29,8 @@ from mailingest.core import replies
 from mailingest.core.decisions import Step
 from mailingest.core.errors import Busy, ReplyError
 from mailingest.core.records import MailRecord
+from mailingest.core.states import MailState
+from mailingest.core.states import ReplyState as R
 
 log = logging.getLogger(__name__)
 
@@ -54,42 +56,44 @@ def reply(ctx: Context, mail_id: str) -> list[Step]:
         enabled=settings.kinds,
     )
     if chosen.kind is None:
-        _settle(ctx, record, "none", f"not sent: {chosen.why}", counted="suppressed")
+        _settle(ctx, record, "none", f"not sent: {chosen.why}", counted=R.SUPPRESSED)
         return []
     kind = chosen.kind
     key = record.message_key or record.message_id or mail_id
     message_id = replies.reply_message_id(key, kind, settings.domain)
     taken = ctx.ledger.claim_reply(key, kind, mail_id=mail_id, message_id=message_id)
-    if taken not in ("", "retry"):
+    if taken not in ("", R.RETRY):
         return _taken_already(ctx, record, kind, key, taken)
     if taken == "" and not ctx.ledger.count_reply(  # a retry was counted by its first try
         kind, record.sender, limit=settings.limit, window=settings.window
     ):
         why = f"not sent: {settings.limit} {kind} replies to this address in {settings.window} s"
-        ctx.ledger.set_reply(key, kind, state="suppressed", reason=why)
-        _settle(ctx, record, kind, why, counted="suppressed")
+        ctx.ledger.set_reply(key, kind, state=R.SUPPRESSED, reason=why)
+        _settle(ctx, record, kind, why, counted=R.SUPPRESSED)
         return []
     try:
         message = _message(ctx, record, kind, message_id)
     except Exception:
-        ctx.ledger.set_reply(key, kind, state="retry")
+        ctx.ledger.set_reply(key, kind, state=R.RETRY)
         raise
-    ctx.ledger.set_reply(key, kind, state="sending")
+    ctx.ledger.set_reply(key, kind, state=R.SENDING)
     try:
         answer = smtp.send(settings, message, to=record.sender, tokens=ctx.reply_tokens(inbox.name))
     except ReplyError as exc:
         if exc.in_doubt:
-            ctx.ledger.set_reply(key, kind, state="unconfirmed", reason=str(exc))
-            _settle(ctx, record, kind, f"unconfirmed: {exc} (Message-ID {message_id})", "failed")
+            ctx.ledger.set_reply(key, kind, state=R.UNCONFIRMED, reason=str(exc))
+            _settle(
+                ctx, record, kind, f"unconfirmed: {exc} (Message-ID {message_id})", R.UNCONFIRMED
+            )
             return []
         if exc.retryable:
-            ctx.ledger.set_reply(key, kind, state="retry")  # not sent: a later try takes it
+            ctx.ledger.set_reply(key, kind, state=R.RETRY)  # not sent: a later try takes it
             raise
-        ctx.ledger.set_reply(key, kind, state="failed", reason=str(exc))
-        _settle(ctx, record, kind, f"failed: {exc}", counted="failed")
+        ctx.ledger.set_reply(key, kind, state=R.FAILED, reason=str(exc))
+        _settle(ctx, record, kind, f"failed: {exc}", counted=R.FAILED)
         return []
-    ctx.ledger.set_reply(key, kind, state="sent", answer=answer[:200])
-    _settle(ctx, record, kind, f"sent to {record.sender} as <{message_id}>", counted="sent")
+    ctx.ledger.set_reply(key, kind, state=R.SENT, answer=answer[:200])
+    _settle(ctx, record, kind, f"sent to {record.sender} as <{message_id}>", counted=R.SENT)
     return []
 
 
@@ -97,13 +101,13 @@ def _taken_already(ctx: Context, record: MailRecord, kind: str, key: str, state:
     """Another run, or another delivery of the same mail, took this reply."""
     held = ctx.ledger.reply_record(key, kind)
     age = ctx.ledger.now() - int(held.get("at") or 0)
-    if state == "claimed" and age > STALE_MS:
-        ctx.ledger.set_reply(key, kind, state="retry")  # its run died before it sent
+    if state == R.CLAIMED and age > STALE_MS:
+        ctx.ledger.set_reply(key, kind, state=R.RETRY)  # its run died before it sent
         raise Busy(f"reply {kind}: taken by a run that died before it sent; taking it again")
-    if state == "sending" and age > STALE_MS:
-        ctx.ledger.set_reply(key, kind, state="unconfirmed", reason="its sender died sending")
-        state = "unconfirmed"
-    elif state in ("claimed", "sending"):
+    if state == R.SENDING and age > STALE_MS:
+        ctx.ledger.set_reply(key, kind, state=R.UNCONFIRMED, reason="its sender died sending")
+        state = R.UNCONFIRMED
+    elif state in (R.CLAIMED, R.SENDING):
         raise Busy(f"reply {kind}: another run is sending it", retry_after=STALE_MS / 1000)
     if held.get("mail") == record.id:
         _settle(ctx, record, kind, state, counted=None)
@@ -126,7 +130,7 @@ def give_up(ctx: Context, mail_id: str, reason: str) -> None:
     record = ctx.ledger.mail(mail_id)
     if record is None:
         return
-    _settle(ctx, record, "reply", f"failed: {reason}", counted="failed")
+    _settle(ctx, record, "reply", f"failed: {reason}", counted=R.FAILED)
 
 
 def _message(ctx: Context, record: MailRecord, kind: str, message_id: str) -> EmailMessage:
@@ -138,10 +142,10 @@ def _message(ctx: Context, record: MailRecord, kind: str, message_id: str) -> Em
             FiledDocument(f"{d.name}.{d.extension}", d.type)
             for d in ctx.ledger.documents(record.id, record.documents)
         ]
-        if record.state == "done"
+        if record.state == MailState.DONE
         else []
     )
-    refused_text = record.refused_parts if record.state == "done" else record.reason
+    refused_text = record.refused_parts if record.state == MailState.DONE else record.reason
     rendered = Templates(settings.language, settings.templates).render(
         kind,
         subject=record.subject,

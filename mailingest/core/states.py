@@ -34,6 +34,19 @@ class DocumentState(StrEnum):
     LOST = "lost"  # a quarantined mail's document whose bytes are gone: nothing to send
 
 
+class ReplyState(StrEnum):
+    """Where the reply of one kind to one mail is (its record in the ledger, shared by
+    every delivery and replay of the mail): see mailingest.application.replies."""
+
+    CLAIMED = "claimed"  # a run took it and has not sent it yet
+    RETRY = "retry"  # a try that was not sent gave it back: the next run takes it
+    SENDING = "sending"  # the message is on its way: a run that dies leaves it unconfirmed
+    SENT = "sent"  # the server answered 250
+    UNCONFIRMED = "unconfirmed"  # may have gone, never confirmed: never sent again
+    FAILED = "failed"  # will not go (a 5xx, retries exhausted)
+    SUPPRESSED = "suppressed"  # not sent: the rate limit, a robot, a forged sender
+
+
 MAIL_STATES: tuple[MailState, ...] = tuple(MailState)
 
 # recorded, not decided yet: the backlog; the sweep queues them again when stuck

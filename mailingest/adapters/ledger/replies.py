@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from mailingest.adapters import keys
 from mailingest.adapters.ledger.base import Store, decode
+from mailingest.core.states import ReplyState
 
 # how long a reply's record is kept: a replay or redelivery later than this may answer
 # again (a mail is seldom replayed after months)
 REPLY_TTL = 180 * 86400
 
-# take the record if nobody has, or a try that was not sent gave it back ("retry"):
-# ARGV = mail id, Message-ID, now, ttl -> "" or "retry" when taken, else its state
+# take the record if nobody has, or a try that was not sent gave it back (RETRY):
+# ARGV = mail id, Message-ID, now, ttl, RETRY, CLAIMED -> "" or RETRY when taken, else
+# its state
 CLAIM_REPLY = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state and state ~= 'retry' then return state end
-redis.call('HSET', KEYS[1], 'state', 'claimed', 'mail', ARGV[1], 'message_id', ARGV[2],
+if state and state ~= ARGV[5] then return state end
+redis.call('HSET', KEYS[1], 'state', ARGV[6], 'mail', ARGV[1], 'message_id', ARGV[2],
            'at', ARGV[3])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 return state or ''
@@ -39,12 +41,12 @@ class ReplyRecords(Store):
 
     def claim_reply(self, message_key: str, kind: str, *, mail_id: str, message_id: str) -> str:
         """Take the reply of ``kind`` to this mail: "" when this run took it first,
-        "retry" when it took it from a try that was not sent (counted already), else the
+        ``RETRY`` when it took it from a try that was not sent (counted already), else the
         state another run left it in (``claimed``, ``sending``, ``sent``, ...)."""
         script = self.redis.register_script(CLAIM_REPLY)
         state = script(
             keys=[keys.reply(message_key, kind)],
-            args=[mail_id, message_id, self.now(), REPLY_TTL],
+            args=[mail_id, message_id, self.now(), REPLY_TTL, ReplyState.RETRY, ReplyState.CLAIMED],
         )
         return keys.as_text(state or b"")
 
