@@ -145,6 +145,7 @@ def reply_rate(kind: str, address: str) -> str:
 
 
 REPLIES_DUE = f"{NS}:replies-due"
+REPLY_OUTCOMES = f"{NS}:reply-outcomes"
 
 
 def as_text(value: object) -> str:

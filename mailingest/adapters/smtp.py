@@ -17,6 +17,8 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from email.message import EmailMessage
 from typing import Protocol
 
@@ -42,13 +44,7 @@ def send(
     tokens: AccessTokens | None = None,
 ) -> str:
     """Send ``message`` to ``to`` alone; return the server's answer to the message."""
-    where = f"SMTP {replies.host}:{replies.port}"
-    try:
-        smtp = _connect(replies, timeout)
-    except _CONNECTION_ERRORS as exc:
-        raise ReplyError(f"{where}: cannot connect ({_text(exc)})", retryable=True) from None
-    try:
-        _login(smtp, replies, tokens, where)
+    with _session(replies, timeout, tokens) as (smtp, where):
         _step(where, "MAIL FROM", *smtp.mail(replies.from_address))
         _step(where, "RCPT TO", *smtp.rcpt(to), ok=(250, 251))
         try:
@@ -60,6 +56,30 @@ def send(
             ) from None
         _step(where, "DATA", code, answer)
         return answer.decode("utf-8", "replace")
+
+
+def reach(
+    replies: ReplySettings, *, timeout: float = 30.0, tokens: AccessTokens | None = None
+) -> str:
+    """Connect and log in as a reply would, send nothing; what was found."""
+    with _session(replies, timeout, tokens) as (_, where):
+        login = f"accepted the login as {replies.user}" if replies.user else "answered (no login)"
+        return f"{where} ({replies.security}) {login}"
+
+
+@contextmanager
+def _session(
+    replies: ReplySettings, timeout: float, tokens: AccessTokens | None
+) -> Iterator[tuple[smtplib.SMTP, str]]:
+    """A connection, logged in; every failure a ReplyError that says whether to retry."""
+    where = f"SMTP {replies.host}:{replies.port}"
+    try:
+        smtp = _connect(replies, timeout)
+    except _CONNECTION_ERRORS as exc:
+        raise ReplyError(f"{where}: cannot connect ({_text(exc)})", retryable=True) from None
+    try:
+        _login(smtp, replies, tokens, where)
+        yield smtp, where
     except ReplyError:
         raise
     except _CONNECTION_ERRORS as exc:

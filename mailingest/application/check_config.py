@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from mailingest.adapters import smtp
 from mailingest.adapters.imap import Mailbox
 from mailingest.application.services import Services, Unavailable
 from mailingest.config.settings import InboxSettings, Settings, redact_url
@@ -49,11 +50,26 @@ def describe(settings: Settings) -> list[Check]:
     ]
     for inbox in settings.inboxes:
         checks.append(Check(f"inbox {inbox.name}", True, _inbox_line(inbox)))
+        if inbox.replies is not None:
+            checks.append(Check(f"replies of inbox {inbox.name}", True, _replies_line(inbox)))
         checks += [
             Check(f"inbox {inbox.name} rule {number}", True, rules.describe(rule))
             for number, rule in enumerate(inbox.rules, 1)
         ]
     return checks
+
+
+def _replies_line(inbox: InboxSettings) -> str:
+    replies = inbox.replies
+    if replies is None:
+        return "off"
+    login = f" as {replies.user} ({replies.auth})" if replies.user else ", no login"
+    return (
+        f"{', '.join(sorted(replies.kinds))} from {replies.from_address} via "
+        f"{replies.security} {replies.host}:{replies.port}{login}; language "
+        f"{replies.language}; at most {replies.limit} of a kind per address per "
+        f"{replies.window} s"
+    )
 
 
 def _inbox_line(inbox: InboxSettings) -> str:
@@ -89,8 +105,20 @@ def connect(services: Services) -> list[Check]:
     """
     checks = [_redis(services)]
     checks += [_inbox(services, inbox) for inbox in services.settings.inboxes]
+    checks += [_smtp(services, i) for i in services.settings.inboxes if i.replies is not None]
     checks.append(_alloy(services))
     return checks
+
+
+def _smtp(services: Services, inbox: InboxSettings) -> Check:
+    """The inbox's SMTP server, logged in to as a reply would be, nothing sent."""
+    assert inbox.replies is not None
+    name = f"replies of inbox {inbox.name}"
+    tokens = services.tokens(inbox.name) if inbox.replies.auth == "xoauth2" else None
+    try:
+        return Check(name, True, smtp.reach(inbox.replies, tokens=tokens))
+    except MailingestError as exc:
+        return Check(name, False, str(exc))
 
 
 def _redis(services: Services) -> Check:

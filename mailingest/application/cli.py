@@ -329,6 +329,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "refused_parts": [
                         row(r) | {"refused_parts": r.refused_parts.split("; ")} for r in partial
                     ],
+                    "replies": ledger.reply_outcomes(),
                     "stalled": [row(r) for r in stalled],
                     "in_progress": [row(r) for r in working],
                     "alloy_rate_limit": {
@@ -351,6 +352,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         return 0
     print("  ".join(f"{state} {n}" for state, n in counts.items()))
+    outcomes = ledger.reply_outcomes()
+    if outcomes:
+        print(reply_line(outcomes))
     for line in rate_limit_lines(settings.alloy_rate, settings.alloy_burst, pace):
         print(line)
     for name, poll in polls.items():
@@ -385,6 +389,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             "(the next sweep queues it again)"
         )
     return 0
+
+
+def reply_line(outcomes: dict[str, int]) -> str:
+    """``replies: received sent 3, refused sent 1; why not sent: list 1, robot 1``."""
+    done = sorted((k, n) for k, n in outcomes.items() if not k.startswith("why:"))
+    why = sorted((k[4:], n) for k, n in outcomes.items() if k.startswith("why:"))
+    line = "replies: " + ", ".join(f"{k.replace(':', ' ')} {n}" for k, n in done)
+    return line + ("; why not sent: " + ", ".join(f"{k} {n}" for k, n in why) if why else "")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -135,9 +135,10 @@ def _m() -> SimpleNamespace:
         ),
         replies=Counter(
             "mailingest_replies",
-            "Replies to customers by kind, sent, suppressed (not sent: a robot, a list, "
-            "an unauthenticated sender, the rate limit) or failed",
-            ["inbox", "kind", "outcome"],
+            "Replies to customers by kind and outcome (sent, suppressed, failed, "
+            "unconfirmed); why a suppressed one was not sent (a robot, a list, an "
+            "unauthenticated sender, the rate limit, ...)",
+            ["inbox", "kind", "outcome", "why"],
         ),
         parts_refused=Counter(
             "mailingest_parts_refused",
@@ -225,9 +226,10 @@ def mail_decided(mail_id: str, state: str, reason: str) -> None:
         _m().ignored.labels(inbox).inc()
 
 
-def reply_outcome(inbox: str, kind: str, outcome: str) -> None:
-    """A reply to a customer was sent, suppressed (and not sent) or failed."""
-    _m().replies.labels(inbox, kind, outcome).inc()
+def reply_outcome(inbox: str, kind: str, outcome: str, why: str = "") -> None:
+    """A reply to a customer was sent, suppressed (not sent: ``why``, a kind), failed
+    or left unconfirmed."""
+    _m().replies.labels(inbox, kind, outcome, why).inc()
 
 
 def part_refused(mail_id: str, reason: str) -> None:

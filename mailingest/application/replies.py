@@ -117,10 +117,14 @@ def _taken_already(ctx: Context, record: MailRecord, kind: str, key: str, state:
 
 
 def _settle(ctx: Context, record: MailRecord, kind: str, what: str, counted: str | None) -> None:
+    """Record what became of the mail's reply; count it (None: counted by the run or
+    the delivery that sent it)."""
     ctx.ledger.update(record.id, reply=f"{kind}: {what}"[:500])
     ctx.ledger.reply_settled(record.id)
     if counted is not None:
-        metrics.reply_outcome(record.ref.inbox, kind, counted)
+        why = replies.why_kind(what) if counted == R.SUPPRESSED else ""
+        ctx.ledger.count_reply_outcome(kind, counted, why)
+        metrics.reply_outcome(record.ref.inbox, kind, counted, why)
     log.info("mail %s: reply %s: %s", record.id, kind, what)
 
 

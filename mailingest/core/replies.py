@@ -132,6 +132,29 @@ def _reasons_not_to_answer(headers: Headers, authenticated: bool, ours: Ours) ->
         yield "our own reply (its Message-ID)"
 
 
+# why a reply was not sent, as a small fixed set (a metric label, status's counts)
+_WHY_KINDS: tuple[tuple[str, str], ...] = (
+    ("sender not authenticated", "unauthenticated"),
+    ("no Return-Path", "bounce"),
+    ("null Return-Path", "bounce"),
+    ("is a robot's address", "robot"),
+    ("Auto-Submitted", "auto_submitted"),
+    ("Precedence", "bulk"),
+    ("a mailing list", "list"),
+    ("X-Auto-Response-Suppress", "auto_response_suppress"),
+    ("X-Loop", "loop"),
+    ("our own", "loop"),
+    ("replies to this address in", "rate_limit"),
+    ("replies are off", "off"),
+    ("nothing the customer can act on", "nothing_to_say"),
+)
+
+
+def why_kind(why: str) -> str:
+    """The kind of a reason not to answer, for a metric label."""
+    return next((kind for text, kind in _WHY_KINDS if text in why), "other")
+
+
 def kind_for(state: str, reason: str, refused_parts: str) -> str | None:
     """The reply a decided mail calls for: ``received`` (filed, nothing refused),
     ``refused`` (filed with parts refused, or set aside for what it carried),

@@ -66,6 +66,18 @@ class ReplyRecords(Store):
         script = self.redis.register_script(COUNT_REPLY)
         return bool(script(keys=[keys.reply_rate(kind, address)], args=[limit, window]))
 
+    def count_reply_outcome(self, kind: str, outcome: str, why: str = "") -> None:
+        """One more reply of ``kind`` that ended ``outcome`` (``why``: the kind of reason
+        a suppressed one was not sent), for `mailingest status`."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(keys.REPLY_OUTCOMES, f"{kind}:{outcome}", 1)
+        if why:
+            pipe.hincrby(keys.REPLY_OUTCOMES, f"why:{why}", 1)
+        pipe.execute()
+
+    def reply_outcomes(self) -> dict[str, int]:
+        return {k: int(v) for k, v in decode(self.redis.hgetall(keys.REPLY_OUTCOMES)).items()}
+
     def reply_due(self, mail_id: str) -> None:
         self.redis.sadd(keys.REPLIES_DUE, mail_id)
 
