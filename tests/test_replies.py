@@ -198,6 +198,7 @@ def test_a_reply_is_threaded_marked_automatic_and_has_one_recipient() -> None:
     assert message["In-Reply-To"] == f"<{headers.message_id}>"
     assert message["References"] == f"<a@x.example> <{headers.message_id}>"
     assert message["Message-ID"].endswith("@support.example>")
+    assert message["Content-Language"] == "en"
     assert replies.reply_message_id("key", "received", "s.example") == (
         replies.reply_message_id("key", "received", "s.example")
     )
@@ -407,3 +408,118 @@ def test_a_template_that_cannot_render_stops_check_config(
     assert result.returncode != 0
     assert "MAILINGEST_REPLY_TEMPLATES" in result.stderr
     assert "received.txt" in result.stderr and "customer_name" in result.stderr
+
+
+@pytest.mark.servers
+def test_six_mails_get_exactly_the_right_replies_once_even_replayed_and_redelivered(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
+) -> None:
+    """A good mail, a mixed mail, an unknown sender, a forged sender, an out-of-office
+    reply and a mailing-list mail: a received, a refused and an unknown reply go out,
+    to the right person each, and nothing to the other three. Every mail delivered
+    again and the quarantined ones replayed: still exactly those three."""
+    mails = {
+        "good": customer_mail(subject="good", message_id="m-good"),
+        "mixed": customer_mail(
+            subject="mixed", files=("passport.pdf", "all.zip"), message_id="m-mixed"
+        ),
+        "unknown": customer_mail("erin@example.org", "unknown", message_id="m-unknown"),
+        "forged": customer_mail("mallory@example.net", "forged", dmarc="fail", message_id="m-f"),
+        "out of office": customer_mail(
+            subject="Automatic reply: out of office",
+            headers={"Auto-Submitted": "auto-replied"},
+            message_id="m-ooo",
+        ),
+        "list": customer_mail(
+            subject="[customers] digest",
+            headers={"List-Id": "<customers.lists.example.com>", "Precedence": "list"},
+            message_id="m-list",
+        ),
+    }
+    deliver(imap, list(mails.values()))
+    poll(answering)
+
+    def sent() -> list[tuple[str, str, str]]:
+        return sorted(
+            (r.recipients[0], str(r.message["Subject"]), _kind(r.message.get_content()))
+            for r in smtp.received
+        )
+
+    expected = [
+        (DANA, "Re: good", "received"),
+        (DANA, "Re: mixed", "refused"),
+        ("erin@example.org", "Re: unknown", "unknown"),
+    ]
+    assert sent() == expected
+    deliver(imap, list(mails.values()))  # every one of them delivered a second time
+    summary = poll(answering)
+    for mail in summary.mails:
+        if mail.state == L.QUARANTINED:
+            replayed = run_cli(answering, "replay", mail.mail_id)
+            assert replayed.returncode == 0, replayed.stderr
+    poll(answering)
+    assert sent() == expected
+    status = run_cli(answering, "status")
+    assert "replies: " in status.stdout
+    assert "received sent 1" in status.stdout and "refused sent 1" in status.stdout
+    assert "unknown sent 1" in status.stdout
+    for why in ("unauthenticated 3", "auto_submitted 2", "list 2"):
+        assert why in status.stdout, status.stdout
+
+
+def _kind(body: str) -> str:
+    if "not on file" in body:
+        return "unknown"
+    return "refused" if "could not accept" in body else "received"
+
+
+@pytest.mark.servers
+def test_an_operators_html_template_goes_as_the_alternative(
+    answering: dict[str, str],
+    imap: ImapServer,
+    sandbox: SandboxServer,
+    smtp: SmtpServer,
+    tmp_path: Path,
+) -> None:
+    own = tmp_path / "templates" / "en"
+    own.mkdir(parents=True)
+    (own / "received.html").write_text(
+        "<p>Filed: {% for d in documents %}<b>{{ d.name }}</b>{% endfor %} for {{ sender }}</p>\n",
+        encoding="utf-8",
+    )
+    env = answering | {"MAILINGEST_REPLY_TEMPLATES": str(tmp_path / "templates")}
+    deliver(imap, [customer_mail(subject="<script>", files=("a<b>.pdf",))])
+    (mail,) = poll(env).mails
+    assert mail.state == L.DONE, mail
+    assert len(smtp.received) == 1, record_of(env, mail.mail_id).reply  # type: ignore[attr-defined]
+    (received,) = smtp.received
+    message = received.message
+    assert message.get_content_type() == "multipart/alternative"
+    text = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert text is not None and "filed 1 document" in text.get_content()  # the shipped text
+    assert html is not None and "<b>a&lt;b&gt;.pdf</b>" in html.get_content()  # escaped
+
+
+@pytest.mark.servers
+def test_check_config_connect_logs_in_to_the_smtp_server(
+    answering: dict[str, str], sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    listed = run_cli(answering, "check-config")
+    assert "replies of inbox default: received, refused, unknown from support@" in listed.stdout
+    ca, cert, key = make_tls_files(tmp_path / "pki")
+    with SmtpServer(tls=(cert, key), login=("replies", "s3cret")) as server:
+        env = answering | {
+            "MAILINGEST_SMTP_PORT": str(server.port),
+            "MAILINGEST_SMTP_SECURITY": "starttls",
+            "MAILINGEST_SMTP_USER": "replies",
+            "MAILINGEST_SMTP_CA_FILE": str(ca),
+        }
+        good = run_cli(env | {"MAILINGEST_SMTP_PASSWORD": "s3cret"}, "check-config", "--connect")
+        assert "ok    replies of inbox default: SMTP 127.0.0.1" in good.stdout, good.stdout
+        assert "accepted the login as replies" in good.stdout
+        bad = run_cli(env | {"MAILINGEST_SMTP_PASSWORD": "wrong"}, "check-config", "--connect")
+        assert bad.returncode == 1
+        assert "FAIL  replies of inbox default: SMTP 127.0.0.1" in bad.stdout
+        assert "login as replies refused (535" in bad.stdout
+        assert "wrong" not in bad.stdout + bad.stderr  # the password is never said

@@ -14,6 +14,7 @@ message was sent or its answer awaited leaves it *in doubt* (:class:`ReplyError`
 
 from __future__ import annotations
 
+import email.policy
 import smtplib
 import socket
 import ssl
@@ -48,7 +49,9 @@ def send(
         _step(where, "MAIL FROM", *smtp.mail(replies.from_address))
         _step(where, "RCPT TO", *smtp.rcpt(to), ok=(250, 251))
         try:
-            code, answer = smtp.data(message.as_bytes())
+            # CR LF line ends (smtplib sends bytes as they are: LF alone makes one long
+            # line of the whole message to a server, which refuses it past 1,000 bytes)
+            code, answer = smtp.data(message.as_bytes(policy=email.policy.SMTP))
         except _CONNECTION_ERRORS as exc:
             raise ReplyError(
                 f"{where}: the connection failed while the reply was sent ({_text(exc)})",

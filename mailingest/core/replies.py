@@ -120,10 +120,10 @@ def _reasons_not_to_answer(headers: Headers, authenticated: bool, ours: Ours) ->
         yield "our own address"
     if headers.auto_submitted and headers.auto_submitted.split(";")[0].strip() != "no":
         yield f"Auto-Submitted: {headers.auto_submitted}"
-    if headers.precedence in _BULK:
-        yield f"Precedence: {headers.precedence}"
     if headers.list_fields:
         yield f"a mailing list ({headers.list_fields[0]})"
+    if headers.precedence in _BULK:
+        yield f"Precedence: {headers.precedence}"
     if headers.auto_response_suppress:
         yield f"X-Auto-Response-Suppress: {headers.auto_response_suppress}"
     if any(ours.address.lower() in loop for loop in headers.x_loop):
@@ -298,8 +298,8 @@ def compose(
     msg["Auto-Submitted"] = "auto-replied"
     msg["X-Auto-Response-Suppress"] = "All"  # Exchange: no out-of-office back to us
     msg["X-Loop"] = from_address
-    msg["Content-Language"] = language
     msg.set_content(text)
     if html is not None:
         msg.add_alternative(html, subtype="html")
+    msg["Content-Language"] = language  # after the content: set_content clears Content-*
     return msg
