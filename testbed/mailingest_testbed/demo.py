@@ -46,6 +46,7 @@ from mailingest_testbed.servers import (
     RedisServer,
     free_port,
 )
+from mailingest_testbed.servers.smtp import SmtpServer
 
 ALLOY_TOKEN, ALLOY_SECRET = "demo-workflow-token", "demo-workflow-secret"
 
@@ -197,6 +198,56 @@ def report(
     print("\nLedger: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v), file=out)
 
 
+def reply_environment(smtp: SmtpServer) -> dict[str, str]:
+    """Replies to customers through the demo's own SMTP server."""
+    return {
+        "MAILINGEST_REPLIES": "received,refused,unknown",
+        "MAILINGEST_SMTP_HOST": smtp.host,
+        "MAILINGEST_SMTP_PORT": str(smtp.port),
+        "MAILINGEST_SMTP_SECURITY": "plain",  # loopback
+        "MAILINGEST_REPLY_FROM": "documents@support.example",
+        "MAILINGEST_REPLY_FROM_NAME": "Example Support",
+    }
+
+
+def wait_until_replied(ledger: Ledger, timeout: float) -> bool:
+    """Every filed mail's reply settled (sent, or not sent and why)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        filed = [r for r in ledger.mails(MAIL_STATES) if r.state in DECIDED and r.filed_to]
+        if filed and all(r.reply for r in filed):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def report_replies(smtp: SmtpServer, out: TextIO = sys.stdout) -> None:
+    print("\nReplies to customers (as the SMTP server received them)", file=out)
+    for received in smtp.received:
+        message = received.message
+        body = message.get_body(("plain",))
+        text = body.get_content() if body is not None else ""
+        print(f"  to {received.recipients[0]}: {message['Subject']}", file=out)
+        for line in [ln for ln in text.splitlines() if ln.strip()][1:6]:
+            print(f"      {line}", file=out)
+
+
+def check_replies(scenario: Scenario, ledger: Ledger, smtp: SmtpServer) -> list[str]:
+    """One reply per decided mail a customer can act on, to its sender; none twice."""
+    problems = []
+    to = sorted(r.recipients[0] for r in smtp.received)
+    ids = [str(r.message["Message-ID"]) for r in smtp.received]
+    if len(set(ids)) != len(ids):
+        problems.append("a reply was sent twice")
+    senders = {m.sender for m in scenario.mails}
+    problems += [
+        f"a reply to {address}, who sent nothing" for address in to if address not in senders
+    ]
+    if not to:
+        problems.append("no reply was sent")
+    return problems
+
+
 def run_demo(
     *, keep_running: bool = False, flower: bool = False, workdir: Path | None = None
 ) -> int:
@@ -214,14 +265,17 @@ def run_demo(
         RedisServer(root / "redis") as redis_server,
         PymapServer(root / "imap") as imap,
         SandboxServer(token=ALLOY_TOKEN, secret=ALLOY_SECRET, agents=[AGENT_EMAIL]) as sandbox,
+        SmtpServer() as smtp,
     ):
         account = imap.account
         env = local_environment(redis_server.url, account, sandbox.url, senders_file)
+        env |= reply_environment(smtp)
         if flower:  # Flower shows what the workers' task events tell it
             env["MAILINGEST_TASK_EVENTS"] = "on"
         print(f"  private Redis     {redis_server.url}")
         print(f"  IMAP server       {account.host}:{account.port} (pymap, user {account.user})")
         print(f"  Alloy sandbox     {sandbox.url}")
+        print(f"  SMTP server       {smtp.host}:{smtp.port} (aiosmtpd: the replies to customers)")
         deliver(env, scenario)
         print(
             f"  delivered {len(scenario.mails)} mails from "
@@ -258,10 +312,14 @@ def run_demo(
             redis_client = connect_redis(redis_server.url)
             ledger = Ledger(redis_client)
             decided = wait_until_decided(ledger, len(scenario.mails), timeout=180)
+            replied = wait_until_replied(ledger, timeout=60)
             with AlloyClient(sandbox.url, Secret(ALLOY_TOKEN), Secret(ALLOY_SECRET)) as alloy:
                 report(scenario, alloy, ledger)
+                report_replies(smtp)
                 problems = [] if decided else ["timed out waiting for the mails to be decided"]
+                problems += [] if replied else ["timed out waiting for the replies"]
                 problems += check_outcome(scenario, alloy, ledger)
+                problems += check_replies(scenario, ledger, smtp)
             if keep_running:
                 print("\nServers keep running; Ctrl-C to stop. Environment for other shells:")
                 for key, value in env.items():

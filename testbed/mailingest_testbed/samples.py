@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime, make_msgid, parseaddr
 
 AGENT_EMAIL = "kyc.agent@support.example"
 
@@ -74,6 +74,7 @@ def authentication_results(sender: str, dmarc: str = "pass") -> str:
 
 def _base(sender: str, subject: str, text: str, *, dmarc: str = "pass") -> EmailMessage:
     msg = EmailMessage()
+    msg["Return-Path"] = f"<{parseaddr(sender)[1]}>"  # what the delivering server writes
     msg["Authentication-Results"] = authentication_results(sender, dmarc)
     msg["From"] = sender
     msg["To"] = "documents@support.example"

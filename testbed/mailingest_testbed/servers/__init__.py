@@ -11,6 +11,7 @@ an ``atexit`` hook.  One module per server:
 * ``pymap``: :class:`PymapServer`, pymap in-process (mail in memory);
 * ``imap``: what both IMAP servers share (:class:`ImapAccount`, :class:`ImapServer`);
 * ``auto``: :func:`start_imap_server`, Dovecot if usable, else pymap;
+* ``smtp``: :class:`SmtpServer`, aiosmtpd in-process, keeping the replies it receives;
 * ``celery``: :class:`CeleryProcess`, a worker, beat or Flower;
 * ``common``: the loopback host, free ports, child processes in their own process
   group (``stop()`` signals that group only), the ``atexit`` safety net.
@@ -26,6 +27,7 @@ from .dovecot import DovecotServer, _dovecot_binary, _dovecot_version
 from .imap import ImapAccount, ImapServer
 from .pymap import PymapServer
 from .redis import RedisServer
+from .smtp import SmtpServer
 
 __all__ = [
     "DEFAULT_IMAP_PASSWORD",
@@ -37,6 +39,7 @@ __all__ = [
     "PymapServer",
     "RedisServer",
     "ServerNotAvailable",
+    "SmtpServer",
     "_dovecot_binary",
     "_dovecot_version",
     "dovecot",
