@@ -56,6 +56,8 @@ from mailingest_testbed.servers import (
     ImapAccount,
     RedisServer,
 )
+from mailingest_testbed.servers.smtp import Faults as SmtpFaults
+from mailingest_testbed.servers.smtp import SmtpServer
 
 from mailingest.adapters import ledger as L
 from mailingest.adapters.ledger import Ledger
@@ -90,6 +92,11 @@ SANDBOX_FAULTS = Faults(
     clock_offset_ms=CLOCK_OFFSET_MS,  # Alloy's clock 45 s behind the workers'
     seed=20261129,
 )
+# the replies to customers' SMTP server: 10% of MAIL commands answered 451 (retried), 3%
+# of messages refused 554 at DATA (the reply recorded failed), 20% answered 0.5 s late
+# after the message was kept (a worker killed then leaves it unconfirmed); down 8 s once
+SMTP_FAULTS = SmtpFaults(temporary=0.10, permanent=0.03, slow=0.20, slow_s=0.5, seed=5)
+SMTP_DOWN_S = 8.0
 FOLDERS = ("INBOX", "Processed", "Quarantine")
 DELIVERY_HEADER = "X-Fault-Delivery"
 # how pipeline.describe/upload word a refusal in the mail's reason
@@ -216,10 +223,11 @@ class Chaos:
         beats: list[CeleryProcess],
         redis_server: RedisServer,
         imap: DovecotServer,
+        smtp: SmtpServer,
         seed: int = 7,
     ) -> None:
         self.workers, self.beats = workers, beats
-        self.redis, self.imap = redis_server, imap
+        self.redis, self.imap, self.smtp = redis_server, imap, smtp
         self.rng = random.Random(seed)
         self.counts: Counter[str] = Counter()
         self.stop = threading.Event()
@@ -264,13 +272,22 @@ class Chaos:
         elif event == "kick":
             self.imap.kick()
             self.counts["IMAP sessions kicked"] += 1
+        elif event == "smtp down":
+            self.smtp.restart(down_s=SMTP_DOWN_S)  # connections refused meanwhile
+            self.counts[f"SMTP server down for {SMTP_DOWN_S:.0f} s"] += 1
         else:
             self.imap.restart()  # the same generated config: still without MOVE
             self.counts["IMAP server restarted"] += 1
 
     def _run(self) -> None:
         try:
-            events = {3: "redis restart", 6: "kick", 7: "redis kill", 9: "imap restart"}
+            events = {
+                2: "smtp down",
+                3: "redis restart",
+                6: "kick",
+                7: "redis kill",
+                9: "imap restart",
+            }
             kills = 0
             while kills < KILLS and not self.stop.is_set():
                 if not self._sleep(self.rng.uniform(2.0, 5.0)):
@@ -361,6 +378,8 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
     sandbox = SandboxServer(
         token=ALLOY_TOKEN, secret=ALLOY_SECRET, agents=[AGENT_EMAIL], faults=SANDBOX_FAULTS
     ).start()
+    smtp = SmtpServer().start()
+    smtp.set_faults(SMTP_FAULTS)
     scenario = bulk_scenario(MAILS, seed=99)
     deliveries = plan_deliveries(scenario)
     senders_file = tmp_path / "senders.csv"
@@ -389,6 +408,13 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
         failed_auto_retries=str(AUTO_RETRIES),
         fetch_batch="20",
         log_level="info",  # the steps' lines, to explain a violation from the worker logs
+        # every reply kind, through the faulty SMTP server; a limit no customer reaches
+        replies="received,refused,unknown",
+        smtp_host=smtp.host,
+        smtp_port=str(smtp.port),
+        smtp_security="plain",
+        reply_from="documents@support.example",
+        reply_limit="1000",
     )
     assert env["MAILINGEST_ALLOY_COMMIT_HORIZON"] == str(COMMIT_HORIZON)
     assert LATE_COMMIT_MS / 1000 < READ_TIMEOUT + COMMIT_HORIZON + 5  # the window covers it
@@ -398,7 +424,7 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
         for i in range(2)
     ]
     beats = [CeleryProcess("beat", env, tmp_path / f"beat{i}.log") for i in range(2)]
-    chaos = Chaos(workers, beats, redis_server, imap)
+    chaos = Chaos(workers, beats, redis_server, imap, smtp)
     ledger_client = connect_redis(redis_server.url)
     ledger = Ledger(ledger_client)
     outcome: dict[str, int] = {}
@@ -429,8 +455,13 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
                 if (r.state in L.DECIDED and r.filed_to)
                 or (r.state == L.FAILED and r.auto_replays >= AUTO_RETRIES)
             ]
+            try:
+                replies_due = ledger.replies_due("default")
+            except Exception:  # noqa: BLE001 - Redis is being restarted
+                continue
             if (
                 len(settled) >= len(deliveries)
+                and not replies_due
                 and not chaos.thread.is_alive()
                 and not deliverer.thread.is_alive()
             ):
@@ -462,6 +493,7 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
     try:
         check = Checker(scenario, deliveries, sandbox, Ledger(ledger_client), account)
         check.all()
+        check.replies(smtp)
     finally:
         ledger_client.close()
     problems = check.problems
@@ -487,6 +519,7 @@ def test_nothing_lost_nothing_twice_under_faults(tmp_path: Path) -> None:
     imap.stop()
     redis_server.stop()
     sandbox.stop()
+    smtp.stop()
     assert chaos.counts["worker killed (SIGKILL)"] >= 10
     assert chaos.counts["worker pool process killed alone (SIGKILL)"] == 1
     assert chaos.counts["active beat killed (SIGKILL) and restarted"] == 1
@@ -533,6 +566,31 @@ class Checker:
         self._records()
         self._folders()
         self._documents()
+
+    def replies(self, smtp: SmtpServer) -> None:
+        """Each reply at most once (its Message-ID derives from the mail and the kind,
+        so every delivery and replay of one mail would send the same one); every
+        settled record's reply settled too; no reply the server took is recorded as
+        neither sent nor unconfirmed; and none to anyone but the mail's sender."""
+        received = smtp.received
+        ids = Counter(str(r.message["Message-ID"]) for r in received)
+        for message_id, n in ids.items():
+            if n > 1:
+                self.problems.append(f"reply {message_id} sent {n} times")
+        self.counts["replies the SMTP server took"] = len(received)
+        records = [r for r in self.ledger.mails(L.MAIL_STATES) if r.filed_to]
+        outcomes = Counter(r.reply.split(":", 2)[1].split()[0] for r in records if r.reply)
+        for outcome, n in sorted(outcomes.items()):
+            self.counts[f"replies recorded {outcome}"] = n
+        for record in records:
+            if not record.reply:
+                self.problems.append(f"{record.id} ({record.state}) filed, its reply unsettled")
+        senders = {m.sender for m in self.scenario.mails}
+        for r in received:
+            if r.recipients != [r.recipients[0]] or r.recipients[0] not in senders:
+                self.problems.append(f"reply {r.message['Message-ID']} to {r.recipients}")
+        for name, n in smtp.counts.items():
+            self.counts[f"SMTP {name}"] = n
 
     def _no_move(self) -> None:
         """The server still does not advertise MOVE (its restart kept the config)."""

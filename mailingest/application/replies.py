@@ -34,9 +34,11 @@ from mailingest.core.states import ReplyState as R
 
 log = logging.getLogger(__name__)
 
-# a run that took a reply and has not said more within this long died (or hangs): a
-# ``claimed`` record is taken again, a ``sending`` one is unconfirmed
-STALE_MS = 5 * 60 * 1000
+def stale_ms(ctx: Context) -> int:
+    """How long after a run took a reply it must have said more: no step outlives the
+    task time limit (Celery kills it), so a run silent for longer died. Its ``claimed``
+    record is then taken again, its ``sending`` one is unconfirmed."""
+    return (ctx.settings.task_time_limit + 30) * 1000
 
 
 def reply(ctx: Context, mail_id: str) -> list[Step]:
@@ -101,14 +103,15 @@ def _taken_already(ctx: Context, record: MailRecord, kind: str, key: str, state:
     """Another run, or another delivery of the same mail, took this reply."""
     held = ctx.ledger.reply_record(key, kind)
     age = ctx.ledger.now() - int(held.get("at") or 0)
-    if state == R.CLAIMED and age > STALE_MS:
+    stale = stale_ms(ctx)
+    if state == R.CLAIMED and age > stale:
         ctx.ledger.set_reply(key, kind, state=R.RETRY)  # its run died before it sent
         raise Busy(f"reply {kind}: taken by a run that died before it sent; taking it again")
-    if state == R.SENDING and age > STALE_MS:
+    if state == R.SENDING and age > stale:
         ctx.ledger.set_reply(key, kind, state=R.UNCONFIRMED, reason="its sender died sending")
         state = R.UNCONFIRMED
     elif state in (R.CLAIMED, R.SENDING):
-        raise Busy(f"reply {kind}: another run is sending it", retry_after=STALE_MS / 1000)
+        raise Busy(f"reply {kind}: another run is sending it", retry_after=(stale - age) / 1000)
     if held.get("mail") == record.id:
         _settle(ctx, record, kind, state, counted=None)
     else:

@@ -9,10 +9,13 @@ as (envelope sender, recipients, bytes).
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import random
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -38,15 +41,40 @@ class Received:
 
 
 @dataclass
+class Faults:
+    """Random faults, each a fraction of the commands it applies to: a 4xx to MAIL
+    (``temporary``), a 5xx to DATA (``permanent``, the message not kept), and an answer
+    to DATA ``slow_s`` late after the message was kept (``slow``: a sender killed then
+    never learns it went)."""
+
+    temporary: float = 0.0
+    permanent: float = 0.0
+    slow: float = 0.0
+    slow_s: float = 0.5
+    seed: int = 0
+
+
+@dataclass
 class _Handler:
     received: list[Received] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # phase -> reply, once
     drop_after_data: bool = False
+    faults: Faults = field(default_factory=Faults)
+    counts: dict[str, int] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=random.Random)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _failure(self, phase: str) -> str | None:
         with self.lock:
-            return self.failures.pop(phase, None)
+            failure = self.failures.pop(phase, None)
+            if failure is not None:
+                return failure
+            chance = {"MAIL": self.faults.temporary, "DATA": self.faults.permanent}.get(phase)
+            if chance and self.rng.random() < chance:
+                name = "answered 4xx" if phase == "MAIL" else "answered 5xx"
+                self.counts[name] = self.counts.get(name, 0) + 1
+                return "451 4.3.0 try again later" if phase == "MAIL" else "554 5.6.0 refused"
+            return None
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -77,6 +105,11 @@ class _Handler:
             )
             drop = self.drop_after_data
             self.drop_after_data = False
+            slow = self.faults.slow and self.rng.random() < self.faults.slow
+            if slow:
+                self.counts["answered late"] = self.counts.get("answered late", 0) + 1
+        if slow:
+            await asyncio.sleep(self.faults.slow_s)
         if drop:
             server.transport.close()  # taken, never answered: in doubt for the sender
             return "421 closing"
@@ -107,14 +140,15 @@ class SmtpServer:
                 "auth_require_tls": tls is not None,
                 "auth_required": True,
             }
-        self.controller = Controller(
-            self.handler,
-            hostname=self.host,
-            port=self.port,
-            tls_context=context,
-            require_starttls=tls is not None,
+        self._options: dict[str, Any] = {
+            "tls_context": context,
+            "require_starttls": tls is not None,
             **kwargs,
-        )
+        }
+        self.controller = self._controller()
+
+    def _controller(self) -> Controller:
+        return Controller(self.handler, hostname=self.host, port=self.port, **self._options)
 
     def _authenticate(
         self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
@@ -137,6 +171,24 @@ class SmtpServer:
     def drop_after_data(self) -> None:
         with self.handler.lock:
             self.handler.drop_after_data = True
+
+    def set_faults(self, faults: Faults) -> None:
+        with self.handler.lock:
+            self.handler.faults = faults
+            self.handler.rng = random.Random(faults.seed)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many faults of each kind it made."""
+        with self.handler.lock:
+            return dict(self.handler.counts)
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop (a connection then is refused), wait ``down_s``, start on the same port."""
+        self.controller.stop()
+        time.sleep(down_s)
+        self.controller = self._controller()  # a stopped Controller cannot start again
+        self.controller.start()
 
     def start(self) -> SmtpServer:
         self.controller.start()
