@@ -62,6 +62,7 @@ from mailingest_testbed.servers.smtp import SmtpServer
 from mailingest.adapters import ledger as L
 from mailingest.adapters.ledger import Ledger
 from mailingest.application.services import connect_redis
+from mailingest.core import replies as replies_core
 from mailingest.core.decisions import last_activity
 
 from .conftest import ALLOY_SECRET, ALLOY_TOKEN
@@ -261,6 +262,16 @@ class Chaos:
                 return
             time.sleep(0.1)
 
+    def _kill_mid_send(self) -> None:
+        """Both workers killed while the SMTP server holds back its answer to a reply it
+        has kept: that reply must end unconfirmed, never sent again."""
+        if self.smtp.wait_answering_late(30):
+            for worker in self.workers:
+                worker.kill()
+            self.counts["workers killed while a reply was on its way (SIGKILL)"] += 1
+            for worker in self.workers:
+                worker.start()
+
     def _event(self, event: str) -> None:
         if event == "redis restart":
             self.redis.restart()  # SHUTDOWN: the AOF is complete
@@ -293,6 +304,8 @@ class Chaos:
                 if not self._sleep(self.rng.uniform(2.0, 5.0)):
                     return
                 victim = self.rng.choice(self.workers)
+                if kills == 8:  # a reply is on its way: every worker dies before its answer
+                    self._kill_mid_send()
                 victim.kill()  # SIGKILL to the worker and its pool, mid-task
                 kills += 1
                 self.counts["worker killed (SIGKILL)"] += 1
@@ -311,6 +324,20 @@ class Chaos:
                     self._kill_one_pool_process()
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.errors.append(exc)
+
+
+def _reply_outcome(reply: str) -> str:
+    """What a record's ``reply`` says, in a word or three."""
+    said = reply.split(": ", 1)[1] if ": " in reply else reply
+    for start, outcome in (
+        ("sent", "sent"),
+        ("unconfirmed", "unconfirmed (a worker died while it was on its way)"),
+        ("failed", "failed (the server refused it for good)"),
+        ("not sent again", "not sent again (another delivery's)"),
+    ):
+        if said.startswith(start):
+            return outcome
+    return f"not sent ({replies_core.why_kind(said)})"
 
 
 def _children(pid: int) -> list[int]:
@@ -579,9 +606,9 @@ class Checker:
                 self.problems.append(f"reply {message_id} sent {n} times")
         self.counts["replies the SMTP server took"] = len(received)
         records = [r for r in self.ledger.mails(L.MAIL_STATES) if r.filed_to]
-        outcomes = Counter(r.reply.split(":", 2)[1].split()[0] for r in records if r.reply)
+        outcomes = Counter(_reply_outcome(r.reply) for r in records if r.reply)
         for outcome, n in sorted(outcomes.items()):
-            self.counts[f"replies recorded {outcome}"] = n
+            self.counts[f"replies: {outcome}"] = n
         for record in records:
             if not record.reply:
                 self.problems.append(f"{record.id} ({record.state}) filed, its reply unsettled")

@@ -63,6 +63,7 @@ class _Handler:
     counts: dict[str, int] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    answering_late: threading.Event = field(default_factory=threading.Event)
 
     def _failure(self, phase: str) -> str | None:
         with self.lock:
@@ -109,7 +110,9 @@ class _Handler:
             if slow:
                 self.counts["answered late"] = self.counts.get("answered late", 0) + 1
         if slow:
-            await asyncio.sleep(self.faults.slow_s)
+            self.answering_late.set()  # kept, not answered yet: a sender killed now
+            await asyncio.sleep(self.faults.slow_s)  # never learns it went
+            self.answering_late.clear()
         if drop:
             server.transport.close()  # taken, never answered: in doubt for the sender
             return "421 closing"
@@ -171,6 +174,10 @@ class SmtpServer:
     def drop_after_data(self) -> None:
         with self.handler.lock:
             self.handler.drop_after_data = True
+
+    def wait_answering_late(self, timeout: float) -> bool:
+        """Until a message is kept and its answer held back (a ``slow`` fault)."""
+        return self.handler.answering_late.wait(timeout)
 
     def set_faults(self, faults: Faults) -> None:
         with self.handler.lock:
