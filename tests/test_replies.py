@@ -4,6 +4,8 @@ this process (aiosmtpd), after the real pipeline on Dovecot, Redis and the sandb
 
 from __future__ import annotations
 
+import threading
+import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -14,10 +16,13 @@ from mailingest_testbed.servers import ImapServer
 from mailingest_testbed.servers.smtp import SmtpServer
 
 from mailingest.adapters import ledger as L
+from mailingest.application import pipeline
+from mailingest.application import replies as reply_step
 from mailingest.application.poll_once import Summary, poll_once
 from mailingest.application.services import build_context
 from mailingest.config.settings import load_settings
 from mailingest.core import replies
+from mailingest.core.errors import Busy
 from mailingest.core.replies import Ours, headers_of, suppressed
 
 from .helpers import deliver, run_cli
@@ -523,3 +528,207 @@ def test_check_config_connect_logs_in_to_the_smtp_server(
         assert "FAIL  replies of inbox default: SMTP 127.0.0.1" in bad.stdout
         assert "login as replies refused (535" in bad.stdout
         assert "wrong" not in bad.stdout + bad.stderr  # the password is never said
+
+
+# -- what an adversarial review found (issue 14), each now a test ----------------------
+
+
+def poll_without_replies(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Summary:
+    """A poll that files the mail and leaves its reply due, the reply step not run."""
+    with monkeypatch.context() as patch:
+        patch.setitem(pipeline.STEPS, "reply", lambda ctx, mail_id: [])
+        return poll(env)
+
+
+@pytest.mark.servers
+def test_a_mail_read_while_replies_were_off_is_not_answered_once_they_are_on(
+    answering: dict[str, str],
+    imap: ImapServer,
+    sandbox: SandboxServer,
+    smtp: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its headers were never checked: an out-of-office reply read then must not be
+    answered when it is filed after replies were switched on (the rules fail closed)."""
+    off = {k: v for k, v in answering.items() if k != "MAILINGEST_REPLIES"}
+    ooo = customer_mail(
+        subject="Automatic reply", headers={"Auto-Submitted": "auto-replied"}, message_id="o1"
+    )
+    deliver(imap, [ooo])
+    with monkeypatch.context() as patch:  # read, not yet moved, when the worker restarts
+        patch.setitem(pipeline.STEPS, "finish", lambda ctx, mail_id: [])
+        (mail,) = poll(off).mails
+    poll(answering | {"MAILINGEST_FINISH_GRACE": "0"})
+    record = record_of(answering, mail.mail_id)
+    assert record.filed_to  # type: ignore[attr-defined]
+    assert smtp.received == []
+    assert record.reply == "none: not sent: read while replies were off"  # type: ignore[attr-defined]
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize(
+    ("answer", "sent", "reply"),
+    [("451 4.3.0 try again later", 1, "received: sent"), ("554 5.5.1 no", 0, "received: failed")],
+)
+def test_a_refused_data_command_means_not_sent_never_in_doubt(
+    answering: dict[str, str],
+    imap: ImapServer,
+    sandbox: SandboxServer,
+    smtp: SmtpServer,
+    answer: str,
+    sent: int,
+    reply: str,
+) -> None:
+    """A 4xx or 5xx to the DATA command itself comes before the message: a 4xx is
+    tried again (and goes), a 5xx is failed; neither is unconfirmed."""
+    smtp.fail("DATA command", answer)
+    deliver(imap, [customer_mail(subject="data", message_id="data-1")])
+    (mail,) = poll(answering).mails
+    assert len(smtp.received) == sent
+    assert record_of(answering, mail.mail_id).reply.startswith(reply)  # type: ignore[attr-defined]
+
+
+@pytest.mark.servers
+def test_a_run_that_stalls_past_its_time_never_sends_what_another_took(
+    answering: dict[str, str],
+    imap: ImapServer,
+    sandbox: SandboxServer,
+    smtp: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run paused between its claim and the message (a GC pause, a stopped VM) for
+    longer than the staleness: another run takes the reply over and sends it; the first
+    one, awake again, finds its claim gone and sends nothing."""
+    deliver(imap, [customer_mail(subject="pause", message_id="pause-1")])
+    (mail,) = poll_without_replies(answering, monkeypatch).mails
+    monkeypatch.setattr(reply_step, "stale_ms", lambda ctx: 200)
+    paused, resumed = threading.Event(), threading.Event()
+    first = build_context(load_settings(answering))
+    real_count = first.ledger.count_reply
+
+    def stalling_count(*args: object, **kw: object) -> bool:
+        paused.set()
+        resumed.wait(10)
+        return real_count(*args, **kw)  # type: ignore[arg-type]
+
+    first.ledger.count_reply = stalling_count  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def stalled_run() -> None:
+        try:
+            reply_step.reply(first, mail.mail_id)
+        except BaseException as exc:  # noqa: BLE001 - what it raised is looked at below
+            errors.append(exc)
+
+    thread = threading.Thread(target=stalled_run)
+    thread.start()
+    assert paused.wait(10)
+    time.sleep(0.4)  # stale now
+    second = build_context(load_settings(answering))
+    try:
+        with pytest.raises(Busy):
+            reply_step.reply(second, mail.mail_id)  # takes the stale claim over
+        reply_step.reply(second, mail.mail_id)  # and sends it
+        resumed.set()
+        thread.join(10)
+    finally:
+        first.close()
+        second.close()
+    assert len(smtp.received) == 1
+    assert [type(e).__name__ for e in errors] in ([], ["ReplyError"], ["Busy"])
+
+
+@pytest.mark.servers
+def test_two_senders_sharing_a_message_id_get_a_reply_each(
+    answering: dict[str, str],
+    imap: ImapServer,
+    sandbox: SandboxServer,
+    smtp: SmtpServer,
+    senders_file: Path,
+) -> None:
+    senders_file.write_text(
+        f"email,entity_token\n{DANA},{DANA_ENTITY}\nfrank@example.com,{DANA_ENTITY}\n",
+        encoding="utf-8",
+    )
+    deliver(
+        imap,
+        [
+            customer_mail(subject="one", message_id="1@localhost"),
+            customer_mail("frank@example.com", "two", message_id="1@localhost"),
+        ],
+    )
+    poll(answering)
+    assert sorted(r.recipients[0] for r in smtp.received) == [DANA, "frank@example.com"]
+
+
+@pytest.mark.servers
+def test_an_agents_forward_gets_no_customer_reply(
+    answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
+) -> None:
+    env = answering | {"MAILINGEST_FORWARDERS": "agent@support.example"}
+    inner = EmailMessage()
+    inner["From"], inner["Subject"] = "erin@example.org", "my passport"
+    inner.set_content("here")
+    outer = EmailMessage()
+    outer["Return-Path"] = "<agent@support.example>"
+    outer["From"], outer["Subject"] = "agent@support.example", "Fwd: my passport"
+    outer["Authentication-Results"] = authentication_results("agent@support.example")
+    outer.set_content("from a customer")
+    outer.add_attachment(inner, filename="forwarded.eml")
+    deliver(imap, [outer.as_bytes()])
+    (mail,) = poll(env).mails
+    assert smtp.received == []
+    assert "forwarded by an agent" in record_of(env, mail.mail_id).reply  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"Precedence": "normal", "X-Precedence": "x"}, None),
+        ({"Precedence": '"bulk" (a newsletter)'}, "Precedence: bulk"),
+        ({"Precedence": "bulk;"}, "Precedence: bulk"),
+        ({"Precedence": "auto_reply"}, "Precedence: auto_reply"),
+        ({"X-Autoreply": "yes"}, "an auto-reply"),
+        ({"X-Autorespond": "Out of office"}, "an auto-reply"),
+    ],
+)
+def test_robot_marks_in_any_spelling_are_recognised(
+    extra: dict[str, str], reason: str | None
+) -> None:
+    headers = headers_of(customer_mail(headers=extra))
+    found = suppressed(headers, authenticated=True, ours=OURS)
+    assert (found or "").startswith(reason or "") and (found is None) == (reason is None)
+
+
+def test_every_precedence_and_auto_submitted_field_is_read() -> None:
+    raw = customer_mail(headers={"Precedence": "normal"})
+    raw = raw.replace(b"Precedence: normal\n", b"Precedence: normal\nPrecedence: bulk\n")
+    found = suppressed(headers_of(raw), authenticated=True, ours=OURS)
+    assert found == "Precedence: bulk"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        '<"MAILER-DAEMON"@x.example>',
+        "<SRS0=abc=xx=example.com=noreply@fwd.example>",
+        "<prvs=1234abcd=bounces-123@x.example>",
+    ],
+)
+def test_rewritten_or_quoted_robot_addresses_are_recognised(path: str) -> None:
+    raw = customer_mail().replace(
+        b"Return-Path: <dana@example.com>", f"Return-Path: {path}".encode()
+    )
+    found = suppressed(headers_of(raw), authenticated=True, ours=OURS)
+    assert found is not None and "robot" in found, found
+
+
+def test_a_delivery_report_is_never_answered() -> None:
+    report = EmailMessage()
+    report["Return-Path"] = "<dana@example.com>"
+    report["From"], report["Subject"] = DANA, "Delivery Status Notification"
+    report.set_content("failed")
+    report.make_mixed()
+    report.replace_header("Content-Type", 'multipart/report; report-type="delivery-status"')
+    found = suppressed(headers_of(report.as_bytes()), authenticated=True, ours=OURS)
+    assert found is not None and "multipart/report" in found

@@ -15,16 +15,17 @@ message was sent or its answer awaited leaves it *in doubt* (:class:`ReplyError`
 from __future__ import annotations
 
 import email.policy
+import re
 import smtplib
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from email.message import EmailMessage
 from typing import Protocol
 
 from mailingest.config.settings import ReplySettings
-from mailingest.core.errors import ReplyError
+from mailingest.core.errors import MailingestError, ReplyError
 
 
 class AccessTokens(Protocol):
@@ -33,6 +34,7 @@ class AccessTokens(Protocol):
     def invalidate(self) -> None: ...
 
 
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 _CONNECTION_ERRORS = (OSError, smtplib.SMTPException, ssl.SSLError, socket.timeout)
 
 
@@ -41,23 +43,34 @@ def send(
     message: EmailMessage,
     *,
     to: str,
+    before_data: Callable[[], None],
     timeout: float = 30.0,
     tokens: AccessTokens | None = None,
 ) -> str:
-    """Send ``message`` to ``to`` alone; return the server's answer to the message."""
+    """Send ``message`` to ``to`` alone; return the server's answer to the message.
+
+    ``before_data`` is called when the server is ready for the message (its 354 to
+    DATA): from there on a failure leaves the reply in doubt; before it, nothing went.
+    An exception ``before_data`` raises stops the send."""
+    # CR LF line ends (smtplib sends bytes as they are: LF alone makes one long line of
+    # the whole message to a server, which refuses it past 1,000 bytes)
+    data = message.as_bytes(policy=email.policy.SMTP)
     with _session(replies, timeout, tokens) as (smtp, where):
+        if not to.isascii():  # smtplib would fail encoding it, mid-command
+            raise ReplyError(f"{where}: the address {to!r} is not ASCII (SMTPUTF8 is not used)")
         _step(where, "MAIL FROM", *smtp.mail(replies.from_address))
         _step(where, "RCPT TO", *smtp.rcpt(to), ok=(250, 251))
+        _step(where, "DATA", *smtp.docmd("DATA"), ok=(354,))  # not sent: 4xx retry, 5xx fail
+        before_data()
         try:
-            # CR LF line ends (smtplib sends bytes as they are: LF alone makes one long
-            # line of the whole message to a server, which refuses it past 1,000 bytes)
-            code, answer = smtp.data(message.as_bytes(policy=email.policy.SMTP))
+            smtp.send(_dot_stuffed(data) + b".\r\n")
+            code, answer = smtp.getreply()
         except _CONNECTION_ERRORS as exc:
             raise ReplyError(
                 f"{where}: the connection failed while the reply was sent ({_text(exc)})",
                 in_doubt=True,
             ) from None
-        _step(where, "DATA", code, answer)
+        _step(where, "the message", code, answer)
         return answer.decode("utf-8", "replace")
 
 
@@ -87,6 +100,8 @@ def _session(
         raise
     except _CONNECTION_ERRORS as exc:
         raise ReplyError(f"{where}: {_text(exc)}", retryable=True) from None
+    except MailingestError as exc:  # an OAuth token that could not be refreshed
+        raise ReplyError(f"{where}: {exc}", retryable=True) from None
     finally:
         try:
             smtp.quit()
@@ -133,6 +148,9 @@ def _login(
             )
         else:
             password = replies.password.reveal() if replies.password else ""
+            if not (replies.user.isascii() and password.isascii()):
+                # smtplib would fail encoding them, its error quoting a character
+                raise ReplyError(f"{where}: the SMTP user or password is not ASCII")
             smtp.login(replies.user, password)
     except smtplib.SMTPAuthenticationError as exc:
         if replies.auth == "xoauth2" and tokens is not None:
@@ -152,6 +170,13 @@ def _step(where: str, what: str, code: int, answer: bytes, ok: tuple[int, ...] =
     said = f"{where}: {what} answered {code} {_decoded(answer)}"
     # 4xx: try again later; 5xx: this reply will not go (RFC 5321 4.2.1)
     raise ReplyError(said, retryable=400 <= code < 500 or code < 0)
+
+
+def _dot_stuffed(data: bytes) -> bytes:
+    """The message as DATA carries it (RFC 5321 4.5.2): a line starting with a dot gets
+    another, and it ends with CR LF, before the lone dot that ends it."""
+    stuffed = _LEADING_DOT.sub(b"..", data)
+    return stuffed if stuffed.endswith(b"\r\n") else stuffed + b"\r\n"
 
 
 def _decoded(answer: bytes | str) -> str:

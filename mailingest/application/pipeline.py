@@ -443,15 +443,19 @@ def _times_of(internaldate: str, fetched_ms: int) -> tuple[datetime | None, date
 
 
 def _reply_facts(inbox: InboxSettings, screened: Screened, raw: bytes) -> dict[str, str]:
-    """What the mail's reply needs of its headers, which are gone once it is filed."""
+    """What the mail's reply needs of its headers, which are gone once it is filed: why
+    it must not be answered ("" when it may be), recorded whatever the settings now (a
+    mail read while replies were off is not answered once they are on)."""
     if inbox.replies is None:
-        return {}
+        return {"reply_block": "read while replies were off"}
     headers = replies.headers_of(raw)
     block = replies.suppressed(
         headers,
         authenticated=screened.authenticated is True,
         ours=replies.Ours(inbox.replies.from_address, inbox.replies.domain),
     )
+    if block is None and headers.sender in inbox.forwarders:
+        block = "forwarded by an agent (the customer did not write to us)"
     return {"reply_block": block or "", "references": replies.references(headers)[:2000]}
 
 

@@ -18,6 +18,7 @@ the server's log. See docs/reliability.md, "Replies".
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
 
@@ -34,11 +35,45 @@ from mailingest.core.states import ReplyState as R
 
 log = logging.getLogger(__name__)
 
+
 def stale_ms(ctx: Context) -> int:
-    """How long after a run took a reply it must have said more: no step outlives the
-    task time limit (Celery kills it), so a run silent for longer died. Its ``claimed``
-    record is then taken again, its ``sending`` one is unconfirmed."""
+    """How long after a run took a reply it must have said more before another run
+    takes it over: a ``claimed`` record is then taken again, a ``sending`` one is
+    unconfirmed. A run that comes back later finds its claim gone and sends nothing
+    (the ledger's records are held by a token: adapters/ledger/replies.py), so this
+    decides how soon a dead run's reply moves on, never whether it goes twice."""
     return (ctx.settings.task_time_limit + 30) * 1000
+
+
+@dataclass(frozen=True)
+class Due:
+    """The reply a filed mail is due, and the ledger record every copy of it shares."""
+
+    kind: str
+    key: str  # the mail (its message key) and its sender
+    message_id: str
+
+
+def due(ctx: Context, record: MailRecord) -> Due | str:
+    """The reply the mail gets, or why none."""
+    settings = ctx.settings.inbox(record.ref.inbox).replies
+    if settings is None:
+        return "replies are off"
+    block = record.reply_block
+    if not record.message_key:  # ingested before replies existed: its headers unread
+        block = "its headers were not checked (read before replies existed)"
+    chosen = replies.plan(
+        state=record.state,
+        reason=record.reason,
+        refused=record.refused_parts,
+        block=block,
+        enabled=settings.kinds,
+    )
+    if chosen.kind is None:
+        return chosen.why
+    # the mail and its sender: two senders' mails that share a Message-ID are two
+    key = f"{record.message_key or record.message_id or record.id}\0{record.sender}"
+    return Due(chosen.kind, key, replies.reply_message_id(key, chosen.kind, settings.domain))
 
 
 def reply(ctx: Context, mail_id: str) -> list[Step]:
@@ -47,68 +82,68 @@ def reply(ctx: Context, mail_id: str) -> list[Step]:
         return []
     inbox = ctx.settings.inbox(record.ref.inbox)
     settings = inbox.replies
-    if settings is None:
-        ctx.ledger.reply_settled(mail_id)
+    found = due(ctx, record)
+    if isinstance(found, str):
+        _settle(ctx, record, "none", f"not sent: {found}", counted=R.SUPPRESSED)
         return []
-    chosen = replies.plan(
-        state=record.state,
-        reason=record.reason,
-        refused=record.refused_parts,
-        block=record.reply_block,
-        enabled=settings.kinds,
-    )
-    if chosen.kind is None:
-        _settle(ctx, record, "none", f"not sent: {chosen.why}", counted=R.SUPPRESSED)
-        return []
-    kind = chosen.kind
-    key = record.message_key or record.message_id or mail_id
-    message_id = replies.reply_message_id(key, kind, settings.domain)
-    taken = ctx.ledger.claim_reply(key, kind, mail_id=mail_id, message_id=message_id)
-    if taken not in ("", R.RETRY):
-        return _taken_already(ctx, record, kind, key, taken)
+    assert settings is not None
+    kind, key = found.kind, found.key
+    taken, token = ctx.ledger.claim_reply(key, kind, mail_id=mail_id, message_id=found.message_id)
+    if not token:
+        return _taken_already(ctx, record, found, taken)
     if taken == "" and not ctx.ledger.count_reply(  # a retry was counted by its first try
         kind, record.sender, limit=settings.limit, window=settings.window
     ):
         why = f"not sent: {settings.limit} {kind} replies to this address in {settings.window} s"
-        ctx.ledger.set_reply(key, kind, state=R.SUPPRESSED, reason=why)
+        ctx.ledger.settle_reply(key, kind, token, state=R.SUPPRESSED, reason=why)
         _settle(ctx, record, kind, why, counted=R.SUPPRESSED)
         return []
+
+    def before_data() -> None:
+        if not ctx.ledger.begin_sending(key, kind, token):
+            raise Busy(f"reply {kind}: taken over by another run before it went")
+
     try:
-        message = _message(ctx, record, kind, message_id)
-    except Exception:
-        ctx.ledger.set_reply(key, kind, state=R.RETRY)
-        raise
-    ctx.ledger.set_reply(key, kind, state=R.SENDING)
-    try:
-        answer = smtp.send(settings, message, to=record.sender, tokens=ctx.reply_tokens(inbox.name))
+        answer = smtp.send(
+            settings,
+            _message(ctx, record, kind, found.message_id),
+            to=record.sender,
+            before_data=before_data,
+            tokens=ctx.reply_tokens(inbox.name),
+        )
     except ReplyError as exc:
         if exc.in_doubt:
-            ctx.ledger.set_reply(key, kind, state=R.UNCONFIRMED, reason=str(exc))
-            _settle(
-                ctx, record, kind, f"unconfirmed: {exc} (Message-ID {message_id})", R.UNCONFIRMED
-            )
+            ctx.ledger.settle_reply(key, kind, token, state=R.UNCONFIRMED, reason=str(exc))
+            what = f"unconfirmed: {exc} (Message-ID {found.message_id})"
+            _settle(ctx, record, kind, what, counted=R.UNCONFIRMED)
             return []
         if exc.retryable:
-            ctx.ledger.set_reply(key, kind, state=R.RETRY)  # not sent: a later try takes it
+            ctx.ledger.settle_reply(key, kind, token, state=R.RETRY)  # not sent: try later
             raise
-        ctx.ledger.set_reply(key, kind, state=R.FAILED, reason=str(exc))
+        ctx.ledger.settle_reply(key, kind, token, state=R.FAILED, reason=str(exc))
         _settle(ctx, record, kind, f"failed: {exc}", counted=R.FAILED)
         return []
-    ctx.ledger.set_reply(key, kind, state=R.SENT, answer=answer[:200])
-    _settle(ctx, record, kind, f"sent to {record.sender} as <{message_id}>", counted=R.SENT)
+    except BaseException:  # not sent (anything before the message went): try later
+        ctx.ledger.settle_reply(key, kind, token, state=R.RETRY)
+        raise
+    ctx.ledger.settle_reply(key, kind, token, state=R.SENT, answer=answer[:200])
+    _settle(ctx, record, kind, f"sent to {record.sender} as <{found.message_id}>", R.SENT)
     return []
 
 
-def _taken_already(ctx: Context, record: MailRecord, kind: str, key: str, state: str) -> list[Step]:
-    """Another run, or another delivery of the same mail, took this reply."""
+def _taken_already(ctx: Context, record: MailRecord, found: Due, state: str) -> list[Step]:
+    """Another run, or another delivery of the same mail, holds this reply."""
+    kind, key = found.kind, found.key
     held = ctx.ledger.reply_record(key, kind)
     age = ctx.ledger.now() - int(held.get("at") or 0)
     stale = stale_ms(ctx)
     if state == R.CLAIMED and age > stale:
-        ctx.ledger.set_reply(key, kind, state=R.RETRY)  # its run died before it sent
-        raise Busy(f"reply {kind}: taken by a run that died before it sent; taking it again")
+        # its run died (or hangs) before it sent: given back, taken again by a retry
+        ctx.ledger.take_over(key, kind, read=held, state=R.RETRY)
+        raise Busy(f"reply {kind}: held by a run that died before it sent; taking it again")
     if state == R.SENDING and age > stale:
-        ctx.ledger.set_reply(key, kind, state=R.UNCONFIRMED, reason="its sender died sending")
+        why = "its sender died while it was on its way"
+        ctx.ledger.take_over(key, kind, read=held, state=R.UNCONFIRMED, reason=why)
         state = R.UNCONFIRMED
     elif state in (R.CLAIMED, R.SENDING):
         raise Busy(f"reply {kind}: another run is sending it", retry_after=(stale - age) / 1000)
@@ -132,12 +167,30 @@ def _settle(ctx: Context, record: MailRecord, kind: str, what: str, counted: str
 
 
 def give_up(ctx: Context, mail_id: str, reason: str) -> None:
-    """Retries of a reply ran out: it is recorded failed (its mail stays as it is; a
-    replay of the mail may try it again)."""
+    """Retries of a reply ran out. One another run holds (claimed, on its way) stays
+    due: the sweep comes back to it once that run has said more or is stale. One this
+    mail's own tries could not send is failed. One that went (a record lost after
+    the send) is recorded sent. The mail itself stays as it is."""
     record = ctx.ledger.mail(mail_id)
     if record is None:
         return
-    _settle(ctx, record, "reply", f"failed: {reason}", counted=R.FAILED)
+    found = due(ctx, record)
+    if isinstance(found, str):
+        _settle(ctx, record, "none", f"not sent: {found}", counted=R.SUPPRESSED)
+        return
+    held = ctx.ledger.reply_record(found.key, found.kind)
+    state = held.get("state", "")
+    if state in (R.CLAIMED, R.SENDING):
+        log.warning("mail %s: reply %s: %s; still due (%s)", mail_id, found.kind, reason, state)
+        return
+    if state in (R.SENT, R.UNCONFIRMED, R.FAILED, R.SUPPRESSED):
+        _settle(ctx, record, found.kind, str(state), counted=None)
+        return
+    # given back by this mail's own tries (retry), or never taken: failed
+    if not held or ctx.ledger.take_over(
+        found.key, found.kind, read=held, state=R.FAILED, reason=reason
+    ):
+        _settle(ctx, record, found.kind, f"failed: {reason}", counted=R.FAILED)
 
 
 def _message(ctx: Context, record: MailRecord, kind: str, message_id: str) -> EmailMessage:

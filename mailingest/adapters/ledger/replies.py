@@ -1,8 +1,15 @@
-"""The replies to customers in the ledger: one record per mail (its message key, shared
-by every delivery and replay of it) and kind, the count per address and kind that the
-rate limit reads, and the set of filed mails whose reply is still to be settled."""
+"""The replies to customers in the ledger: one record per mail (its message key and
+sender, shared by every delivery and replay of it) and kind, the count per address and
+kind that the rate limit reads, and the set of filed mails whose reply is still due.
+
+A run that claims a record holds it by a token of its own: only that run moves it on
+(``begin_sending``, ``settle_reply``), and another run takes a record over only from
+the state and time it read (``take_over``), so a run that stalled past its time and
+woke up again can never send what another run took."""
 
 from __future__ import annotations
+
+import secrets
 
 from mailingest.adapters import keys
 from mailingest.adapters.ledger.base import Store, decode
@@ -13,15 +20,33 @@ from mailingest.core.states import ReplyState
 REPLY_TTL = 180 * 86400
 
 # take the record if nobody has, or a try that was not sent gave it back (RETRY):
-# ARGV = mail id, Message-ID, now, ttl, RETRY, CLAIMED -> "" or RETRY when taken, else
-# its state
+# ARGV = mail id, Message-ID, now, ttl, RETRY, CLAIMED, token -> "" or RETRY when
+# taken, else its state
 CLAIM_REPLY = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and state ~= ARGV[5] then return state end
 redis.call('HSET', KEYS[1], 'state', ARGV[6], 'mail', ARGV[1], 'message_id', ARGV[2],
-           'at', ARGV[3])
+           'at', ARGV[3], 'token', ARGV[7])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 return state or ''
+"""
+
+# the holder moves its claim on: ARGV = token, expected state (or ""), then field/value
+# pairs -> 1, or 0 when the record is not (or no longer) its own in that state
+SETTLE_REPLY = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# another run takes the record over from the state and time it read: ARGV = state, at,
+# then field/value pairs -> 1, or 0 when it changed meanwhile
+TAKE_OVER = """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'at') ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
 """
 
 # one more reply to an address, if the window's count allows: ARGV = limit, window (s)
@@ -36,29 +61,59 @@ return 1
 """
 
 
+def _pairs(fields: dict[str, object]) -> list[str]:
+    return [str(x) for k, v in fields.items() for x in (k, "" if v is None else v)]
+
+
 class ReplyRecords(Store):
     """The ledger's records of replies."""
 
-    def claim_reply(self, message_key: str, kind: str, *, mail_id: str, message_id: str) -> str:
-        """Take the reply of ``kind`` to this mail: "" when this run took it first,
-        ``RETRY`` when it took it from a try that was not sent (counted already), else the
-        state another run left it in (``claimed``, ``sending``, ``sent``, ...)."""
-        script = self.redis.register_script(CLAIM_REPLY)
-        state = script(
-            keys=[keys.reply(message_key, kind)],
-            args=[mail_id, message_id, self.now(), REPLY_TTL, ReplyState.RETRY, ReplyState.CLAIMED],
+    def claim_reply(self, key: str, kind: str, *, mail_id: str, message_id: str) -> tuple[str, str]:
+        """Take the reply of ``kind`` to the mail ``key``: ("" or ``RETRY``, this run's
+        token) when this run took it (``RETRY``: from a try that was not sent, counted
+        already), else (the state another run left it in, "")."""
+        token = secrets.token_hex(8)
+        state = self.redis.register_script(CLAIM_REPLY)(
+            keys=[keys.reply(key, kind)],
+            args=[
+                mail_id,
+                message_id,
+                self.now(),
+                REPLY_TTL,
+                ReplyState.RETRY,
+                ReplyState.CLAIMED,
+                token,
+            ],
         )
-        return keys.as_text(state or b"")
+        taken = keys.as_text(state or b"")
+        return (taken, token) if taken in ("", ReplyState.RETRY) else (taken, "")
 
-    def reply_record(self, message_key: str, kind: str) -> dict[str, str]:
-        return decode(self.redis.hgetall(keys.reply(message_key, kind)))
+    def reply_record(self, key: str, kind: str) -> dict[str, str]:
+        return decode(self.redis.hgetall(keys.reply(key, kind)))
 
-    def set_reply(self, message_key: str, kind: str, **fields: object) -> None:
+    def begin_sending(self, key: str, kind: str, token: str) -> bool:
+        """The holder's claim becomes ``sending``: False when it is no longer its own."""
+        return self._settle_reply(
+            key, kind, token, ReplyState.CLAIMED, state=ReplyState.SENDING, at=self.now()
+        )
+
+    def settle_reply(self, key: str, kind: str, token: str, **fields: object) -> bool:
+        """The holder records what became of it (``state`` and more)."""
+        return self._settle_reply(key, kind, token, "", at=self.now(), **fields)
+
+    def _settle_reply(
+        self, key: str, kind: str, token: str, expected: str, **fields: object
+    ) -> bool:
+        script = self.redis.register_script(SETTLE_REPLY)
+        return bool(script(keys=[keys.reply(key, kind)], args=[token, expected, *_pairs(fields)]))
+
+    def take_over(self, key: str, kind: str, *, read: dict[str, str], **fields: object) -> bool:
+        """Another run moves on a record it found stale, if it is still as it ``read``
+        it (its state and time)."""
+        script = self.redis.register_script(TAKE_OVER)
         fields.setdefault("at", self.now())
-        self.redis.hset(
-            keys.reply(message_key, kind),
-            mapping={k: "" if v is None else str(v) for k, v in fields.items()},
-        )
+        expected = [read.get("state", ""), read.get("at", "")]
+        return bool(script(keys=[keys.reply(key, kind)], args=[*expected, *_pairs(fields)]))
 
     def count_reply(self, kind: str, address: str, *, limit: int, window: int) -> bool:
         """One more reply of ``kind`` to ``address``, if fewer than ``limit`` went in

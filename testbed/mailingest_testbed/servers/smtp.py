@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from .common import HOST, free_port
 
@@ -119,6 +119,24 @@ class _Handler:
         return "250 Message accepted"
 
 
+class _Smtp(SMTP):
+    """aiosmtpd's server, whose answer to the DATA command itself (before the message,
+    where a handler hook cannot answer) may be set: ``fail("DATA command", ...)``."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        handler = self.event_handler
+        failure = handler._failure("DATA command") if isinstance(handler, _Handler) else None
+        if failure is not None:
+            await self.push(failure)
+            return
+        await super().smtp_DATA(arg)
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        return _Smtp(self.handler, **self.SMTP_kwargs)
+
+
 class SmtpServer:
     """aiosmtpd on a free loopback port; ``start()``, ``stop()``, or use ``with``."""
 
@@ -151,7 +169,7 @@ class SmtpServer:
         self.controller = self._controller()
 
     def _controller(self) -> Controller:
-        return Controller(self.handler, hostname=self.host, port=self.port, **self._options)
+        return _Controller(self.handler, hostname=self.host, port=self.port, **self._options)
 
     def _authenticate(
         self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
@@ -167,7 +185,8 @@ class SmtpServer:
             return list(self.handler.received)
 
     def fail(self, phase: str, reply: str) -> None:
-        """Answer the next ``phase`` (MAIL, RCPT or DATA) with ``reply`` ("451 busy")."""
+        """Answer the next ``phase`` with ``reply`` ("451 busy"): MAIL, RCPT, "DATA
+        command" (refused before the message is sent) or DATA (the message refused)."""
         with self.handler.lock:
             self.handler.failures[phase] = reply
 
