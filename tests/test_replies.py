@@ -732,3 +732,74 @@ def test_a_delivery_report_is_never_answered() -> None:
     report.replace_header("Content-Type", 'multipart/report; report-type="delivery-status"')
     found = suppressed(headers_of(report.as_bytes()), authenticated=True, ours=OURS)
     assert found is not None and "multipart/report" in found
+
+
+@pytest.mark.servers
+def test_an_xoauth2_login_takes_its_token_from_the_inboxs_oauth_grant(
+    redis_client: object, tmp_path: Path
+) -> None:
+    """SMTP_AUTH = xoauth2: the access token of the inbox's refresh-token grant (the
+    machinery IMAP uses), checked by the SMTP server at the provider; a token the
+    server refuses is dropped, so the next try refreshes it."""
+    import base64 as b64
+
+    from mailingest_testbed.oauth_sandbox import OAuthSandbox
+
+    from mailingest.adapters import smtp as smtp_adapter
+    from mailingest.adapters.encryption import Sealer
+    from mailingest.adapters.oauth import TokenSource
+    from mailingest.config.secret import Secret
+    from mailingest.config.settings import OAuthSettings, ReplySettings
+    from mailingest.core.errors import ReplyError
+
+    user = "documents@support.example"
+    with OAuthSandbox(client_id="c", client_secret="s") as provider:
+        refused: list[str] = []
+
+        def check(login: str, token: str) -> bool:
+            found = provider.introspect(token)
+            ok = bool(found["active"]) and found["username"] == login and token not in refused
+            return ok
+
+        with SmtpServer(xoauth2=check) as server:
+            grant = OAuthSettings(
+                token_url=provider.token_url,
+                client_id="c",
+                client_secret=Secret("s"),
+                refresh_token=Secret(provider.consent(user)),
+            )
+            sealer = Sealer(Secret(b64.urlsafe_b64encode(bytes(range(32))).decode()))
+            tokens = TokenSource(redis_client, "kyc", grant, sealer)  # type: ignore[arg-type]
+            replies_settings = ReplySettings(
+                kinds=frozenset({"received"}),
+                host=server.host,
+                port=server.port,
+                security="plain",
+                user=user,
+                password=None,
+                auth="xoauth2",
+                ca_file=None,
+                from_address=user,
+                from_name="Support",
+                language="en",
+                templates=None,
+                limit=5,
+                window=86400,
+            )
+            message = EmailMessage()
+            message["Subject"] = "Re: hello"
+            message.set_content("hello")
+            smtp_adapter.send(
+                replies_settings, message, to=DANA, before_data=lambda: None, tokens=tokens
+            )
+            assert len(server.received) == 1
+            refused.append(tokens.access_token())  # the server no longer takes this one
+            with pytest.raises(ReplyError, match=r"login as documents@support\.example refused"):
+                smtp_adapter.send(
+                    replies_settings, message, to=DANA, before_data=lambda: None, tokens=tokens
+                )
+            assert tokens.access_token() not in refused  # dropped: a fresh one next time
+            smtp_adapter.send(
+                replies_settings, message, to=DANA, before_data=lambda: None, tokens=tokens
+            )
+            assert len(server.received) == 2

@@ -314,6 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "sender": r.sender,
             "entity_source": r.entity_source,
             "rules": r.rules,
+            "reply": r.reply,
             "reason": r.reason,
             "filed_to": r.filed_to,
             "updated_at": r.updated_at,

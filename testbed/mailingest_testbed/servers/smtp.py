@@ -10,12 +10,14 @@ as (envelope sender, recipients, bytes).
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import email.policy
 import random
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -64,6 +66,26 @@ class _Handler:
     rng: random.Random = field(default_factory=random.Random)
     lock: threading.Lock = field(default_factory=threading.Lock)
     answering_late: threading.Event = field(default_factory=threading.Event)
+    # checks an XOAUTH2 login (user, access token); None: the mechanism is refused
+    xoauth2: Callable[[str, str], bool] | None = None
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:
+        """``AUTH XOAUTH2``: ``user=<user>^Aauth=Bearer <token>^A^A`` (Google, Microsoft)."""
+        if self.xoauth2 is None:
+            return AuthResult(success=False)
+        if len(args) == 1:
+            data = await server.challenge_auth("")
+            if not isinstance(data, bytes):
+                return AuthResult(success=False)
+        else:
+            data = base64.b64decode(args[1])
+        fields = dict(
+            part.split("=", 1)
+            for part in data.decode(errors="replace").split("\x01")
+            if "=" in part
+        )
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        return AuthResult(success=self.xoauth2(fields.get("user", ""), token), handled=False)
 
     def _failure(self, phase: str) -> str | None:
         with self.lock:
@@ -145,17 +167,18 @@ class SmtpServer:
         *,
         tls: tuple[Path, Path] | None = None,
         login: tuple[str, str] | None = None,
+        xoauth2: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.host = HOST
         self.port = free_port()
-        self.handler = _Handler()
+        self.handler = _Handler(xoauth2=xoauth2)
         self.login = login
         context = None
         if tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(str(tls[0]), str(tls[1]))
         kwargs: dict[str, Any] = {}
-        if login is not None:
+        if login is not None or xoauth2 is not None:
             kwargs |= {
                 "authenticator": self._authenticate,
                 "auth_require_tls": tls is not None,
