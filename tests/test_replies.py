@@ -25,7 +25,7 @@ from mailingest.core import replies
 from mailingest.core.errors import Busy
 from mailingest.core.replies import Ours, headers_of, suppressed
 
-from .helpers import deliver, run_cli
+from .helpers import deliver, poll_once_on, run_cli
 from .tls import make_tls_files
 
 DANA, DANA_ENTITY = "dana@example.com", "P-danadanadanadanadan"
@@ -232,14 +232,6 @@ def answering(env: dict[str, str], smtp: SmtpServer, senders_file: Path) -> dict
     }
 
 
-def poll(env: dict[str, str]) -> Summary:
-    ctx = build_context(load_settings(env))
-    try:
-        return poll_once(ctx)
-    finally:
-        ctx.close()
-
-
 def record_of(env: dict[str, str], mail_id: str) -> object:
     ctx = build_context(load_settings(env))
     try:
@@ -253,7 +245,7 @@ def test_a_filed_mail_gets_one_received_reply_naming_its_documents(
     answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
 ) -> None:
     deliver(imap, [customer_mail(files=("passport.pdf", "licence.jpg"))])
-    (mail,) = poll(answering).mails
+    (mail,) = poll_once_on(answering).mails
     assert mail.state == L.DONE
     (sent,) = smtp.received
     assert sent.recipients == [DANA] and sent.sender == "support@support.example"
@@ -272,7 +264,7 @@ def test_a_mixed_mail_gets_a_refused_reply_saying_what_to_send(
     answering: dict[str, str], imap: ImapServer, sandbox: SandboxServer, smtp: SmtpServer
 ) -> None:
     deliver(imap, [customer_mail(files=("passport.pdf", "scans.zip"))])
-    (mail,) = poll(answering).mails
+    (mail,) = poll_once_on(answering).mails
     assert mail.state == L.DONE and mail.refused_parts
     (sent,) = smtp.received
     body = sent.message.get_content()
@@ -291,7 +283,7 @@ def test_an_unknown_sender_is_told_and_a_forged_one_is_not(
             customer_mail("mallory@example.net", "Forged", dmarc="fail"),
         ],
     )
-    summary = poll(answering)
+    summary = poll_once_on(answering)
     assert summary.quarantined == 2
     (sent,) = smtp.received
     assert sent.recipients == ["erin@example.org"]
@@ -307,14 +299,14 @@ def test_replies_go_once_after_a_replay_and_a_redelivery(
 ) -> None:
     raw = customer_mail("erin@example.org", "Passport", message_id="erin-1")
     deliver(imap, [raw])
-    (mail,) = poll(answering).mails
+    (mail,) = poll_once_on(answering).mails
     assert mail.state == L.QUARANTINED and len(smtp.received) == 1
     deliver(imap, [raw])  # the same mail delivered again
-    poll(answering)
+    poll_once_on(answering)
     assert len(smtp.received) == 1
     replayed = run_cli(answering, "replay", mail.mail_id)
     assert replayed.returncode == 0, replayed.stderr
-    poll(answering)  # the replayed mail comes back as new mail: quarantined again
+    poll_once_on(answering)  # the replayed mail comes back as new mail: quarantined again
     assert len(smtp.received) == 1
 
 
@@ -341,12 +333,12 @@ def test_a_4xx_is_retried_a_5xx_gives_up_and_the_mail_is_filed_anyway(
 ) -> None:
     smtp.fail("RCPT", "451 4.7.1 try again later")
     deliver(imap, [customer_mail(subject="first")])
-    (mail,) = poll(answering).mails
+    (mail,) = poll_once_on(answering).mails
     assert mail.state == L.DONE and mail.filed_to == "Processed"
     assert len(smtp.received) == 1  # the retry went
     smtp.fail("DATA", "554 5.7.1 rejected")
     deliver(imap, [customer_mail(subject="second")])
-    (mail,) = poll(answering).mails
+    (mail,) = poll_once_on(answering).mails
     assert mail.state == L.DONE and mail.filed_to == "Processed"
     record = record_of(answering, mail.mail_id)
     assert "failed" in record.reply and "554" in record.reply  # type: ignore[attr-defined]
@@ -360,13 +352,13 @@ def test_a_reply_lost_after_it_was_sent_is_never_sent_again(
     smtp.drop_after_data()
     raw = customer_mail(subject="in doubt", message_id="doubt-1")
     deliver(imap, [raw])
-    (mail,) = poll(answering).mails
+    (mail,) = poll_once_on(answering).mails
     assert len(smtp.received) == 1  # the server has it; we never heard
     record = record_of(answering, mail.mail_id)
     assert record.reply.startswith("received: unconfirmed")  # type: ignore[attr-defined]
     assert "reply-received-" in record.reply  # type: ignore[attr-defined]
     deliver(imap, [raw])
-    poll(answering)
+    poll_once_on(answering)
     assert len(smtp.received) == 1
 
 
@@ -384,12 +376,12 @@ def test_starttls_verifies_the_servers_certificate(
             "MAILINGEST_MAX_ATTEMPTS": "1",
         }
         deliver(imap, [customer_mail(subject="untrusted")])
-        (mail,) = poll(env).mails
+        (mail,) = poll_once_on(env).mails
         record = record_of(env, mail.mail_id)
         assert "CERTIFICATE_VERIFY_FAILED" in record.reply  # type: ignore[attr-defined]
         assert server.received == []
         deliver(imap, [customer_mail(subject="trusted")])
-        poll(env | {"MAILINGEST_SMTP_CA_FILE": str(ca)})
+        poll_once_on(env | {"MAILINGEST_SMTP_CA_FILE": str(ca)})
         (sent,) = server.received
         assert sent.message["Subject"] == "Re: trusted"
 
@@ -442,7 +434,7 @@ def test_six_mails_get_exactly_the_right_replies_once_even_replayed_and_redelive
         ),
     }
     deliver(imap, list(mails.values()))
-    poll(answering)
+    poll_once_on(answering)
 
     def sent() -> list[tuple[str, str, str]]:
         return sorted(
@@ -457,12 +449,12 @@ def test_six_mails_get_exactly_the_right_replies_once_even_replayed_and_redelive
     ]
     assert sent() == expected
     deliver(imap, list(mails.values()))  # every one of them delivered a second time
-    summary = poll(answering)
+    summary = poll_once_on(answering)
     for mail in summary.mails:
         if mail.state == L.QUARANTINED:
             replayed = run_cli(answering, "replay", mail.mail_id)
             assert replayed.returncode == 0, replayed.stderr
-    poll(answering)
+    poll_once_on(answering)
     assert sent() == expected
     status = run_cli(answering, "status")
     assert "replies: " in status.stdout
@@ -494,7 +486,7 @@ def test_an_operators_html_template_goes_as_the_alternative(
     )
     env = answering | {"MAILINGEST_REPLY_TEMPLATES": str(tmp_path / "templates")}
     deliver(imap, [customer_mail(subject="<script>", files=("a<b>.pdf",))])
-    (mail,) = poll(env).mails
+    (mail,) = poll_once_on(env).mails
     assert mail.state == L.DONE, mail
     assert len(smtp.received) == 1, record_of(env, mail.mail_id).reply  # type: ignore[attr-defined]
     (received,) = smtp.received
@@ -537,7 +529,7 @@ def poll_without_replies(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -
     """A poll that files the mail and leaves its reply due, the reply step not run."""
     with monkeypatch.context() as patch:
         patch.setitem(pipeline.STEPS, "reply", lambda ctx, mail_id: [])
-        return poll(env)
+        return poll_once_on(env)
 
 
 @pytest.mark.servers
@@ -557,8 +549,8 @@ def test_a_mail_read_while_replies_were_off_is_not_answered_once_they_are_on(
     deliver(imap, [ooo])
     with monkeypatch.context() as patch:  # read, not yet moved, when the worker restarts
         patch.setitem(pipeline.STEPS, "finish", lambda ctx, mail_id: [])
-        (mail,) = poll(off).mails
-    poll(answering | {"MAILINGEST_FINISH_GRACE": "0"})
+        (mail,) = poll_once_on(off).mails
+    poll_once_on(answering | {"MAILINGEST_FINISH_GRACE": "0"})
     record = record_of(answering, mail.mail_id)
     assert record.filed_to  # type: ignore[attr-defined]
     assert smtp.received == []
@@ -583,7 +575,7 @@ def test_a_refused_data_command_means_not_sent_never_in_doubt(
     tried again (and goes), a 5xx is failed; neither is unconfirmed."""
     smtp.fail("DATA command", answer)
     deliver(imap, [customer_mail(subject="data", message_id="data-1")])
-    (mail,) = poll(answering).mails
+    (mail,) = poll_once_on(answering).mails
     assert len(smtp.received) == sent
     assert record_of(answering, mail.mail_id).reply.startswith(reply)  # type: ignore[attr-defined]
 
@@ -657,7 +649,7 @@ def test_two_senders_sharing_a_message_id_get_a_reply_each(
             customer_mail("frank@example.com", "two", message_id="1@localhost"),
         ],
     )
-    poll(answering)
+    poll_once_on(answering)
     assert sorted(r.recipients[0] for r in smtp.received) == [DANA, "frank@example.com"]
 
 
@@ -676,7 +668,7 @@ def test_an_agents_forward_gets_no_customer_reply(
     outer.set_content("from a customer")
     outer.add_attachment(inner, filename="forwarded.eml")
     deliver(imap, [outer.as_bytes()])
-    (mail,) = poll(env).mails
+    (mail,) = poll_once_on(env).mails
     assert smtp.received == []
     assert "forwarded by an agent" in record_of(env, mail.mail_id).reply  # type: ignore[attr-defined]
 

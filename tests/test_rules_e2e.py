@@ -20,12 +20,11 @@ from mailingest.adapters import ledger as L
 from mailingest.adapters.imap import Mailbox
 from mailingest.adapters.ledger import Ledger
 from mailingest.application.pipeline import ruled, screen_for
-from mailingest.application.poll_once import Summary, poll_once
 from mailingest.application.services import build_context
 from mailingest.config.settings import load_settings
 from mailingest.core import rules
 
-from .helpers import folder_counts, run_cli
+from .helpers import folder_counts, poll_once_on, run_cli
 
 pytestmark = pytest.mark.servers
 
@@ -92,14 +91,6 @@ def with_rules(env: dict[str, str], tmp_path: Path, rules_toml: str) -> dict[str
     config = tmp_path / "mailingest.toml"
     config.write_text('[[inboxes]]\nname = "default"\n' + rules_toml, encoding="utf-8")
     return env | {"MAILINGEST_CONFIG": str(config)}
-
-
-def poll(env: dict[str, str]) -> Summary:
-    ctx = build_context(load_settings(env))
-    try:
-        return poll_once(ctx)
-    finally:
-        ctx.close()
 
 
 def outcome(env: dict[str, str]) -> dict[str, list[str]]:
@@ -184,7 +175,7 @@ def test_each_filter_takes_its_mail_and_leaves_the_other_untouched(
         mail(**({"subject": "taken"} | taken)),  # type: ignore[arg-type]
         mail(**({"subject": "left"} | left)),  # type: ignore[arg-type]
     )
-    summary = poll(env)
+    summary = poll_once_on(env)
     assert summary.processed == 1, summary
     assert folder_counts(imap, "INBOX", "Processed", "Quarantine") == {
         "INBOX": 1,
@@ -200,7 +191,7 @@ def test_each_filter_takes_its_mail_and_leaves_the_other_untouched(
         (reason,) = [r.reason for r in build_context(load_settings(env)).ledger.mails((L.IGNORED,))]
         assert reason.startswith(f"no rule takes it ({name}: ")
     assert len(sandbox.state.list(ENTITY)) + len(sandbox.state.list(BANK_ENTITY)) == 1
-    again = poll(env)  # the mail left alone is not fetched, searched or recorded again
+    again = poll_once_on(env)  # the mail left alone is not fetched, searched or recorded again
     assert list(again.mails) == [] and folder_counts(imap, "INBOX")["INBOX"] == 1
 
 
@@ -212,7 +203,7 @@ def test_max_age_leaves_old_mail_alone(
     deliver(imap, mail(subject="old"), arrived=now - timedelta(days=30))
     deliver(imap, mail(subject="two days before the limit"), arrived=now - timedelta(days=5))
     deliver(imap, mail(subject="new"))
-    summary = poll(env)
+    summary = poll_once_on(env)
     assert summary.processed == 2, summary
     assert outcome(env) == {"done": ["new", "two days before the limit"]}
     assert folder_counts(imap, "INBOX")["INBOX"] == 1  # the old one, never fetched
@@ -225,7 +216,7 @@ def test_a_day_old_mail_is_decided_by_the_exact_age_not_by_the_day(
     and the rule, reading its arrival time, leaves it (recorded ignored)."""
     env = with_rules(env, tmp_path, '[[inboxes.rules]]\nname = "today"\nmax_age = "1d"\n')
     deliver(imap, mail(subject="30 hours"), arrived=datetime.now(UTC) - timedelta(hours=30))
-    poll(env)
+    poll_once_on(env)
     assert outcome(env) == {"ignored": ["30 hours"]}
     assert folder_counts(imap, "INBOX")["INBOX"] == 1
 
@@ -256,7 +247,7 @@ agent_email = "scans@support.example"
     # the rule's author is another agent of the same Alloy account
     sandbox.state.agents = (sandbox.state.agents or frozenset()) | {"scans@support.example"}
     deliver(imap, mail(files=("passport.pdf", "bill.pdf", "logo.jpg", "selfie.jpg")))
-    summary = poll(env)
+    summary = poll_once_on(env)
     (record,) = summary.mails
     assert record.state == L.DONE, record
     at_alloy = {f"{d['name']}.{d['extension']}": d for d in sandbox.state.list(ENTITY)}
@@ -278,7 +269,7 @@ def test_a_mail_whose_every_document_a_rule_excludes_is_quarantined_with_why(
 ) -> None:
     env = with_rules(env, tmp_path, '[[inboxes.rules]]\nname = "pdf"\nfilenames = ["*.pdf"]\n')
     deliver(imap, mail(files=("photo.jpg",)))
-    (record,) = poll(env).mails
+    (record,) = poll_once_on(env).mails
     assert record.state == L.QUARANTINED
     assert record.reason == (
         "no documents attached (skipped part 1 (photo.jpg): rule pdf: not one of *.pdf)"
@@ -305,7 +296,7 @@ note = "Not from the bank"
 """,
     )
     deliver(imap, mail(sender=BANK, subject="statement"), mail(subject="passport"))
-    assert poll(env).processed == 2
+    assert poll_once_on(env).processed == 2
     (bank_doc,) = sandbox.state.list(BANK_ENTITY)
     (customer_doc,) = sandbox.state.list(ENTITY)
     assert bank_doc["type"] == "utility"
@@ -332,7 +323,7 @@ def test_mark_read_flag_and_keyword_are_set_and_the_mail_moves(
         '[[inboxes.rules]]\nname = "mark"\nactions = ["mark_read", "flag", "keyword:Filed"]\n',
     )
     deliver(imap, mail(), mail(sender="nobody@unknown.example", subject="stranger"))
-    summary = poll(env)
+    summary = poll_once_on(env)
     assert (summary.processed, summary.quarantined) == (1, 1)
     assert folder_counts(imap, "INBOX", "Processed", "Quarantine") == {
         "INBOX": 0,
@@ -352,11 +343,11 @@ def test_copy_files_a_copy_and_leaves_the_mail_in_the_inbox_once(
         env, tmp_path, '[[inboxes.rules]]\nname = "keep"\nactions = ["copy", "mark_read"]\n'
     )
     deliver(imap, mail())
-    (record,) = poll(env).mails
+    (record,) = poll_once_on(env).mails
     assert record.state == L.DONE and record.filed_to == "Processed"
     assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 1, "Processed": 1}
     assert flags(imap, "INBOX") == [{b"\\Seen"}]  # marked read where it stays
-    assert list(poll(env).mails) == []  # not taken again
+    assert list(poll_once_on(env).mails) == []  # not taken again
     assert folder_counts(imap, "INBOX", "Processed") == {"INBOX": 1, "Processed": 1}
     assert len(sandbox.state.list(ENTITY)) == 1
 
@@ -370,7 +361,7 @@ def test_the_copy_is_not_made_twice_when_finish_runs_again(
 
     env = with_rules(env, tmp_path, '[[inboxes.rules]]\nname = "keep"\nactions = ["copy"]\n')
     deliver(imap, mail())
-    (record,) = poll(env).mails
+    (record,) = poll_once_on(env).mails
     ctx = build_context(load_settings(env))
     try:
         filed = ctx.ledger.mail(record.mail_id)
@@ -395,7 +386,7 @@ def test_an_ignored_mail_is_replayed_in_place_once_the_rules_take_it(
         env, tmp_path, '[[inboxes.rules]]\nname = "bank"\nfrom = "re:@bank\\\\.example$"\n'
     )
     deliver(imap, mail(subject="customer mail"))
-    (record,) = poll(only_bank).mails
+    (record,) = poll_once_on(only_bank).mails
     assert record.state == L.IGNORED
     status = json.loads(run_cli(only_bank, "status", "--json").stdout)
     assert status["counts"]["ignored"] == 1
@@ -490,7 +481,7 @@ def test_the_servers_search_never_misses_a_mail_a_rule_takes(
     _, verdict = ruled(inbox, screen_for(settings, inbox, raw_mail), None, datetime.now(UTC))
     assert verdict.taken, f"the rule must take it: {verdict.why_not()}"
     deliver(imap, raw_mail)
-    poll(env)
+    poll_once_on(env)
     assert outcome(env), "the rule takes this mail, but the poll never fetched it"
 
 
@@ -540,14 +531,14 @@ def test_a_mail_the_rules_cannot_read_is_left_in_the_inbox(
         padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"y" * 900) for i in range(300))
         mail_bytes = padding + raw("pad", b"Subject: newsletter\r\n")
     deliver(imap, mail_bytes)
-    poll(env)
+    poll_once_on(env)
     assert folder_counts(imap, "INBOX", "Quarantine") == {"INBOX": 1, "Quarantine": 0}
     assert flags(imap, "INBOX") == [set()]
     assert list(outcome(env)) == ["ignored"]
     if case == "too large":  # a rule that takes it by its header still quarantines it
         taking = with_rules(env, tmp_path, '[[inboxes.rules]]\nname = "all photos"\n')
         deliver(imap, raw("big2", b"Subject: more photos\r\n", b"x" * 4000 + b"\r\n"))
-        poll(taking)
+        poll_once_on(taking)
         assert folder_counts(imap, "Quarantine")["Quarantine"] == 1
 
 
@@ -571,7 +562,7 @@ def test_a_copy_is_made_once_when_redis_fails_after_it(
         real(self, mail_id, folder, **fields)
 
     monkeypatch.setattr(Ledger, "filed", failing_once)
-    poll(env)
+    poll_once_on(env)
     assert calls["n"] >= 2  # the finish ran again
     assert folder_counts(imap, "INBOX", "Quarantine") == {"INBOX": 1, "Quarantine": 1}
 
@@ -581,7 +572,7 @@ def test_a_copied_mail_is_replayed_in_place_not_doubled(
 ) -> None:
     env = with_rules(env, tmp_path, '[[inboxes.rules]]\nname = "keep"\nactions = ["copy"]\n')
     deliver(imap, mail(sender="erin@example.org", subject="unknown yet"))
-    (record,) = poll(env).mails
+    (record,) = poll_once_on(env).mails
     assert record.state == L.QUARANTINED
     assert folder_counts(imap, "INBOX", "Quarantine") == {"INBOX": 1, "Quarantine": 1}
     known.write_text(known.read_text() + f"erin@example.org,{ENTITY}\n", encoding="utf-8")
