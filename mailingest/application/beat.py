@@ -55,6 +55,10 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]  # RedBeat ships no typ
     """RedBeat's scheduler whose ticks ride out an outage of Redis (see the module)."""
 
     def __init__(self, app: Any, **kwargs: Any) -> None:
+        # beat sends polls and sweeps only, which send no task events either (tasks.py):
+        # no "sent" event of theirs in Flower, where every few seconds they buried the
+        # mail tasks
+        app.conf.task_send_sent_event = False
         # RedBeat writes the static schedule here: Redis must answer at start-up
         super().__init__(app, **kwargs)
         self.backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP)

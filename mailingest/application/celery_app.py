@@ -21,7 +21,7 @@ from celery.signals import (
 )
 
 from mailingest.adapters.broker_queue import SENT_HEADER
-from mailingest.application import broker_fix
+from mailingest.application import broker_fix, censor
 from mailingest.application.celery_config import celery_config
 from mailingest.config.settings import Settings, load_settings
 from mailingest.core.errors import ConfigError
@@ -45,6 +45,7 @@ for _name in settings.sender_auth_off:
 app = Celery("mailingest", include=["mailingest.application.tasks"])
 app.conf.update(celery_config(settings))
 broker_fix.install()  # a busy worker survives a Redis restart (see the module)
+censor.install()  # no URL's password on Flower's worker page (see the module)
 
 
 def _not_the_cancel_warning(record: logging.LogRecord) -> bool:

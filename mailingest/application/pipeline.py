@@ -1125,6 +1125,9 @@ class Recovery:
 
     retry_in: float | None
     steps: list[Step]
+    # the step ran out of tries and its mail (or its reply) is recorded failed, with this
+    # reason: the task ends in Celery's FAILURE state with it (Flower shows it so)
+    failed: str = ""
 
 
 def recover(
@@ -1151,13 +1154,13 @@ def recover(
         )
         return Recovery(after.delay, [])
     if after.action == After.FAIL:
-        return Recovery(None, give_up(ctx, step, error))
+        return Recovery(None, give_up(ctx, step, error), failed=after.reason)
     if after.action == After.KEEP_DECIDED:
         log.error("mail %s: %s: %s", step.mail_id, after.reason, error)
         return Recovery(None, [])
     if after.action == After.REPLY_FAILED:
         reply_step.give_up(ctx, step.mail_id, after.reason)
-        return Recovery(None, [])
+        return Recovery(None, [], failed=after.reason)
     if after.action == After.UNEXPECTED:
         log.error("%s %s: unexpected error", step.task, step.mail_id, exc_info=error)
     if step.index is None:

@@ -24,11 +24,12 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from mailingest.application import pipeline
+from mailingest.application import metrics, pipeline
 from mailingest.application.celery_app import app, settings
 from mailingest.application.services import Context, build_context
 from mailingest.core.decisions import CHAIN_LIMIT, Step, chained
-from mailingest.core.errors import MailingestError
+from mailingest.core.errors import MailFailed, MailingestError
+from mailingest.core.states import MailState
 
 log = logging.getLogger(__name__)
 _context: Context | None = None
@@ -66,11 +67,16 @@ def dispatch(steps: list[Step]) -> None:
         TASKS[step.task].apply_async(args=tuple(step.args))
 
 
-def _run(task: Task[Any, Any], step: Step) -> None:
+def _run(task: Task[Any, Any], step: Step) -> str:
     """Run ``step``, then the steps it chains to (decisions.chained) in this task; queue
     the rest. A chained step that fails is recovered as itself: queued again with its
-    backoff, while this task, whose own step is done, ends."""
+    backoff, while this task, whose own step is done, ends.
+
+    What the task returns (Flower's "result") says where a mail it filed went and why;
+    a step that ran out of tries makes it end FAILURE with the reason, once the ledger
+    recorded it (raised last: nothing retries it)."""
     ctx = context()
+    failed = ""
     try:
         steps = pipeline.run_step(ctx, step)
     except Exception as exc:  # noqa: BLE001 - every failure has a recorded outcome
@@ -79,12 +85,13 @@ def _run(task: Task[Any, Any], step: Step) -> None:
             raise task.retry(
                 countdown=recovery.retry_in, max_retries=ctx.policy.max_attempts
             ) from None
-        steps = recovery.steps
+        steps, failed = recovery.steps, recovery.failed
     for _ in range(CHAIN_LIMIT):
         following, steps = chained(step, steps)
         dispatch(steps)
+        steps = []
         if following is None:
-            return
+            break
         step = following
         try:
             steps = pipeline.run_step(ctx, step)
@@ -92,9 +99,24 @@ def _run(task: Task[Any, Any], step: Step) -> None:
             recovery = _recover(ctx, step, exc, 0)
             if recovery.retry_in is not None:
                 TASKS[step.task].apply_async(args=step.args, countdown=recovery.retry_in)
-                return
-            steps = recovery.steps
+                break
+            steps, failed = recovery.steps, recovery.failed or failed
     dispatch(steps)
+    if failed:
+        raise MailFailed(f"mail {step.mail_id}: {failed}")
+    return _outcome(ctx, step)
+
+
+def _outcome(ctx: Context, step: Step) -> str:
+    """Where the mail went, when the task's last step filed it: ``quarantined:
+    unknown_sender -> Quarantine``, ``done -> Processed``; "" otherwise."""
+    if step.task != "finish":
+        return ""
+    record = ctx.ledger.mail(step.mail_id)
+    if record is None or not record.filed_to:
+        return ""
+    why = f": {metrics.reason_kind(record.reason)}" if record.state == MailState.QUARANTINED else ""
+    return f"{record.state}{why} -> {record.filed_to}"
 
 
 def _recover(ctx: Context, step: Step, exc: Exception, tries: int) -> pipeline.Recovery:
@@ -103,7 +125,9 @@ def _recover(ctx: Context, step: Step, exc: Exception, tries: int) -> pipeline.R
     return pipeline.recover(ctx, step, error, tries, retryable=limit)
 
 
-@app.task(name="mailingest.poll_inbox", bind=True)
+# Polls and sweeps send no task events: beat sends one every few seconds, and in Flower
+# they buried the mail tasks; their outcome is in `mailingest status` and the metrics.
+@app.task(name="mailingest.poll_inbox", bind=True, send_events=False)
 def poll_inbox(self: Task[Any, Any], inbox: str) -> int:
     """Poll the inbox. While its server is away every tick's poll fails; the log says so
     once, when the first fails, and once more when one succeeds again (the last poll's
@@ -131,7 +155,7 @@ def poll_inbox(self: Task[Any, Any], inbox: str) -> int:
     return result.found
 
 
-@app.task(name="mailingest.sweep_inbox", bind=True)
+@app.task(name="mailingest.sweep_inbox", bind=True, send_events=False)
 def sweep_inbox(self: Task[Any, Any], inbox: str) -> int:
     """Between polls (beat sends it every MAILINGEST_LEASE seconds when polls are
     rarer): queue stalled mails again, retry failed ones, file decided ones."""
@@ -146,28 +170,28 @@ def sweep_inbox(self: Task[Any, Any], inbox: str) -> int:
 
 
 @app.task(name="mailingest.ingest_message", bind=True)
-def ingest_message(self: Task[Any, Any], mail_id: str) -> None:
-    _run(self, Step("ingest", mail_id))
+def ingest_message(self: Task[Any, Any], mail_id: str) -> str:
+    return _run(self, Step("ingest", mail_id))
 
 
 @app.task(name="mailingest.describe_document", bind=True)
-def describe_document(self: Task[Any, Any], mail_id: str, index: int) -> None:
-    _run(self, Step("describe", mail_id, index))
+def describe_document(self: Task[Any, Any], mail_id: str, index: int) -> str:
+    return _run(self, Step("describe", mail_id, index))
 
 
 @app.task(name="mailingest.upload_document", bind=True)
-def upload_document(self: Task[Any, Any], mail_id: str, index: int) -> None:
-    _run(self, Step("upload", mail_id, index))
+def upload_document(self: Task[Any, Any], mail_id: str, index: int) -> str:
+    return _run(self, Step("upload", mail_id, index))
 
 
 @app.task(name="mailingest.finish_message", bind=True)
-def finish_message(self: Task[Any, Any], mail_id: str) -> None:
-    _run(self, Step("finish", mail_id))
+def finish_message(self: Task[Any, Any], mail_id: str) -> str:
+    return _run(self, Step("finish", mail_id))
 
 
 @app.task(name="mailingest.reply_to_sender", bind=True)
-def reply_to_sender(self: Task[Any, Any], mail_id: str) -> None:
-    _run(self, Step("reply", mail_id))
+def reply_to_sender(self: Task[Any, Any], mail_id: str) -> str:
+    return _run(self, Step("reply", mail_id))
 
 
 TASKS = {

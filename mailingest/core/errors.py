@@ -195,3 +195,8 @@ class ReplyError(MailingestError):
         super().__init__(message)
         self.retryable = retryable and not in_doubt
         self.in_doubt = in_doubt
+
+
+class MailFailed(MailingestError):
+    """A step ran out of tries; its mail (or its reply) is recorded failed with this
+    reason. The task raises it last, so that Celery, and Flower, show it failed."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -299,15 +300,17 @@ def run_demo(
             )
             if flower and _has_flower():
                 port = free_port()
+                login = f"demo:{secrets.token_urlsafe(12)}"  # a new one each run
                 processes.append(
                     CeleryProcess(
                         "flower",
-                        child_env | {"FLOWER_UNAUTHENTICATED_API": "true"},  # loopback only
+                        child_env | {"FLOWER_BASIC_AUTH": login},
                         root / "flower.log",
                         [f"--port={port}", "--address=127.0.0.1"],
                     ).start()
                 )
-                print(f"  Flower            http://127.0.0.1:{port}")
+                user, password = login.split(":", 1)
+                print(f"  Flower            http://127.0.0.1:{port} (login {user} / {password})")
             print("  worker and beat running; waiting for every mail to be decided ...")
             redis_client = connect_redis(redis_server.url)
             ledger = Ledger(redis_client)

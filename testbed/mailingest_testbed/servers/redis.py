@@ -37,8 +37,10 @@ class RedisServer:
         persist: bool = False,
         port: int | None = None,
         binary: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).absolute()
+        self.password = password  # requirepass: clients must AUTH
         self.persist = persist
         self._auto_port = port is None
         self.port = port if port is not None else free_port()
@@ -48,7 +50,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{HOST}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -76,6 +79,7 @@ class RedisServer:
             f"appendonly {'yes' if self.persist else 'no'}",
             "appendfsync everysec",
             "databases 16",
+            *([f"requirepass {self.password}"] if self.password else []),
         ]
         conf.write_text("\n".join(lines) + "\n")
         return conf
@@ -83,6 +87,11 @@ class RedisServer:
     def _ping(self) -> bool:
         try:
             with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
+                if self.password:
+                    secret = self.password.encode()
+                    sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                    if not sock.recv(64).startswith(b"+OK"):
+                        return False
                 sock.sendall(b"*1\r\n$4\r\nPING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
