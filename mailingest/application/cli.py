@@ -471,6 +471,28 @@ def cmd_address(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_console_user(args: argparse.Namespace) -> int:
+    """A users-file line for one person, the password read from standard input (a
+    prompt on a terminal, never an argument: it would stay in the shell's history)."""
+    import getpass
+
+    from mailingest.core.console_users import user_line
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise SystemExit("mailingest: the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 12:
+        raise SystemExit("mailingest: a console password has at least 12 characters")
+    try:
+        print(user_line(args.name, args.role, password))
+    except ValueError as exc:
+        raise SystemExit(f"mailingest: {exc}") from None
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """What the inbox would do with one mail file; nothing is sent."""
     from dataclasses import asdict
@@ -668,6 +690,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("external_id", help="the customer's external entity id in Alloy")
     p.add_argument("--inbox", help="the inbox whose address it is (default: the first)")
 
+    p = _command(
+        sub,
+        "console-user",
+        help="print a line of the console's users file (MAILINGEST_CONSOLE_USERS) for NAME; "
+        "the password is read from standard input",
+    )
+    p.add_argument("name", help="the person's login name")
+    p.add_argument(
+        "--role",
+        choices=("viewer", "operator"),
+        default="viewer",
+        help="viewer reads, operator also acts (default: viewer)",
+    )
+
     p = _command(sub, "sandbox", help="serve the Alloy document API emulator (test bed)")
     try:
         from mailingest_testbed.alloy_sandbox import add_arguments
@@ -752,6 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "poll-once": cmd_poll_once,
             "poll-now": cmd_poll_now,
             "address": cmd_address,
+            "console-user": cmd_console_user,
             "explain": cmd_explain,
             "sandbox": cmd_sandbox,
             "senders": cmd_senders,

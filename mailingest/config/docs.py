@@ -50,6 +50,7 @@ SECTIONS: dict[Section, str] = {
     "replies": "Replies to customers (off unless MAILINGEST_REPLIES is set)",
     "alloy": "Alloy",
     "screening": "What a mail may be (docs/security.md)",
+    "console": "The operator console (mailingest console)",
     "operations": "Operations (docker-compose.yml sets the worker's METRICS_PORT=9808)",
 }
 

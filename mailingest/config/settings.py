@@ -25,6 +25,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from mailingest.adapters.encryption import Sealer, SealingError
@@ -41,6 +42,7 @@ from mailingest.config.table import (
     unknown_variable,
     valid_names,
 )
+from mailingest.core.console_users import ConsoleUser, parse_users
 from mailingest.core.errors import ConfigError
 from mailingest.core.replies import KINDS as REPLY_KINDS
 from mailingest.core.rules import Rule, RuleError, parse_rules
@@ -190,6 +192,11 @@ class Settings:
     metrics_port: int | None = None
     task_events: bool = False  # Celery task events, for Flower
     config_file: Path | None = None
+    # the operator console: its users (from the users file), or the header an
+    # authenticating proxy sets, and the key of its sessions and CSRF tokens
+    console_users: Mapping[str, ConsoleUser] = field(default_factory=dict)
+    console_trusted_header: str | None = None
+    console_secret: Secret | None = None
 
     @property
     def address_key_bytes(self) -> bytes | None:
@@ -264,6 +271,19 @@ def _missing(settings: Settings, groups: Iterable[str], skip: frozenset[Key]) ->
                         "(or set MAILINGEST_SENDER_AUTH=off)",
                     )
                 )
+        elif group == "console":
+            needed.append(
+                (("", "CONSOLE_SECRET"), PREFIX + "CONSOLE_SECRET", settings.console_secret, "")
+            )
+            needed.append(
+                (
+                    ("", "CONSOLE_USERS"),
+                    PREFIX + "CONSOLE_USERS",
+                    settings.console_users or settings.console_trusted_header,
+                    "is required (or MAILINGEST_CONSOLE_TRUSTED_HEADER behind an "
+                    "authenticating proxy): the console lets no one in anonymously",
+                )
+            )
         elif group == "alloy":
             for name, value in (
                 ("ALLOY_TOKEN", settings.alloy_token),
@@ -838,6 +858,24 @@ def _oauth(env: _Env) -> OAuthSettings | None:
     return OAuthSettings(token_url, client_id, client_secret, refresh_token, scope, ca_file)
 
 
+def _console(env: _Env) -> dict[str, Any]:
+    """The console's settings: its users file read and checked now, not at a login."""
+    users: Mapping[str, ConsoleUser] = {}
+    path = env.path("CONSOLE_USERS")
+    if path is not None:
+        try:
+            users = parse_users(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            env.fail("CONSOLE_USERS", str(exc))
+    header = env.text("CONSOLE_TRUSTED_HEADER")
+    if header is not None and not re.fullmatch(r"[A-Za-z0-9-]{1,64}", header):
+        env.fail("CONSOLE_TRUSTED_HEADER", f"must be a header name, got {header!r}")
+    secret = env.secret("CONSOLE_SECRET")
+    if secret is not None and len(secret.reveal()) < 32:
+        env.fail("CONSOLE_SECRET", "must be at least 32 characters")
+    return {"console_users": users, "console_trusted_header": header, "console_secret": secret}
+
+
 def _shared(env: _Env) -> Settings:
     """The settings every inbox shares (``inboxes`` is filled in by the caller)."""
     alloy_url = env.url("ALLOY_URL") or DEFAULT_ALLOY_URL
@@ -855,6 +893,7 @@ def _shared(env: _Env) -> Settings:
             key = b""
         if len(key) < 32:
             env.fail("ADDRESS_KEY", "must be at least 32 bytes in URL-safe base64")
+    console = _console(env)
     staging_key = env.secret("STAGING_KEY")
     if staging_key is not None:
         try:
@@ -908,6 +947,7 @@ def _shared(env: _Env) -> Settings:
         staging_ttl=env.integer("STAGING_TTL"),
         staging_key=staging_key,
         address_key=address_key,
+        **console,
         max_attempts=env.integer("MAX_ATTEMPTS"),
         retry_base=env.number("RETRY_BASE"),
         retry_cap=retry_cap,

@@ -31,7 +31,9 @@ DAY = 86400
 Kind = Literal[
     "text", "secret", "integer", "number", "choice", "email", "path", "folder", "url", "list"
 ]
-Section = Literal["redis", "inbox", "senders", "replies", "alloy", "screening", "operations"]
+Section = Literal[
+    "redis", "inbox", "senders", "replies", "alloy", "screening", "console", "operations"
+]
 
 
 @dataclass(frozen=True)
@@ -689,6 +691,29 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=10 * MiB,
         unit="bytes",
         section="screening",
+    ),
+    # -- the operator console (mailingest console) -------------------------------------------
+    Setting(
+        "CONSOLE_USERS",
+        "path",
+        "a file of `name:role:hash` lines, one per person (role `viewer` or `operator`); "
+        "`mailingest console-user NAME --role ROLE` makes a line",
+        section="console",
+    ),
+    Setting(
+        "CONSOLE_TRUSTED_HEADER",
+        "text",
+        "instead of the users file: the header an authenticating reverse proxy (OIDC in "
+        "front) sets to the signed-in user's name; only behind such a proxy",
+        values_text="a header name",
+        section="console",
+    ),
+    Setting(
+        "CONSOLE_SECRET",
+        "secret",
+        "the key of the console's sessions and CSRF tokens: 32 or more random characters",
+        values_text="32+ characters",
+        section="console",
     ),
     # -- operations -----------------------------------------------------------------------
     Setting(
