@@ -12,6 +12,7 @@ that cannot render stops start-up (and ``check-config``), never a reply.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,13 @@ class Templates:
             raise TemplateError(f"{template.filename}: {exc}") from None
 
 
+@functools.lru_cache(maxsize=16)
+def templates(language: str, own: Path | None = None) -> Templates:
+    """The templates of a language, read and compiled once per process: replies render
+    them from memory (the files were checked at start-up; an edit takes a restart)."""
+    return Templates(language, own)
+
+
 SAMPLE_DOCUMENTS = [FiledDocument("passport.pdf", "passport")]
 SAMPLE_REFUSED = [RefusedPart("archive.zip", "archive"), RefusedPart("", "none")]
 
@@ -132,9 +140,9 @@ SAMPLE_REFUSED = [RefusedPart("archive.zip", "archive"), RefusedPart("", "none")
 def check_templates(replies: ReplySettings) -> None:
     """Render every template the inbox will send, with sample values; TemplateError
     names the first file that cannot be read or rendered."""
-    templates = Templates(replies.language, replies.templates)
+    found = templates(replies.language, replies.templates)
     for kind in sorted(replies.kinds):
-        templates.render(
+        found.render(
             kind,
             subject="My documents",
             sender="customer@example.com",

@@ -23,7 +23,7 @@ from email.message import EmailMessage
 from email.utils import formatdate
 
 from mailingest.adapters import smtp
-from mailingest.adapters.reply_templates import FiledDocument, Templates
+from mailingest.adapters.reply_templates import FiledDocument, templates
 from mailingest.application import metrics
 from mailingest.application.services import Context
 from mailingest.core import replies
@@ -206,7 +206,7 @@ def _message(ctx: Context, record: MailRecord, kind: str, message_id: str) -> Em
         else []
     )
     refused_text = record.refused_parts if record.state == MailState.DONE else record.reason
-    rendered = Templates(settings.language, settings.templates).render(
+    rendered = templates(settings.language, settings.templates).render(
         kind,
         subject=record.subject,
         sender=record.sender,

@@ -48,3 +48,7 @@ class Store:
         self._add_reason = client.register_script(scripts.ADD_REASON)
         self._update = client.register_script(scripts.UPDATE)
         self._mirror = client.register_script(scripts.MIRROR)
+        self._claim_reply = client.register_script(scripts.CLAIM_REPLY)
+        self._settle_reply_script = client.register_script(scripts.SETTLE_REPLY)
+        self._take_over_reply = client.register_script(scripts.TAKE_OVER_REPLY)
+        self._count_reply = client.register_script(scripts.COUNT_REPLY)

@@ -19,47 +19,6 @@ from mailingest.core.states import ReplyState
 # again (a mail is seldom replayed after months)
 REPLY_TTL = 180 * 86400
 
-# take the record if nobody has, or a try that was not sent gave it back (RETRY):
-# ARGV = mail id, Message-ID, now, ttl, RETRY, CLAIMED, token -> "" or RETRY when
-# taken, else its state
-CLAIM_REPLY = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state and state ~= ARGV[5] then return state end
-redis.call('HSET', KEYS[1], 'state', ARGV[6], 'mail', ARGV[1], 'message_id', ARGV[2],
-           'at', ARGV[3], 'token', ARGV[7])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return state or ''
-"""
-
-# the holder moves its claim on: ARGV = token, expected state (or ""), then field/value
-# pairs -> 1, or 0 when the record is not (or no longer) its own in that state
-SETTLE_REPLY = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
-"""
-
-# another run takes the record over from the state and time it read: ARGV = state, at,
-# then field/value pairs -> 1, or 0 when it changed meanwhile
-TAKE_OVER = """
-if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'at') ~= ARGV[2] then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
-"""
-
-# one more reply to an address, if the window's count allows: ARGV = limit, window (s)
-COUNT_REPLY = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2])) end
-if n > tonumber(ARGV[1]) then
-  redis.call('DECR', KEYS[1])
-  return 0
-end
-return 1
-"""
-
 
 def _pairs(fields: dict[str, object]) -> list[str]:
     return [str(x) for k, v in fields.items() for x in (k, "" if v is None else v)]
@@ -73,7 +32,7 @@ class ReplyRecords(Store):
         token) when this run took it (``RETRY``: from a try that was not sent, counted
         already), else (the state another run left it in, "")."""
         token = secrets.token_hex(8)
-        state = self.redis.register_script(CLAIM_REPLY)(
+        state = self._claim_reply(
             keys=[keys.reply(key, kind)],
             args=[
                 mail_id,
@@ -104,22 +63,25 @@ class ReplyRecords(Store):
     def _settle_reply(
         self, key: str, kind: str, token: str, expected: str, **fields: object
     ) -> bool:
-        script = self.redis.register_script(SETTLE_REPLY)
-        return bool(script(keys=[keys.reply(key, kind)], args=[token, expected, *_pairs(fields)]))
+        return bool(
+            self._settle_reply_script(
+                keys=[keys.reply(key, kind)], args=[token, expected, *_pairs(fields)]
+            )
+        )
 
     def take_over(self, key: str, kind: str, *, read: dict[str, str], **fields: object) -> bool:
         """Another run moves on a record it found stale, if it is still as it ``read``
         it (its state and time)."""
-        script = self.redis.register_script(TAKE_OVER)
         fields.setdefault("at", self.now())
         expected = [read.get("state", ""), read.get("at", "")]
-        return bool(script(keys=[keys.reply(key, kind)], args=[*expected, *_pairs(fields)]))
+        return bool(
+            self._take_over_reply(keys=[keys.reply(key, kind)], args=[*expected, *_pairs(fields)])
+        )
 
     def count_reply(self, kind: str, address: str, *, limit: int, window: int) -> bool:
         """One more reply of ``kind`` to ``address``, if fewer than ``limit`` went in
         the window: shared by every worker."""
-        script = self.redis.register_script(COUNT_REPLY)
-        return bool(script(keys=[keys.reply_rate(kind, address)], args=[limit, window]))
+        return bool(self._count_reply(keys=[keys.reply_rate(kind, address)], args=[limit, window]))
 
     def count_reply_outcome(self, kind: str, outcome: str, why: str = "") -> None:
         """One more reply of ``kind`` that ended ``outcome`` (``why``: the kind of reason

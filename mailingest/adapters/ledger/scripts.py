@@ -124,3 +124,44 @@ if redis.call('HGET', KEYS[1], 'attempt') == ARGV[1] then
 end
 return 1
 """
+
+# take the record if nobody has, or a try that was not sent gave it back (RETRY):
+# ARGV = mail id, Message-ID, now, ttl, RETRY, CLAIMED, token -> "" or RETRY when
+# taken, else its state
+CLAIM_REPLY = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state and state ~= ARGV[5] then return state end
+redis.call('HSET', KEYS[1], 'state', ARGV[6], 'mail', ARGV[1], 'message_id', ARGV[2],
+           'at', ARGV[3], 'token', ARGV[7])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return state or ''
+"""
+
+# the holder moves its claim on: ARGV = token, expected state (or ""), then field/value
+# pairs -> 1, or 0 when the record is not (or no longer) its own in that state
+SETTLE_REPLY = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# another run takes the record over from the state and time it read: ARGV = state, at,
+# then field/value pairs -> 1, or 0 when it changed meanwhile
+TAKE_OVER_REPLY = """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'at') ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# one more reply to an address, if the window's count allows: ARGV = limit, window (s)
+COUNT_REPLY = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2])) end
+if n > tonumber(ARGV[1]) then
+  redis.call('DECR', KEYS[1])
+  return 0
+end
+return 1
+"""
