@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mailingest"
 IO_LIBRARIES = ("redis", "imapclient", "httpx", "httpcore", "celery", "kombu", "imaplib", "smtplib")
-ROOMS = ("core", "adapters", "application", "config")
+ROOMS = ("core", "adapters", "application", "config", "console")
 
 
 def imports_of(path: Path) -> set[str]:

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from mailingest.application.metrics import BacklogCollector, reason_kind
+from mailingest.application.metrics import BacklogCollector
 from mailingest.core.decisions import Backlog
+from mailingest.core.reasons import reason_kind
 from mailingest.core.screening import screen
 
 from .corpus import AUTH, CASES, LIMITS

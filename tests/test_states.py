@@ -132,6 +132,24 @@ class LedgerTransitions(RuleBasedStateMachine):
             holders = [s for s in MAIL_STATES if mail in self.ledger.mail_ids(s)]
             assert holders == [state]
             assert (mail in unfiled) == (state in DECIDED and mail not in self.filed)
+            # the console's index agrees: in its state's sorted sets, and no other's
+            assert record is not None
+            kind = record.kind
+            assert kind == ("other" if record.reason else "")
+            indexed = {
+                keys.as_text(k)
+                for k in self.client.scan_iter(match=keys.INDEX + "*")
+                if self.client.zscore(k, mail) is not None
+            }
+            want = {keys.index(state), keys.index(state, "eu")}
+            if kind:
+                want.add(keys.index(state, "eu", kind))
+            assert indexed == want
+            assert self.client.zscore(keys.index(state), mail) == record.created_at
+        # every move is in the mail's history, the last one its state now
+        for mail, state in self.model.items():
+            last = self.ledger.history(mail)[-1]
+            assert last.to == state
 
 
 @pytest.mark.slow  # seconds: left out of ./dev test --quick

@@ -7,6 +7,21 @@
     mailingest:blob:<mail id>:<index>    string one document's bytes, staged with a TTL
     mailingest:state:<state>             set    mail ids in that state (for status)
     mailingest:unfiled                   set    decided mails not yet moved out of the inbox
+    mailingest:index:<state>[:<inbox>[:<reason kind>]]   zset   the mails in that state
+                                         (of that inbox, with a reason of that kind),
+                                         scored by when each was recorded: the console's
+                                         pages, kept by the same scripts as the state sets
+    mailingest:history:<mail id>         stream every move of the mail: from, to, at, by,
+                                         attempt, reason (capped)
+    mailingest:find:<field>:<value>      set    the mails whose sender, message_id, entity or
+                                         document token (field ``token``) is that value
+                                         (lower case): the console's search
+    mailingest:audit:<mail id>           list   what operators did to it in the console
+                                         (who, what, when; capped), newest first
+    mailingest:audit                     list   the same for every mail, newest first (capped)
+    mailingest:console:done:<nonce>      string an action already carried out (a form sent
+                                         twice is answered with the first outcome)
+    mailingest:console:logins:<who>      string failed logins in the last window
     mailingest:watermark:<inbox>:<folder>:<uidvalidity>   highest UID recorded
     mailingest:slot:<entity>:<fingerprint> hash the one Alloy document for that document,
                                          shared by every copy of its mail: token,
@@ -67,6 +82,40 @@ def blob(mail_id: str, index: int) -> str:
 
 def state(name: str) -> str:
     return f"{NS}:state:{name}"
+
+
+INDEX = f"{NS}:index:"  # + <state>[:<inbox>[:<kind>]]
+
+
+def index(state: str, inbox: str = "", kind: str = "") -> str:
+    return INDEX + ":".join(part for part in (state, inbox, kind) if part)
+
+
+def history(mail_id: str) -> str:
+    return f"{NS}:history:{mail_id}"
+
+
+FIND = f"{NS}:find:"  # + <field>:<value, lower case>
+
+
+def find(field: str, value: str) -> str:
+    return f"{FIND}{field}:{value.lower()}"
+
+
+AUDIT = f"{NS}:audit"
+
+
+def audit(mail_id: str) -> str:
+    return f"{AUDIT}:{mail_id}"
+
+
+def console_done(nonce: str) -> str:
+    return f"{NS}:console:done:{nonce}"
+
+
+def console_logins(who: str) -> str:
+    digest = hashlib.sha256(who.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return f"{NS}:console:logins:{digest}"
 
 
 def watermark(inbox: str, folder: str, uidvalidity: int) -> str:

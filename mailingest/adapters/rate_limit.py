@@ -33,8 +33,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -319,11 +320,21 @@ def read_pace(
 ) -> Pace:
     """What the limiter and the pause did in the last minute (one round trip)."""
     pipe = client.pipeline(transaction=False)
+    ask_pace(pipe, name)
+    return pace_of(pipe.execute(), rate=rate, burst=burst, now_ms=now_ms)
+
+
+def ask_pace(pipe: Any, name: str = "alloy") -> None:
+    """Queue on ``pipe`` the four reads :func:`pace_of` needs (in a pipeline of others)."""
     pipe.hgetall(keys.rate_stats(name))
     pipe.hmget(keys.rate_bucket(name), ["tokens", "at"])
     pipe.get(keys.rate_pause(name))
     pipe.time()
-    stats, (tokens, at), pause, (seconds, micros) = pipe.execute()
+
+
+def pace_of(answers: Sequence[Any], *, rate: float, burst: int, now_ms: int | None = None) -> Pace:
+    """The :class:`Pace` of the four answers :func:`ask_pace` queued."""
+    stats, (tokens, at), pause, (seconds, micros) = answers
     now = now_ms if now_ms is not None else int(seconds) * 1000 + int(micros) // 1000
     fields = {keys.as_text(k): int(v) for k, v in stats.items()}
     second = now // 1000

@@ -413,7 +413,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def _replay(ctx: Context, args: argparse.Namespace) -> int:
     from mailingest.adapters import ledger as L
-    from mailingest.application.pipeline import replay
+    from mailingest.application import actions
     from mailingest.application.poll_once import run_steps
 
     ids = list(args.mail_id) or (ctx.ledger.mail_ids(L.FAILED) if args.failed else [])
@@ -422,18 +422,11 @@ def _replay(ctx: Context, args: argparse.Namespace) -> int:
     ctx.services.reach_alloy()  # send no mail through while Alloy cannot be reached
     status = 0
     for mail_id in ids:
-        try:
-            steps = replay(ctx, mail_id)
-        except KeyError:
-            print(f"{mail_id}: not in the ledger", file=sys.stderr)
+        outcome = actions.replay(ctx, mail_id, lambda steps: run_steps(ctx, steps))
+        if not outcome.ok:
+            print(f"{mail_id}: {outcome.text}", file=sys.stderr)
             status = 1
             continue
-        except MailingestError as exc:
-            print(f"{mail_id}: {exc}", file=sys.stderr)
-            status = 1
-            continue
-        if steps:
-            run_steps(ctx, steps)
         record = ctx.ledger.mail(mail_id)
         print(f"{mail_id}: {record.state if record else '?'}")
     return status
@@ -468,6 +461,33 @@ def cmd_address(args: argparse.Namespace) -> int:
         print(address(inbox.reply_address, key, args.external_id))
     except ValueError as exc:
         raise SystemExit(f"mailingest: {exc}") from None
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """Serve the operator console (the `console` extra: Starlette and uvicorn)."""
+    try:
+        import uvicorn
+
+        from mailingest.console.serve import build
+    except ImportError as exc:
+        raise SystemExit(
+            f"mailingest: the console needs its extra ({exc.name} is missing): "
+            "pip install 'mailingest[console]'"
+        ) from None
+    settings = _settings("redis", "imap", "alloy", "console")
+    setup_logging(settings.log_level, settings.log_format)
+    check_redis_at_start(settings, wait=False)
+    app = build(settings)
+    log.info("console: serving on http://%s:%d", args.host, args.port)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        proxy_headers=bool(settings.console_trusted_header),
+        server_header=False,
+    )
     return 0
 
 
@@ -539,6 +559,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     import signal
 
     from mailingest.adapters.imap import Mailbox
+    from mailingest.adapters.ledger import Ledger
     from mailingest.application.services import Services
     from mailingest.application.watch import Watch
 
@@ -570,6 +591,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             renew=settings.idle_renew,
             broker=f"the broker (Redis) at {redact_url(settings.broker_url or '')}",
             describe=describe,
+            report=Ledger(services.redis).record_idle,  # the console shows it
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: watch.stopping.set())
@@ -739,6 +761,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mail_id", nargs="*", help="mail ids as shown by `mailingest status`")
     p.add_argument("--failed", action="store_true", help="replay every failed mail")
 
+    p = _command(
+        sub,
+        "console",
+        help="serve the operator console in the browser (users: MAILINGEST_CONSOLE_USERS or "
+        "MAILINGEST_CONSOLE_TRUSTED_HEADER; the `console` extra)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+
     p = _command(sub, "watch", help="hold IMAP IDLE on each inbox and have new mail polled at once")
     p.add_argument("--inbox", action="append", help="watch only this inbox (repeatable)")
 
@@ -788,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "poll-once": cmd_poll_once,
             "poll-now": cmd_poll_now,
             "address": cmd_address,
+            "console": cmd_console,
             "console-user": cmd_console_user,
             "explain": cmd_explain,
             "sandbox": cmd_sandbox,

@@ -22,7 +22,6 @@ import atexit
 import functools
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -32,6 +31,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from mailingest.core.decisions import Backlog
+from mailingest.core.reasons import reason_kind
 from mailingest.core.states import MailState
 
 log = logging.getLogger(__name__)
@@ -56,31 +56,6 @@ METRICS = (
     "mailingest_oldest_unprocessed_seconds",
     "mailingest_backlog_mails",
 )
-
-# Quarantine reasons by kind: the first pattern that matches the reason's start wins.
-REASON_KINDS: tuple[tuple[str, str], ...] = (
-    (r"unknown sender", "unknown_sender"),
-    (r"sender not authenticated", "sender_not_authenticated"),
-    (r"no single sender", "no_sender"),
-    (r"no documents attached", "no_documents"),
-    (r"message too large", "message_too_large"),
-    (r"headers too large", "headers_too_large"),
-    (r"too many MIME parts|MIME nesting too deep", "too_complex"),
-    (r"attachment too large", "attachment_too_large"),
-    (r"too many documents", "too_many_documents"),
-    (r"refused content", "refused_content"),
-    (r"cannot parse|a part could not be decoded|the mail is truncated", "malformed"),
-    (r"document \d+ \(.*\): Alloy already holds", "alloy_conflict"),
-    (r"document \d+ \(.*\): Alloy", "alloy_rejected"),
-)
-
-
-def reason_kind(reason: str) -> str:
-    """A quarantine reason's kind: a small fixed set, fit for a metric label."""
-    for pattern, kind in REASON_KINDS:
-        if re.match(pattern, reason, re.IGNORECASE):
-            return kind
-    return "other"
 
 
 def prepare_multiprocess() -> None:

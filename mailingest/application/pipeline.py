@@ -389,6 +389,7 @@ def _ingest_locked(ctx: Context, record: MailRecord) -> list[Step]:
             subject=(mail.subject or "")[:200],
             skipped=len(mail.skipped),
             refused_parts="; ".join(screened.refused)[:2000],
+            parts=screened.parts(),
             rules=verdict.names,
             actions=",".join(verdict.actions) if verdict.ruled else "",
             note=note if verdict.ruled else "",
@@ -1028,8 +1029,12 @@ def _orphans(
     ]
 
 
+# quarantined, and quarantined then dealt with by hand: a replay treats them alike
+SET_ASIDE = (MailState.QUARANTINED, MailState.HANDLED)
+
+
 def replay(ctx: Context, mail_id: str) -> list[Step]:
-    """Send a failed, quarantined, partly filed or ignored mail through again.
+    """Send a failed, quarantined (or handled), partly filed or ignored mail through again.
 
     A failed mail still sits in the inbox: it is re-run from where it stopped
     (documents already uploaded stay uploaded). A quarantined mail not yet moved
@@ -1064,7 +1069,7 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
             f"mail {mail_id} was filed by copy (a rule's action): the mail itself is still in "
             f"{record.ref.folder}, where a replay would file it twice; no replay of it"
         )
-    if record.state == MailState.QUARANTINED:
+    if record.state in SET_ASIDE:
         # an operator replays a mail once the cause is fixed: uploads Alloy refused are
         # tried again (their descriptions are still there to take the bytes)
         docs = ctx.ledger.documents(mail_id, record.documents)
@@ -1072,7 +1077,7 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
         if not record.filed_to or kept:  # still in the inbox: run it again in place
             # (a copy filed before is found by its recorded UID, not copied again)
             ctx.ledger.transition(
-                mail_id, MailState.QUEUED, allowed=(MailState.QUARANTINED,), reason="", filed_to=""
+                mail_id, MailState.QUEUED, allowed=(record.state,), reason="", filed_to=""
             )
             return [Step("ingest", mail_id)]
     elif record.state != MailState.DONE:
@@ -1100,7 +1105,7 @@ def replay(ctx: Context, mail_id: str) -> list[Step]:
     ctx.ledger.transition(
         mail_id,
         MailState.REPLAYED,
-        allowed=(MailState.QUARANTINED, MailState.DONE),
+        allowed=(*SET_ASIDE, MailState.DONE),
         reason=f"sent back to {record.ref.folder} (was: {was})",
     )
     log.info("mail %s moved back to %s for another run", mail_id, record.ref.folder)

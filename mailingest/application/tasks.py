@@ -17,6 +17,7 @@ a document index: nothing sensitive, readable in Flower. Bytes stay in Redis.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -24,11 +25,13 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from mailingest.application import metrics, pipeline
+from mailingest.adapters.ledger.base import ACTOR, ATTEMPT
+from mailingest.application import pipeline
 from mailingest.application.celery_app import app, settings
 from mailingest.application.services import Context, build_context
 from mailingest.core.decisions import CHAIN_LIMIT, Step, chained
 from mailingest.core.errors import MailFailed, MailingestError
+from mailingest.core.reasons import reason_kind
 from mailingest.core.states import MailState
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,9 @@ def _run(task: Task[Any, Any], step: Step) -> str:
     recorded it (raised last: nothing retries it)."""
     ctx = context()
     failed = ""
+    # the mail's history names the task's try and the worker (ledger.base.actor)
+    ATTEMPT.set(task.request.retries + 1)
+    ACTOR.set(f"{task.request.hostname or ''}:{os.getpid()}".lstrip(":"))
     try:
         steps = pipeline.run_step(ctx, step)
     except Exception as exc:  # noqa: BLE001 - every failure has a recorded outcome
@@ -115,7 +121,7 @@ def _outcome(ctx: Context, step: Step) -> str:
     record = ctx.ledger.mail(step.mail_id)
     if record is None or not record.filed_to:
         return ""
-    why = f": {metrics.reason_kind(record.reason)}" if record.state == MailState.QUARANTINED else ""
+    why = f": {reason_kind(record.reason)}" if record.state == MailState.QUARANTINED else ""
     return f"{record.state}{why} -> {record.filed_to}"
 
 

@@ -65,11 +65,15 @@ class InboxWatcher:
         *,
         renew: float = 300.0,
         check_every: float = CHECK_EVERY,
+        report: Callable[[str, str], None] | None = None,
     ) -> None:
         self.inbox = inbox
         self.open_mailbox = open_mailbox
         self.notify = notify
         self.stop = stop
+        # told (inbox, what the watcher is doing) at each change and each renewed IDLE:
+        # the console's inbox page shows it
+        self._report = report
         self.renew = renew
         self.check_every = check_every
         self.sessions = 0  # connections made (for status and tests)
@@ -92,12 +96,16 @@ class InboxWatcher:
                 self._session()
             except MailboxError as exc:  # its text names the inbox and never a password
                 self.outage.failed(str(exc))
+                self.report(f"reconnecting: {exc}")
             except redis.RedisError as exc:  # an XOAUTH2 inbox's token cache is in Redis
                 self.outage.failed(f"its OAuth token cache in Redis: {type(exc).__name__}")
+                self.report(f"reconnecting: Redis {type(exc).__name__}")
             except Exception as exc:
                 log.exception("inbox %s: IDLE watcher error", self.inbox.name)
                 self.outage.failed(type(exc).__name__)
+                self.report(f"reconnecting: {type(exc).__name__}")
             if self.stop.is_set() or self.idle_supported is False:
+                self.report("stopped" if self.stop.is_set() else "not offered by the server")
                 return
             if time.monotonic() - started > 2 * BACKOFF_CAP:
                 self.backoff.reset()  # the last connection was good for a while
@@ -127,9 +135,18 @@ class InboxWatcher:
                 self._idle(box)
                 box.noop()  # a round trip: a silently dropped connection times out here
 
+    def report(self, doing: str) -> None:
+        if self._report is None:
+            return
+        try:
+            self._report(self.inbox.name, doing)
+        except redis.RedisError as exc:  # a report is for the console: never stops a watch
+            log.debug("inbox %s: IDLE state not recorded: %s", self.inbox.name, exc)
+
     def _idle(self, box: Mailbox) -> None:
         """One IDLE command, ended after ``renew`` seconds (or on stop)."""
         box.idle()
+        self.report("watching")
         self.idling = True
         try:
             self._wait_in_idle(box)
@@ -238,12 +255,18 @@ class Watch:
         renew: float = 300.0,
         broker: str = "the broker",
         describe: Callable[[BaseException], str] = lambda exc: type(exc).__name__,
+        report: Callable[[str, str], None] | None = None,
     ) -> None:
         self.stopping = threading.Event()
         self.sender = PollSender(send, self.stopping, broker=broker, describe=describe)
         self.watchers = [
             InboxWatcher(
-                inbox, partial(open_mailbox, inbox), self.sender.request, self.stopping, renew=renew
+                inbox,
+                partial(open_mailbox, inbox),
+                self.sender.request,
+                self.stopping,
+                renew=renew,
+                report=report,
             )
             for inbox in inboxes
         ]

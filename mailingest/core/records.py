@@ -77,6 +77,10 @@ class MailRecord:
     reply_block: str = ""
     references: str = ""
     reply: str = ""
+    # the reason's kind (mailingest.core.reasons), set with the reason: the console's filter
+    kind: str = ""
+    # what the mail carried, as screening saw it (Screened.parts: JSON, no bytes)
+    parts: str = ""
 
     @property
     def id(self) -> str:
@@ -115,6 +119,8 @@ class MailRecord:
             reply_block=h.get("reply_block", ""),
             references=h.get("references", ""),
             reply=h.get("reply", ""),
+            kind=h.get("kind", ""),
+            parts=h.get("parts", ""),
         )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 from dataclasses import dataclass, field, replace
 from email.message import Message
 
@@ -72,6 +73,22 @@ class Screened:
     @property
     def accepted(self) -> bool:
         return self.refusal is None
+
+    def parts(self) -> str:
+        """What the mail carried, for the console: each document's name, sniffed type
+        and size, and each part refused with its reason (JSON; never a byte of it)."""
+        rows: list[dict[str, object]] = [
+            {
+                "name": f"{doc.spec.name}.{doc.spec.extension}",
+                "type": doc.kind,  # what its bytes are (sniffed), not what it claims
+                "document_type": doc.spec.type,
+                "size": len(doc.payload),
+                "outcome": "document",
+            }
+            for doc in self.documents
+        ]
+        rows += [{"name": "", "type": "", "size": 0, "outcome": why} for why in self.refused]
+        return json.dumps(rows, ensure_ascii=False)[:4000]
 
 
 def structure(message: Message) -> tuple[int, int]:

@@ -23,6 +23,7 @@ class MailState(StrEnum):
     FAILED = "failed"  # retries exhausted: stays in the inbox, retried later
     REPLAYED = "replayed"  # a filed quarantined or partly filed mail sent back (a new mail)
     IGNORED = "ignored"  # no rule of its inbox takes it (``reason``): left there untouched
+    HANDLED = "handled"  # quarantined and filed, then dealt with by hand (the console)
 
 
 class DocumentState(StrEnum):
@@ -57,6 +58,8 @@ IN_FLIGHT: tuple[MailState, ...] = (
 )
 # decided: the mail leaves the inbox (``finish``) to Processed or Quarantine
 DECIDED: tuple[MailState, ...] = (MailState.DONE, MailState.QUARANTINED)
+# what an operator must look at: the console's attention list
+ATTENTION: tuple[MailState, ...] = (MailState.QUARANTINED, MailState.FAILED)
 # a move here is counted once by the metrics (the ledger tells ``on_decided``)
 COUNTED: tuple[MailState, ...] = (*DECIDED, MailState.FAILED, MailState.IGNORED)
 
@@ -82,8 +85,9 @@ TRANSITIONS: Mapping[MailState, frozenset[MailState]] = {
     ),
     # a mail filed with parts refused (on_refused_part = "skip"), sent back to the inbox
     MailState.DONE: frozenset({MailState.REPLAYED}),
-    # not yet filed: run again in place (queued); filed: sent back to the inbox (replayed)
-    MailState.QUARANTINED: frozenset({MailState.QUEUED, MailState.REPLAYED}),
+    # not yet filed: run again in place (queued); filed: sent back to the inbox
+    # (replayed); filed and dealt with by hand (handled)
+    MailState.QUARANTINED: frozenset({MailState.QUEUED, MailState.REPLAYED, MailState.HANDLED}),
     # replayed (queued, or documents_pending when it has documents), quarantined by a
     # late refusal, or failed again with a newer reason
     MailState.FAILED: frozenset(
@@ -97,6 +101,9 @@ TRANSITIONS: Mapping[MailState, frozenset[MailState]] = {
     MailState.REPLAYED: frozenset(),
     # the rules changed since: run again in place (it never left the inbox)
     MailState.IGNORED: frozenset({MailState.QUEUED}),
+    # an operator replays it after all: as a filed quarantined mail (a copy filed by a
+    # rule's action is run again in place)
+    MailState.HANDLED: frozenset({MailState.QUEUED, MailState.REPLAYED}),
 }
 INITIAL = MailState.QUEUED
 

@@ -1,6 +1,6 @@
 """The ledger: what happened to every mail and every document, kept in Redis.
 
-One :class:`Ledger`, three jobs, one module each:
+One :class:`Ledger`, one job per module:
 
 * :mod:`.records`: mail and document records and their slots (what Alloy holds for a
   document). A mail id lives in exactly one ``mailingest:state:<state>`` set; the
@@ -10,7 +10,10 @@ One :class:`Ledger`, three jobs, one module each:
 * :mod:`.staging`: mail and document bytes, staged under a TTL and passed between
   tasks by key (never through the broker), encrypted at rest when a key is set;
 * :mod:`.inbox_state`: per inbox, the poll's single flight, the watermarks, the last
-  poll's outcome, the UIDs that cannot be fetched.
+  poll's outcome, the UIDs that cannot be fetched;
+* :mod:`.index`: what the console reads (mails by state, inbox and reason kind; each
+  mail's history of moves) and the operators' audit log;
+* :mod:`.replies`: the replies to customers, one record per mail and kind.
 
 All run on one clock, Redis's (:mod:`.clock`).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 from mailingest.adapters.ledger.base import Store
 from mailingest.adapters.ledger.clock import RedisClock, now_ms
 from mailingest.adapters.ledger.inbox_state import InboxState
+from mailingest.adapters.ledger.index import AuditEntry, Index, Move, Page
 from mailingest.adapters.ledger.records import (
     Attempt,
     MailRecords,
@@ -54,7 +58,10 @@ UPLOADED = DocumentState.UPLOADED
 LOST = DocumentState.LOST
 
 
-class Ledger(MailRecords, Staging, InboxState, ReplyRecords):
+HANDLED = MailState.HANDLED
+
+
+class Ledger(Index, Staging, InboxState, ReplyRecords):  # Index reads over MailRecords
     """The ledger of every mail, document and inbox (see the module's docstring)."""
 
 
@@ -65,6 +72,7 @@ __all__ = [
     "DOCUMENTS_PENDING",
     "DONE",
     "FAILED",
+    "HANDLED",
     "IGNORED",
     "IN_FLIGHT",
     "LOST",
@@ -76,14 +84,18 @@ __all__ = [
     "REPLAYED",
     "UPLOADED",
     "Attempt",
+    "AuditEntry",
     "DocumentRecord",
     "DocumentState",
     "InboxState",
+    "Index",
     "Ledger",
     "MailRecord",
     "MailRecords",
     "MailRef",
     "MailState",
+    "Move",
+    "Page",
     "PlannedDocument",
     "RedisClock",
     "Slot",

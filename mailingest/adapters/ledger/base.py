@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import redis
@@ -13,6 +16,17 @@ from mailingest.adapters.encryption import Plain, Sealer
 from mailingest.adapters.ledger import scripts
 from mailingest.adapters.ledger.clock import RedisClock
 from mailingest.core.records import MailRef
+
+# who moves a mail and on which attempt, for its history: a worker's task sets the
+# attempt, the console its user ("console:<name>"); by default the host and process
+ACTOR: ContextVar[str] = ContextVar("mailingest_actor", default="")
+ATTEMPT: ContextVar[int] = ContextVar("mailingest_attempt", default=0)
+HISTORY_KEPT = 64  # moves kept per mail (a mail retried for days keeps its latest)
+
+
+def actor() -> str:
+    """Who is acting now: the console's user, or this host and process."""
+    return ACTOR.get() or f"{socket.gethostname()}:{os.getpid()}"
 
 
 def decode(h: Any) -> dict[str, str]:
@@ -42,6 +56,7 @@ class Store:
         self.on_decided = on_decided
         self._transition = client.register_script(scripts.TRANSITION)
         self._record = client.register_script(scripts.RECORD)
+        self._reindex = client.register_script(scripts.REINDEX)
         self._claim = client.register_script(scripts.CLAIM)
         self._begin = client.register_script(scripts.BEGIN)
         self._clear_attempt = client.register_script(scripts.CLEAR_ATTEMPT)

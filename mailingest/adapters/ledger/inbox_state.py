@@ -46,6 +46,10 @@ class InboxState(Store):
     def record_sweep(self, inbox: str) -> None:
         self.redis.hset(keys.poll_status(inbox), "swept_at", self.now())
 
+    def record_idle(self, inbox: str, doing: str) -> None:
+        """What ``mailingest watch`` is doing with the inbox (watching, reconnecting: ...)."""
+        self.redis.hset(keys.poll_status(inbox), mapping={"idle": doing, "idle_at": self.now()})
+
     def swept_at(self, inbox: str) -> int:
         """When the inbox was last swept (ms on the ledger's clock; 0: never)."""
         return int(self.redis.hget(keys.poll_status(inbox), "swept_at") or 0)

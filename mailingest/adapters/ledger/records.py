@@ -16,8 +16,9 @@ import redis
 import redis.lock
 
 from mailingest.adapters import keys
-from mailingest.adapters.ledger.base import Store, decode
+from mailingest.adapters.ledger.base import ATTEMPT, HISTORY_KEPT, Store, actor, decode
 from mailingest.core import states
+from mailingest.core.reasons import reason_kind
 from mailingest.core.records import DocumentRecord, MailRecord, MailRef, Slot
 from mailingest.core.states import (
     COUNTED,
@@ -78,7 +79,12 @@ class MailRecords(Store):
         anything is queued. Returns False when it was already recorded (nothing changes)."""
         recorded = bool(
             self._record(
-                keys=[keys.mail(ref.id), keys.raw(ref.id), keys.state(states.INITIAL)],
+                keys=[
+                    keys.mail(ref.id),
+                    keys.raw(ref.id),
+                    keys.state(states.INITIAL),
+                    keys.history(ref.id),
+                ],
                 args=[
                     self.sealer.seal(raw),
                     self.staging_ttl,
@@ -87,6 +93,9 @@ class MailRecords(Store):
                     ref.id,
                     internaldate,
                     states.INITIAL,
+                    keys.INDEX,
+                    actor(),
+                    HISTORY_KEPT,
                 ],
             )
         )
@@ -131,11 +140,28 @@ class MailRecords(Store):
         allow raises :class:`~mailingest.core.states.IllegalTransition`."""
         froms = states.check(to, allowed)
         fields.setdefault("updated_at", self.now())
+        if "reason" in fields:  # its kind indexes the mail for the console's filters
+            fields["kind"] = reason_kind(str(fields["reason"])) if fields["reason"] else ""
         decided = "1" if to in DECIDED else "0"
-        argv: list[Any] = [to, keys.state(""), mail_id, decided, len(froms), *froms]
+        attempt = ATTEMPT.get()
+        argv: list[Any] = [
+            to,
+            keys.state(""),
+            mail_id,
+            decided,
+            keys.INDEX,
+            actor(),
+            attempt or "",
+            HISTORY_KEPT,
+            len(froms),
+            *froms,
+            keys.FIND,
+        ]
         for name, value in fields.items():
             argv += [name, "" if value is None else str(value)]
-        written = self._transition(keys=[keys.mail(mail_id), keys.UNFILED], args=argv)
+        written = self._transition(
+            keys=[keys.mail(mail_id), keys.UNFILED, keys.history(mail_id)], args=argv
+        )
         if not written:
             return None
         flat = [keys.as_text(v) for v in written]
@@ -160,7 +186,7 @@ class MailRecords(Store):
         """Set fields of an existing record only: a step that outlived its mail's record
         (Redis lost it) must not leave a hash without a state, which would hide the
         mail from the next poll for good."""
-        argv: list[Any] = []
+        argv: list[Any] = [keys.FIND, mail_id]
         for name, value in fields.items():
             argv += [name, "" if value is None else str(value)]
         return bool(self._update(keys=[keys.mail(mail_id)], args=argv))
@@ -241,6 +267,8 @@ class MailRecords(Store):
                     "fingerprint": fp,
                 },
             )
+            if slot.token:
+                pipe.sadd(keys.find("token", slot.token), mail_id)
             if state == DocumentState.UPLOADED:
                 pipe.sadd(keys.done(mail_id), doc.index)
             else:
@@ -367,8 +395,8 @@ class MailRecords(Store):
         """The document's slot has a token (mirrored on the document, for status); a
         document already uploaded stays so (a late run must not set it back)."""
         self._mirror(
-            keys=[keys.document(mail_id, index)],
-            args=[DocumentState.DESCRIBED, token, DocumentState.UPLOADED],
+            keys=[keys.document(mail_id, index), keys.find("token", token)],
+            args=[DocumentState.DESCRIBED, token, DocumentState.UPLOADED, mail_id],
         )
         self.update(mail_id)
 
@@ -380,6 +408,7 @@ class MailRecords(Store):
             keys.document(mail_id, index), mapping={"state": DocumentState.UPLOADED, "token": token}
         )
         pipe.delete(keys.blob(mail_id, index))
+        pipe.sadd(keys.find("token", token), mail_id)
         pipe.sadd(keys.done(mail_id), index)
         pipe.scard(keys.done(mail_id))
         confirmed = int(pipe.execute()[-1])

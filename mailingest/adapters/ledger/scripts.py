@@ -4,22 +4,68 @@ None spells a state: every state name comes in as an argument, from
 :mod:`mailingest.core.states`. Above each script: its KEYS, its ARGV and its answer.
 """
 
-# KEYS[1] mail hash, KEYS[2] the unfiled set; ARGV[1] new state, ARGV[2] state-set prefix,
-# ARGV[3] mail id, ARGV[4] '1' when the new state is decided (a decided mail not yet filed
-# joins the unfiled set), ARGV[5] number of allowed from-states, then those states, then
-# field/value pairs. Returns the record as written (HGETALL), or 0 when it did not move.
-TRANSITION = """
+# The index the console pages through (Ledger.page): one sorted set per state, per state
+# and inbox, and per state, inbox and reason kind, each scored by when the mail was
+# recorded; kept here, in the same atomic step as the state sets. INDEX_MOVE takes the
+# mail hash as KEYS[1], the id, the index prefix, the old state and kind ('' for none)
+# and the new ones; it reads created_at from the hash.
+INDEX_MOVE = """
+local function index_move(key, id, prefix, old_state, old_kind, new_state, new_kind)
+  local inbox = string.match(id, '^[^/]*')
+  local at = tonumber(redis.call('HGET', key, 'created_at') or '0') or 0
+  if old_state ~= '' then
+    redis.call('ZREM', prefix .. old_state, id)
+    redis.call('ZREM', prefix .. old_state .. ':' .. inbox, id)
+    if old_kind ~= '' then
+      redis.call('ZREM', prefix .. old_state .. ':' .. inbox .. ':' .. old_kind, id)
+    end
+  end
+  redis.call('ZADD', prefix .. new_state, at, id)
+  redis.call('ZADD', prefix .. new_state .. ':' .. inbox, at, id)
+  if new_kind ~= '' then
+    redis.call('ZADD', prefix .. new_state .. ':' .. inbox .. ':' .. new_kind, at, id)
+  end
+end
+"""
+
+# What the console's search finds a mail by: a set of mail ids per sender, Message-ID
+# and entity (lower case), kept whenever one of those fields is written. FIND_ADD takes
+# the find prefix, the mail id and a field name and value.
+FIND_ADD = """
+local function find_add(prefix, id, name, value)
+  if value ~= '' and #value <= 512 and
+     (name == 'sender' or name == 'message_id' or name == 'entity') then
+    redis.call('SADD', prefix .. name .. ':' .. string.lower(value), id)
+  end
+end
+"""
+
+# KEYS[1] mail hash, KEYS[2] the unfiled set, KEYS[3] the mail's history stream;
+# ARGV[1] new state, ARGV[2] state-set prefix, ARGV[3] mail id, ARGV[4] '1' when the new
+# state is decided (a decided mail not yet filed joins the unfiled set), ARGV[5] index
+# prefix, ARGV[6] who moves it (a worker, a console user), ARGV[7] the attempt (''
+# unknown), ARGV[8] the history's length kept, ARGV[9] number of allowed from-states,
+# then those states, then the find prefix (FIND_ADD), then field/value pairs. Returns the
+# record as written (HGETALL), or 0 when it did not move. Each move is one entry of the
+# mail's history.
+TRANSITION = (
+    INDEX_MOVE
+    + FIND_ADD
+    + """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return 0 end
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[9])
 local allowed = false
 for i = 1, n do
-  if ARGV[5 + i] == current then allowed = true end
+  if ARGV[9 + i] == current then allowed = true end
 end
 if not allowed then return 0 end
-local i = 6 + n
+local old_kind = redis.call('HGET', KEYS[1], 'kind') or ''
+local find = ARGV[10 + n]
+local i = 11 + n
 while i <= #ARGV do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  find_add(find, ARGV[3], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
@@ -33,21 +79,54 @@ if current ~= ARGV[1] then
   redis.call('SREM', ARGV[2] .. current, ARGV[3])
   redis.call('SADD', ARGV[2] .. ARGV[1], ARGV[3])
 end
+local kind = redis.call('HGET', KEYS[1], 'kind') or ''
+if current ~= ARGV[1] or kind ~= old_kind then
+  index_move(KEYS[1], ARGV[3], ARGV[5], current, old_kind, ARGV[1], kind)
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*',
+           'from', current, 'to', ARGV[1],
+           'at', redis.call('HGET', KEYS[1], 'updated_at') or '',
+           'by', ARGV[6], 'attempt', ARGV[7],
+           'reason', redis.call('HGET', KEYS[1], 'reason') or '')
 return redis.call('HGETALL', KEYS[1])
 """
+)
 
 
-# KEYS: mail hash, raw key, queued set; ARGV: raw, ttl, size, now, mail id, internaldate,
-# the initial state
-RECORD = """
+# KEYS: mail hash, raw key, queued set, history stream; ARGV: raw, ttl, size, now, mail
+# id, internaldate, the initial state, index prefix, who recorded it, history length
+RECORD = (
+    INDEX_MOVE
+    + """
 if redis.call('HEXISTS', KEYS[1], 'state') == 1 then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', KEYS[1], 'state', ARGV[7], 'size', ARGV[3],
            'created_at', ARGV[4], 'updated_at', ARGV[4], 'internaldate', ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[5])
+index_move(KEYS[1], ARGV[5], ARGV[8], '', '', ARGV[7], '')
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[10], '*', 'from', '', 'to', ARGV[7],
+           'at', ARGV[4], 'by', ARGV[9], 'attempt', '', 'reason', '')
 return 1
 """
+)
+
+# Puts one mail in the index and the find sets as its hash says (Ledger.reindex: records
+# made before the index existed). KEYS[1] mail hash; ARGV: mail id, index prefix, find
+# prefix.
+REINDEX = (
+    INDEX_MOVE
+    + FIND_ADD
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 0 end
+index_move(KEYS[1], ARGV[1], ARGV[2], '', '', state, redis.call('HGET', KEYS[1], 'kind') or '')
+for _, name in ipairs({'sender', 'message_id', 'entity'}) do
+  find_add(ARGV[3], ARGV[1], name, redis.call('HGET', KEYS[1], name) or '')
+end
+return 1
+"""
+)
 
 # KEYS: slot hash, token claim, doubt zset; ARGV: token, the attempt this token answers
 # ('' for an adopted one), slot fingerprint. The slot's first token wins, and a token
@@ -91,16 +170,26 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
 return {'go', 0}
 """
 
-# KEYS: mail hash; ARGV: field/value pairs. Only a record that exists (has a state).
-UPDATE = """
+# KEYS: mail hash; ARGV: the find prefix, the mail id, then field/value pairs. Only a
+# record that exists (has a state).
+UPDATE = (
+    FIND_ADD
+    + """
 if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+local i = 3
+while i <= #ARGV do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  find_add(ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
 return 1
 """
+)
 
-# KEYS: document hash; ARGV: state, token, the uploaded state. An uploaded document stays
-# uploaded.
+# KEYS: document hash, the token's find set; ARGV: state, token, the uploaded state, the
+# mail id. An uploaded document stays uploaded; the console finds the mail by the token.
 MIRROR = """
+redis.call('SADD', KEYS[2], ARGV[4])
 if redis.call('HGET', KEYS[1], 'state') == ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'token', ARGV[2])
 return 1

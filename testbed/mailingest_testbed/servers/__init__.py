@@ -13,6 +13,7 @@ an ``atexit`` hook.  One module per server:
 * ``auto``: :func:`start_imap_server`, Dovecot if usable, else pymap;
 * ``smtp``: :class:`SmtpServer`, aiosmtpd in-process, keeping the replies it receives;
 * ``celery``: :class:`CeleryProcess`, a worker, beat or Flower;
+* ``console``: :class:`ConsoleProcess`, ``mailingest console``;
 * ``common``: the loopback host, free ports, child processes in their own process
   group (``stop()`` signals that group only), the ``atexit`` safety net.
 """
@@ -23,6 +24,7 @@ from . import dovecot
 from .auto import start_imap_server
 from .celery import CeleryProcess
 from .common import DEFAULT_IMAP_PASSWORD, DEFAULT_IMAP_USER, ServerNotAvailable, free_port
+from .console import ConsoleProcess
 from .dovecot import DovecotServer, _dovecot_binary, _dovecot_version
 from .imap import ImapAccount, ImapServer
 from .pymap import PymapServer
@@ -33,6 +35,7 @@ __all__ = [
     "DEFAULT_IMAP_PASSWORD",
     "DEFAULT_IMAP_USER",
     "CeleryProcess",
+    "ConsoleProcess",
     "DovecotServer",
     "ImapAccount",
     "ImapServer",

@@ -1,0 +1,184 @@
+"""What the console reads: the index of mails by state, inbox and reason kind, each
+mail's history of moves, and the operators' audit log.
+
+The index is kept by the transition scripts (:mod:`.scripts`), so a page of 50 mails
+out of 50,000 is one ``ZREVRANGEBYSCORE ... LIMIT`` and one pipeline of 50 hashes,
+whatever the ledger's size. :meth:`Index.reindex` builds it for records written before
+it existed.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mailingest.adapters import keys
+from mailingest.adapters.ledger.base import decode
+from mailingest.adapters.ledger.records import MailRecords
+from mailingest.core.records import MailRecord
+from mailingest.core.states import MAIL_STATES
+
+AUDIT_KEPT = 100  # entries kept per mail
+AUDIT_KEPT_ALL = 10_000  # entries kept in the log of every mail
+
+
+@dataclass(frozen=True)
+class Move:
+    """One entry of a mail's history."""
+
+    at: int  # ms, the ledger's clock
+    source: str  # "" when the mail was recorded
+    to: str
+    by: str  # a worker (host:pid) or a console user (console:<name>)
+    attempt: int  # 0: not known (a sweep, a replay, the poll)
+    reason: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: int
+    who: str
+    action: str
+    mail_id: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class Page:
+    records: list[MailRecord]
+    total: int  # how many mails the filter finds (all pages)
+    offset: int
+
+
+class Index(MailRecords):
+    """The console's reads (over the records), and the audit log it writes."""
+
+    def page(
+        self,
+        states: Sequence[str],
+        *,
+        inboxes: Sequence[str],
+        kinds: Sequence[str] = (),
+        since_ms: int = 0,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> Page:
+        """The mails in ``states`` of ``inboxes`` (with a reason of one of ``kinds``, if
+        given), recorded at or after ``since_ms``, newest first. One sorted set answers
+        directly; several are merged into a short-lived key first."""
+        sources = [
+            keys.index(state, inbox, kind)
+            for state in states
+            for inbox in inboxes
+            for kind in (kinds or [""])
+        ]
+        low = since_ms if since_ms > 0 else "-inf"
+        key = sources[0] if len(sources) == 1 else f"{keys.NS}:console:page:{uuid.uuid4().hex}"
+        pipe = self.redis.pipeline(transaction=False)
+        if key not in sources:
+            pipe.zunionstore(key, sources, aggregate="MAX")
+            pipe.pexpire(key, 5000)
+        pipe.zcount(key, low, "+inf")
+        pipe.zrevrangebyscore(key, "+inf", low, start=offset, num=limit)
+        if key not in sources:
+            pipe.delete(key)
+            total, ids = pipe.execute()[2:4]
+        else:
+            total, ids = pipe.execute()
+        mail_ids = [keys.as_text(m) for m in ids]
+        by_id = {r.id: r for r in self.records(mail_ids)}
+        return Page([by_id[m] for m in mail_ids if m in by_id], int(total), offset)
+
+    def indexed_counts(self, inboxes: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Per inbox, how many of its mails are in each state (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for inbox in inboxes:
+            for state in MAIL_STATES:
+                pipe.zcard(keys.index(state, inbox))
+        counts = iter(pipe.execute())
+        return {inbox: {state: int(next(counts)) for state in MAIL_STATES} for inbox in inboxes}
+
+    def find(self, value: str, *, limit: int = 200) -> list[MailRecord]:
+        """The mails whose sender, Message-ID, entity or document token is ``value`` (any
+        case), newest first: one round trip for the ids, one for their records."""
+        wanted = value.strip().lower()
+        if not wanted:
+            return []
+        fields = ("sender", "message_id", "entity", "token")
+        pipe = self.redis.pipeline(transaction=False)
+        for field in fields:
+            pipe.smembers(keys.find(field, wanted))
+        ids = sorted({keys.as_text(m) for found in pipe.execute() for m in found})
+        records = self.records(ids[: limit * 4])
+        return sorted(records, key=lambda r: r.created_at, reverse=True)[:limit]
+
+    def history(self, mail_id: str) -> list[Move]:
+        """Every move of the mail kept (the latest 64), oldest first."""
+        moves = []
+        entries: Any = self.redis.xrange(keys.history(mail_id))
+        for _, fields in entries:
+            f = decode(fields)
+            moves.append(
+                Move(
+                    at=int(f.get("at") or 0),
+                    source=f.get("from", ""),
+                    to=f.get("to", ""),
+                    by=f.get("by", ""),
+                    attempt=int(f.get("attempt") or 0),
+                    reason=f.get("reason", ""),
+                )
+            )
+        return moves
+
+    def reindex(self) -> int:
+        """Rebuild the index when it does not hold every mail of the state sets (records
+        written before it existed, or a Redis restored from an old snapshot); returns how
+        many mails were indexed (0: it was whole)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for state in MAIL_STATES:
+            pipe.scard(keys.state(state))
+            pipe.zcard(keys.index(state))
+        found = pipe.execute()
+        if found[0::2] == found[1::2]:
+            return 0
+        stale = list(self.redis.scan_iter(match=keys.INDEX + "*", count=1000))
+        for start in range(0, len(stale), 500):
+            self.redis.delete(*stale[start : start + 500])
+        done = 0
+        for state in MAIL_STATES:
+            ids = [keys.as_text(m) for m in self.redis.smembers(keys.state(state))]
+            for start in range(0, len(ids), 1000):
+                pipe = self.redis.pipeline(transaction=False)
+                for mail_id in ids[start : start + 1000]:
+                    self._reindex(
+                        keys=[keys.mail(mail_id)],
+                        args=[mail_id, keys.INDEX, keys.FIND],
+                        client=pipe,
+                    )
+                done += sum(int(n) for n in pipe.execute())
+        return done
+
+    def audit(self, mail_id: str, who: str, action: str, outcome: str) -> AuditEntry:
+        """Record what an operator did to a mail (in its log and in the log of all)."""
+        entry = AuditEntry(self.now(), who, action, mail_id, outcome)
+        line = json.dumps(entry.__dict__, ensure_ascii=False)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lpush(keys.audit(mail_id), line)
+        pipe.ltrim(keys.audit(mail_id), 0, AUDIT_KEPT - 1)
+        pipe.lpush(keys.AUDIT, line)
+        pipe.ltrim(keys.AUDIT, 0, AUDIT_KEPT_ALL - 1)
+        pipe.execute()
+        return entry
+
+    def audit_log(self, mail_id: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        """The newest entries first: of one mail, or of every mail."""
+        key = keys.audit(mail_id) if mail_id else keys.AUDIT
+        return [_entry(line) for line in self.redis.lrange(key, 0, limit - 1)]
+
+
+def _entry(line: Any) -> AuditEntry:
+    data = json.loads(keys.as_text(line))
+    return AuditEntry(**data)

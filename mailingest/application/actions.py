@@ -1,0 +1,125 @@
+"""What an operator does to mails, for the command line and the console alike: replay a
+mail, map an unknown sender to an entity and replay that sender's mails, mark a
+quarantined mail handled by hand, poll an inbox now.
+
+Each takes ``run``, what to do with the steps a replay returns: the command line runs
+them in its own process (poll_once.run_steps), the console hands them to the workers
+(the broker). Each answers with an :class:`Outcome` per mail, and is safe to repeat: a
+second replay of a mail finds it moved on and does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailingest.adapters.senders import RedisDirectory, check_entity, is_email, normalise_email
+from mailingest.application import pipeline
+from mailingest.application.services import Context
+from mailingest.core.decisions import Step
+from mailingest.core.errors import MailingestError
+from mailingest.core.states import MailState
+
+log = logging.getLogger(__name__)
+
+Run = Callable[[list[Step]], None]
+# the kinds of quarantine a sender's mapping puts right
+UNKNOWN_SENDER = "unknown_sender"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    mail_id: str
+    ok: bool
+    text: str  # what became of it, for the operator ("queued again", "not in the ledger")
+
+
+def replay(ctx: Context, mail_id: str, run: Run) -> Outcome:
+    """Send one mail through again (pipeline.replay) and run or queue its next steps."""
+    try:
+        steps = pipeline.replay(ctx, mail_id)
+    except KeyError:
+        return Outcome(mail_id, False, "not in the ledger")
+    except MailingestError as exc:
+        return Outcome(mail_id, False, str(exc))
+    if steps:
+        run(steps)
+    record = ctx.ledger.mail(mail_id)
+    state = record.state if record else "?"
+    if state == MailState.REPLAYED:
+        return Outcome(mail_id, True, f"moved back to {record.ref.folder if record else '?'}")
+    if steps:
+        return Outcome(mail_id, True, f"{state}: sent through again")
+    return Outcome(mail_id, True, f"{state}: nothing to do")
+
+
+def sender_mails(ctx: Context, email: str, *, limit: int = 1000) -> list[str]:
+    """The mails of ``email`` set aside because their sender was unknown, newest first."""
+    inboxes = [inbox.name for inbox in ctx.settings.inboxes]
+    page = ctx.ledger.page(
+        [MailState.QUARANTINED, MailState.HANDLED],
+        inboxes=inboxes,
+        kinds=[UNKNOWN_SENDER],
+        limit=limit,
+    )
+    wanted = normalise_email(email)
+    return [r.id for r in page.records if normalise_email(r.sender) == wanted]
+
+
+def map_sender(ctx: Context, email: str, entity: str, run: Run) -> list[Outcome]:
+    """Add ``email`` -> ``entity`` to the sender directory in Redis, then replay every
+    mail of that sender quarantined as unknown. ValueError: not an address or entity."""
+    email = normalise_email(email)
+    if not is_email(email):
+        raise ValueError(f"not an e-mail address: {email!r}")
+    entity = check_entity(entity)
+    RedisDirectory(ctx.redis).add(email, entity)
+    log.info("sender %s mapped to entity %s", email, entity)
+    return [replay(ctx, mail_id, run) for mail_id in sender_mails(ctx, email)]
+
+
+def mark_handled(ctx: Context, mail_id: str) -> Outcome:
+    """A quarantined mail an operator dealt with by hand: it leaves the attention list
+    and stays in the quarantine folder (replay still sends it through again)."""
+    record = ctx.ledger.mail(mail_id)
+    if record is None:
+        return Outcome(mail_id, False, "not in the ledger")
+    if record.state == MailState.HANDLED:
+        return Outcome(mail_id, True, "handled already")
+    if record.state != MailState.QUARANTINED:
+        return Outcome(mail_id, False, f"it is {record.state}, not quarantined")
+    if record.filed_to in ("", "-"):
+        return Outcome(mail_id, False, "not moved to its folder yet; try again in a minute")
+    moved = ctx.ledger.transition(mail_id, MailState.HANDLED, allowed=(MailState.QUARANTINED,))
+    if moved is None:  # it moved on meanwhile (a replay, a second click)
+        now = ctx.ledger.mail(mail_id)
+        return Outcome(mail_id, now is not None and now.state == MailState.HANDLED, "changed")
+    return Outcome(mail_id, True, f"handled; stays in {record.filed_to}")
+
+
+def poll_now(ctx: Context, inbox: str) -> Outcome:
+    """Ask the workers to poll ``inbox`` now (a task on the broker, as beat sends)."""
+    ctx.settings.inbox(inbox)  # ConfigError for an unknown inbox
+    ctx.services.broker.send_task("mailingest.poll_inbox", args=[inbox])
+    return Outcome("", True, f"poll of inbox {inbox} queued")
+
+
+def to_workers(ctx: Context) -> Run:
+    """Queue each step as its Celery task (the console: the workers run them)."""
+
+    def run(steps: list[Step]) -> None:
+        for step in steps:
+            ctx.services.broker.send_task(TASK_NAMES[step.task], args=list(step.args))
+
+    return run
+
+
+# a step's Celery task (mailingest.application.tasks.TASKS, by name: no worker imported)
+TASK_NAMES = {
+    "ingest": "mailingest.ingest_message",
+    "describe": "mailingest.describe_document",
+    "upload": "mailingest.upload_document",
+    "finish": "mailingest.finish_message",
+    "reply": "mailingest.reply_to_sender",
+}

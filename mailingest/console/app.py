@@ -1,0 +1,425 @@
+"""The console's web application (Starlette): routes, the door, the actions.
+
+Every route but ``/healthz`` asks :class:`~mailingest.console.access.Gate` who is
+there. Pages are rendered on the server and read without JavaScript; htmx (shipped in
+``static/``) refreshes the live parts. An action is a form on a confirmation page: it
+carries the CSRF token and a nonce, is allowed to operators only, runs through
+:mod:`mailingest.application.actions`, is written to the audit log and, sent twice,
+answers with the first outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import redis
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mailingest.adapters import keys
+from mailingest.adapters.ledger import Ledger
+from mailingest.adapters.ledger.base import ACTOR
+from mailingest.adapters.senders import check_entity
+from mailingest.application import actions
+from mailingest.application.services import Context
+from mailingest.console import views
+from mailingest.console.access import (
+    SECURITY_HEADERS,
+    SESSION_COOKIE,
+    Gate,
+    Person,
+    Refused,
+    new_nonce,
+    new_session,
+)
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+DONE_KEPT_S = 24 * 3600  # an action's outcome answers a second send of its form this long
+ACTIONS = ("replay", "mark_handled", "map", "poll")
+
+
+class SecurityHeaders:
+    """Adds the console's security headers to every response, errors included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                for name, value in SECURITY_HEADERS.items():
+                    if name.lower().encode() not in present:
+                        headers.append((name.lower().encode(), value.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class Console:
+    """The application's state: the workers' context, the door, the templates."""
+
+    def __init__(self, ctx: Context, gate: Gate) -> None:
+        self.ctx = ctx
+        self.gate = gate
+        self.ledger: Ledger = ctx.ledger
+        self.templates = Environment(
+            loader=FileSystemLoader(HERE / "templates"),
+            autoescape=select_autoescape(default=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.templates.filters["q"] = lambda value: quote(str(value), safe="")
+        self.templates.globals.update(
+            when=views.when, ago=views.ago, size=views.size, idle_text=views.idle_text
+        )
+
+    # -- the door -------------------------------------------------------------------
+
+    def guarded(
+        self, handler: Callable[[Request, Person, str], Response], *, act: bool = False
+    ) -> Callable[[Request], Response]:
+        """A sync route (Starlette runs it in its thread pool) behind the door: the
+        person, and the session cookie (made on the first visit)."""
+
+        def route(request: Request) -> Response:
+            address = request.client.host if request.client else "?"
+            try:
+                person = self.gate.person(request.headers, address)
+            except Refused as refused:
+                headers = {}
+                if refused.status == 401 and not self.gate.trusted_header:
+                    headers["WWW-Authenticate"] = (
+                        'Basic realm="mailingest console", charset="UTF-8"'
+                    )
+                return PlainTextResponse(refused.text, status_code=refused.status, headers=headers)
+            if act and not person.may_act:
+                return self.page(
+                    request,
+                    "refused.html",
+                    person,
+                    "",
+                    status=403,
+                    why="your role is viewer: only an operator may do this",
+                )
+            session = request.cookies.get(SESSION_COOKIE, "")
+            fresh = not session
+            if fresh:
+                session = new_session()
+            response = handler(request, person, session)
+            if fresh:
+                response.set_cookie(
+                    SESSION_COOKIE, session, httponly=True, secure=True, samesite="strict"
+                )
+            return response
+
+        return route
+
+    def page(
+        self,
+        request: Request,
+        name: str,
+        person: Person,
+        session: str,
+        *,
+        status: int = 200,
+        **values: Any,
+    ) -> HTMLResponse:
+        template = self.templates.get_template(name)
+        body = template.render(
+            person=person,
+            csrf=self.gate.csrf_token(session, person) if session else "",
+            path=request.url.path,
+            **values,
+        )
+        return HTMLResponse(body, status_code=status)
+
+    # -- pages ----------------------------------------------------------------------
+
+    def inboxes(self, request: Request, person: Person, session: str) -> Response:
+        return self.page(
+            request,
+            "inboxes.html",
+            person,
+            session,
+            view=views.overview(self.ledger, self.ctx.settings),
+        )
+
+    def live(self, request: Request, person: Person, session: str) -> Response:
+        """The counts and the inbox table alone (htmx swaps them in): one round trip."""
+        return self.page(
+            request,
+            "live.html",
+            person,
+            session,
+            view=views.overview(self.ledger, self.ctx.settings),
+        )
+
+    def mails(self, request: Request, person: Person, session: str) -> Response:
+        names = [inbox.name for inbox in self.ctx.settings.inboxes]
+        filters = views.parse_filters(request.query_params, names)
+        now = self.ledger.now()
+        return self.page(
+            request,
+            "mails.html",
+            person,
+            session,
+            now=now,
+            inboxes=names,
+            view=views.mail_list(self.ledger, self.ctx.settings, filters, now),
+            ages=list(views.AGES),
+            lists=list(views.LISTS),
+        )
+
+    def mail(self, request: Request, person: Person, session: str) -> Response:
+        mail_id = request.query_params.get("id", "")
+        view = views.mail_view(self.ledger, mail_id) if mail_id else None
+        if view is None:
+            return self.page(
+                request,
+                "refused.html",
+                person,
+                session,
+                status=404,
+                why="no such mail in the ledger",
+            )
+        return self.page(request, "mail.html", person, session, view=view, now=self.ledger.now())
+
+    def search(self, request: Request, person: Person, session: str) -> Response:
+        query = request.query_params.get("q", "").strip()[:512]
+        found = self.ledger.find(query) if query else []
+        return self.page(
+            request, "search.html", person, session, query=query, found=found, now=self.ledger.now()
+        )
+
+    def audit(self, request: Request, person: Person, session: str) -> Response:
+        return self.page(
+            request,
+            "audit.html",
+            person,
+            session,
+            entries=self.ledger.audit_log(limit=200),
+            now=self.ledger.now(),
+        )
+
+    # -- actions --------------------------------------------------------------------
+
+    def confirm(self, request: Request, person: Person, session: str) -> Response:
+        """The page that asks "are you sure?": what will happen, and the form that does it."""
+        q = request.query_params
+        action = q.get("action", "")
+        if action not in ACTIONS:
+            return self.page(
+                request, "refused.html", person, session, status=400, why="no such action"
+            )
+        mail_id, inbox, entity = q.get("mail", ""), q.get("inbox", ""), q.get("entity", "")
+        record = self.ledger.mail(mail_id) if mail_id else None
+        problem = ""
+        affected: list[str] = []
+        if action == "poll":
+            if inbox not in {i.name for i in self.ctx.settings.inboxes}:
+                problem = "no such inbox"
+        elif record is None:
+            problem = "no such mail in the ledger"
+        elif action == "map":
+            try:
+                entity = check_entity(entity)
+            except ValueError as exc:
+                problem = str(exc)
+            else:
+                affected = actions.sender_mails(self.ctx, record.sender)
+        return self.page(
+            request,
+            "confirm.html",
+            person,
+            session,
+            action=action,
+            record=record,
+            inbox=inbox,
+            entity=entity,
+            problem=problem,
+            affected=affected,
+            nonce=new_nonce(),
+            status=400 if problem else 200,
+        )
+
+    def act(self, request: Request, person: Person, session: str) -> Response:
+        form = _form(request)
+        if not self.gate.csrf_ok(session, person, form.get("csrf", "")) or not _same_origin(
+            request
+        ):
+            log.warning("console: %s sent an action without a valid CSRF token", person.name)
+            return self.page(
+                request,
+                "refused.html",
+                person,
+                session,
+                status=403,
+                why="the form's token is missing or stale: open the page again",
+            )
+        action, nonce = form.get("action", ""), form.get("nonce", "")
+        if action not in ACTIONS or not 16 <= len(nonce) <= 64:
+            return self.page(
+                request, "refused.html", person, session, status=400, why="no such action"
+            )
+        done_key = keys.console_done(nonce)
+        if not self.ledger.redis.set(done_key, "", nx=True, ex=DONE_KEPT_S):
+            earlier = _wait_for(self.ledger.redis, done_key)
+            return self.page(request, "done.html", person, session, again=True, **earlier)
+        token = ACTOR.set(person.actor)
+        try:
+            outcome = self._carry_out(action, form, person)
+        except Exception:
+            self.ledger.redis.delete(done_key)
+            log.exception("console: %s by %s failed", action, person.name)
+            return self.page(
+                request,
+                "refused.html",
+                person,
+                session,
+                status=500,
+                why="the action failed; see the console's log",
+            )
+        finally:
+            ACTOR.reset(token)
+        self.ledger.redis.set(done_key, json.dumps(outcome), ex=DONE_KEPT_S)
+        return self.page(request, "done.html", person, session, again=False, **outcome)
+
+    def _carry_out(self, action: str, form: dict[str, str], person: Person) -> dict[str, Any]:
+        run = actions.to_workers(self.ctx)
+        mail_id = form.get("mail", "")
+        if action == "poll":
+            inbox = form.get("inbox", "")
+            try:
+                outcome = actions.poll_now(self.ctx, inbox)
+            except Exception as exc:  # noqa: BLE001 - an unknown inbox, a broker down
+                outcome = actions.Outcome("", False, str(exc))
+            self.ledger.audit(f"inbox:{inbox}", person.name, "poll now", outcome.text)
+            return {"title": f"Poll of {inbox}", "outcomes": [_shown(outcome)], "back": "/"}
+        lock = self.ledger.step_lock(f"console:{mail_id}", timeout=120)
+        with lock:  # two operators, one mail: one after the other
+            if action == "replay":
+                outcomes = [actions.replay(self.ctx, mail_id, run)]
+                what = "replay"
+            elif action == "mark_handled":
+                outcomes = [actions.mark_handled(self.ctx, mail_id)]
+                what = "mark handled"
+            else:
+                record = self.ledger.mail(mail_id)
+                sender, entity = (record.sender if record else ""), form.get("entity", "")
+                try:
+                    outcomes = actions.map_sender(self.ctx, sender, entity, run)
+                except ValueError as exc:
+                    outcomes = [actions.Outcome(mail_id, False, str(exc))]
+                what = f"map sender to {entity}"
+        for outcome in outcomes:
+            self.ledger.audit(outcome.mail_id or mail_id, person.name, what, outcome.text)
+        back = f"/mail?id={mail_id}"
+        return {"title": what.capitalize(), "outcomes": [_shown(o) for o in outcomes], "back": back}
+
+    # -- health ---------------------------------------------------------------------
+
+    def health(self, request: Request) -> Response:
+        try:
+            self.ledger.redis.ping()
+        except redis.RedisError:
+            return PlainTextResponse("redis unavailable", status_code=503)
+        return PlainTextResponse("ok")
+
+    def routes(self) -> list[Route | Mount]:
+        g = self.guarded
+        return [
+            Route("/healthz", self.health),
+            Route("/", g(self.inboxes)),
+            Route("/live", g(self.live)),
+            Route("/mails", g(self.mails)),
+            Route("/mail", g(self.mail)),
+            Route("/search", g(self.search)),
+            Route("/audit", g(self.audit)),
+            Route("/confirm", g(self.confirm, act=True)),
+            Route("/act", g(self.act, act=True), methods=["POST"]),
+            Route("/static/{path:path}", g(self.static)),
+        ]
+
+    def static(self, request: Request, person: Person, session: str) -> Response:
+        return _STATIC.get(request.path_params["path"]) or PlainTextResponse(
+            "not found", status_code=404
+        )
+
+
+def _load_static() -> dict[str, Response]:
+    files = {"htmx.min.js": "text/javascript", "console.css": "text/css"}
+    return {
+        name: Response(
+            (HERE / "static" / name).read_bytes(),
+            media_type=kind,
+            headers={"Cache-Control": "private, max-age=3600"},
+        )
+        for name, kind in files.items()
+    }
+
+
+_STATIC = _load_static()
+
+
+def _shown(outcome: actions.Outcome) -> dict[str, Any]:
+    return {"mail_id": outcome.mail_id, "ok": outcome.ok, "text": outcome.text}
+
+
+def _form(request: Request) -> dict[str, str]:
+    """The urlencoded form of a POST (read in this thread: the route is sync)."""
+    import anyio.from_thread
+
+    async def read() -> dict[str, str]:
+        form = await request.form()
+        return {k: v for k, v in form.items() if isinstance(v, str)}
+
+    return anyio.from_thread.run(read)
+
+
+def _same_origin(request: Request) -> bool:
+    """A browser's Origin (when it sends one) is the console's own."""
+    origin = request.headers.get("origin")
+    if not origin or origin == "null":
+        return origin is None
+    host = request.headers.get("host", "")
+    return origin.split("://", 1)[-1] == host
+
+
+def _wait_for(client: redis.Redis, key: str, tries: int = 100) -> dict[str, Any]:
+    """The outcome the first send of a form recorded (it may still be running)."""
+    import time
+
+    for _ in range(tries):
+        value = client.get(key)
+        if value:
+            with suppress(ValueError):
+                data: dict[str, Any] = json.loads(keys.as_text(value))
+                return data
+        time.sleep(0.1)
+    return {"title": "Still running", "outcomes": [], "back": "/"}
+
+
+def build_app(ctx: Context, gate: Gate) -> Starlette:
+    console = Console(ctx, gate)
+    app = Starlette(routes=console.routes())
+    app.add_middleware(SecurityHeaders)
+    app.state.console = console
+    return app

@@ -1,0 +1,202 @@
+"""The console over real HTTP (uvicorn in its own process) on real Redis, IMAP and the
+sandbox: nothing for the unauthenticated, security headers on every answer, failed
+logins counted and refused, viewers cannot act, an action needs its CSRF token and runs
+once however often its form is sent, and the pages show what the ledger holds."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from mailingest_testbed.samples import bulk_scenario
+from mailingest_testbed.servers import ConsoleProcess, ImapServer
+
+from mailingest.adapters.ledger import Ledger
+from mailingest.application.services import connect_redis
+from mailingest.core.states import MailState
+
+from .console_bed import OPERATOR, VIEWER, console_env
+from .helpers import deliver, poll_once_on
+
+pytestmark = [pytest.mark.servers]
+PAGES = ["/", "/live", "/mails", "/mail?id=x", "/search?q=a", "/audit", "/confirm?action=poll"]
+
+
+@pytest.fixture
+def console(env: dict[str, str], imap: ImapServer, tmp_path: Path):  # type: ignore[no-untyped-def]
+    pytest.importorskip("starlette")  # the [console] extra, installed by ./dev and CI
+    scenario = bulk_scenario(1, seed=5)  # one customer's mail and the stranger's
+    Path(env["MAILINGEST_SENDERS_FILE"]).write_text(scenario.senders_csv(), encoding="utf-8")
+    deliver(imap, [m.raw for m in scenario.mails])
+    summary = poll_once_on(env)
+    assert summary.quarantined == 1, summary
+    with ConsoleProcess(console_env(env, tmp_path), tmp_path / "console.log") as process:
+        yield process
+
+
+def _get(console: ConsoleProcess, path: str, auth: tuple[str, str] | None = OPERATOR, **kw):  # type: ignore[no-untyped-def]
+    return httpx.get(console.url + path, auth=auth, timeout=20, **kw)
+
+
+def _quarantined(env: dict[str, str]) -> str:
+    ledger = Ledger(connect_redis(env["MAILINGEST_REDIS_URL"]))
+    (record,) = ledger.mails((MailState.QUARANTINED,))
+    return record.id
+
+
+def test_no_one_gets_anything_without_a_login(console: ConsoleProcess) -> None:
+    for path in [*PAGES, "/static/htmx.min.js", "/static/console.css"]:
+        answer = _get(console, path, auth=None)
+        assert answer.status_code == 401, path
+        assert answer.headers["www-authenticate"].startswith("Basic realm=")
+        assert answer.text == "authentication required"
+        assert answer.headers["content-security-policy"].endswith("frame-ancestors 'none'")
+    posted = httpx.post(console.url + "/act", data={"action": "poll"}, timeout=20)
+    assert posted.status_code == 401
+    wrong = _get(console, "/", auth=(OPERATOR[0], "not-the-password"))
+    assert wrong.status_code == 401 and "olga" not in wrong.text
+    health = _get(console, "/healthz", auth=None)
+    assert health.status_code == 200 and health.text == "ok"
+
+
+def test_every_answer_carries_the_security_headers(console: ConsoleProcess) -> None:
+    answer = _get(console, "/")
+    assert answer.status_code == 200
+    csp = answer.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+    assert answer.headers["referrer-policy"] == "no-referrer"
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    cookie = answer.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "secure" in cookie and "samesite=strict" in cookie
+    assert "server" not in answer.headers  # uvicorn's name and version are not told
+    missing = _get(console, "/no-such-page")
+    assert missing.status_code == 404 and missing.headers["x-frame-options"] == "DENY"
+
+
+def test_failed_logins_are_counted_refused_and_logged(console: ConsoleProcess) -> None:
+    for _ in range(10):
+        assert _get(console, "/", auth=(VIEWER[0], "guess-" * 3)).status_code == 401
+    # the eleventh try is refused whatever its password, the right one too
+    locked = _get(console, "/", auth=VIEWER)
+    assert locked.status_code == 429 and "too many failed logins" in locked.text
+    assert _get(console, "/", auth=OPERATOR).status_code == 429  # same client address
+    log = console.log_path.read_text()
+    assert log.count("console: failed login for vic from 127.0.0.1") == 10
+    assert "guess-" not in log
+
+
+def test_a_viewer_reads_but_cannot_act(console: ConsoleProcess, env: dict[str, str]) -> None:
+    mail_id = _quarantined(env)
+    page = _get(console, "/mail", auth=VIEWER, params={"id": mail_id})
+    assert page.status_code == 200 and "stranger@elsewhere.example" in page.text
+    assert "Replay" not in page.text and "Map sender" not in page.text
+    confirm = _get(console, "/confirm", auth=VIEWER, params={"action": "replay", "mail": mail_id})
+    assert confirm.status_code == 403
+    client = _session(console, VIEWER)
+    token = "x" * 64
+    act = client.post(
+        "/act", data={"action": "replay", "mail": mail_id, "csrf": token, "nonce": "n" * 20}
+    )
+    assert act.status_code == 403
+    assert _quarantined(env) == mail_id  # still quarantined
+
+
+def _session(console: ConsoleProcess, auth: tuple[str, str]) -> httpx.Client:
+    """A client with the console's session cookie (Secure: httpx keeps it from plain
+    HTTP, as a browser would from anywhere but loopback; it is sent here by hand)."""
+    client = httpx.Client(base_url=console.url, auth=auth, timeout=30)
+    cookie = client.get("/").headers["set-cookie"].split(";", 1)[0]
+    client.headers["Cookie"] = cookie
+    return client
+
+
+def _confirm_form(client: httpx.Client, **params: str) -> dict[str, str]:
+    page = client.get("/confirm", params=params)
+    assert page.status_code == 200, page.text
+    return dict(re.findall(r'name="(\w+)" value="([^"]*)"', page.text))
+
+
+def test_an_action_needs_its_csrf_token_and_runs_once(
+    console: ConsoleProcess, env: dict[str, str]
+) -> None:
+    mail_id = _quarantined(env)
+    client = _session(console, OPERATOR)
+    form = _confirm_form(client, action="mark_handled", mail=mail_id)
+    assert set(form) >= {"csrf", "nonce", "action", "mail"}
+    for wrong in ({**form, "csrf": ""}, {**form, "csrf": form["csrf"][:-1] + "0"}):
+        refused = client.post("/act", data=wrong)
+        assert refused.status_code == 403 and "token" in refused.text
+    another = _session(console, OPERATOR)  # another session: the first's token is not its own
+    assert another.post("/act", data=form).status_code == 403
+    foreign = client.post("/act", data=form, headers={"Origin": "https://evil.example"})
+    assert foreign.status_code == 403
+    ledger = Ledger(connect_redis(env["MAILINGEST_REDIS_URL"]))
+    record = ledger.mail(mail_id)
+    assert record is not None and record.state == MailState.QUARANTINED
+    assert ledger.audit_log(mail_id) == []
+
+    first = client.post("/act", data=form)
+    assert first.status_code == 200 and "handled; stays in Quarantine" in first.text
+    second = client.post("/act", data=form)  # a double click: the same form again
+    assert second.status_code == 200 and "sent before" in second.text
+    assert "handled; stays in Quarantine" in second.text
+    record = ledger.mail(mail_id)
+    assert record is not None and record.state == MailState.HANDLED
+    (entry,) = ledger.audit_log(mail_id)
+    assert (entry.who, entry.action) == ("olga", "mark handled")
+    moves = ledger.history(mail_id)
+    assert moves[-1].to == MailState.HANDLED and moves[-1].by == "console:olga"
+    # it left the attention list; the mail page shows who did what
+    listing = client.get("/mails")
+    assert mail_id not in listing.text and "0 mails" in listing.text
+    page = client.get("/mail", params={"id": mail_id})
+    assert "mark handled" in page.text and "console:olga" in page.text
+
+
+def test_the_pages_show_what_the_ledger_holds(console: ConsoleProcess, env: dict[str, str]) -> None:
+    mail_id = _quarantined(env)
+    client = httpx.Client(base_url=console.url, auth=OPERATOR, timeout=30)
+    inboxes = client.get("/")
+    assert "need attention" in inboxes.text and "<strong>default</strong>" in inboxes.text
+    listing = client.get("/mails", params={"kind": "unknown_sender", "age": "24h"})
+    assert quote(mail_id, safe="") in listing.text and "1 mail." in listing.text
+    assert "passport" in listing.text  # the part's name, its sniffed type and size
+    none = client.get("/mails", params={"kind": "refused_content"})
+    assert "0 mails" in none.text
+    found = client.get("/search", params={"q": "STRANGER@elsewhere.example"})
+    assert "1 mail " in found.text and quote(mail_id, safe="") in found.text
+    page = client.get("/mail", params={"id": mail_id})
+    assert "recorded" in page.text and "parsing" in page.text and "quarantined" in page.text
+    # never the body text of the mail
+    assert "Please verify me" not in page.text
+    assert client.get("/static/htmx.min.js").text.startswith("var htmx=")
+
+
+def test_the_live_part_is_one_redis_round_trip(
+    console: ConsoleProcess, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What /live reads (views.overview), with every request redis-py sends counted."""
+    import redis.connection
+
+    from mailingest.config.settings import load_settings
+    from mailingest.console import views
+
+    ledger = Ledger(connect_redis(env["MAILINGEST_REDIS_URL"]))
+    sent: list[int] = []
+    real = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        sent.append(1)
+        return real(self, command, check_health)
+
+    ledger.redis.ping()  # connected before counting
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    view = views.overview(ledger, load_settings(env))
+    assert len(sent) == 1
+    assert view.counts["quarantined"] == 1 and view.attention == 1
+    (inbox,) = view.inboxes
+    assert inbox.polled_at and inbox.counts["done"] == 1 and inbox.backlog == 0
