@@ -53,10 +53,12 @@ class ConsoleProcess:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"mailingest console exited: {log_tail(self.log_path)}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as answer:
-                    if answer.status == 200:
-                        return self
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(self.url + "/healthz", timeout=2) as answer,
+            ):
+                if answer.status == 200:
+                    return self
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"mailingest console not ready in {timeout}s: {log_tail(self.log_path)}")
