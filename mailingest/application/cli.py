@@ -485,7 +485,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level="warning",
-        proxy_headers=bool(settings.console_trusted_header),
+        proxy_headers=True,  # X-Forwarded-Proto/-For from FORWARDED_ALLOW_IPS (loopback)
         server_header=False,
     )
     return 0

@@ -126,7 +126,11 @@ class Console:
             response = handler(request, person, session)
             if fresh:
                 response.set_cookie(
-                    SESSION_COOKIE, session, httponly=True, secure=True, samesite="strict"
+                    SESSION_COOKIE,
+                    session,
+                    httponly=True,
+                    secure=_secure(request),
+                    samesite="strict",
                 )
             return response
 
@@ -262,6 +266,16 @@ class Console:
 
     def act(self, request: Request, person: Person, session: str) -> Response:
         form = _form(request)
+        if SESSION_COOKIE not in request.cookies:
+            return self.page(
+                request,
+                "refused.html",
+                person,
+                session,
+                status=403,
+                why="your browser sent no session cookie: serve the console over "
+                "HTTPS (it marks its cookie Secure), then open the page again",
+            )
         if not self.gate.csrf_ok(session, person, form.get("csrf", "")) or not _same_origin(
             request
         ):
@@ -332,7 +346,11 @@ class Console:
         for outcome in outcomes:
             self.ledger.audit(outcome.mail_id or mail_id, person.name, what, outcome.text)
         back = f"/mail?id={mail_id}"
-        return {"title": what.capitalize(), "outcomes": [_shown(o) for o in outcomes], "back": back}
+        return {
+            "title": what[0].upper() + what[1:],
+            "outcomes": [_shown(o) for o in outcomes],
+            "back": back,
+        }
 
     # -- health ---------------------------------------------------------------------
 
@@ -379,6 +397,15 @@ def _load_static() -> dict[str, Response]:
 _STATIC = _load_static()
 
 
+def _secure(request: Request) -> bool:
+    """Whether the session cookie is marked Secure: always, but for plain HTTP to a
+    loopback address (the demo, the tests), where browsers would drop a Secure cookie
+    set over HTTP. Behind a TLS proxy the scheme is its X-Forwarded-Proto (uvicorn's
+    proxy headers, trusted from FORWARDED_ALLOW_IPS)."""
+    host = (request.url.hostname or "").strip("[]")
+    return request.url.scheme == "https" or host not in ("127.0.0.1", "localhost", "::1")
+
+
 def _shown(outcome: actions.Outcome) -> dict[str, Any]:
     return {"mail_id": outcome.mail_id, "ok": outcome.ok, "text": outcome.text}
 
@@ -395,12 +422,17 @@ def _form(request: Request) -> dict[str, str]:
 
 
 def _same_origin(request: Request) -> bool:
-    """A browser's Origin (when it sends one) is the console's own."""
+    """The browser says the form came from the console's own pages. Under the console's
+    no-referrer policy Chromium sends ``Origin: null`` with a form, so its
+    ``Sec-Fetch-Site`` decides; a real Origin must be the console's; a client that
+    sends neither (not a browser) is judged by the CSRF token alone."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site == "same-origin"
     origin = request.headers.get("origin")
-    if not origin or origin == "null":
-        return origin is None
-    host = request.headers.get("host", "")
-    return origin.split("://", 1)[-1] == host
+    if origin is None or origin == "null":
+        return True
+    return origin.split("://", 1)[-1] == request.headers.get("host", "")
 
 
 def _wait_for(client: redis.Redis, key: str, tries: int = 100) -> dict[str, Any]:
