@@ -1,4 +1,5 @@
-"""``python -m bench``: see bench/README.md. ``python -m bench micro``: bench/micro.py."""
+"""``python -m bench``: see bench/README.md. ``python -m bench micro``: bench/micro.py.
+``python -m bench console``: bench/console.py."""
 
 import contextlib
 import sys
@@ -8,6 +9,10 @@ with contextlib.suppress(KeyboardInterrupt):
         from .micro import main as micro
 
         sys.exit(micro(sys.argv[2:]))
+    if sys.argv[1:2] == ["console"]:
+        from .console import main as console
+
+        sys.exit(console(sys.argv[2:]))
     from .run import main
 
     sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -552,7 +553,7 @@ def _note(vid: str, verdict_by_id: dict[str, dict[str, Any]], results: dict[str,
     return lines
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: dict[str, Any], console: dict[str, Any] | None = None) -> str:
     vs = verdicts(results)
     by_id = {v["id"]: v for v in vs}
     m = results.get("machine", {})
@@ -1025,6 +1026,10 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines += ["(not measured)"]
     lines += _recovery_lines(results, by_id)
+    if console:  # python -m bench console (bench/console.json)
+        from .console import markdown as console_markdown
+
+        lines += ["", *console_markdown(console)]
     general = NOTES.get("_general")
     text = general(results)["why"] if general else ""
     if text:
@@ -1211,7 +1216,9 @@ def _recovery(ax: Any, rec: dict[str, Any] | None) -> None:
 
 def write(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(markdown(results))
+    console_json = out / "console.json"
+    console = json.loads(console_json.read_text()) if console_json.exists() else None
+    (out / "results.md").write_text(markdown(results, console))
     plot(results, out / "results.png")
 
 

@@ -6,10 +6,12 @@ tens of minutes); this only keeps it from rotting between runs.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mailingest_testbed.samples import AUTHSERV_ID
 
 from bench.workload import crlf, make_mail
@@ -41,6 +43,35 @@ def test_the_workload_is_deterministic_and_accepted_as_sent() -> None:
         (d.name, d.extension) for d in spec.docs
     )
     assert [len(d.payload) for d in result.documents] == [d.size for d in spec.docs]
+
+
+@pytest.mark.servers
+def test_the_console_benchmark_runs(tmp_path: Path) -> None:
+    """`python -m bench console` on a small ledger: its section, every page answered."""
+    pytest.importorskip("starlette")
+    out = tmp_path / "console.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "console",
+            "--records",
+            "300",
+            "--repeat",
+            "3",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("## 7. The console with 300 mails")
+    result = json.loads(out.read_text())
+    assert len(result["pages"]) == 9 and all(p["median_ms"] > 0 for p in result["pages"].values())
 
 
 def test_the_micro_benchmarks_run() -> None:

@@ -71,7 +71,13 @@ def test_every_answer_carries_the_security_headers(console: ConsoleProcess) -> N
     assert answer.headers["x-frame-options"] == "DENY"
     assert answer.headers["x-content-type-options"] == "nosniff"
     cookie = answer.headers["set-cookie"].lower()
-    assert "httponly" in cookie and "secure" in cookie and "samesite=strict" in cookie
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert "secure" not in cookie  # plain HTTP to loopback: a browser would drop it
+    # behind a TLS proxy (loopback is uvicorn's trusted proxy): Secure
+    proxied = _get(console, "/", headers={"X-Forwarded-Proto": "https"})
+    assert "; secure" in proxied.headers["set-cookie"].lower()
+    public = _get(console, "/", headers={"Host": "console.example.com"})
+    assert "; secure" in public.headers["set-cookie"].lower()
     assert "server" not in answer.headers  # uvicorn's name and version are not told
     missing = _get(console, "/no-such-page")
     assert missing.status_code == 404 and missing.headers["x-frame-options"] == "DENY"

@@ -640,7 +640,12 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     run_demo = _testbed("demo", "demo").run_demo
-    status: int = run_demo(keep_running=args.keep_running, flower=args.flower, workdir=args.workdir)
+    status: int = run_demo(
+        keep_running=args.keep_running,
+        flower=args.flower,
+        console=args.console,
+        workdir=args.workdir,
+    )
     return status
 
 
@@ -799,6 +804,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true", help="keep the servers up until Ctrl-C")
     p.add_argument(
         "--flower", action="store_true", help="also start Flower (if installed) on a free port"
+    )
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help="also start the operator console on a free port, with a login made for the run",
     )
     p.add_argument(
         "--workdir", type=Path, help="keep the demo's files here instead of a temp folder"

@@ -167,7 +167,9 @@ class ListView:
 
 
 def mail_list(ledger: Ledger, settings: Settings, filters: Filters, now_ms: int) -> ListView:
-    names = [filters.inbox] if filters.inbox else [inbox.name for inbox in settings.inboxes]
+    names: list[str] | None = [filters.inbox] if filters.inbox else None
+    if names is None and filters.kind:  # the kinds are indexed per inbox
+        names = [inbox.name for inbox in settings.inboxes]
     age = AGES[filters.age]
     page = ledger.page(
         LISTS[filters.list],

@@ -42,6 +42,7 @@ from mailingest_testbed.samples import (
 )
 from mailingest_testbed.servers import (
     CeleryProcess,
+    ConsoleProcess,
     ImapAccount,
     PymapServer,
     RedisServer,
@@ -250,7 +251,11 @@ def check_replies(scenario: Scenario, ledger: Ledger, smtp: SmtpServer) -> list[
 
 
 def run_demo(
-    *, keep_running: bool = False, flower: bool = False, workdir: Path | None = None
+    *,
+    keep_running: bool = False,
+    flower: bool = False,
+    console: bool = False,
+    workdir: Path | None = None,
 ) -> int:
     # SIGTERM (docker stop, timeout) unwinds like Ctrl-C, so every server is stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -260,7 +265,7 @@ def run_demo(
     scenario = demo_scenario()
     senders_file = root / "senders.csv"
     senders_file.write_text(scenario.senders_csv(), encoding="utf-8")
-    processes: list[CeleryProcess] = []
+    processes: list[CeleryProcess | ConsoleProcess] = []
     print(f"mailingest demo in {root}")
     with (
         RedisServer(root / "redis") as redis_server,
@@ -311,6 +316,8 @@ def run_demo(
                 )
                 user, password = login.split(":", 1)
                 print(f"  Flower            http://127.0.0.1:{port} (login {user} / {password})")
+            if console and _has_console():
+                processes.append(_start_console(child_env, root))
             print("  worker and beat running; waiting for every mail to be decided ...")
             redis_client = connect_redis(redis_server.url)
             ledger = Ledger(redis_client)
@@ -350,6 +357,36 @@ def run_demo(
     if own_dir:
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def _start_console(env: dict[str, str], root: Path) -> ConsoleProcess:
+    """The operator console with a login made for this run (an operator), printed."""
+    from mailingest.core.console_users import user_line
+
+    password = secrets.token_urlsafe(12)
+    users = root / "console-users"
+    users.write_text(user_line("demo", "operator", password) + "\n", encoding="utf-8")
+    users.chmod(0o600)
+    process = ConsoleProcess(
+        env
+        | {
+            "MAILINGEST_CONSOLE_USERS": str(users),
+            "MAILINGEST_CONSOLE_SECRET": secrets.token_urlsafe(32),
+        },
+        root / "console.log",
+    ).start()
+    print(f"  Console           {process.url} (login demo / {password})")
+    return process
+
+
+def _has_console() -> bool:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("  (the console is not installed: pip install 'mailingest[console]')")
+        return False
+    return True
 
 
 def _has_flower() -> bool:

@@ -60,21 +60,27 @@ class Index(MailRecords):
         self,
         states: Sequence[str],
         *,
-        inboxes: Sequence[str],
+        inboxes: Sequence[str] | None = None,
         kinds: Sequence[str] = (),
         since_ms: int = 0,
         offset: int = 0,
         limit: int = 50,
     ) -> Page:
-        """The mails in ``states`` of ``inboxes`` (with a reason of one of ``kinds``, if
-        given), recorded at or after ``since_ms``, newest first. One sorted set answers
-        directly; several are merged into a short-lived key first."""
-        sources = [
-            keys.index(state, inbox, kind)
-            for state in states
-            for inbox in inboxes
-            for kind in (kinds or [""])
-        ]
+        """The mails in ``states`` of ``inboxes`` (None: of every inbox) with a reason of
+        one of ``kinds`` (if given), recorded at or after ``since_ms``, newest first. One
+        sorted set answers directly; several are merged into a short-lived key first
+        (a union: its cost grows with the mails in them)."""
+        if inboxes is None and not kinds:
+            sources = [keys.index(state) for state in states]
+        else:
+            if inboxes is None:
+                raise ValueError("a filter by reason kind names its inboxes")
+            sources = [
+                keys.index(state, inbox, kind)
+                for state in states
+                for inbox in inboxes
+                for kind in (kinds or [""])
+            ]
         low = since_ms if since_ms > 0 else "-inf"
         key = sources[0] if len(sources) == 1 else f"{keys.NS}:console:page:{uuid.uuid4().hex}"
         pipe = self.redis.pipeline(transaction=False)
