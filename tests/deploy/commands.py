@@ -29,6 +29,9 @@ MAILINGEST_NEEDS: dict[str, tuple[str, ...]] = {
     "poll-once": ALL_GROUPS,
     "replay": ALL_GROUPS,
     "check-config": ALL_GROUPS,
+    # it builds a worker's context (ledger, broker, inboxes) and its own door
+    "console": (*ALL_GROUPS, "console"),
+    "console-user": (),
     "seed": ("redis", "imap"),
     "watch": ("redis", "imap"),
     "poll-now": ("redis",),

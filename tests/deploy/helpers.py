@@ -221,6 +221,27 @@ def configmaps() -> dict[str, dict[str, str]]:
     return {doc["metadata"]["name"]: doc.get("data", {}) for doc in k8s_kind("ConfigMap")}
 
 
+def dockerignored(path: str) -> bool:
+    """Docker's .dockerignore rule: the last matching pattern wins; a pattern also matches
+    every path below what it matches."""
+    excluded = False
+    for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        for part in re.split(r"(\*\*/|\*\*|\*|\?|\[[^]]*\])", pattern):
+            regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(
+                part, part if part.startswith("[") and part.endswith("]") else re.escape(part)
+            )
+        parts = path.split("/")
+        if any(re.fullmatch(regex, "/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            excluded = not negate
+    return excluded
+
+
 def as_argv(value: Any) -> list[str]:
     return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
 

@@ -2,14 +2,17 @@
 
 The file is valid against the Compose specification (the schema check-jsonschema ships);
 every command a service runs is a real entry point; every service gets the settings its
-command needs (its environment and env_file, with .env.example standing in for .env,
-loaded by mailingest's own settings loader); the demo needs no .env.
+command needs (its environment and env_file, with .env.example standing in for .env, and
+the files it mounts, loaded by mailingest's own settings loader); the demo needs no .env;
+what is published is published on loopback only.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from check_jsonschema.builtin_schemas import get_builtin_schema
 from jsonschema.validators import validator_for
 
 from mailingest.config.settings import load_settings
+from mailingest.core.console_users import parse_users, user_line
 from mailingest.core.errors import ConfigError
 
 from .commands import ALL_GROUPS, check_invocation, healthcheck_argv, needs, shell_commands
@@ -31,6 +35,7 @@ from .helpers import (
     compose,
     compose_raw,
     compose_services,
+    dockerignored,
     duration_seconds,
     env_example,
     host_of,
@@ -81,6 +86,65 @@ def compose_environment(profile: str, service: dict[str, Any]) -> dict[str, str]
     return env
 
 
+def compose_binds(service: dict[str, Any]) -> dict[str, tuple[Path, bool]]:
+    """container path -> (host path, read-only) of the service's bind mounts (named volumes
+    left out)."""
+    binds: dict[str, tuple[Path, bool]] = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *options = volume.split(":")
+            read_only = "ro" in ",".join(options).split(",")
+        else:
+            if volume.get("type") != "bind":
+                continue
+            source, target = volume["source"], volume["target"]
+            read_only = bool(volume.get("read_only"))
+        if source.startswith((".", "/")):
+            binds[target] = (ROOT / source, read_only)
+    return binds
+
+
+def published_ports(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of each published port; "" for the host
+    address means every interface."""
+    published = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            host = str(port.get("host_ip", ""))
+            published.append((host, str(port.get("published", "")), str(port["target"])))
+            continue
+        text = str(port).split("/", 1)[0]
+        parts = text.rsplit(":", 2)
+        if len(parts) == 1:  # a container port alone: Docker publishes it everywhere
+            parts = ["", "", parts[0]]
+        elif len(parts) == 2:
+            parts = ["", *parts]
+        published.append((parts[0].strip("[]"), parts[1], parts[2]))
+    return published
+
+
+def with_mounted_files(
+    service: dict[str, Any], env: dict[str, str], tmp_path: Path
+) -> dict[str, str]:
+    """``env`` with the paths into the service's bind mounts pointed at copies of their
+    sources under tmp_path (a copy: the test writes there what an operator would)."""
+    moves: dict[str, Path] = {}
+    for i, (target, (source, _)) in enumerate(compose_binds(service).items()):
+        copy = tmp_path / f"bind{i}"
+        assert source.exists(), f"bind mount {source} is not in the repository"
+        if source.is_dir():
+            shutil.copytree(source, copy)
+        else:
+            shutil.copy(source, copy)
+        moves[target] = copy
+    relocated = dict(env)
+    for key, value in env.items():
+        for target, copy in moves.items():
+            if value == target or value.startswith(target + "/"):
+                relocated[key] = str(copy) + value[len(target) :]
+    return relocated
+
+
 # -- docker-compose.yml ----------------------------------------------------------------
 
 
@@ -107,9 +171,9 @@ def test_compose_profiles_keep_production_and_demo_apart() -> None:
             "`--profile demo` replaces the COMPOSE_PROFILES=prod of .env"
         )
     prod, demo = compose_services("prod"), compose_services("demo")
-    assert {"redis", "worker", "beat", "flower"} <= set(prod)
+    assert {"redis", "worker", "beat", "flower", "console"} <= set(prod)
     assert {"dovecot", "sandbox", "seed"} <= set(demo)
-    for kind in ("worker", "beat", "flower"):
+    for kind in ("worker", "beat", "flower", "console"):
         assert any(kind in name for name in demo), f"the demo has no {kind}"
     assert env_example().get("COMPOSE_PROFILES") == "prod", (
         ".env.example must set COMPOSE_PROFILES=prod, or `docker compose up` starts nothing"
@@ -176,13 +240,32 @@ def test_compose_commands_are_real_entry_points(profile: str, name: str) -> None
 
 
 @pytest.mark.parametrize(("profile", "name"), compose_cases())
-def test_compose_services_get_the_settings_they_need(profile: str, name: str) -> None:
+def test_compose_services_get_the_settings_they_need(
+    profile: str, name: str, tmp_path: Path
+) -> None:
+    """The settings load as the container would load them, from its environment, .env
+    (.env.example) and the files it mounts. The production console needs what only the
+    operator can make (deploy/README.md): its secret in .env and the users file in
+    secrets/. Without them it refuses to start, naming them; with them it starts."""
     service = compose(profile)["services"][name]
     invocations = check_invocation(compose_argv(service), name)
     health = service.get("healthcheck", {}).get("test")
     if health is not None and healthcheck_argv(health):
         invocations += check_invocation(healthcheck_argv(health), name)
-    env = compose_environment(profile, service)
+    env = with_mounted_files(service, compose_environment(profile, service), tmp_path)
+    if "console" in invocations and profile == "prod":
+        users = Path(env.get("MAILINGEST_CONSOLE_USERS", ""))
+        assert users.is_relative_to(tmp_path), (
+            f"{name}: MAILINGEST_CONSOLE_USERS {users} is not inside a mounted directory"
+        )
+        assert not env.get("MAILINGEST_CONSOLE_SECRET"), ".env.example sets a console secret"
+        users.unlink(missing_ok=True)  # a checkout may hold a real one
+        with pytest.raises(ConfigError, match="MAILINGEST_CONSOLE_USERS"):
+            load_settings(env).require(*needs(invocations))
+        users.write_text(user_line("ops", "operator", "a-password-of-the-operator") + "\n")
+        with pytest.raises(ConfigError, match="MAILINGEST_CONSOLE_SECRET"):
+            load_settings(env).require(*needs(invocations))
+        env["MAILINGEST_CONSOLE_SECRET"] = secrets.token_urlsafe(32)
     try:
         load_settings(env).require(*needs(invocations))
     except ConfigError as exc:
@@ -257,6 +340,74 @@ def test_compose_flower_is_published_behind_a_login() -> None:
             port = option_value(shell_commands(script)[-1], "--port")
             health = " ".join(healthcheck_argv(service["healthcheck"]["test"]) or [])
             assert f"127.0.0.1:{port}/healthcheck" in health, f"{name}: health via /healthcheck"
+
+
+def console_services() -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (profile, name, service)
+        for profile in ("prod", "demo")
+        for name, service in compose_services(profile).items()
+        if compose_is_ours(service) and "console" in check_invocation(compose_argv(service), name)
+    ]
+
+
+def test_compose_publishes_on_loopback_only() -> None:
+    """Nothing is reachable from other machines as the file stands (.env.example's values):
+    Flower and the console speak plain http, and belong behind a TLS proxy."""
+    for profile in ("prod", "demo"):
+        for name, service in compose_services(profile).items():
+            for host, published, target in published_ports(service):
+                assert is_loopback(host), (
+                    f"{name} ({profile}): port {target} is published on "
+                    f"{host or 'every interface'}:{published}, not on loopback"
+                )
+
+
+def test_compose_console_behind_its_login_with_a_healthcheck() -> None:
+    """The console (production and demo): ``mailingest console`` itself, not a shell
+    around it (it refuses to start without its settings, naming them); it listens on
+    every address of its container and is published on loopback; its healthcheck asks
+    /healthz; its users file is a read-only mount, whose production source directory
+    neither git nor the image build ever takes; its secret is not written in this file."""
+    consoles = console_services()
+    assert {profile for profile, _, _ in consoles} == {"prod", "demo"}
+    for profile, name, service in consoles:
+        argv = compose_argv(service)
+        assert argv[:2] == ["mailingest", "console"], f"{name}: runs {argv}"
+        assert option_value(argv, "--host") == "0.0.0.0", (
+            f"{name}: on the container's loopback the published port would reach nothing"
+        )
+        port = option_value(argv, "--port") or "8080"
+        targets = [target for _, _, target in published_ports(service)]
+        assert targets == [port], f"{name}: publishes {targets}, listens on {port}"
+        health = " ".join(healthcheck_argv(service["healthcheck"]["test"]) or [])
+        assert f"http://127.0.0.1:{port}/healthz" in health, f"{name}: health via /healthz"
+        env = compose_environment(profile, service)
+        users = env.get("MAILINGEST_CONSOLE_USERS", "")
+        mounts = [
+            (target, source, read_only)
+            for target, (source, read_only) in compose_binds(service).items()
+            if users == target or users.startswith(target + "/")
+        ]
+        assert mounts, f"{name}: MAILINGEST_CONSOLE_USERS {users!r} is not a mounted file"
+        ((target, source, read_only),) = mounts
+        assert read_only, f"{name}: the users file is mounted writable"
+        written = service.get("environment", {})
+        if profile == "prod":
+            assert "MAILINGEST_CONSOLE_SECRET" not in written, (
+                f"{name}: the console's secret belongs in .env, not in {COMPOSE_FILE.name}"
+            )
+            assert source.is_dir(), f"{name}: mount a directory ({source}): a missing "
+            "file would be made a directory by Docker, or stop `docker compose up`"
+            relative = (source / users[len(target) :].lstrip("/")).relative_to(ROOT)
+            ignored = (source / ".gitignore").read_text(encoding="utf-8").split()
+            assert "*" in ignored, f"{name}: git would take {relative}"
+            assert dockerignored(str(relative)), f"{name}: the build context holds {relative}"
+        else:
+            people = parse_users(source.read_text(encoding="utf-8"), str(source))
+            assert any(person.may_act for person in people.values()), (
+                f"{name}: the demo's users file has no operator"
+            )
 
 
 def test_compose_long_running_services_have_healthchecks() -> None:

@@ -5,35 +5,15 @@ from __future__ import annotations
 
 import re
 
-from .helpers import DOCKERIGNORE, ROOT, dockerfile_stages, final_stage, image_default
+from .helpers import ROOT, dockerfile_stages, dockerignored, final_stage, image_default
 
 # -- the image -------------------------------------------------------------------------
-
-
-def dockerignored(path: str) -> bool:
-    """Docker's .dockerignore rule: the last matching pattern wins; a pattern also matches
-    every path below what it matches."""
-    excluded = False
-    for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        pattern = line.lstrip("!").strip("/")
-        regex = ""
-        for part in re.split(r"(\*\*/|\*\*|\*|\?|\[[^]]*\])", pattern):
-            regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(
-                part, part if part.startswith("[") and part.endswith("]") else re.escape(part)
-            )
-        parts = path.split("/")
-        if any(re.fullmatch(regex, "/".join(parts[:n])) for n in range(1, len(parts) + 1)):
-            excluded = not negate
-    return excluded
 
 
 def test_dockerignore_sends_only_what_the_image_needs() -> None:
     for path in (
         ".env",
+        "secrets/console-users",
         ".git/config",
         ".venv/bin/python",
         "build/lib/mailingest/cli.py",
