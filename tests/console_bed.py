@@ -32,5 +32,7 @@ def console_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         | {
             "MAILINGEST_CONSOLE_USERS": str(users),
             "MAILINGEST_CONSOLE_SECRET": SECRET,
+            # as behind a TLS proxy on loopback: its X-Forwarded-Proto is believed
+            "FORWARDED_ALLOW_IPS": "127.0.0.1",
         }
     )

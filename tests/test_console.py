@@ -14,6 +14,7 @@ import pytest
 from mailingest_testbed.samples import bulk_scenario
 from mailingest_testbed.servers import ConsoleProcess, ImapServer
 
+from mailingest.adapters import keys
 from mailingest.adapters.ledger import Ledger
 from mailingest.application.services import connect_redis
 from mailingest.core.states import MailState
@@ -89,10 +90,56 @@ def test_failed_logins_are_counted_refused_and_logged(console: ConsoleProcess) -
     # the eleventh try is refused whatever its password, the right one too
     locked = _get(console, "/", auth=VIEWER)
     assert locked.status_code == 429 and "too many failed logins" in locked.text
-    assert _get(console, "/", auth=OPERATOR).status_code == 429  # same client address
+    # another user from the same address is not locked out by those guesses
+    assert _get(console, "/", auth=OPERATOR).status_code == 200
     log = console.log_path.read_text()
     assert log.count("console: failed login for vic from 127.0.0.1") == 10
     assert "guess-" not in log
+
+
+def test_guesses_sent_at_once_are_held_to_the_limit(console: ConsoleProcess) -> None:
+    """Counted before the (slow) password check: 40 wrong guesses sent together are
+    not all checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(40) as pool:
+        codes = list(
+            pool.map(
+                lambda _: _get(console, "/", auth=(VIEWER[0], "x" * 14)).status_code, range(40)
+            )
+        )
+    assert codes.count(401) == 10 and codes.count(429) == 30, codes
+
+
+def test_map_and_other_forms_are_checked_on_the_server(
+    console: ConsoleProcess, env: dict[str, str]
+) -> None:
+    """The page offers "map sender" for an unknown sender's mail only; the server
+    checks it too, and the entity; a nonce is good for the form it was made for only."""
+    ledger = Ledger(connect_redis(env["MAILINGEST_REDIS_URL"]))
+    (done,) = ledger.mails((MailState.DONE,))
+    client = _session(console, OPERATOR)
+    page = client.get("/confirm", params={"action": "map", "mail": done.id, "entity": "P-x"})
+    assert (
+        page.status_code == 400 and "only the sender of a mail quarantined as unknown" in page.text
+    )
+    mail_id = _quarantined(env)
+    for odd in ("..", ".", "P-\u202eevil", "a b", "P-\x00"):
+        page = client.get("/confirm", params={"action": "map", "mail": mail_id, "entity": odd})
+        assert page.status_code == 400 and "not an entity token" in page.text, odd
+    # a form for the quarantined mail, sent with the done mail's id instead
+    form = _confirm_form(client, action="map", mail=mail_id, entity="P-Mapped0Stranger0001")
+    forged = client.post("/act", data={**form, "mail": done.id})
+    assert forged.status_code == 400 and "not made by the console for you" in forged.text
+    other_entity = client.post("/act", data={**form, "entity": "P-Other000000000000001"})
+    assert other_entity.status_code == 400
+    poll = _confirm_form(client, action="poll", inbox="default")
+    assert client.post("/act", data={**form, "nonce": poll["nonce"]}).status_code == 400
+    invented = client.post("/act", data={**form, "nonce": "n" * 20})
+    assert invented.status_code == 400
+    assert ledger.audit_log() == []  # nothing was done
+    customer = done.sender
+    assert connect_redis(env["MAILINGEST_REDIS_URL"]).hget(keys.SENDERS, customer) is None
 
 
 def test_a_viewer_reads_but_cannot_act(console: ConsoleProcess, env: dict[str, str]) -> None:

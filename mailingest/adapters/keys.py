@@ -11,6 +11,7 @@
                                          (of that inbox, with a reason of that kind),
                                          scored by when each was recorded: the console's
                                          pages, kept by the same scripts as the state sets
+    mailingest:index-version             string which build of that index the ledger has
     mailingest:history:<mail id>         stream every move of the mail: from, to, at, by,
                                          attempt, reason (capped)
     mailingest:find:<field>:<value>      set    the mails whose sender, message_id, entity or
@@ -85,6 +86,7 @@ def state(name: str) -> str:
 
 
 INDEX = f"{NS}:index:"  # + <state>[:<inbox>[:<kind>]]
+INDEX_VERSION = f"{NS}:index-version"  # which build of the index the ledger has
 
 
 def index(state: str, inbox: str = "", kind: str = "") -> str:

@@ -28,7 +28,9 @@ from mailingest.adapters.keys import SENDERS, as_text
 from mailingest.core.errors import ConfigError, ResolverError
 
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+$")
-_ENTITY = re.compile(r"^[^\s/?#]{1,128}$")
+# an entity token (P-/B- and 20 letters or digits) or a customer's external id: letters,
+# digits and ._:@+~- only (it goes into Alloy's URL path), never dots alone
+_ENTITY = re.compile(r"^(?!\.+$)[A-Za-z0-9._:@+~-]{1,128}$")
 
 
 def normalise_email(address: str) -> str:
@@ -43,7 +45,7 @@ def is_email(address: str) -> bool:
 def check_entity(entity: str) -> str:
     """An entity token or external id, usable in an Alloy path; raise ValueError otherwise."""
     entity = entity.strip()
-    if not _ENTITY.match(entity):
+    if not _ENTITY.fullmatch(entity):
         raise ValueError(f"not an entity token or external id: {entity!r}")
     return entity
 

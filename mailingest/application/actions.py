@@ -19,6 +19,7 @@ from mailingest.application import pipeline
 from mailingest.application.services import Context
 from mailingest.core.decisions import Step
 from mailingest.core.errors import MailingestError
+from mailingest.core.records import MailRecord
 from mailingest.core.states import MailState
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class Outcome:
 
 def replay(ctx: Context, mail_id: str, run: Run) -> Outcome:
     """Send one mail through again (pipeline.replay) and run or queue its next steps."""
+    before = ctx.ledger.mail(mail_id)
+    if before is not None and before.state == MailState.REPLAYED:
+        return Outcome(mail_id, True, "replayed already: nothing to do")
     try:
         steps = pipeline.replay(ctx, mail_id)
     except KeyError:
@@ -65,6 +69,50 @@ def sender_mails(ctx: Context, email: str) -> list[str]:
         and r.kind == UNKNOWN_SENDER
         and r.state in (MailState.QUARANTINED, MailState.HANDLED)
     ]
+
+
+def map_problem(record: MailRecord, entity: str) -> str:
+    """Why the console may not map this mail's sender to ``entity`` ("" when it may):
+    only a mail set aside because its sender was unknown, to a well-formed entity."""
+    if record.kind != UNKNOWN_SENDER or record.state not in (
+        MailState.QUARANTINED,
+        MailState.HANDLED,
+    ):
+        return "only the sender of a mail quarantined as unknown can be mapped here"
+    if not is_email(normalise_email(record.sender)):
+        return "the mail has no sender address to map"
+    try:
+        check_entity(entity)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def mapped_to(ctx: Context, email: str) -> str:
+    """What the sender directory in Redis maps ``email`` to now ("" nothing)."""
+    return RedisDirectory(ctx.redis).resolve(normalise_email(email)) or ""
+
+
+def map_sender_of(
+    ctx: Context,
+    mail_id: str,
+    entity: str,
+    run: Run,
+    audited: Callable[[Outcome], Outcome] = lambda o: o,
+) -> list[Outcome]:
+    """The console's "map sender and replay": checked against the mail first
+    (:func:`map_problem`); each outcome handed to ``audited`` as soon as it is known."""
+    record = ctx.ledger.mail(mail_id)
+    if record is None:
+        return [audited(Outcome(mail_id, False, "not in the ledger"))]
+    problem = map_problem(record, entity)
+    if problem:
+        return [audited(Outcome(mail_id, False, problem))]
+    email, entity = normalise_email(record.sender), check_entity(entity)
+    RedisDirectory(ctx.redis).add(email, entity)
+    log.info("sender %s mapped to entity %s", email, entity)
+    audited(Outcome("", True, f"{email} mapped to {entity}"))
+    return [audited(replay(ctx, found, run)) for found in sender_mails(ctx, email)]
 
 
 def map_sender(ctx: Context, email: str, entity: str, run: Run) -> list[Outcome]:

@@ -485,7 +485,9 @@ def cmd_console(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level="warning",
-        proxy_headers=True,  # X-Forwarded-Proto/-For from FORWARDED_ALLOW_IPS (loopback)
+        # behind a TLS proxy: its X-Forwarded-Proto and -For are believed only when
+        # FORWARDED_ALLOW_IPS names it (else a client could forge its address)
+        proxy_headers="FORWARDED_ALLOW_IPS" in os.environ,
         server_header=False,
     )
     return 0

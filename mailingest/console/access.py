@@ -9,8 +9,13 @@ Redis counters of failed logins).
   unused), anyone else is a viewer.
 * Every action carries a CSRF token: an HMAC, under ``MAILINGEST_CONSOLE_SECRET``, of
   the session cookie and the user, compared in constant time.
-* Failed logins are counted per name and per client address for 15 minutes; from the
-  tenth on, the console answers 429 without checking the password.
+* Logins are counted per name from a client address (ten allowed) and per address (50),
+  for 15 minutes, atomically before the password is checked (a good one is taken back
+  off): past that, the console answers 429 without checking. A name is never locked for
+  every address, so a stranger's guesses cannot lock its owner out. At most four
+  scrypt checks run at once; an unknown name is checked against a dummy hash, so the
+  time does not tell which names exist.
+* Behind a proxy, the header must come once and be a well-formed name.
 """
 
 from __future__ import annotations
@@ -21,18 +26,22 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
+from starlette.datastructures import Headers
 
 from mailingest.adapters import keys
-from mailingest.core.console_users import ConsoleUser, verify_password
+from mailingest.core.console_users import NAME, ConsoleUser, hash_password, verify_password
 
 log = logging.getLogger(__name__)
 
+SCRYPT_AT_ONCE = 4
 LOGIN_WINDOW_S = 15 * 60
-LOGIN_FAILURES_ALLOWED = 10
+LOGIN_FAILURES_ALLOWED = 10  # per name from one address
+ADDRESS_FAILURES_ALLOWED = 50  # per address, whatever the names
 SESSION_COOKIE = "mailingest_console"
 # what the browser may do with the console's pages: nothing from elsewhere, no frames,
 # no inline script or style (htmx is a file of the console's own)
@@ -49,6 +58,10 @@ SECURITY_HEADERS: Mapping[str, str] = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
+
+
+# checked against when the name is unknown, so that it takes as long as a known one
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True)
@@ -105,50 +118,74 @@ class Gate:
         self.secret = secret
         self.redis = client
         self._passed: set[bytes] = set()  # HMACs of name and password checked already
+        # scrypt costs 16 MB and 50 ms a check: a few at once, the rest wait their turn
+        self._checking = threading.BoundedSemaphore(SCRYPT_AT_ONCE)
 
-    def person(self, headers: Mapping[str, str], client_address: str) -> Person:
+    def person(self, headers: Headers, client_address: str) -> Person:
         """Who sent the request; :class:`Refused` when no one we know."""
         if self.trusted_header:
-            name = (headers.get(self.trusted_header.lower()) or "").strip()
-            if not name:
-                raise Refused(401, "sign in through the proxy")
-            user = self.users.get(name)
-            return Person(name, user.role if user else "viewer")
+            return self._proxied(headers)
         creds = basic_credentials(headers.get("authorization"))
         if creds is None:
             raise Refused(401, "authentication required")
         name, password = creds
-        self._not_too_many(name, client_address)
         user = self.users.get(name)
-        if user is not None and self._checks(user, password):
+        if user is not None and self._mark(user.name, password) in self._passed:
+            return Person(user.name, user.role)  # checked before: no scrypt, no Redis
+        counters = [
+            keys.console_logins(f"a:{client_address}"),
+            keys.console_logins(f"n:{name}\0{client_address}"),
+        ]
+        self._count_attempt(counters)  # before the check: attempts at once count too
+        with self._checking:
+            # an unknown name costs what a known one does: no telling names by the time
+            ok = verify_password(password, user.password_hash if user else _DUMMY_HASH)
+        if user is not None and ok:
+            self._uncount_attempt(counters)
+            if len(self._passed) > 10_000:
+                self._passed.clear()
+            self._passed.add(self._mark(user.name, password))
             return Person(user.name, user.role)
-        self._failed(name, client_address)
+        shown = name if name in self.users else f"an unknown user ({len(name)} characters)"
+        log.warning("console: failed login for %s from %s", shown, client_address)
         raise Refused(401, "authentication required")
 
-    def _checks(self, user: ConsoleUser, password: str) -> bool:
-        mark = hmac.digest(self.secret, f"{user.name}\0{password}".encode(), "sha256")
-        if mark in self._passed:
-            return True
-        if not verify_password(password, user.password_hash):
-            return False
-        if len(self._passed) > 10_000:
-            self._passed.clear()
-        self._passed.add(mark)
-        return True
+    def _proxied(self, headers: Headers) -> Person:
+        """The user the authenticating proxy names (one header, one well-formed name)."""
+        assert self.trusted_header is not None
+        given = headers.getlist(self.trusted_header.lower())
+        if not given or not given[0].strip():
+            raise Refused(401, "sign in through the proxy")
+        if len(given) > 1:
+            log.warning("console: %s sent more than once: refused", self.trusted_header)
+            raise Refused(401, "sign in through the proxy")
+        name = given[0].strip()
+        if not NAME.fullmatch(name):
+            raise Refused(401, "sign in through the proxy")
+        user = self.users.get(name)
+        return Person(name, user.role if user else "viewer")
 
-    def _not_too_many(self, name: str, address: str) -> None:
-        counts = self.redis.mget([keys.console_logins("u:" + name), keys.console_logins(address)])
-        if any(int(n or 0) >= LOGIN_FAILURES_ALLOWED for n in counts):
+    def _mark(self, name: str, password: str) -> bytes:
+        return hmac.digest(self.secret, f"{name}\0{password}".encode(), "sha256")
+
+    def _count_attempt(self, counters: list[str]) -> None:
+        """One more login tried: by this address, and by this name from it. Counted
+        atomically before the password is checked, so attempts sent at once are held
+        to the limit too. A name is never locked for every address: a stranger's
+        guesses do not lock its owner out."""
+        pipe = self.redis.pipeline(transaction=True)
+        for key in counters:
+            pipe.incr(key)
+            pipe.expire(key, LOGIN_WINDOW_S, nx=True)
+        by_address, by_name_there = (int(n) for n in pipe.execute()[0::2])
+        if by_name_there > LOGIN_FAILURES_ALLOWED or by_address > ADDRESS_FAILURES_ALLOWED:
             raise Refused(429, "too many failed logins: try again in 15 minutes")
 
-    def _failed(self, name: str, address: str) -> None:
+    def _uncount_attempt(self, counters: list[str]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for who in ("u:" + name, address):
-            pipe.incr(keys.console_logins(who))
-            pipe.expire(keys.console_logins(who), LOGIN_WINDOW_S, nx=True)
+        for key in counters:
+            pipe.decr(key)
         pipe.execute()
-        shown = name if name in self.users else f"unknown user ({len(name)} characters)"
-        log.warning("console: failed login for %s from %s", shown, address)
 
     def csrf_token(self, session: str, person: Person) -> str:
         return hmac.new(
@@ -160,11 +197,21 @@ class Gate:
             return False
         return hmac.compare_digest(self.csrf_token(session, person), token)
 
+    def nonce(self, person: Person, action: str, subject: str) -> str:
+        """A form's one-time key, signed over who may send it and what it does."""
+        fresh = secrets.token_urlsafe(12)
+        return f"{fresh}.{self._nonce_mac(fresh, person, action, subject)}"
+
+    def nonce_ok(self, nonce: str, person: Person, action: str, subject: str) -> bool:
+        fresh, _, mac = nonce.partition(".")
+        if not fresh or len(nonce) > 128:
+            return False
+        return hmac.compare_digest(self._nonce_mac(fresh, person, action, subject), mac)
+
+    def _nonce_mac(self, fresh: str, person: Person, action: str, subject: str) -> str:
+        text = f"nonce\0{fresh}\0{person.name}\0{action}\0{subject}"
+        return hmac.new(self.secret, text.encode(), hashlib.sha256).hexdigest()[:32]
+
 
 def new_session() -> str:
     return secrets.token_urlsafe(32)
-
-
-def new_nonce() -> str:
-    """One per confirmation page: the action's key against a second send."""
-    return secrets.token_urlsafe(16)

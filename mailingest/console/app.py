@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -39,7 +40,6 @@ from mailingest.console.access import (
     Gate,
     Person,
     Refused,
-    new_nonce,
     new_session,
 )
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 DONE_KEPT_S = 24 * 3600  # an action's outcome answers a second send of its form this long
 ACTIONS = ("replay", "mark_handled", "map", "poll")
+RUNNING = "running"  # what a form's key holds while its action runs
+RUNNING_KEPT_S = 300  # a console that died mid-action frees the form after this
 
 
 class SecurityHeaders:
@@ -235,7 +237,7 @@ class Console:
             )
         mail_id, inbox, entity = q.get("mail", ""), q.get("inbox", ""), q.get("entity", "")
         record = self.ledger.mail(mail_id) if mail_id else None
-        problem = ""
+        problem, current = "", ""
         affected: list[str] = []
         if action == "poll":
             if inbox not in {i.name for i in self.ctx.settings.inboxes}:
@@ -243,12 +245,12 @@ class Console:
         elif record is None:
             problem = "no such mail in the ledger"
         elif action == "map":
-            try:
+            problem = actions.map_problem(record, entity)
+            if not problem:
                 entity = check_entity(entity)
-            except ValueError as exc:
-                problem = str(exc)
-            else:
                 affected = actions.sender_mails(self.ctx, record.sender)
+                current = actions.mapped_to(self.ctx, record.sender)
+        subject = _subject(action, mail_id, inbox, entity)
         return self.page(
             request,
             "confirm.html",
@@ -258,65 +260,76 @@ class Console:
             record=record,
             inbox=inbox,
             entity=entity,
+            current=current,
             problem=problem,
             affected=affected,
-            nonce=new_nonce(),
+            nonce=self.gate.nonce(person, action, subject),
             status=400 if problem else 200,
         )
 
     def act(self, request: Request, person: Person, session: str) -> Response:
         form = _form(request)
-        if SESSION_COOKIE not in request.cookies:
-            return self.page(
-                request,
-                "refused.html",
-                person,
-                session,
-                status=403,
-                why="your browser sent no session cookie: serve the console over "
-                "HTTPS (it marks its cookie Secure), then open the page again",
-            )
-        if not self.gate.csrf_ok(session, person, form.get("csrf", "")) or not _same_origin(
-            request
-        ):
-            log.warning("console: %s sent an action without a valid CSRF token", person.name)
-            return self.page(
-                request,
-                "refused.html",
-                person,
-                session,
-                status=403,
-                why="the form's token is missing or stale: open the page again",
-            )
-        action, nonce = form.get("action", ""), form.get("nonce", "")
-        if action not in ACTIONS or not 16 <= len(nonce) <= 64:
-            return self.page(
-                request, "refused.html", person, session, status=400, why="no such action"
-            )
+        refused = self._refusal(request, person, session, form)
+        if refused is not None:
+            return refused
+        action, nonce = form["action"], form["nonce"]
         done_key = keys.console_done(nonce)
-        if not self.ledger.redis.set(done_key, "", nx=True, ex=DONE_KEPT_S):
-            earlier = _wait_for(self.ledger.redis, done_key)
+        if not self.ledger.redis.set(done_key, RUNNING, nx=True, ex=RUNNING_KEPT_S):
+            earlier = _earlier(self.ledger.redis, done_key)
             return self.page(request, "done.html", person, session, again=True, **earlier)
         token = ACTOR.set(person.actor)
         try:
             outcome = self._carry_out(action, form, person)
-        except Exception:
-            self.ledger.redis.delete(done_key)
+        except Exception as exc:
+            self.ledger.redis.delete(done_key)  # sent again, it runs again (each is safe)
             log.exception("console: %s by %s failed", action, person.name)
+            target = form.get("mail") or f"inbox:{form.get('inbox', '')}"
+            self.ledger.audit(target, person.name, action, f"failed: {type(exc).__name__}")
             return self.page(
                 request,
                 "refused.html",
                 person,
                 session,
                 status=500,
-                why="the action failed; see the console's log",
+                why="the action failed part way; what was done is in the audit log, and the "
+                "sweep takes up a mail left queued. See the console's log.",
             )
         finally:
             ACTOR.reset(token)
         self.ledger.redis.set(done_key, json.dumps(outcome), ex=DONE_KEPT_S)
         return self.page(request, "done.html", person, session, again=False, **outcome)
 
+    def _refusal(
+        self, request: Request, person: Person, session: str, form: dict[str, str]
+    ) -> Response | None:
+        """Why this form is not carried out (None: it is)."""
+
+        def no(status: int, why: str) -> Response:
+            return self.page(request, "refused.html", person, session, status=status, why=why)
+
+        if SESSION_COOKIE not in request.cookies:
+            return no(
+                403,
+                "your browser sent no session cookie: serve the console over HTTPS (it marks "
+                "its cookie Secure), then open the page again",
+            )
+        if not self.gate.csrf_ok(session, person, form.get("csrf", "")) or not _same_origin(
+            request
+        ):
+            log.warning("console: %s sent an action without a valid CSRF token", person.name)
+            return no(403, "the form's token is missing or stale: open the page again")
+        action = form.get("action", "")
+        subject = _subject(
+            action, form.get("mail", ""), form.get("inbox", ""), form.get("entity", "")
+        )
+        if action not in ACTIONS or not self.gate.nonce_ok(
+            form.get("nonce", ""), person, action, subject
+        ):
+            return no(400, "this form was not made by the console for you: open the page again")
+        return None
+
     def _carry_out(self, action: str, form: dict[str, str], person: Person) -> dict[str, Any]:
+        """The action, each outcome audited as soon as it is known."""
         run = actions.to_workers(self.ctx)
         mail_id = form.get("mail", "")
         if action == "poll":
@@ -324,39 +337,40 @@ class Console:
             try:
                 outcome = actions.poll_now(self.ctx, inbox)
             except Exception as exc:  # noqa: BLE001 - an unknown inbox, a broker down
-                outcome = actions.Outcome("", False, str(exc))
+                outcome = actions.Outcome("", False, f"not queued: {type(exc).__name__}")
             self.ledger.audit(f"inbox:{inbox}", person.name, "poll now", outcome.text)
             return {"title": f"Poll of {inbox}", "outcomes": [_shown(outcome)], "back": "/"}
-        lock = self.ledger.step_lock(f"console:{mail_id}", timeout=120)
-        with lock:  # two operators, one mail: one after the other
-            if action == "replay":
-                outcomes = [actions.replay(self.ctx, mail_id, run)]
-                what = "replay"
-            elif action == "mark_handled":
-                outcomes = [actions.mark_handled(self.ctx, mail_id)]
-                what = "mark handled"
-            else:
-                record = self.ledger.mail(mail_id)
-                sender, entity = (record.sender if record else ""), form.get("entity", "")
-                try:
-                    outcomes = actions.map_sender(self.ctx, sender, entity, run)
-                except ValueError as exc:
-                    outcomes = [actions.Outcome(mail_id, False, str(exc))]
-                what = f"map sender to {entity}"
-        for outcome in outcomes:
+        entity = form.get("entity", "")
+        what = {
+            "replay": "replay",
+            "mark_handled": "mark handled",
+            "map": f"map sender to {entity}",
+        }[action]
+
+        def audited(outcome: actions.Outcome) -> actions.Outcome:
             self.ledger.audit(outcome.mail_id or mail_id, person.name, what, outcome.text)
-        back = f"/mail?id={mail_id}"
+            return outcome
+
+        with self.ledger.step_lock(f"console:{mail_id}", timeout=120):
+            # two operators, one mail: one after the other
+            if action == "replay":
+                outcomes = [audited(actions.replay(self.ctx, mail_id, run))]
+            elif action == "mark_handled":
+                outcomes = [audited(actions.mark_handled(self.ctx, mail_id))]
+            else:
+                outcomes = actions.map_sender_of(self.ctx, mail_id, entity, run, audited)
         return {
             "title": what[0].upper() + what[1:],
             "outcomes": [_shown(o) for o in outcomes],
-            "back": back,
+            "back": f"/mail?id={quote(mail_id, safe='')}",
         }
 
     # -- health ---------------------------------------------------------------------
 
-    def health(self, request: Request) -> Response:
+    async def health(self, request: Request) -> Response:
+        """Not in the thread pool the pages share: it answers while they are busy."""
         try:
-            self.ledger.redis.ping()
+            self.ledger.redis.ping()  # one round trip on loopback or the cluster network
         except redis.RedisError:
             return PlainTextResponse("redis unavailable", status_code=503)
         return PlainTextResponse("ok")
@@ -435,18 +449,29 @@ def _same_origin(request: Request) -> bool:
     return origin.split("://", 1)[-1] == request.headers.get("host", "")
 
 
-def _wait_for(client: redis.Redis, key: str, tries: int = 100) -> dict[str, Any]:
-    """The outcome the first send of a form recorded (it may still be running)."""
-    import time
-
-    for _ in range(tries):
-        value = client.get(key)
-        if value:
+def _earlier(client: redis.Redis, key: str) -> dict[str, Any]:
+    """What the first send of a form did; if it is still running, a moment's wait (at
+    most 3 s, then it says so: no thread is held longer)."""
+    for _ in range(30):
+        value = keys.as_text(client.get(key) or b"")
+        if value and value != RUNNING:
             with suppress(ValueError):
-                data: dict[str, Any] = json.loads(keys.as_text(value))
+                data: dict[str, Any] = json.loads(value)
                 return data
+        if not value:
+            break  # it failed and was released: open the page again
         time.sleep(0.1)
-    return {"title": "Still running", "outcomes": [], "back": "/"}
+    return {
+        "title": "Still running",
+        "outcomes": [],
+        "back": "/",
+        "note": "this form was sent before and is still being carried out: reload in a moment",
+    }
+
+
+def _subject(action: str, mail_id: str, inbox: str, entity: str) -> str:
+    """What a form's nonce is signed over besides its action and sender."""
+    return inbox if action == "poll" else f"{mail_id}\0{entity}" if action == "map" else mail_id
 
 
 def build_app(ctx: Context, gate: Gate) -> Starlette:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 ROLES = ("viewer", "operator")
 # scrypt's cost: 2^14 x 8 x 128 bytes = 16 MB and about 50 ms per check on this machine
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 _HASH = re.compile(r"scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
 
 
@@ -86,7 +86,7 @@ def parse_users(text: str, where: str = "users file") -> Mapping[str, ConsoleUse
 
 
 def _check(name: str, role: str, at: str) -> None:
-    if not _NAME.fullmatch(name):
+    if not NAME.fullmatch(name):
         raise ValueError(f"{at}a name is 1-64 letters, digits or ._@+- (got {name!r})")
     if role not in ROLES:
         raise ValueError(f"{at}a role is one of {', '.join(ROLES)} (got {role!r})")

@@ -397,8 +397,10 @@ def test_compose_console_behind_its_login_with_a_healthcheck() -> None:
             assert "MAILINGEST_CONSOLE_SECRET" not in written, (
                 f"{name}: the console's secret belongs in .env, not in {COMPOSE_FILE.name}"
             )
-            assert source.is_dir(), f"{name}: mount a directory ({source}): a missing "
-            "file would be made a directory by Docker, or stop `docker compose up`"
+            assert source.is_dir(), (
+                f"{name}: mount a directory ({source}): a missing file would be made a "
+                "directory by Docker, or stop `docker compose up`"
+            )
             relative = (source / users[len(target) :].lstrip("/")).relative_to(ROOT)
             ignored = (source / ".gitignore").read_text(encoding="utf-8").split()
             assert "*" in ignored, f"{name}: git would take {relative}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import secrets
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,8 @@ import pytest
 import yaml
 
 from mailingest.config.settings import load_settings
+from mailingest.config.table import SETTINGS
+from mailingest.core.console_users import parse_users, user_line
 from mailingest.core.errors import ConfigError
 
 from .commands import check_invocation, needs
@@ -164,10 +167,15 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+# settings whose value is the path of a file (MAILINGEST_CONFIG, MAILINGEST_CONSOLE_USERS,
+# the CA files...); MAILINGEST_REPLY_TEMPLATES names a folder
+FILE_SETTINGS = {s.var for s in SETTINGS if s.kind == "path"} - {"MAILINGEST_REPLY_TEMPLATES"}
+
+
 def file_references(env: Mapping[str, str], mounted: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(what, path) of every file a container is told to read: MAILINGEST_*_FILE and
-    MAILINGEST_CONFIG, and the ``*_file`` keys of that config file."""
-    refs = [(k, v) for k, v in env.items() if k.endswith("_FILE") or k == "MAILINGEST_CONFIG"]
+    """(what, path) of every file a container is told to read: MAILINGEST_*_FILE and the
+    settings that name a file, and the ``*_file`` keys of the config file."""
+    refs = [(k, v) for k, v in env.items() if k.endswith("_FILE") or k in FILE_SETTINGS]
     config = env.get("MAILINGEST_CONFIG")
     if config:
         directory, _, name = config.rpartition("/")
@@ -197,6 +205,15 @@ def test_k8s_file_settings_point_into_mounted_volumes(where: str) -> None:
         assert name in mounted[directory], f"{where}: {what}={path}: the volume has no {name}"
 
 
+# Secret keys whose example value start-up refuses, and what a real value looks like
+# (the keys are the files' names: every Secret volume mounts a key under its own name).
+REFUSED_PLACEHOLDERS = {
+    "staging-key": lambda: base64.urlsafe_b64encode(os.urandom(32)).decode(),
+    "console-secret": lambda: secrets.token_urlsafe(32),
+    "console-users": lambda: user_line("ops", "operator", "a-password-of-the-operator") + "\n",
+}
+
+
 @pytest.mark.parametrize("where", [where for where, _, _ in k8s_our_containers()])
 def test_k8s_containers_get_the_settings_they_need(where: str, tmp_path: Path) -> None:
     """Lay the container's mounted files out under tmp_path, point its environment there,
@@ -210,14 +227,14 @@ def test_k8s_containers_get_the_settings_they_need(where: str, tmp_path: Path) -
     def relocate(text: str) -> str:
         return paths.sub(lambda m: moves[m.group(1)] + "/", text)
 
-    # The example's staging key is a placeholder that start-up refuses (a copy of the
-    # example cannot reach production unchanged); a real key stands in for it here.
-    real_key = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    # The example's staging key and the console's secret and users are placeholders that
+    # start-up refuses (a copy of the example cannot reach production unchanged); real
+    # values stand in for them here.
     for path, files in mounted.items():
         Path(moves[path]).mkdir()
         for name, content in (files or {}).items():
-            if content == secret_example().get("staging-key"):
-                content = real_key
+            if name in REFUSED_PLACEHOLDERS and content == secret_example().get(name):
+                content = REFUSED_PLACEHOLDERS[name]()
             (Path(moves[path]) / name).write_text(relocate(content), encoding="utf-8")
     env = {k: relocate(v) for k, v in container_env(container).items()}
     invocations = check_invocation(k8s_argv(container), where)
@@ -237,6 +254,22 @@ def test_k8s_example_staging_key_is_refused() -> None:
 
     with pytest.raises(SealingError):
         Sealer(Secret(secret_example()["staging-key"]))
+
+
+def test_k8s_example_console_secret_and_users_are_refused(tmp_path: Path) -> None:
+    """Copied unchanged, the example's console secret and users file stop the console at
+    start, each with a line naming its setting."""
+    users = tmp_path / "console-users"
+    users.write_text(secret_example()["console-users"], encoding="utf-8")
+    secret = tmp_path / "console-secret"
+    secret.write_text(secret_example()["console-secret"], encoding="utf-8")
+    with pytest.raises(ConfigError, match="MAILINGEST_CONSOLE_USERS"):
+        load_settings({"MAILINGEST_CONSOLE_USERS": str(users)})
+    with pytest.raises(ConfigError, match="MAILINGEST_CONSOLE_SECRET"):
+        load_settings({"MAILINGEST_CONSOLE_SECRET_FILE": str(secret)})
+    for name in REFUSED_PLACEHOLDERS:
+        assert name in secret_example(), f"{SECRET_EXAMPLE.name} has no {name}"
+    parse_users(REFUSED_PLACEHOLDERS["console-users"]())  # the stand-in is a real line
 
 
 def test_k8s_every_referenced_secret_and_configmap_key_exists() -> None:
@@ -323,6 +356,60 @@ def test_k8s_flower_has_a_service_and_a_login() -> None:
     refs = [v for v in container["env"] if v["name"] == "FLOWER_BASIC_AUTH"]
     assert refs and "secretKeyRef" in refs[0]["valueFrom"], "Flower's login from the Secret"
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthcheck"
+
+
+def test_k8s_console_has_a_service_probes_and_its_users_file() -> None:
+    """One console, listening on the pod's addresses on the port its Service targets;
+    started, ready and alive by /healthz (no login; 503 without Redis), with a liveness
+    that rides out a Redis outage of minutes rather than restart it in a loop; its
+    secret and users file come from the Secret, mounted in no other pod."""
+    console = deployment("mailingest-console")
+    assert console["spec"]["replicas"] == 1
+    (container,) = pod_spec(console)["containers"]
+    argv = k8s_argv(container)
+    assert argv[:2] == ["mailingest", "console"], argv
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert option_value(argv, "--port") == str(ports["http"])
+    assert option_value(argv, "--host") == "0.0.0.0", "on the pod's loopback no one reaches it"
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container.get(kind)
+        assert probe, f"the console has no {kind}"
+        assert probe["httpGet"]["path"] == "/healthz", f"{kind}: {probe}"
+        assert probe["httpGet"]["port"] in ("http", ports["http"]), f"{kind}: {probe}"
+    liveness = container["livenessProbe"]
+    patience = liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3)
+    assert patience >= 180, f"liveness restarts the console after {patience} s without Redis"
+
+    (service,) = [s for s in k8s_kind("Service") if s["metadata"]["name"] == "mailingest-console"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP", "not exposed outside"
+    labels = console["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert [p["targetPort"] for p in service["spec"]["ports"]] in (["http"], [ports["http"]])
+
+    env = {v["name"]: v for v in container["env"]}
+    assert "value" not in env.get("MAILINGEST_CONSOLE_SECRET", {}), "a secret in the manifest"
+    volumes = {v["name"]: v for v in pod_spec(console)["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    for setting, key in (
+        ("MAILINGEST_CONSOLE_SECRET_FILE", "console-secret"),
+        ("MAILINGEST_CONSOLE_USERS", "console-users"),
+    ):
+        directory, _, name = env[setting]["value"].rpartition("/")
+        secret = mounts.get(directory, {}).get("secret")
+        assert secret, f"{setting}: {directory} is not a mounted Secret"
+        items = {item["path"]: item["key"] for item in secret.get("items", [])}
+        assert (items.get(name) if items else name) == key, f"{setting}: not the Secret's {key}"
+    for workload in k8s_workloads():
+        if workload["metadata"]["name"] == console["metadata"]["name"]:
+            continue
+        for volume in pod_spec(workload).get("volumes", []):
+            if "secret" not in volume:
+                continue
+            items = volume["secret"].get("items")
+            keys = {item["key"] for item in items} if items is not None else set(secret_example())
+            assert not keys & {"console-secret", "console-users"}, (
+                f"{workload['metadata']['name']} mounts the console's secret or users"
+            )
 
 
 def test_k8s_redis_persists_with_aof() -> None:

@@ -34,9 +34,9 @@ def read_lock(path: Path) -> dict[str, tuple[str, list[str]]]:
 
 def test_lock_file_pins_every_runtime_dependency_within_pyproject() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    runtime = (
-        project["project"]["dependencies"] + project["project"]["optional-dependencies"]["flower"]
-    )
+    # the image runs Flower and the console: their extras are in the lock
+    extras = project["project"]["optional-dependencies"]
+    runtime = project["project"]["dependencies"] + extras["flower"] + extras["console"]
     # the image: Linux x86_64, CPython 3.11
     target = default_environment() | {
         "sys_platform": "linux",
@@ -66,8 +66,9 @@ def test_lock_file_pins_every_runtime_dependency_within_pyproject() -> None:
             f"{path.name}: the header says how to regenerate it"
         )
         guide = (DEPLOY / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
-        options = set(re.findall(r"--[\w-]+", command.group(0)))
+        options = set(re.findall(r"--[\w-]+(?:=\S+)?", command.group(0)))
         documented = [
-            set(re.findall(r"--[\w-]+", line)) for line in re.findall(r"pip-compile.*", guide)
+            set(re.findall(r"--[\w-]+(?:=\S+)?", line))
+            for line in re.findall(r"pip-compile.*", guide)
         ]
         assert options in documented, f"deploy/README.md gives the command of {path.name}"

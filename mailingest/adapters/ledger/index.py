@@ -10,7 +10,6 @@ it existed.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +17,13 @@ from typing import Any
 from mailingest.adapters import keys
 from mailingest.adapters.ledger.base import decode
 from mailingest.adapters.ledger.records import MailRecords
+from mailingest.core.reasons import reason_kind
 from mailingest.core.records import MailRecord
 from mailingest.core.states import MAIL_STATES
 
 AUDIT_KEPT = 100  # entries kept per mail
+FIND_READ = 2000  # records a search reads at most
+INDEX_VERSION = "1"  # what Index.reindex builds: a ledger without it is indexed again
 AUDIT_KEPT_ALL = 10_000  # entries kept in the log of every mail
 
 
@@ -82,19 +84,28 @@ class Index(MailRecords):
                 for kind in (kinds or [""])
             ]
         low = since_ms if since_ms > 0 else "-inf"
-        key = sources[0] if len(sources) == 1 else f"{keys.NS}:console:page:{uuid.uuid4().hex}"
         pipe = self.redis.pipeline(transaction=False)
-        if key not in sources:
-            pipe.zunionstore(key, sources, aggregate="MAX")
-            pipe.pexpire(key, 5000)
-        pipe.zcount(key, low, "+inf")
-        pipe.zrevrangebyscore(key, "+inf", low, start=offset, num=limit)
-        if key not in sources:
-            pipe.delete(key)
-            total, ids = pipe.execute()[2:4]
-        else:
+        if len(sources) == 1:  # one sorted set: its page, in O(log N + limit)
+            pipe.zcount(sources[0], low, "+inf")
+            pipe.zrevrangebyscore(sources[0], "+inf", low, start=offset, num=limit)
             total, ids = pipe.execute()
-        mail_ids = [keys.as_text(m) for m in ids]
+            mail_ids = [keys.as_text(m) for m in ids]
+        else:
+            # several (disjoint: a mail is in one state, one inbox, one kind): the first
+            # offset + limit of each, merged here as Redis orders one set (by score, then
+            # member, both descending); Redis is never held by a union of them
+            for key in sources:
+                pipe.zcount(key, low, "+inf")
+                pipe.zrevrangebyscore(
+                    key, "+inf", low, start=0, num=offset + limit, withscores=True
+                )
+            answers = pipe.execute()
+            total = sum(int(n) for n in answers[0::2])
+            merged = sorted(
+                ((score, keys.as_text(m)) for found in answers[1::2] for m, score in found),
+                reverse=True,
+            )
+            mail_ids = [m for _, m in merged[offset : offset + limit]]
         by_id = {r.id: r for r in self.records(mail_ids)}
         return Page([by_id[m] for m in mail_ids if m in by_id], int(total), offset)
 
@@ -109,7 +120,9 @@ class Index(MailRecords):
 
     def find(self, value: str, *, limit: int = 200) -> list[MailRecord]:
         """The mails whose sender, Message-ID, entity or document token is ``value`` (any
-        case), newest first: one round trip for the ids, one for their records."""
+        case), newest first (of the first 2,000 found): one round trip for the ids, one
+        for their records. A record found by a field that no longer has that value is
+        left out (its entry went when the field changed; this is the second check)."""
         wanted = value.strip().lower()
         if not wanted:
             return []
@@ -117,9 +130,16 @@ class Index(MailRecords):
         pipe = self.redis.pipeline(transaction=False)
         for field in fields:
             pipe.smembers(keys.find(field, wanted))
-        ids = sorted({keys.as_text(m) for found in pipe.execute() for m in found})
-        records = self.records(ids[: limit * 4])
-        return sorted(records, key=lambda r: r.created_at, reverse=True)[:limit]
+        found = [{keys.as_text(m) for m in ids} for ids in pipe.execute()]
+        by_token = found[3]
+        ids = sorted(set().union(*found))[:FIND_READ]
+        records = [
+            r
+            for r in self.records(ids)
+            if r.id in by_token
+            or wanted in (r.sender.lower(), r.message_id.lower(), r.entity.lower())
+        ]
+        return sorted(records, key=lambda r: (r.created_at, r.id), reverse=True)[:limit]
 
     def history(self, mail_id: str) -> list[Move]:
         """Every move of the mail kept (the latest 64), oldest first."""
@@ -140,15 +160,20 @@ class Index(MailRecords):
         return moves
 
     def reindex(self) -> int:
-        """Rebuild the index when it does not hold every mail of the state sets (records
-        written before it existed, or a Redis restored from an old snapshot); returns how
-        many mails were indexed (0: it was whole)."""
+        """Build the index, the search keys and the reason kinds of every mail when the
+        ledger was not indexed by this version (records written before the index
+        existed: an upgrade), or when the index lacks mails of the state sets (a Redis
+        restored from an old snapshot, keys deleted by hand); returns how many mails
+        were indexed (0: it was whole). Safe beside running workers: each mail is
+        indexed as its hash says at that moment, in one script, and a move meanwhile
+        indexes it itself."""
         pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.INDEX_VERSION)
         for state in MAIL_STATES:
             pipe.scard(keys.state(state))
             pipe.zcard(keys.index(state))
-        found = pipe.execute()
-        if found[0::2] == found[1::2]:
+        version, *found = pipe.execute()
+        if keys.as_text(version or b"") == INDEX_VERSION and found[0::2] == found[1::2]:
             return 0
         stale = list(self.redis.scan_iter(match=keys.INDEX + "*", count=1000))
         for start in range(0, len(stale), 500):
@@ -156,15 +181,37 @@ class Index(MailRecords):
         done = 0
         for state in MAIL_STATES:
             ids = [keys.as_text(m) for m in self.redis.smembers(keys.state(state))]
-            for start in range(0, len(ids), 1000):
-                pipe = self.redis.pipeline(transaction=False)
-                for mail_id in ids[start : start + 1000]:
-                    self._reindex(
-                        keys=[keys.mail(mail_id)],
-                        args=[mail_id, keys.INDEX, keys.FIND],
-                        client=pipe,
-                    )
-                done += sum(int(n) for n in pipe.execute())
+            for start in range(0, len(ids), 500):
+                done += self._reindex_some(ids[start : start + 500])
+        self.redis.set(keys.INDEX_VERSION, INDEX_VERSION)
+        return done
+
+    def _reindex_some(self, mail_ids: list[str]) -> int:
+        records = self.records(mail_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for record in records:
+            if record.reason and not record.kind:  # written before kinds were kept
+                pipe.hsetnx(keys.mail(record.id), "kind", reason_kind(record.reason))
+        pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for record in records:
+            self._reindex(
+                keys=[keys.mail(record.id)], args=[record.id, keys.INDEX, keys.FIND], client=pipe
+            )
+        done = sum(1 for answer in pipe.execute() if answer == 1)
+        # the document tokens of mails planned before the search keys existed
+        pipe = self.redis.pipeline(transaction=False)
+        for record in records:
+            for index in range(record.documents):
+                pipe.hget(keys.document(record.id, index), "token")
+        tokens = iter(pipe.execute())
+        pipe = self.redis.pipeline(transaction=False)
+        for record in records:
+            for _ in range(record.documents):
+                token = keys.as_text(next(tokens) or b"")
+                if token:
+                    pipe.sadd(keys.find("token", token), record.id)
+        pipe.execute()
         return done
 
     def audit(self, mail_id: str, who: str, action: str, outcome: str) -> AuditEntry:

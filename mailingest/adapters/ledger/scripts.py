@@ -29,14 +29,21 @@ end
 """
 
 # What the console's search finds a mail by: a set of mail ids per sender, Message-ID
-# and entity (lower case), kept whenever one of those fields is written. FIND_ADD takes
-# the find prefix, the mail id and a field name and value.
-FIND_ADD = """
-local function find_add(prefix, id, name, value)
-  if value ~= '' and #value <= 512 and
-     (name == 'sender' or name == 'message_id' or name == 'entity') then
-    redis.call('SADD', prefix .. name .. ':' .. string.lower(value), id)
+# and entity (lower case), kept whenever one of those fields is written. SET_FIELD sets
+# one field of a mail hash; for those three it moves the mail from the old value's set
+# to the new one's (the find prefix and the mail id are its arguments too).
+SET_FIELD = """
+local function set_field(key, prefix, id, name, value)
+  if name == 'sender' or name == 'message_id' or name == 'entity' then
+    local old = redis.call('HGET', key, name) or ''
+    if old ~= '' and old ~= value then
+      redis.call('SREM', prefix .. name .. ':' .. string.lower(old), id)
+    end
+    if value ~= '' and #value <= 512 then
+      redis.call('SADD', prefix .. name .. ':' .. string.lower(value), id)
+    end
   end
+  redis.call('HSET', key, name, value)
 end
 """
 
@@ -45,12 +52,12 @@ end
 # state is decided (a decided mail not yet filed joins the unfiled set), ARGV[5] index
 # prefix, ARGV[6] who moves it (a worker, a console user), ARGV[7] the attempt (''
 # unknown), ARGV[8] the history's length kept, ARGV[9] number of allowed from-states,
-# then those states, then the find prefix (FIND_ADD), then field/value pairs. Returns the
+# then those states, then the find prefix (SET_FIELD), then field/value pairs. Returns the
 # record as written (HGETALL), or 0 when it did not move. Each move is one entry of the
 # mail's history.
 TRANSITION = (
     INDEX_MOVE
-    + FIND_ADD
+    + SET_FIELD
     + """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return 0 end
@@ -64,8 +71,7 @@ local old_kind = redis.call('HGET', KEYS[1], 'kind') or ''
 local find = ARGV[10 + n]
 local i = 11 + n
 while i <= #ARGV do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  find_add(find, ARGV[3], ARGV[i], ARGV[i + 1])
+  set_field(KEYS[1], find, ARGV[3], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
@@ -116,13 +122,16 @@ return 1
 # prefix.
 REINDEX = (
     INDEX_MOVE
-    + FIND_ADD
+    + SET_FIELD
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 0 end
 index_move(KEYS[1], ARGV[1], ARGV[2], '', '', state, redis.call('HGET', KEYS[1], 'kind') or '')
 for _, name in ipairs({'sender', 'message_id', 'entity'}) do
-  find_add(ARGV[3], ARGV[1], name, redis.call('HGET', KEYS[1], name) or '')
+  local value = redis.call('HGET', KEYS[1], name) or ''
+  if value ~= '' and #value <= 512 then
+    redis.call('SADD', ARGV[3] .. name .. ':' .. string.lower(value), ARGV[1])
+  end
 end
 return 1
 """
@@ -173,13 +182,12 @@ return {'go', 0}
 # KEYS: mail hash; ARGV: the find prefix, the mail id, then field/value pairs. Only a
 # record that exists (has a state).
 UPDATE = (
-    FIND_ADD
+    SET_FIELD
     + """
 if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return 0 end
 local i = 3
 while i <= #ARGV do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  find_add(ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1])
+  set_field(KEYS[1], ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 return 1
