@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,15 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
         require_or_skip("redis-server is not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "mailingest", "demo", "--workdir", str(tmp_path / "demo")],
+        [
+            sys.executable,
+            "-m",
+            "mailingest",
+            "demo",
+            "--console",
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -43,6 +52,10 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
         assert name in out
     assert "unknown sender mallory@unknown.example" in out
     assert "sender not authenticated: dmarc=fail" in out
+    # the console answered its health check and printed a login made for this run
+    assert re.search(r"Console +http://127\.0\.0\.1:\d+ \(login demo / \S{16}\)", out), out
+    users = (tmp_path / "demo" / "console-users").read_text()
+    assert users.startswith("demo:operator:scrypt$")
     # the worker and beat ran through the `mailingest worker|beat` wrappers
     worker_log = (tmp_path / "demo" / "worker.log").read_text()
     assert "mailingest.describe_document" in worker_log and "ready." in worker_log

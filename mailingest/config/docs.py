@@ -35,7 +35,7 @@ ENV_HEADER = """\
 # Generated from mailingest/config/table.py by `python -m mailingest.config.docs`.
 
 # -- Compose -----------------------------------------------------------------------
-# Which services `docker compose up` starts: prod = Redis, worker, beat and Flower.
+# Which services `docker compose up` starts: prod = Redis, worker, beat, Flower, console.
 # (`docker compose --profile demo up` runs the demo instead and needs none of this file.)
 COMPOSE_PROFILES=prod
 # Flower's login, user:password (several: comma-separated). Flower refuses to start without.
