@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formataddr, getaddresses, parseaddr
 
+from mailingest.core.reasons import reason_kind
 from mailingest.core.states import MailState
 
 KINDS: tuple[str, ...] = ("received", "refused", "unknown")
@@ -213,22 +214,27 @@ def kind_for(state: str, reason: str, refused_parts: str) -> str | None:
 
 def part_code(reason: str) -> str | None:
     """What a screening reason means to a customer (one of PART_CODES), or None when
-    it is nothing the customer sent wrong."""
-    lowered = reason.lower()
-    if lowered.startswith("no documents attached"):
-        return "none"
-    if lowered.startswith(("attachment too large", "message too large")):
-        return "too_large"
-    if lowered.startswith("too many documents"):
-        return "too_many"
-    if lowered.startswith(("a part could not be decoded", "the mail is truncated")):
-        return "unreadable"
-    if lowered.startswith("refused content"):
+    it is nothing the customer sent wrong. The reason's kind is core.reasons' (one
+    classification for the metrics, the console and the replies)."""
+    kind = reason_kind(reason)
+    if kind == "refused_content":
         match = re.search(r"\) is ([a-z0-9]+) \(", reason)
         if match is None:
             return "unreadable"  # a winmail.dat that cannot be unpacked
         return "archive" if match[1] in _ARCHIVES else "type"
-    return None
+    if kind == "malformed" and reason.lower().startswith("cannot parse"):
+        return None  # the whole mail unreadable: there is no part to tell of
+    return _PART_CODE_OF_KIND.get(kind)
+
+
+# the reason kinds a customer is told of, and what each is called for them
+_PART_CODE_OF_KIND = {
+    "no_documents": "none",
+    "attachment_too_large": "too_large",
+    "message_too_large": "too_large",
+    "too_many_documents": "too_many",
+    "malformed": "unreadable",  # a part could not be decoded, the mail is truncated
+}
 
 
 @dataclass(frozen=True)
