@@ -132,8 +132,11 @@ def test_an_operator_maps_an_unknown_sender_and_replays_in_the_browser(
             problems.clear()  # that page answered 400, as meant
 
             # the workers take it from here: the replayed copy is polled, filed, uploaded
-            documents = wait_until(lambda: sandbox.state.list(NEW_ENTITY), 60, "its documents")
-            assert [d["uploaded"] for d in documents] == [True] * len(documents)
+            def uploaded() -> list[dict[str, object]]:
+                found = sandbox.state.list(NEW_ENTITY)
+                return found if found and all(d["uploaded"] for d in found) else []
+
+            documents = wait_until(uploaded, 60, "its documents described and uploaded")
             wait_until(
                 lambda: (
                     folder_counts(imap, "Processed", "Quarantine")

@@ -101,7 +101,15 @@ FIND = f"{NS}:find:"  # + <field>:<value, lower case>
 
 
 def find(field: str, value: str) -> str:
-    return f"{FIND}{field}:{value.lower()}"
+    return f"{FIND}{field}:{ascii_lower(value)}"
+
+
+def ascii_lower(value: str) -> str:
+    """Lower case as the ledger's Lua scripts make it (string.lower: A-Z only)."""
+    return value.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 AUDIT = f"{NS}:audit"

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -27,10 +29,12 @@ import redis
 from mailingest.adapters.keys import SENDERS, as_text
 from mailingest.core.errors import ConfigError, ResolverError
 
+log = logging.getLogger(__name__)
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+$")
-# an entity token (P-/B- and 20 letters or digits) or a customer's external id: letters,
-# digits and ._:@+~- only (it goes into Alloy's URL path), never dots alone
-_ENTITY = re.compile(r"^(?!\.+$)[A-Za-z0-9._:@+~-]{1,128}$")
+# an entity token (P-/B- and 20 letters or digits) or a customer's external id, as
+# directories have always held them: no space, no / ? #, never dots alone (it goes
+# into Alloy's URL path: "." or ".." would name another path)
+_ENTITY = re.compile(r"(?!\.+$)[^\s/?#]{1,128}")
 
 
 def normalise_email(address: str) -> str:
@@ -45,7 +49,9 @@ def is_email(address: str) -> bool:
 def check_entity(entity: str) -> str:
     """An entity token or external id, usable in an Alloy path; raise ValueError otherwise."""
     entity = entity.strip()
-    if not _ENTITY.fullmatch(entity):
+    # nor an invisible character: a control character, a bidi override (U+202E)
+    hidden = any(unicodedata.category(c) in ("Cc", "Cf", "Co", "Cs", "Cn") for c in entity)
+    if hidden or not _ENTITY.fullmatch(entity):
         raise ValueError(f"not an entity token or external id: {entity!r}")
     return entity
 
@@ -133,7 +139,13 @@ class RedisDirectory:
             raise ResolverError(
                 f"sender directory in Redis unavailable: {type(exc).__name__}"
             ) from None
-        return None if value is None else as_text(value)
+        if value is None:
+            return None
+        try:  # written by an older version, or by hand: checked as it is read
+            return check_entity(as_text(value))
+        except ValueError:
+            log.warning("sender directory in Redis: the entry of a sender is not an entity")
+            return None
 
     def add(self, email: str, entity: str) -> None:
         email = normalise_email(email)

@@ -79,10 +79,19 @@ def _run(task: Task[Any, Any], step: Step) -> str:
     a step that ran out of tries makes it end FAILURE with the reason, once the ledger
     recorded it (raised last: nothing retries it)."""
     ctx = context()
+    # the mail's history names the task's try and the worker (ledger.base.actor); reset
+    # when the task ends, so the next task of this process or thread starts without them
+    attempt = ATTEMPT.set(task.request.retries + 1)
+    actor = ACTOR.set(f"{task.request.hostname or ''}:{os.getpid()}".lstrip(":"))
+    try:
+        return _run_steps(task, ctx, step)
+    finally:
+        ATTEMPT.reset(attempt)
+        ACTOR.reset(actor)
+
+
+def _run_steps(task: Task[Any, Any], ctx: Context, step: Step) -> str:
     failed = ""
-    # the mail's history names the task's try and the worker (ledger.base.actor)
-    ATTEMPT.set(task.request.retries + 1)
-    ACTOR.set(f"{task.request.hostname or ''}:{os.getpid()}".lstrip(":"))
     try:
         steps = pipeline.run_step(ctx, step)
     except Exception as exc:  # noqa: BLE001 - every failure has a recorded outcome
@@ -99,6 +108,7 @@ def _run(task: Task[Any, Any], step: Step) -> str:
         if following is None:
             break
         step = following
+        ATTEMPT.set(1)  # a chained step's first try
         try:
             steps = pipeline.run_step(ctx, step)
         except Exception as exc:  # noqa: BLE001 - every failure has a recorded outcome

@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
 import threading
@@ -39,6 +40,14 @@ from mailingest.core.console_users import NAME, ConsoleUser, hash_password, veri
 log = logging.getLogger(__name__)
 
 SCRYPT_AT_ONCE = 4
+SCRYPT_WAIT_S = 5.0  # a login waits this long for a check at most (then 503): no thread
+# of the pool is held by a flood of logins
+UNCOUNT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('DECR', key) end
+end
+return 0
+"""
 LOGIN_WINDOW_S = 15 * 60
 LOGIN_FAILURES_ALLOWED = 10  # per name from one address
 ADDRESS_FAILURES_ALLOWED = 50  # per address, whatever the names
@@ -120,6 +129,7 @@ class Gate:
         self._passed: set[bytes] = set()  # HMACs of name and password checked already
         # scrypt costs 16 MB and 50 ms a check: a few at once, the rest wait their turn
         self._checking = threading.BoundedSemaphore(SCRYPT_AT_ONCE)
+        self._uncount = client.register_script(UNCOUNT)
 
     def person(self, headers: Headers, client_address: str) -> Person:
         """Who sent the request; :class:`Refused` when no one we know."""
@@ -132,14 +142,20 @@ class Gate:
         user = self.users.get(name)
         if user is not None and self._mark(user.name, password) in self._passed:
             return Person(user.name, user.role)  # checked before: no scrypt, no Redis
+        where = network_of(client_address)
         counters = [
-            keys.console_logins(f"a:{client_address}"),
-            keys.console_logins(f"n:{name}\0{client_address}"),
+            keys.console_logins(f"a:{where}"),
+            keys.console_logins(f"n:{name}\0{where}"),
         ]
         self._count_attempt(counters)  # before the check: attempts at once count too
-        with self._checking:
+        if not self._checking.acquire(timeout=SCRYPT_WAIT_S):
+            self._uncount_attempt(counters)  # not checked: not counted
+            raise Refused(503, "too many logins at once: try again in a moment")
+        try:
             # an unknown name costs what a known one does: no telling names by the time
             ok = verify_password(password, user.password_hash if user else _DUMMY_HASH)
+        finally:
+            self._checking.release()
         if user is not None and ok:
             self._uncount_attempt(counters)
             if len(self._passed) > 10_000:
@@ -182,10 +198,9 @@ class Gate:
             raise Refused(429, "too many failed logins: try again in 15 minutes")
 
     def _uncount_attempt(self, counters: list[str]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for key in counters:
-            pipe.decr(key)
-        pipe.execute()
+        """Take an attempt back off, if its window has not ended meanwhile (a DECR of a
+        key gone would make one without an expiry)."""
+        self._uncount(keys=counters)
 
     def csrf_token(self, session: str, person: Person) -> str:
         return hmac.new(
@@ -211,6 +226,18 @@ class Gate:
     def _nonce_mac(self, fresh: str, person: Person, action: str, subject: str) -> str:
         text = f"nonce\0{fresh}\0{person.name}\0{action}\0{subject}"
         return hmac.new(self.secret, text.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def network_of(address: str) -> str:
+    """What logins are counted by: an IPv4 address, or an IPv6 address's /64 (one
+    customer line holds a whole /64: its addresses are not so many attackers)."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 6 and parsed.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed.ipv4_mapped or parsed) if parsed.version == 6 else str(parsed)
 
 
 def new_session() -> str:

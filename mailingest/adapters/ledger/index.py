@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
+
+import redis
+import redis.lock
 
 from mailingest.adapters import keys
 from mailingest.adapters.ledger.base import decode
@@ -96,16 +100,20 @@ class Index(MailRecords):
             # member, both descending); Redis is never held by a union of them
             for key in sources:
                 pipe.zcount(key, low, "+inf")
-                pipe.zrevrangebyscore(
-                    key, "+inf", low, start=0, num=offset + limit, withscores=True
+            counts = [int(n) for n in pipe.execute()]
+            total = sum(counts)
+            mail_ids = []
+            if offset < total:  # a page past the end reads nothing
+                pipe = self.redis.pipeline(transaction=False)
+                for key, count in zip(sources, counts, strict=True):
+                    pipe.zrevrangebyscore(
+                        key, "+inf", low, start=0, num=min(offset + limit, count), withscores=True
+                    )
+                merged = sorted(
+                    ((score, keys.as_text(m)) for found in pipe.execute() for m, score in found),
+                    reverse=True,
                 )
-            answers = pipe.execute()
-            total = sum(int(n) for n in answers[0::2])
-            merged = sorted(
-                ((score, keys.as_text(m)) for found in answers[1::2] for m, score in found),
-                reverse=True,
-            )
-            mail_ids = [m for _, m in merged[offset : offset + limit]]
+                mail_ids = [m for _, m in merged[offset : offset + limit]]
         by_id = {r.id: r for r in self.records(mail_ids)}
         return Page([by_id[m] for m in mail_ids if m in by_id], int(total), offset)
 
@@ -123,7 +131,7 @@ class Index(MailRecords):
         case), newest first (of the first 2,000 found): one round trip for the ids, one
         for their records. A record found by a field that no longer has that value is
         left out (its entry went when the field changed; this is the second check)."""
-        wanted = value.strip().lower()
+        wanted = keys.ascii_lower(value.strip())
         if not wanted:
             return []
         fields = ("sender", "message_id", "entity", "token")
@@ -137,7 +145,7 @@ class Index(MailRecords):
             r
             for r in self.records(ids)
             if r.id in by_token
-            or wanted in (r.sender.lower(), r.message_id.lower(), r.entity.lower())
+            or wanted in (keys.ascii_lower(v) for v in (r.sender, r.message_id, r.entity))
         ]
         return sorted(records, key=lambda r: (r.created_at, r.id), reverse=True)[:limit]
 
@@ -167,14 +175,27 @@ class Index(MailRecords):
         were indexed (0: it was whole). Safe beside running workers: each mail is
         indexed as its hash says at that moment, in one script, and a move meanwhile
         indexes it itself."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=True)  # one moment: no move between reads
         pipe.get(keys.INDEX_VERSION)
         for state in MAIL_STATES:
             pipe.scard(keys.state(state))
             pipe.zcard(keys.index(state))
         version, *found = pipe.execute()
-        if keys.as_text(version or b"") == INDEX_VERSION and found[0::2] == found[1::2]:
+        # a state's index emptied while its set is not (lost, restored from an old
+        # snapshot); a few ids without a record never index, so counts need not agree
+        lost = any(n and not z for n, z in zip(found[0::2], found[1::2], strict=True))
+        if keys.as_text(version or b"") == INDEX_VERSION and not lost:
             return 0
+        lock = self.redis.lock(keys.NS + ":lock:reindex", timeout=900, blocking=False)
+        if not lock.acquire():
+            return 0  # another console is building it
+        try:
+            return self._rebuild()
+        finally:
+            with suppress(redis.exceptions.LockError):
+                lock.release()
+
+    def _rebuild(self) -> int:
         stale = list(self.redis.scan_iter(match=keys.INDEX + "*", count=1000))
         for start in range(0, len(stale), 500):
             self.redis.delete(*stale[start : start + 500])
