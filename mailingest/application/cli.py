@@ -478,7 +478,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     settings = _settings("redis", "imap", "alloy", "console")
     setup_logging(settings.log_level, settings.log_format)
     check_redis_at_start(settings, wait=False)
-    app = build(settings)
+    app = build(settings, reindex=args.reindex)
     log.info("console: serving on http://%s:%d", args.host, args.port)
     uvicorn.run(
         app,
@@ -776,6 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    p.add_argument(
+        "--reindex",
+        action="store_true",
+        help="build the ledger's index and search keys again before serving (after keys "
+        "of it were lost); the first start of a version does it by itself",
+    )
 
     p = _command(sub, "watch", help="hold IMAP IDLE on each inbox and have new mail polled at once")
     p.add_argument("--inbox", action="append", help="watch only this inbox (repeatable)")

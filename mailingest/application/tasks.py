@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Task
@@ -70,6 +72,19 @@ def dispatch(steps: list[Step]) -> None:
         TASKS[step.task].apply_async(args=tuple(step.args))
 
 
+@contextmanager
+def _named(task: Task[Any, Any], attempt: int = 0) -> Iterator[None]:
+    """The worker and the try a task's moves of mails are recorded with (ledger.base),
+    reset when it ends: the next task of this process or thread starts without them."""
+    tried = ATTEMPT.set(attempt)
+    actor = ACTOR.set(f"{task.request.hostname or ''}:{os.getpid()}".lstrip(":"))
+    try:
+        yield
+    finally:
+        ATTEMPT.reset(tried)
+        ACTOR.reset(actor)
+
+
 def _run(task: Task[Any, Any], step: Step) -> str:
     """Run ``step``, then the steps it chains to (decisions.chained) in this task; queue
     the rest. A chained step that fails is recovered as itself: queued again with its
@@ -79,15 +94,8 @@ def _run(task: Task[Any, Any], step: Step) -> str:
     a step that ran out of tries makes it end FAILURE with the reason, once the ledger
     recorded it (raised last: nothing retries it)."""
     ctx = context()
-    # the mail's history names the task's try and the worker (ledger.base.actor); reset
-    # when the task ends, so the next task of this process or thread starts without them
-    attempt = ATTEMPT.set(task.request.retries + 1)
-    actor = ACTOR.set(f"{task.request.hostname or ''}:{os.getpid()}".lstrip(":"))
-    try:
+    with _named(task, task.request.retries + 1):
         return _run_steps(task, ctx, step)
-    finally:
-        ATTEMPT.reset(attempt)
-        ACTOR.reset(actor)
 
 
 def _run_steps(task: Task[Any, Any], ctx: Context, step: Step) -> str:
@@ -152,7 +160,8 @@ def poll_inbox(self: Task[Any, Any], inbox: str) -> int:
     before = ctx.ledger.poll_status(inbox)
     failing = bool(before.get("error"))  # the last poll failed: this was logged then
     try:
-        result = pipeline.poll(ctx, inbox, emit=dispatch)
+        with _named(self):  # the mails it records name this worker in their history
+            result = pipeline.poll(ctx, inbox, emit=dispatch)
     except pipeline.RETRYABLE as exc:
         log.log(
             logging.DEBUG if failing else logging.WARNING,
@@ -177,7 +186,8 @@ def sweep_inbox(self: Task[Any, Any], inbox: str) -> int:
     rarer): queue stalled mails again, retry failed ones, file decided ones."""
     ctx = context()
     try:
-        steps = pipeline.sweep(ctx, inbox)
+        with _named(self):
+            steps = pipeline.sweep(ctx, inbox)
     except pipeline.RETRYABLE as exc:
         log.warning("sweep of inbox %s failed: %s (the next one tries again)", inbox, exc)
         return 0

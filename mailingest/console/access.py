@@ -40,8 +40,8 @@ from mailingest.core.console_users import NAME, ConsoleUser, hash_password, veri
 log = logging.getLogger(__name__)
 
 SCRYPT_AT_ONCE = 4
-SCRYPT_WAIT_S = 5.0  # a login waits this long for a check at most (then 503): no thread
-# of the pool is held by a flood of logins
+SCRYPT_WAIT_S = 0.5  # a login waits this long for a check at most (then 503): a flood of
+# logins holds no thread of the pool the pages share
 UNCOUNT = """
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then redis.call('DECR', key) end
@@ -131,8 +131,11 @@ class Gate:
         self._checking = threading.BoundedSemaphore(SCRYPT_AT_ONCE)
         self._uncount = client.register_script(UNCOUNT)
 
-    def person(self, headers: Headers, client_address: str) -> Person:
-        """Who sent the request; :class:`Refused` when no one we know."""
+    def person(self, headers: Headers, client_address: str, session: str) -> Person:
+        """Who sent the request; :class:`Refused` when no one we know. A login this
+        session passed before is not checked again (no scrypt, no Redis): the cache is
+        per session, so it tells a guesser nothing; any other request is counted and
+        checked, however well the password is known."""
         if self.trusted_header:
             return self._proxied(headers)
         creds = basic_credentials(headers.get("authorization"))
@@ -140,8 +143,8 @@ class Gate:
             raise Refused(401, "authentication required")
         name, password = creds
         user = self.users.get(name)
-        if user is not None and self._mark(user.name, password) in self._passed:
-            return Person(user.name, user.role)  # checked before: no scrypt, no Redis
+        if user is not None and self._mark(user.name, password, session) in self._passed:
+            return Person(user.name, user.role)  # this session's login, checked before
         where = network_of(client_address)
         counters = [
             keys.console_logins(f"a:{where}"),
@@ -160,7 +163,7 @@ class Gate:
             self._uncount_attempt(counters)
             if len(self._passed) > 10_000:
                 self._passed.clear()
-            self._passed.add(self._mark(user.name, password))
+            self._passed.add(self._mark(user.name, password, session))
             return Person(user.name, user.role)
         shown = name if name in self.users else f"an unknown user ({len(name)} characters)"
         log.warning("console: failed login for %s from %s", shown, client_address)
@@ -181,8 +184,8 @@ class Gate:
         user = self.users.get(name)
         return Person(name, user.role if user else "viewer")
 
-    def _mark(self, name: str, password: str) -> bytes:
-        return hmac.digest(self.secret, f"{name}\0{password}".encode(), "sha256")
+    def _mark(self, name: str, password: str, session: str) -> bytes:
+        return hmac.digest(self.secret, f"{session}\0{name}\0{password}".encode(), "sha256")
 
     def _count_attempt(self, counters: list[str]) -> None:
         """One more login tried: by this address, and by this name from it. Counted

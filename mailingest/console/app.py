@@ -50,7 +50,12 @@ HERE = Path(__file__).parent
 DONE_KEPT_S = 24 * 3600  # an action's outcome answers a second send of its form this long
 ACTIONS = ("replay", "mark_handled", "map", "poll")
 RUNNING = "running"  # what a form's key holds while its action runs
+LOCK_WAIT_S = 10  # an action waits this long for another on the same mail, then says so
 RUNNING_KEPT_S = 300  # a console that died mid-action frees the form after this
+
+
+class Busy(Exception):
+    """Another action holds the mail: this one has not begun."""
 
 
 class SecurityHeaders:
@@ -109,8 +114,12 @@ class Console:
 
         def route(request: Request) -> Response:
             address = request.client.host if request.client else "?"
+            session = request.cookies.get(SESSION_COOKIE, "")
+            fresh = not session
+            if fresh:
+                session = new_session()
             try:
-                person = self.gate.person(request.headers, address)
+                person = self.gate.person(request.headers, address, session)
             except Refused as refused:
                 headers = {}
                 if refused.status == 401 and not self.gate.trusted_header:
@@ -127,10 +136,6 @@ class Console:
                     status=403,
                     why="your role is viewer: only an operator may do this",
                 )
-            session = request.cookies.get(SESSION_COOKIE, "")
-            fresh = not session
-            if fresh:
-                session = new_session()
             response = handler(request, person, session)
             if fresh:
                 response.set_cookie(
@@ -286,6 +291,16 @@ class Console:
         token = ACTOR.set(person.actor)
         try:
             outcome = self._carry_out(action, form, person)
+        except Busy:
+            self.ledger.redis.delete(done_key)  # not begun: the same form may be sent again
+            return self.page(
+                request,
+                "refused.html",
+                person,
+                session,
+                status=409,
+                why="another operator is acting on this mail: send the form again in a moment",
+            )
         except Exception as exc:
             self.ledger.redis.delete(done_key)  # sent again, it runs again (each is safe)
             log.exception("console: %s by %s failed", action, person.name)
@@ -360,7 +375,8 @@ class Console:
         # two operators, one mail: one after the other (held while the form's key says
         # running; a release after that is not an error: the work is done)
         lock = self.ledger.step_lock(f"console:{mail_id}", timeout=RUNNING_KEPT_S)
-        lock.acquire(blocking_timeout=60)
+        if not lock.acquire(blocking_timeout=LOCK_WAIT_S):
+            raise Busy(mail_id)
         try:
             if action == "replay":
                 outcomes = [audited(actions.replay(self.ctx, mail_id, run))]
@@ -382,8 +398,11 @@ class Console:
     async def health(self, request: Request) -> Response:
         """Redis answers within 2 s: a thread and a client of its own, so neither busy
         pages nor a Redis that hangs hold the event loop or the probe."""
+        limiter = self.health_limiter
+        if limiter.borrowed_tokens >= limiter.total_tokens:  # the probes before still wait
+            return PlainTextResponse("redis slow to answer", status_code=503)
         try:
-            await anyio.to_thread.run_sync(self.health_client.ping, limiter=self.health_limiter)
+            await anyio.to_thread.run_sync(self.health_client.ping, limiter=limiter)
         except redis.RedisError:
             return PlainTextResponse("redis unavailable", status_code=503)
         return PlainTextResponse("ok")

@@ -15,11 +15,11 @@ from mailingest.console.app import build_app
 log = logging.getLogger(__name__)
 
 
-def build(settings: Settings) -> Starlette:
+def build(settings: Settings, *, reindex: bool = False) -> Starlette:
     """The application for these settings (``require("console")`` already passed)."""
     ctx = build_context(settings)
     # records written before the console's index existed are indexed once, now
-    indexed = ctx.ledger.reindex()
+    indexed = ctx.ledger.reindex(force=reindex)
     if indexed:
         log.info("console: indexed %d mail(s) recorded before the index existed", indexed)
     assert settings.console_secret is not None  # required by the "console" group

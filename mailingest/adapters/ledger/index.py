@@ -167,14 +167,14 @@ class Index(MailRecords):
             )
         return moves
 
-    def reindex(self) -> int:
+    def reindex(self, *, force: bool = False) -> int:
         """Build the index, the search keys and the reason kinds of every mail when the
         ledger was not indexed by this version (records written before the index
-        existed: an upgrade), or when the index lacks mails of the state sets (a Redis
-        restored from an old snapshot, keys deleted by hand); returns how many mails
-        were indexed (0: it was whole). Safe beside running workers: each mail is
-        indexed as its hash says at that moment, in one script, and a move meanwhile
-        indexes it itself."""
+        existed: an upgrade), when a state's whole index is lost (a Redis restored from
+        an old snapshot), or when ``force`` (``mailingest console --reindex``: keys of it
+        deleted by hand); returns how many mails were indexed (0: none needed). Safe
+        beside running workers: each mail is indexed as its hash says at that moment, in
+        one script, and a move meanwhile indexes it itself."""
         pipe = self.redis.pipeline(transaction=True)  # one moment: no move between reads
         pipe.get(keys.INDEX_VERSION)
         for state in MAIL_STATES:
@@ -184,7 +184,7 @@ class Index(MailRecords):
         # a state's index emptied while its set is not (lost, restored from an old
         # snapshot); a few ids without a record never index, so counts need not agree
         lost = any(n and not z for n, z in zip(found[0::2], found[1::2], strict=True))
-        if keys.as_text(version or b"") == INDEX_VERSION and not lost:
+        if keys.as_text(version or b"") == INDEX_VERSION and not lost and not force:
             return 0
         lock = self.redis.lock(keys.NS + ":lock:reindex", timeout=900, blocking=False)
         if not lock.acquire():
