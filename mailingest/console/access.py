@@ -2,8 +2,9 @@
 Redis counters of failed logins).
 
 * Basic auth checks the name and password against the users file's scrypt hash; a
-  check that passed is remembered in this process (keyed by an HMAC of the pair) so
-  that a page costs a hash, not 50 ms of scrypt.
+  check that passed is remembered in this process for its session (an HMAC of the
+  session, the name and the password), so that a page costs a hash, not 50 ms of
+  scrypt, and a locked-out guesser learns nothing from a cached answer.
 * Behind an authenticating proxy (``MAILINGEST_CONSOLE_TRUSTED_HEADER``), the header
   names the user; the users file, when given, sets each listed user's role (its hash
   unused), anyone else is a viewer.
