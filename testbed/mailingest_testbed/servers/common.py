@@ -117,10 +117,18 @@ class Child:
     """A subprocess leading its own process group; stopping it kills that group only."""
 
     def __init__(
-        self, name: str, argv: list[str], log_path: Path, cwd: Path, *, term_group: bool = False
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        cwd: Path,
+        *,
+        term_group: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.term_group = term_group
+        self.env = env  # None: this process's
         self.argv = argv
         self.log_path = log_path
         self.cwd = cwd
@@ -131,6 +139,7 @@ class Child:
             self.proc = subprocess.Popen(
                 self.argv,
                 cwd=self.cwd,
+                env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -1,20 +1,14 @@
-"""``mailingest console`` as a child process on a free loopback port, ready once its
-``/healthz`` answers; stopped with SIGTERM (uvicorn's graceful shutdown), then its
-process group killed."""
+"""``mailingest console`` as a child process (:class:`~.common.Child`) on a free
+loopback port, ready once its ``/healthz`` answers; stopped with SIGTERM (uvicorn's
+graceful shutdown), then its process group killed."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .common import HOST, free_port, log_tail
+from .common import HOST, Child, free_port, live, log_tail, wait_ready
 
 
 class ConsoleProcess:
@@ -22,7 +16,7 @@ class ConsoleProcess:
         self.env = env
         self.log_path = Path(log_path)
         self.port = port or free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: Child | None = None
 
     @property
     def url(self) -> str:
@@ -30,52 +24,36 @@ class ConsoleProcess:
 
     def start(self, timeout: float = 60.0) -> ConsoleProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mailingest",
-                "console",
-                "--host",
-                HOST,
-                "--port",
-                str(self.port),
-            ],
+        argv = [sys.executable, "-m", "mailingest", "console", "--host", HOST]
+        child = Child(
+            "mailingest console",
+            [*argv, "--port", str(self.port)],
+            self.log_path,
+            self.log_path.parent,
             env=self.env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
         )
-        log_file.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"mailingest console exited: {log_tail(self.log_path)}")
-            with (
-                contextlib.suppress(OSError, urllib.error.URLError),
-                urllib.request.urlopen(self.url + "/healthz", timeout=2) as answer,
-            ):
-                if answer.status == 200:
-                    return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"mailingest console not ready in {timeout}s: {log_tail(self.log_path)}")
+        child.spawn()
+        error = wait_ready(child, self._healthy_yet, timeout, "mailingest console")
+        if error is not None:
+            child.stop()
+            raise RuntimeError(f"{error}: {log_tail(self.log_path)}")
+        self._child = child
+        live.add(self)
+        return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
+    def _healthy_yet(self) -> bool:
+        """Not listening yet is not an error (wait_ready reports one as a failure)."""
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:  # refused (urllib's URLError is an OSError too)
+            return False
+
+    def stop(self) -> None:
+        live.discard(self)
+        child, self._child = self._child, None
+        if child is not None:
+            child.stop()
 
     def __enter__(self) -> ConsoleProcess:
         return self.start()
