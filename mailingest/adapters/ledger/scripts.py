@@ -29,19 +29,24 @@ end
 """
 
 # What the console's search finds a mail by: a set of mail ids per sender, Message-ID
-# and entity (lower case), kept whenever one of those fields is written. SET_FIELD sets
-# one field of a mail hash; for those three it moves the mail from the old value's set
-# to the new one's (the find prefix and the mail id are its arguments too).
+# and entity (lower case), kept whenever one of those fields is written. find_add puts
+# a mail in the set of one field's value; set_field sets one field of a mail hash and,
+# for those three, moves the mail from the old value's set to the new one's (the find
+# prefix and the mail id are arguments of both).
 SET_FIELD = """
+local FOUND_BY = {sender = true, message_id = true, entity = true}
+local function find_add(prefix, id, name, value)
+  if value ~= '' and #value <= 512 then
+    redis.call('SADD', prefix .. name .. ':' .. string.lower(value), id)
+  end
+end
 local function set_field(key, prefix, id, name, value)
-  if name == 'sender' or name == 'message_id' or name == 'entity' then
+  if FOUND_BY[name] then
     local old = redis.call('HGET', key, name) or ''
     if old ~= '' and old ~= value then
       redis.call('SREM', prefix .. name .. ':' .. string.lower(old), id)
     end
-    if value ~= '' and #value <= 512 then
-      redis.call('SADD', prefix .. name .. ':' .. string.lower(value), id)
-    end
+    find_add(prefix, id, name, value)
   end
   redis.call('HSET', key, name, value)
 end
@@ -127,11 +132,8 @@ REINDEX = (
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 0 end
 index_move(KEYS[1], ARGV[1], ARGV[2], '', '', state, redis.call('HGET', KEYS[1], 'kind') or '')
-for _, name in ipairs({'sender', 'message_id', 'entity'}) do
-  local value = redis.call('HGET', KEYS[1], name) or ''
-  if value ~= '' and #value <= 512 then
-    redis.call('SADD', ARGV[3] .. name .. ':' .. string.lower(value), ARGV[1])
-  end
+for name in pairs(FOUND_BY) do
+  find_add(ARGV[3], ARGV[1], name, redis.call('HGET', KEYS[1], name) or '')
 end
 return 1
 """
