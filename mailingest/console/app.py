@@ -128,13 +128,8 @@ class Console:
                     )
                 return PlainTextResponse(refused.text, status_code=refused.status, headers=headers)
             if act and not person.may_act:
-                return self.page(
-                    request,
-                    "refused.html",
-                    person,
-                    "",
-                    status=403,
-                    why="your role is viewer: only an operator may do this",
+                return self.refused(
+                    request, person, "", 403, "your role is viewer: only an operator may do this"
                 )
             response = handler(request, person, session)
             if fresh:
@@ -167,6 +162,12 @@ class Console:
             **values,
         )
         return HTMLResponse(body, status_code=status)
+
+    def refused(
+        self, request: Request, person: Person, session: str, status: int, why: str
+    ) -> HTMLResponse:
+        """The page that says why something was not done."""
+        return self.page(request, "refused.html", person, session, status=status, why=why)
 
     # -- pages ----------------------------------------------------------------------
 
@@ -209,14 +210,7 @@ class Console:
         mail_id = request.query_params.get("id", "")
         view = views.mail_view(self.ledger, mail_id) if mail_id else None
         if view is None:
-            return self.page(
-                request,
-                "refused.html",
-                person,
-                session,
-                status=404,
-                why="no such mail in the ledger",
-            )
+            return self.refused(request, person, session, 404, "no such mail in the ledger")
         return self.page(request, "mail.html", person, session, view=view, now=self.ledger.now())
 
     def search(self, request: Request, person: Person, session: str) -> Response:
@@ -243,9 +237,7 @@ class Console:
         q = request.query_params
         action = q.get("action", "")
         if action not in ACTIONS:
-            return self.page(
-                request, "refused.html", person, session, status=400, why="no such action"
-            )
+            return self.refused(request, person, session, 400, "no such action")
         mail_id, inbox, entity = q.get("mail", ""), q.get("inbox", ""), q.get("entity", "")
         record = self.ledger.mail(mail_id) if mail_id else None
         problem, current = "", ""
@@ -293,26 +285,24 @@ class Console:
             outcome = self._carry_out(action, form, person)
         except Busy:
             self.ledger.redis.delete(done_key)  # not begun: the same form may be sent again
-            return self.page(
+            return self.refused(
                 request,
-                "refused.html",
                 person,
                 session,
-                status=409,
-                why="another operator is acting on this mail: send the form again in a moment",
+                409,
+                "another operator is acting on this mail: send the form again in a moment",
             )
         except Exception as exc:
             self.ledger.redis.delete(done_key)  # sent again, it runs again (each is safe)
             log.exception("console: %s by %s failed", action, person.name)
             target = form.get("mail") or f"inbox:{form.get('inbox', '')}"
             self.ledger.audit(target, person.name, action, f"failed: {type(exc).__name__}")
-            return self.page(
+            return self.refused(
                 request,
-                "refused.html",
                 person,
                 session,
-                status=500,
-                why="the action failed part way; what was done is in the audit log, and the "
+                500,
+                "the action failed part way; what was done is in the audit log, and the "
                 "sweep takes up a mail left queued. See the console's log.",
             )
         finally:
@@ -324,12 +314,11 @@ class Console:
         self, request: Request, person: Person, session: str, form: dict[str, str]
     ) -> Response | None:
         """Why this form is not carried out (None: it is)."""
-
-        def no(status: int, why: str) -> Response:
-            return self.page(request, "refused.html", person, session, status=status, why=why)
-
         if SESSION_COOKIE not in request.cookies:
-            return no(
+            return self.refused(
+                request,
+                person,
+                session,
                 403,
                 "your browser sent no session cookie: serve the console over HTTPS (it marks "
                 "its cookie Secure), then open the page again",
@@ -338,7 +327,13 @@ class Console:
             request
         ):
             log.warning("console: %s sent an action without a valid CSRF token", person.name)
-            return no(403, "the form's token is missing or stale: open the page again")
+            return self.refused(
+                request,
+                person,
+                session,
+                403,
+                "the form's token is missing or stale: open the page again",
+            )
         action = form.get("action", "")
         subject = _subject(
             action, form.get("mail", ""), form.get("inbox", ""), form.get("entity", "")
@@ -346,7 +341,13 @@ class Console:
         if action not in ACTIONS or not self.gate.nonce_ok(
             form.get("nonce", ""), person, action, subject
         ):
-            return no(400, "this form was not made by the console for you: open the page again")
+            return self.refused(
+                request,
+                person,
+                session,
+                400,
+                "this form was not made by the console for you: open the page again",
+            )
         return None
 
     def _carry_out(self, action: str, form: dict[str, str], person: Person) -> dict[str, Any]:
