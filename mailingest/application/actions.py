@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
+
 from mailingest.adapters.senders import RedisDirectory, check_entity, is_email, normalise_email
 from mailingest.application import pipeline
 from mailingest.application.services import Context
@@ -65,22 +67,26 @@ def sender_mails(ctx: Context, email: str) -> list[str]:
     return [
         r.id
         for r in ctx.ledger.find(wanted, limit=1000)
-        if normalise_email(r.sender) == wanted
-        and r.kind == UNKNOWN_SENDER
-        and r.state in (MailState.QUARANTINED, MailState.HANDLED)
+        if normalise_email(r.sender) == wanted and not unmappable(r)
     ]
+
+
+def unmappable(record: MailRecord) -> str:
+    """Why this mail's sender cannot be mapped from it ("" when it can): only a mail set
+    aside (quarantined, or handled since) because its sender was unknown."""
+    if record.kind != UNKNOWN_SENDER or record.state not in pipeline.SET_ASIDE:
+        return "only the sender of a mail quarantined as unknown can be mapped here"
+    if not is_email(normalise_email(record.sender)):
+        return "the mail has no sender address to map"
+    return ""
 
 
 def map_problem(record: MailRecord, entity: str) -> str:
     """Why the console may not map this mail's sender to ``entity`` ("" when it may):
-    only a mail set aside because its sender was unknown, to a well-formed entity."""
-    if record.kind != UNKNOWN_SENDER or record.state not in (
-        MailState.QUARANTINED,
-        MailState.HANDLED,
-    ):
-        return "only the sender of a mail quarantined as unknown can be mapped here"
-    if not is_email(normalise_email(record.sender)):
-        return "the mail has no sender address to map"
+    :func:`unmappable`, or an entity that is not well-formed."""
+    problem = unmappable(record)
+    if problem:
+        return problem
     try:
         check_entity(entity)
     except ValueError as exc:
@@ -88,9 +94,9 @@ def map_problem(record: MailRecord, entity: str) -> str:
     return ""
 
 
-def mapped_to(ctx: Context, email: str) -> str:
+def mapped_to(client: redis.Redis, email: str) -> str:
     """What the sender directory in Redis maps ``email`` to now ("" nothing)."""
-    return RedisDirectory(ctx.redis).resolve(normalise_email(email)) or ""
+    return RedisDirectory(client).resolve(normalise_email(email)) or ""
 
 
 def map_sender_of(

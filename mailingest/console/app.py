@@ -252,7 +252,7 @@ class Console:
             if not problem:
                 entity = check_entity(entity)
                 affected = actions.sender_mails(self.ctx, record.sender)
-                current = actions.mapped_to(self.ctx, record.sender)
+                current = actions.mapped_to(self.ctx.redis, record.sender)
         subject = _subject(action, mail_id, inbox, entity)
         return self.page(
             request,

@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 from mailingest.adapters import keys
 from mailingest.adapters.ledger import AuditEntry, DocumentRecord, Ledger, MailRecord, Move
 from mailingest.adapters.rate_limit import Pace, ask_pace, pace_of
+from mailingest.application import actions
 from mailingest.config.settings import Settings
 from mailingest.core.reasons import KINDS
 from mailingest.core.states import ATTENTION, IN_FLIGHT, MAIL_STATES, MailState
@@ -226,20 +227,14 @@ class MailView:
 
     @property
     def may_map_sender(self) -> bool:
-        return (
-            self.record.kind == "unknown_sender"
-            and self.record.state in (MailState.QUARANTINED, MailState.HANDLED)
-            and bool(self.record.sender)
-        )
+        return not actions.unmappable(self.record)
 
 
 def mail_view(ledger: Ledger, mail_id: str) -> MailView | None:
     record = ledger.mail(mail_id)
     if record is None:
         return None
-    mapped = ""
-    if record.sender:
-        mapped = keys.as_text(ledger.redis.hget(keys.SENDERS, record.sender.lower()) or b"")
+    mapped = actions.mapped_to(ledger.redis, record.sender) if record.sender else ""
     return MailView(
         record=record,
         history=ledger.history(mail_id),
