@@ -468,8 +468,8 @@ class _Handler(BaseHTTPRequestHandler):
                 sb.sleep(plan.latency_s)
             if plan.drop and not plan.drop_after_apply:
                 kinds.append("drop")
+                sb.state.record(route_key, None, kinds)  # before the close, as below
                 self._drop()
-                sb.state.record(route_key, None, kinds)
                 return
             if plan.error_minor:
                 err = AlloyLikeError.of(plan.error_minor)
@@ -518,8 +518,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self._held = self._read_body(limit)  # read in full, not applied yet
                     kinds.append("late_commit")
                     if sb.sleep(plan.late_s):  # the sandbox stopped: never applied
-                        self._drop()
                         sb.state.record(route_key, None, kinds)
+                        self._drop()
                         return
             status, body, ctype, headers = self._route(tpl, entity, document)
         except AlloyLikeError as e:
@@ -535,8 +535,9 @@ class _Handler(BaseHTTPRequestHandler):
         if plan is not None:
             if plan.drop:  # drop_after_apply: effect applied, response lost
                 kinds.append("drop")
-                self._drop()
+                # counted before the close: a client that saw it dropped sees it counted
                 sb.state.record(route_key, None, kinds)
+                self._drop()
                 return
             if plan.slow_s:
                 kinds.append("slow")
