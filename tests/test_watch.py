@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -104,6 +105,49 @@ def test_a_kicked_session_reconnects_and_catches_up(imap: ImapServer) -> None:
         recorder.wait_for(2)  # the catch-up poll after reconnecting
         deliver(imap, [message(1)])
         recorder.wait_for(3)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["idle_done", "noop"])
+def test_mail_that_comes_between_two_idles_is_noticed(imap: ImapServer, when: str) -> None:
+    """A mail delivered while IDLE is being renewed: the server tells of it in the answer
+    to DONE or to NOOP, not in an IDLE response, and the next IDLE has nothing new to say.
+    That answer is read too (it was once dropped, and such a mail waited for beat)."""
+    recorder = Recorder()
+    delivered = threading.Event()
+
+    class Renewing(Mailbox):
+        """The real mailbox; a mail arrives just before its first DONE or NOOP."""
+
+        def _arrive(self) -> None:
+            if not delivered.is_set():
+                delivered.set()
+                deliver(imap, [message(1)])
+
+        def idle_done(self) -> list[tuple[object, ...]]:
+            if when == "idle_done":
+                self._arrive()
+                time.sleep(0.1)  # not yet told inside IDLE (Dovecot waits half a second)
+            return super().idle_done()
+
+        def noop(self) -> list[tuple[object, ...]]:
+            if when == "noop":
+                self._arrive()
+            return super().noop()
+
+    inbox = inbox_settings(imap.account)
+    stop = threading.Event()
+    watcher = InboxWatcher(inbox, lambda: Renewing(inbox, timeout=5.0), recorder, stop, renew=1.0)
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        recorder.wait_for(1)  # the catch-up notification after connecting
+        wait_until(delivered.is_set)
+        recorder.wait_for(2, timeout=10)  # told by DONE's or NOOP's answer
+        assert watcher.sessions == 1
     finally:
         stop.set()
         thread.join(10)

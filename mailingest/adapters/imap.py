@@ -260,13 +260,16 @@ class Mailbox:
         with self._errors("IDLE"):
             return list(self.client.idle_check(timeout=timeout))
 
-    def idle_done(self) -> None:
+    def idle_done(self) -> list[tuple[object, ...]]:
+        """End IDLE; what the server sent since the last ``idle_check`` (news of mail
+        that came in between is here, not lost)."""
         with self._errors("IDLE DONE"):
-            self.client.idle_done()
+            return list(self.client.idle_done()[1])
 
-    def noop(self) -> None:
+    def noop(self) -> list[tuple[object, ...]]:
+        """A round trip; the untagged answers that came with it (``EXISTS`` among them)."""
         with self._errors("NOOP"):
-            self.client.noop()
+            return list(self.client.noop()[1])
 
     def server_spoke(self) -> bool:
         """Whether the server sent something we have not read (a BYE, a closed socket, news

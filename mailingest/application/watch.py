@@ -133,7 +133,10 @@ class InboxWatcher:
             self.notify(self.inbox.name)  # whatever came while we were not watching
             while not self.stop.is_set():
                 self._idle(box)
-                box.noop()  # a round trip: a silently dropped connection times out here
+                # a round trip: a silently dropped connection times out here. Its answer,
+                # like DONE's, may carry the news of a mail that came between two IDLEs
+                # (Dovecot tells an IDLE session half a second after the change)
+                self._heard(box.noop())
 
     def report(self, doing: str) -> None:
         if self._report is None:
@@ -152,7 +155,15 @@ class InboxWatcher:
             self._wait_in_idle(box)
         finally:
             self.idling = False
-        box.idle_done()
+        self._heard(box.idle_done())
+
+    def _heard(self, responses: Sequence[tuple[object, ...]]) -> None:
+        """What the server said outside ``idle_check``: BYE ends the session, new mail
+        asks for a poll."""
+        if _said_bye(responses):
+            raise ConnectionLost(f"inbox {self.inbox.name}: the server said BYE")
+        if _new_mail(responses):
+            self.notify(self.inbox.name)
 
     def _wait_in_idle(self, box: Mailbox) -> None:
         deadline = time.monotonic() + self.renew
@@ -164,16 +175,13 @@ class InboxWatcher:
             asked = min(self.check_every, left)
             began = time.monotonic()
             responses = box.idle_check(asked)
-            if _said_bye(responses):
-                raise ConnectionLost(f"inbox {self.inbox.name}: the server said BYE")
             if not responses and time.monotonic() - began < asked / 2:
                 empty += 1  # select() said readable, yet nothing came: end of file
                 if empty >= EMPTY_WAKEUPS:
                     raise ConnectionLost(f"inbox {self.inbox.name}: connection closed")
                 continue
             empty = 0
-            if _new_mail(responses):
-                self.notify(self.inbox.name)
+            self._heard(responses)
 
 
 def _said_bye(responses: Sequence[tuple[object, ...]]) -> bool:
