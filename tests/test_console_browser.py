@@ -62,9 +62,14 @@ def test_an_operator_maps_an_unknown_sender_and_replays_in_the_browser(
     console = ConsoleProcess(process_env, tmp_path / "console.log")
     with worker, beat, console, sync_api.sync_playwright() as playwright:
         quarantined = wait_until(
-            lambda: ledger.mails((MailState.QUARANTINED,)) if ledger.counts()["done"] else [],
+            # filed_to is written by the stranger's own finish task, after its state
+            lambda: (
+                [r for r in ledger.mails((MailState.QUARANTINED,)) if r.filed_to]
+                if ledger.counts()["done"]
+                else []
+            ),
             60,
-            "the customer's mail done and the stranger's quarantined",
+            "the customer's mail done and the stranger's quarantined and filed",
         )
         (stranger,) = quarantined
         assert stranger.sender == STRANGER and stranger.filed_to == "Quarantine"

@@ -24,6 +24,7 @@ from mailingest_testbed.servers import (
 )
 
 from .conftest import require_or_skip
+from .helpers import wait_until
 
 
 def _port_is_free(port: int) -> bool:
@@ -281,7 +282,8 @@ def test_dovecot_stop_kills_whole_tree_and_long_workdir(
         )
         assert len(str(base_dir)) < 70 and base_dir.is_dir()
     client.shutdown()
-    assert _live_group_members(pid) == []  # no process of the tree is left
+    # no process of the tree is left (the group was killed; its members exit at once)
+    wait_until(lambda: _live_group_members(pid) == [], 5, "the server's processes gone")
     assert _port_is_free(server.port)
     assert not base_dir.exists()
 

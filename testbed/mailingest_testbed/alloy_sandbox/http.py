@@ -481,9 +481,11 @@ class _Handler(BaseHTTPRequestHandler):
                     kinds.append("retry_after")
                 if plan.slow_s:
                     kinds.append("slow")
-                    sb.sleep(plan.slow_s)
-                # counted before the answer leaves: a client that saw it sees it counted
+                # counted before the answer leaves (and before a slow answer's wait): a
+                # client that saw it, or gave up waiting for it, sees it counted
                 sb.state.record(route_key, err.status, kinds)
+                if plan.slow_s:
+                    sb.sleep(plan.slow_s)
                 self._write_error(err)
                 return
 
@@ -541,8 +543,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if plan.slow_s:
                 kinds.append("slow")
-                sb.sleep(plan.slow_s)
         sb.state.record(route_key, status, kinds)  # before the answer leaves (see above)
+        if plan is not None and plan.slow_s:
+            sb.sleep(plan.slow_s)  # applied and counted: only the answer is late
         self._write(status, body, ctype, headers)
 
     def _route(
