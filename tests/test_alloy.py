@@ -70,7 +70,7 @@ def test_rejections_carry_what_alloy_said(sandbox: SandboxServer) -> None:
 
 @pytest.mark.servers
 def test_outages_are_retryable(sandbox: SandboxServer) -> None:
-    with client(sandbox, read_timeout=0.3) as alloy:
+    with client(sandbox, read_timeout=1.0) as alloy:
         sandbox.set_faults(rate_429=1.0, retry_after_fraction=1.0, retry_after_seconds=7)
         with pytest.raises(AlloyUnavailable) as err:
             alloy.list(ENTITY)
@@ -79,7 +79,7 @@ def test_outages_are_retryable(sandbox: SandboxServer) -> None:
         with pytest.raises(AlloyUnavailable) as err:
             alloy.list(ENTITY)
         assert err.value.status == 500 and isinstance(err.value, RETRYABLE)
-        sandbox.set_faults(error_500=0.0, slow_fraction=1.0, slow_ms=1500)
+        sandbox.set_faults(error_500=0.0, slow_fraction=1.0, slow_ms=4000)
         with pytest.raises(AlloyUnavailable, match="timed out"):
             alloy.list(ENTITY)
         sandbox.set_faults(slow_fraction=0.0, drop_fraction=1.0)

@@ -103,7 +103,7 @@ def test_sigterm_lets_the_upload_in_flight_finish(
     worker = CeleryProcess("worker", child_env, tmp_path / "worker.log", ["--concurrency", "1"])
     ledger = Ledger(connect_redis(env["MAILINGEST_REDIS_URL"]))
     with worker:
-        sandbox.set_faults(latency_ms=3000)
+        sandbox.set_faults(latency_ms=5000)
         client = Celery(broker=env["MAILINGEST_REDIS_URL"])  # a bare client, as ops would
         client.send_task("mailingest.poll_inbox", args=["default"])
         client.close()
@@ -114,7 +114,7 @@ def test_sigterm_lets_the_upload_in_flight_finish(
         wait_until(lambda: described(ledger, step.mail_id), 30, "the describe")
         upload = f"mailingest:lock:step:upload:{step.mail_id}:0"
         wait_until(lambda: ledger.redis.exists(upload), 30, "the upload running on the worker")
-        # the upload now waits on the slow sandbox (3 s): SIGTERM lands in the middle of it
+        # the upload now waits on the slow sandbox (5 s): SIGTERM lands in the middle of it
         assert ledger.document(step.mail_id, 0).state == L.DESCRIBED  # type: ignore[union-attr]
         stopped = time.monotonic()
         worker.stop(timeout=30)  # SIGTERM to the main process, then wait

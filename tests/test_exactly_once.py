@@ -295,8 +295,9 @@ def test_3_a_describe_alloy_commits_late_is_waited_for_not_sent_again(
     deliver(imap, [mail(PDF)])
     mail_id = first_mail(ctx)
     ingest(ctx, mail_id)
-    sandbox.set_faults(late_commit_fraction=1.0, late_commit_ms=2000, seed=1)
-    fast = build_context(load_settings(env | {"MAILINGEST_ALLOY_READ_TIMEOUT": "0.3"}))
+    # a hold of 4 s: the retry's look, inside it, has time on a loaded machine
+    sandbox.set_faults(late_commit_fraction=1.0, late_commit_ms=4000, seed=1)
+    fast = build_context(load_settings(env | {"MAILINGEST_ALLOY_READ_TIMEOUT": "1"}))
     try:
         with pytest.raises(Exception) as lost:
             describe(fast, mail_id, 0)

@@ -136,11 +136,11 @@ def test_a_lease_held_past_its_maximum_is_let_lapse(redis_client: redis.Redis) -
     """A thread pool enforces no task time limit: a step hung on a trickling answer
     would hold its lease for ever, and its mail would never be swept. Past the longest
     a step may run, the heartbeat stops renewing it."""
-    leases = Leases(redis_client, lease_ms=5_000, heartbeat=False, max_hold_ms=200)
+    leases = Leases(redis_client, lease_ms=5_000, heartbeat=False, max_hold_ms=1_000)
     hung = leases.acquire("mailingest:lock:step:test:hung")
     assert hung is not None
     assert leases.renew() == 1 and not hung.lost
-    time.sleep(0.3)
+    time.sleep(1.2)
     assert leases.renew() == 0 and hung.lost  # no longer renewed: it lapses in one lease
 
 
@@ -174,7 +174,7 @@ def test_a_lease_given_back_leaves_no_trace_one_that_lapsed_does(
 ) -> None:
     """What the sweep reads to tell a step that died mid-way from one that ended: the
     upload's lease lapsed (its holder stopped renewing), the describe's was given back."""
-    leases = Leases(redis_client, lease_ms=300, heartbeat=False)
+    leases = Leases(redis_client, lease_ms=1_000, heartbeat=False)
     upload = keys.step_lock(Step("upload", MAIL, 0).lock_name)
     describe = keys.step_lock(Step("describe", MAIL, 1).lock_name)
     dying, ended = leases.acquire(upload), leases.acquire(describe)
@@ -182,7 +182,7 @@ def test_a_lease_given_back_leaves_no_trace_one_that_lapsed_does(
     seen = leases.mail_leases([(MAIL, 2)])[MAIL]
     assert seen.holder == worker_name() and seen.lapsed == []
     leases.release(ended)
-    time.sleep(0.5)  # the upload's holder "died": not renewed, its lease is gone
+    time.sleep(1.3)  # the upload's holder "died": not renewed, its lease is gone
     assert not redis_client.exists(upload)
     assert leases.mail_leases([(MAIL, 2), ("default/INBOX/7/43", 1)]) == {
         MAIL: MailLeases("", [upload])
@@ -241,17 +241,17 @@ def test_a_live_holder_takes_back_a_lease_that_expired_while_redis_was_away(
     """The heartbeat could not reach Redis for longer than the lease: the key expired,
     though its holder lives and works on. Its next renewal takes it back (its note is
     still its own), so a second run cannot take the step meanwhile for long."""
-    leases = Leases(redis_client, lease_ms=300, heartbeat=False)
+    leases = Leases(redis_client, lease_ms=1_000, heartbeat=False)
     key = keys.step_lock(Step("upload", MAIL, 0).lock_name)
     held = leases.acquire(key)
     assert held is not None
-    time.sleep(0.4)  # no renewal got through
+    time.sleep(1.3)  # no renewal got through
     assert not redis_client.exists(key)
     assert leases.renew() == 1 and not held.lost
     assert redis_client.get(key) == held.token.encode()
     # but not one another holder took meanwhile and gave back
-    other = Leases(redis_client, lease_ms=300, heartbeat=False)
-    time.sleep(0.4)
+    other = Leases(redis_client, lease_ms=1_000, heartbeat=False)
+    time.sleep(1.3)
     taken = other.acquire(key)
     assert taken is not None
     other.release(taken)
