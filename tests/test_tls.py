@@ -51,3 +51,26 @@ def test_alloy_certificate_is_verified(tmp_path: Path) -> None:
             assert alloy.list("P-aaaaaaaaaaaaaaaaaaaa") == []
     finally:
         sandbox.stop()
+
+
+def test_news_sent_with_idles_first_answer_is_read_over_tls(tmp_path: Path) -> None:
+    """A mail that came just before IDLE is told of with ``+ idling``: read at once over
+    TLS too, where it sits decrypted in imaplib's buffer and the socket stays quiet."""
+    ca, cert, key = make_tls_files(tmp_path / "pki")
+    try:
+        server = DovecotServer(tmp_path / "imap", tls=(cert, key)).start()
+    except ServerNotAvailable as exc:
+        require_or_skip(str(exc))
+    try:
+        inbox = inbox_for(server, ca)
+        with Mailbox(inbox) as watching, Mailbox(inbox) as other:
+            watching.select("INBOX")
+            watching.noop()
+            other.client.append("INBOX", b"From: a@example.com\r\nSubject: 1\r\n\r\nhi\r\n")
+            told = watching.idle()
+            if not told:  # the news came in a TLS record of its own, not yet read
+                told = watching.idle_check(3.0)
+            watching.idle_done()
+        assert (1, b"EXISTS") in told
+    finally:
+        server.stop()

@@ -25,7 +25,7 @@ from mailingest.adapters.imap import Mailbox
 from mailingest.adapters.ledger import Ledger
 from mailingest.application import pipeline
 from mailingest.application.services import build_context, connect_redis
-from mailingest.application.watch import InboxWatcher
+from mailingest.application.watch import InboxWatcher, _new_mail, _said_bye
 from mailingest.config.settings import InboxSettings, load_settings
 
 from .conftest import require_or_skip
@@ -111,32 +111,35 @@ def test_a_kicked_session_reconnects_and_catches_up(imap: ImapServer) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("when", ["idle_done", "noop"])
+@pytest.mark.parametrize("when", ["before DONE", "before NOOP", "before IDLE"])
 def test_mail_that_comes_between_two_idles_is_noticed(imap: ImapServer, when: str) -> None:
-    """A mail delivered while IDLE is being renewed: the server tells of it in the answer
-    to DONE or to NOOP, not in an IDLE response, and the next IDLE has nothing new to say.
-    That answer is read too (it was once dropped, and such a mail waited for beat)."""
+    """A mail delivered while IDLE is renewed. The server tells of it in the answer to
+    DONE or to NOOP, or in the packet that says ``+ idling``, not in an IDLE response,
+    and the IDLE after has nothing new to say. Each is read (they were once dropped or
+    left unread, and such a mail waited for the next renewal or for beat)."""
     recorder = Recorder()
     delivered = threading.Event()
+    watcher: InboxWatcher
 
     class Renewing(Mailbox):
-        """The real mailbox; a mail arrives just before its first DONE or NOOP."""
+        """The real mailbox; a mail arrives at one point of the first renewal."""
 
-        def _arrive(self) -> None:
-            if not delivered.is_set():
+        def _arrive(self, point: str) -> None:
+            if point == when and not delivered.is_set():
+                watcher.renew = 60.0  # no second renewal to tell of it
                 delivered.set()
                 deliver(imap, [message(1)])
 
         def idle_done(self) -> list[tuple[object, ...]]:
-            if when == "idle_done":
-                self._arrive()
-                time.sleep(0.1)  # not yet told inside IDLE (Dovecot waits half a second)
+            self._arrive("before DONE")
+            time.sleep(0.1)  # not yet told inside IDLE (Dovecot waits half a second)
             return super().idle_done()
 
         def noop(self) -> list[tuple[object, ...]]:
-            if when == "noop":
-                self._arrive()
-            return super().noop()
+            self._arrive("before NOOP")
+            answer = super().noop()
+            self._arrive("before IDLE")
+            return answer
 
     inbox = inbox_settings(imap.account)
     stop = threading.Event()
@@ -146,7 +149,7 @@ def test_mail_that_comes_between_two_idles_is_noticed(imap: ImapServer, when: st
     try:
         recorder.wait_for(1)  # the catch-up notification after connecting
         wait_until(delivered.is_set)
-        recorder.wait_for(2, timeout=10)  # told by DONE's or NOOP's answer
+        recorder.wait_for(2, timeout=10)  # told by DONE's or NOOP's answer, or with IDLE's
         assert watcher.sessions == 1
     finally:
         stop.set()
@@ -243,3 +246,11 @@ def test_watch_command_gets_mail_ingested_without_beat(
             assert watcher.wait(20) == 0  # SIGTERM: a clean stop
     assert outcome_problems(env, scenario) == []
     assert b"new mail; poll queued" in (tmp_path / "watch.log").read_bytes()
+
+
+def test_what_the_server_said_is_read_without_regard_to_case() -> None:
+    """Response names are case-insensitive (RFC 9051 2.2.1); Dovecot writes capitals,
+    another server may not. Flags, expunges and OKs are not news of mail."""
+    assert _new_mail([(7, b"Recent")]) and _new_mail([(b"OK", b"x"), (3, b"exists")])
+    assert not _new_mail([(3, b"EXPUNGE"), (3, b"FETCH", (b"FLAGS", ())), (b"OK", b"exists")])
+    assert _said_bye([(b"bye", b"Logging out")]) and not _said_bye([(b"OK", b"BYE")])

@@ -34,7 +34,7 @@ from typing import Protocol
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
-from imapclient.imapclient import SocketTimeout
+from imapclient.imapclient import SocketTimeout, _parse_untagged_response
 from imapclient.response_parser import parse_fetch_response
 
 from mailingest.config.settings import InboxSettings
@@ -251,9 +251,36 @@ class Mailbox:
     def supports_idle(self) -> bool:
         return bool(self.client.has_capability("IDLE"))
 
-    def idle(self) -> None:
+    def idle(self) -> list[tuple[object, ...]]:
+        """Start IDLE; what the server sent along with its ``+ idling``.
+
+        A mail that came since the last answer is told of in the same packet as
+        ``+ idling`` (Dovecot does). imaplib has then read it off the socket already, so
+        ``idle_check``, which waits on the socket, would not see it until the next DONE.
+        """
         with self._errors("IDLE"):
+            self._calm()  # what DONE and NOOP answered is handed over: not kept in imaplib
             self.client.idle()
+            return self._read_already()
+
+    def _read_already(self) -> list[tuple[object, ...]]:
+        """The whole lines imaplib holds read but not handed over; never waits."""
+        imap, sock = self.client._imap, self.client.socket()
+        responses: list[tuple[object, ...]] = []
+        sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    ahead = imap.file.peek(1)  # what is buffered (or readable now)
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    break
+                if b"\r\n" not in ahead:  # nothing, or a line not yet whole
+                    break
+                responses.append(_parse_untagged_response(imap._get_line()))
+        finally:
+            sock.setblocking(True)
+            self.client._set_read_timeout()
+        return responses
 
     def idle_check(self, timeout: float) -> list[tuple[object, ...]]:
         """What the server sent while idling, waiting at most ``timeout`` seconds."""

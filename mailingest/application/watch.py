@@ -148,7 +148,7 @@ class InboxWatcher:
 
     def _idle(self, box: Mailbox) -> None:
         """One IDLE command, ended after ``renew`` seconds (or on stop)."""
-        box.idle()
+        self._heard(box.idle())  # news of a mail that came just before it began
         self.report("watching")
         self.idling = True
         try:
@@ -185,11 +185,20 @@ class InboxWatcher:
 
 
 def _said_bye(responses: Sequence[tuple[object, ...]]) -> bool:
-    return any(r and r[0] == b"BYE" for r in responses)
+    return any(r and _word(r[0]) == b"BYE" for r in responses)
 
 
 def _new_mail(responses: Sequence[tuple[object, ...]]) -> bool:
-    return any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses)
+    # "* 3 EXISTS": a number, then the name (not "* OK ..." whose text says exists)
+    return any(
+        len(r) > 1 and isinstance(r[0], int) and _word(r[1]) in (b"EXISTS", b"RECENT")
+        for r in responses
+    )
+
+
+def _word(value: object) -> object:
+    """A response's name as IMAP compares it: without regard to case (RFC 9051 2.2.1)."""
+    return value.upper() if isinstance(value, bytes) else value
 
 
 class PollSender:
