@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,19 +25,26 @@ def inbox_for(server: DovecotServer, ca_file: Path | None) -> InboxSettings:
     return inbox_settings(server.account, ca_file=ca_file)
 
 
-def test_imap_certificate_is_verified(tmp_path: Path) -> None:
+@pytest.fixture
+def tls_dovecot(tmp_path: Path) -> Iterator[tuple[DovecotServer, Path]]:
+    """A Dovecot speaking implicit TLS with a certificate of a private CA; and the CA."""
     ca, cert, key = make_tls_files(tmp_path / "pki")
     try:
         server = DovecotServer(tmp_path / "imap", tls=(cert, key)).start()
     except ServerNotAvailable as exc:
         require_or_skip(str(exc))
     try:
-        with pytest.raises(MailboxError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
-            Mailbox(inbox_for(server, None)).connect()  # untrusted: refused, no bypass
-        with Mailbox(inbox_for(server, ca)) as box:  # the private CA added: accepted
-            assert box.select("INBOX") > 0
+        yield server, ca
     finally:
         server.stop()
+
+
+def test_imap_certificate_is_verified(tls_dovecot: tuple[DovecotServer, Path]) -> None:
+    server, ca = tls_dovecot
+    with pytest.raises(MailboxError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
+        Mailbox(inbox_for(server, None)).connect()  # untrusted: refused, no bypass
+    with Mailbox(inbox_for(server, ca)) as box:  # the private CA added: accepted
+        assert box.select("INBOX") > 0
 
 
 def test_alloy_certificate_is_verified(tmp_path: Path) -> None:
@@ -53,24 +61,19 @@ def test_alloy_certificate_is_verified(tmp_path: Path) -> None:
         sandbox.stop()
 
 
-def test_news_sent_with_idles_first_answer_is_read_over_tls(tmp_path: Path) -> None:
+def test_news_sent_with_idles_first_answer_is_read_over_tls(
+    tls_dovecot: tuple[DovecotServer, Path],
+) -> None:
     """A mail that came just before IDLE is told of with ``+ idling``: read at once over
     TLS too, where it sits decrypted in imaplib's buffer and the socket stays quiet."""
-    ca, cert, key = make_tls_files(tmp_path / "pki")
-    try:
-        server = DovecotServer(tmp_path / "imap", tls=(cert, key)).start()
-    except ServerNotAvailable as exc:
-        require_or_skip(str(exc))
-    try:
-        inbox = inbox_for(server, ca)
-        with Mailbox(inbox) as watching, Mailbox(inbox) as other:
-            watching.select("INBOX")
-            watching.noop()
-            other.client.append("INBOX", b"From: a@example.com\r\nSubject: 1\r\n\r\nhi\r\n")
-            told = watching.idle()
-            if not told:  # the news came in a TLS record of its own, not yet read
-                told = watching.idle_check(3.0)
-            watching.idle_done()
-        assert (1, b"EXISTS") in told
-    finally:
-        server.stop()
+    server, ca = tls_dovecot
+    inbox = inbox_for(server, ca)
+    with Mailbox(inbox) as watching, Mailbox(inbox) as other:
+        watching.select("INBOX")
+        watching.noop()
+        other.client.append("INBOX", b"From: a@example.com\r\nSubject: 1\r\n\r\nhi\r\n")
+        told = watching.idle()
+        if not told:  # the news came in a TLS record of its own, not yet read
+            told = watching.idle_check(3.0)
+        watching.idle_done()
+    assert (1, b"EXISTS") in told
