@@ -128,13 +128,12 @@ def test_guesses_sent_at_once_are_held_to_the_limit(console: ConsoleProcess) -> 
                 lambda _: _get(console, "/", auth=(VIEWER[0], "x" * 14)).status_code, range(40)
             )
         )
-    # ten were let through to the check, the rest refused unchecked. On a loaded machine a
-    # guess may find the four scrypt slots busy for half a second: 503, and its count is
-    # given back, so one guess arriving after it may be checked in its place
-    busy = codes.count(503)
+    # ten at most were checked (401), the rest refused unchecked (429). On a loaded
+    # machine a guess may find the four scrypt slots busy for half a second: 503, its
+    # count given back, and a guess arriving after it let through in its place; still no
+    # more than ten are ever checked
     assert set(codes) <= {401, 429, 503}, codes
-    assert 4 <= codes.count(401) <= 10 + busy, codes
-    assert codes.count(429) >= 30 - 2 * busy, codes  # with no 503: exactly 10 and 30
+    assert 4 <= codes.count(401) <= 10, codes
 
 
 def test_map_and_other_forms_are_checked_on_the_server(

@@ -290,7 +290,7 @@ def test_2b_a_vanished_mail_is_not_recorded_as_filed_because_another_shares_its_
 def test_3_a_describe_alloy_commits_late_is_waited_for_not_sent_again(
     ctx: Context, env: dict[str, str], imap: ImapServer, sandbox: SandboxServer
 ) -> None:
-    """The first POST times out and Alloy commits it 2 s later, after the retry would
+    """The first POST times out and Alloy commits it 4 s after it came, after the retry would
     have listed the entity: the retry must not POST a twin; it adopts the late one."""
     deliver(imap, [mail(PDF)])
     mail_id = first_mail(ctx)

@@ -227,7 +227,7 @@ def test_the_poll_sender_holds_polls_while_the_broker_is_away(
         started = time.monotonic()
         for name in ("eu", "us", "eu", "eu"):
             sender.request(name)  # returns at once, whatever the broker does
-        assert time.monotonic() - started < 1.0  # not a broker try (1 s backoff) among them
+        assert time.monotonic() - started < 0.4  # not one broker try (0.5-1 s backoff) waited
         wait_until(lambda: sender.outage.away, 5)
         time.sleep(2.5)  # a few tries, each failing
         assert sent == []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mailingest_testbed.alloy_sandbox import SandboxServer
-from mailingest_testbed.servers import DovecotServer, ServerNotAvailable
+from mailingest_testbed.servers import DovecotServer, ImapAccount, ServerNotAvailable
 
 from mailingest.adapters.alloy import AlloyClient
 from mailingest.adapters.imap import Mailbox
@@ -77,3 +80,51 @@ def test_news_sent_with_idles_first_answer_is_read_over_tls(
             told = watching.idle_check(3.0)
         watching.idle_done()
     assert (1, b"EXISTS") in told
+
+
+def test_news_in_a_tls_record_larger_than_imaplibs_reads_is_read(tmp_path: Path) -> None:
+    """One TLS record of 12 KB after ``+ idling``: imaplib reads 8 KB of it, the rest
+    stays decrypted in the TLS layer while the socket is quiet, the EXISTS at its end.
+    Dovecot writes records of its own choosing, so a scripted server sends this one."""
+    ca, cert, key = make_tls_files(tmp_path / "pki")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    news = b"".join(b"* %d FETCH (FLAGS (\\Seen))\r\n" % n for n in range(1, 480))
+    assert 12_000 < len(news) < 16_000  # more than one read of imaplib, one TLS record
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        with context.wrap_socket(raw, server_side=True) as conn:
+            conn.sendall(b"* OK [CAPABILITY IMAP4rev1 IDLE] scripted\r\n")
+            idle_tag = b""
+            for line in conn.makefile("rb"):
+                tag, command = [*line.split(), b""][:2]
+                if tag == b"DONE":
+                    conn.sendall(idle_tag + b" OK IDLE done\r\n")
+                elif command == b"IDLE":
+                    idle_tag = tag
+                    conn.sendall(b"+ idling\r\n" + news + b"* 480 EXISTS\r\n")  # one write
+                elif command == b"SELECT":
+                    conn.sendall(b"* 479 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n")
+                    conn.sendall(tag + b" OK [READ-WRITE] ok\r\n")
+                elif command == b"LOGOUT":
+                    conn.sendall(b"* BYE bye\r\n" + tag + b" OK bye\r\n")
+                    return
+                else:  # LOGIN, CAPABILITY, NOOP
+                    conn.sendall(b"* CAPABILITY IMAP4rev1 IDLE\r\n" + tag + b" OK done\r\n")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    account = ImapAccount("127.0.0.1", listener.getsockname()[1], "u", "p", security="ssl")
+    try:
+        with Mailbox(inbox_settings(account, ca_file=ca)) as watching:
+            watching.select("INBOX")
+            told = watching.idle()
+            if (480, b"EXISTS") not in told:  # (not read at once: it must come within 3 s)
+                told += watching.idle_check(3.0)
+            watching.idle_done()
+        assert (480, b"EXISTS") in told and len(told) == 480
+    finally:
+        listener.close()
+        server.join(5)

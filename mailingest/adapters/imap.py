@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import io
 import logging
 import re
 import select
 import socket
 import ssl
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
@@ -256,36 +258,44 @@ class Mailbox:
 
         A mail that came since the last answer is told of in the same packet as
         ``+ idling`` (Dovecot does). imaplib has then read it off the socket already, so
-        ``idle_check``, which waits on the socket, would not see it until the next DONE.
+        imapclient's ``idle_check``, which waits on the socket, would not see it until
+        the next DONE: :meth:`_read_already` hands it over.
         """
         with self._errors("IDLE"):
             self._calm()  # what DONE and NOOP answered is handed over: not kept in imaplib
+            self._forget_selection()  # a watch's connection: never moves on this selection
             self.client.idle()
             return self._read_already()
-
-    def _read_already(self) -> list[tuple[object, ...]]:
-        """The whole lines imaplib holds read but not handed over; never waits."""
-        imap, sock = self.client._imap, self.client.socket()
-        responses: list[tuple[object, ...]] = []
-        sock.setblocking(False)
-        try:
-            while True:
-                try:
-                    ahead = imap.file.peek(1)  # what is buffered (or readable now)
-                except (BlockingIOError, ssl.SSLWantReadError):
-                    break
-                if b"\r\n" not in ahead:  # nothing, or a line not yet whole
-                    break
-                responses.append(_parse_untagged_response(imap._get_line()))
-        finally:
-            sock.setblocking(True)
-            self.client._set_read_timeout()
-        return responses
 
     def idle_check(self, timeout: float) -> list[tuple[object, ...]]:
         """What the server sent while idling, waiting at most ``timeout`` seconds."""
         with self._errors("IDLE"):
-            return list(self.client.idle_check(timeout=timeout))
+            return self._read_already() or list(self.client.idle_check(timeout=timeout))
+
+    def _read_already(self) -> list[tuple[object, ...]]:
+        """The lines read off the socket but not handed over: whole ones in imaplib's
+        buffer, and what the TLS layer holds decrypted (a record larger than imaplib's
+        reads). The socket stays quiet for them. Never waits for a line not yet sent."""
+        imap, sock = self.client._imap, self.client.socket()
+        responses: list[tuple[object, ...]] = []
+        while b"\r\n" in self._buffered(imap, sock) or _tls_holds(sock):
+            responses.append(_parse_untagged_response(imap._get_line()))
+        return responses
+
+    def _buffered(self, imap: imaplib.IMAP4, sock: socket.socket) -> bytes:
+        """What imaplib holds read and not yet handed over (its buffer may also take in
+        what is readable now); never waits."""
+        if sys.version_info >= (3, 14):  # imaplib keeps its own buffer, and reads no file
+            return b"".join(imap._readbuf)  # type: ignore[attr-defined]
+        sock.setblocking(False)
+        try:
+            reader = cast(io.BufferedReader, imap.file)  # the socket's makefile("rb")
+            return reader.peek(1)  # the buffer, or one read that never waits
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return b""
+        finally:
+            sock.setblocking(True)
+            self.client._set_read_timeout()
 
     def idle_done(self) -> list[tuple[object, ...]]:
         """End IDLE; what the server sent since the last ``idle_check`` (news of mail
@@ -303,7 +313,7 @@ class Mailbox:
         of other sessions): a kept connection is then checked with NOOP before reuse."""
         try:
             sock = self.client.socket()
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            if _tls_holds(sock):
                 return True
             return bool(select.select([sock], [], [], 0)[0])
         except (OSError, ValueError, MailboxError):
@@ -685,6 +695,12 @@ def _size(item: object) -> int | None:
     if isinstance(item, dict) and b"RFC822.SIZE" in item:
         return int(item[b"RFC822.SIZE"])
     return None
+
+
+def _tls_holds(sock: socket.socket) -> bool:
+    """Whether the TLS layer holds bytes it decrypted and nobody read (``select`` on the
+    socket does not see them)."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 def _reply_text(data: object) -> str:

@@ -158,8 +158,8 @@ class InboxWatcher:
         self._heard(box.idle_done())
 
     def _heard(self, responses: Sequence[tuple[object, ...]]) -> None:
-        """What the server said outside ``idle_check``: BYE ends the session, new mail
-        asks for a poll."""
+        """What the server said (in IDLE, with its start, or answering DONE or NOOP): BYE
+        ends the session, news of mail asks for a poll."""
         if _said_bye(responses):
             raise ConnectionLost(f"inbox {self.inbox.name}: the server said BYE")
         if _new_mail(responses):
