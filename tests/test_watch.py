@@ -60,10 +60,17 @@ class Recorder:
                 raise AssertionError(f"{len(self.calls)} notification(s), expected {count}")
 
 
-def watch(inbox: InboxSettings, recorder: Recorder, *, renew: float = 60.0, timeout: float = 5.0):
+def watch(
+    inbox: InboxSettings,
+    recorder: Recorder,
+    *,
+    renew: float = 60.0,
+    timeout: float = 5.0,
+    mailbox: type[Mailbox] = Mailbox,
+):
     stop = threading.Event()
     watcher = InboxWatcher(
-        inbox, lambda: Mailbox(inbox, timeout=timeout), recorder, stop, renew=renew
+        inbox, lambda: mailbox(inbox, timeout=timeout), recorder, stop, renew=renew
     )
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
@@ -141,11 +148,9 @@ def test_mail_that_comes_between_two_idles_is_noticed(imap: ImapServer, when: st
             self._arrive("before IDLE")
             return answer
 
-    inbox = inbox_settings(imap.account)
-    stop = threading.Event()
-    watcher = InboxWatcher(inbox, lambda: Renewing(inbox, timeout=5.0), recorder, stop, renew=1.0)
-    thread = threading.Thread(target=watcher.run, daemon=True)
-    thread.start()
+    watcher, stop, thread = watch(
+        inbox_settings(imap.account), recorder, renew=1.0, mailbox=Renewing
+    )
     try:
         recorder.wait_for(1)  # the catch-up notification after connecting
         wait_until(delivered.is_set)
