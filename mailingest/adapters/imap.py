@@ -262,8 +262,10 @@ class Mailbox:
         the next DONE: :meth:`_read_already` hands it over.
         """
         with self._errors("IDLE"):
-            self._calm()  # what DONE and NOOP answered is handed over: not kept in imaplib
-            self._forget_selection()  # a watch's connection: never moves on this selection
+            # what DONE and NOOP answered is handed over, not kept in imaplib; and a watch's
+            # connection never moves mail on this selection
+            self.client._imap.untagged_responses.clear()
+            self._forget_selection()
             self.client.idle()
             return self._read_already()
 
